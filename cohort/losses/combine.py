@@ -1,0 +1,64 @@
+"""A peer's objective: its cross-entropy plus the distillation terms of the edges into it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import LOSSES
+
+if TYPE_CHECKING:
+    from cohort.topology import Edge
+
+
+def edge_weights(edges: Sequence["Edge"], epoch: int = 1) -> list[float]:
+    """Each edge's effective weight.
+
+    Edges with ``reduce: mean`` share their weights over their count (DML averages over its
+    K - 1 peers); ``reduce: sum`` edges keep theirs. ``warmup: W`` ramps a weight linearly to
+    full over the first W epochs, counted from 1 (DKD's ``min(epoch / W, 1)``).
+    """
+    averaged = sum(1 for edge in edges if edge.reduce == "mean")
+    weights = []
+    for edge in edges:
+        weight = edge.weight / averaged if edge.reduce == "mean" else edge.weight
+        if edge.warmup:
+            weight *= min(epoch / edge.warmup, 1.0)
+        weights.append(weight)
+    return weights
+
+
+def sender_logits(edge: "Edge", peer_logits: Mapping[str, Tensor]) -> Tensor:
+    """The sender's logits, detached; an ensemble sender is the mean of its peers' logits."""
+    senders = [peer_logits[name] for name in edge.senders]
+    return torch.stack(senders).mean(dim=0).detach()
+
+
+def peer_objective(
+    receiver_logits: Tensor,
+    labels: Tensor,
+    edges: Sequence["Edge"],
+    peer_logits: Mapping[str, Tensor],
+    ce_weight: float = 1.0,
+    epoch: int = 1,
+    groups: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ce_weight · CE + Σ_e weight_e · mean_batch(loss_e)``, and each term (unweighted) by name.
+
+    The terms are named ``ce`` and ``<edge.label>`` so that a non-finite value can be traced to
+    its source.
+    """
+    context = {"target": labels, "groups": groups}
+    terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
+    total = ce_weight * terms["ce"]
+    for edge, weight in zip(edges, edge_weights(edges, epoch)):
+        spec = LOSSES[edge.loss]
+        needed = {name: context[name] for name in spec.context}
+        if needed.get("groups", 0) is None:
+            raise ValueError(f"edge {edge.label} needs class groups, and none were given")
+        per_sample = spec.fn(receiver_logits, sender_logits(edge, peer_logits), **needed, **edge.params)
+        terms[edge.label] = per_sample.mean()
+        total = total + weight * terms[edge.label]
+    return total, terms

@@ -1,0 +1,84 @@
+"""A decorator registry of distillation losses, in the style of torchdistill.
+
+A loss is registered by one line, ``@register_loss("name")``. Its signature says everything the
+trainer needs: the first two positional parameters are ``receiver`` and ``sender`` (logits), the
+names in ``CONTEXT_NAMES`` are supplied per batch by the trainer, and every other parameter is a
+tunable edge parameter whose default is read from the signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+CONTEXT_NAMES = ("target", "groups")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[..., Tensor]
+    params: dict[str, object]
+    context: tuple[str, ...]
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
+    parameters = list(inspect.signature(fn).parameters.values())
+    where = f"loss {name!r} ({getattr(fn, '__qualname__', fn)})"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    leading = [p.name for p in parameters[:2]]
+    if leading != ["receiver", "sender"]:
+        raise ValueError(
+            f"{where}: the first two parameters must be (receiver, sender), got {leading}"
+        )
+    for p in parameters[:2]:
+        if p.kind not in positional or p.default is not inspect.Parameter.empty:
+            raise ValueError(
+                f"{where}: {p.name!r} must be a positional parameter without a default"
+            )
+
+    params: dict[str, object] = {}
+    context: list[str] = []
+    for p in parameters[2:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
+        has_default = p.default is not inspect.Parameter.empty
+        if p.name in CONTEXT_NAMES:
+            # The trainer always supplies context; a default would hide a missing value.
+            if has_default:
+                raise ValueError(f"{where}: context parameter {p.name!r} must not have a default")
+            context.append(p.name)
+        elif has_default:
+            params[p.name] = p.default
+        else:
+            raise ValueError(
+                f"{where}: parameter {p.name!r} has no default and is not a context name "
+                f"{CONTEXT_NAMES}"
+            )
+    return LossSpec(name=name, fn=fn, params=params, context=tuple(context))
+
+
+def register_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a loss function under ``name``; the function is returned unchanged."""
+
+    def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered")
+        LOSSES[name] = _spec_from_signature(name, fn)
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}") from None

@@ -1,0 +1,60 @@
+"""The model zoo: a name in a topology's ``peers.<name>.model`` resolves here.
+
+Builders are registered by decorator and called as ``builder(num_classes=..., in_channels=...)``.
+Any torchvision classification model is also available as ``torchvision:<name>``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def register_model(name: str):
+    def decorator(builder: Callable[..., nn.Module]):
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = builder
+        return builder
+
+    return decorator
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_exists(name: str) -> bool:
+    if name.startswith(TORCHVISION_PREFIX):
+        return name[len(TORCHVISION_PREFIX):] in _torchvision_names()
+    return name in MODELS
+
+
+def known_models() -> list[str]:
+    return sorted(MODELS) + [f"{TORCHVISION_PREFIX}<name>"]
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision.models
+
+        model = torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], num_classes=num_classes)
+        if in_channels != 3:
+            raise ValueError(f"{name} expects 3-channel images, the dataset has {in_channels}")
+        return model
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r} (known: {', '.join(known_models())})")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Registration happens on import of each family's module.
+from cohort.models import small  # noqa: E402,F401

@@ -1,0 +1,334 @@
+"""``python -m cohort.run TOPOLOGY.yaml``: train a cohort, one Ray Train worker per peer.
+
+The driver validates the topology and everything it points at before Ray starts, launches one
+``TorchTrainer``, prints one line per epoch from the metrics rank 0 sends it, and is the single
+MLflow writer of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cohort.errors import CohortError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cohort.run", description=__doc__.splitlines()[0])
+    parser.add_argument("topology", help="the topology YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value by its dotted path, e.g. edges.0.temperature=2 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    parser.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start Ray here)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the topology's, else sqlite:///mlflow.db)")
+    parser.add_argument("--storage", help="where Ray Train keeps the run's checkpoints (default: ~/ray_results/cohort)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked before anything starts."""
+
+    topology: Any
+    info: Any
+    parameters: dict[str, int]
+    cpus_per_peer: float
+    threads: int
+    tracking_uri: str
+
+
+def make_plan(topology, tracking_uri: str | None, available_cpus: float) -> Plan:
+    from cohort.data import load_dataset
+    from cohort.models import count_parameters
+    from cohort.tracking import resolve_uri
+    from cohort.worker import build_peer
+
+    data = load_dataset(topology.data.dataset, topology.data.root, topology.data.download)
+    info = data.info
+    # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
+    # before any worker starts.
+    parameters = {peer: count_parameters(build_peer(topology, peer, info)) for peer in topology.peer_names}
+    cpus = topology.resources.cpus_per_peer
+    if cpus is None:
+        cpus = max(0.01, min(1.0, int(available_cpus / len(topology.peers) * 100) / 100))
+    return Plan(topology, info, parameters, cpus, max(1, int(cpus)), resolve_uri(tracking_uri or topology.tracking.uri))
+
+
+def describe_plan(plan: Plan) -> str:
+    topology, info = plan.topology, plan.info
+    lines = [
+        f"{topology.name}: {len(topology.peers)} peers on {info.name} "
+        f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
+        f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}",
+        "",
+        f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}  optimizer",
+    ]
+    for rank, peer in enumerate(topology.peer_names):
+        config = topology.peers[peer]
+        optimizer = topology.optimizer_for(peer)
+        training = "frozen, from " + str(config.checkpoint) if config.frozen else (
+            f"{optimizer.name} lr={optimizer.lr:g} wd={optimizer.weight_decay:g}")
+        lines.append(f"  {rank:<5}{peer:<14}{config.model:<16}{plan.parameters[peer]:>10,}  {training}")
+    lines += ["", "  edges (receiver <- sender: loss, weight, parameters)"]
+    if not topology.edges:
+        lines.append("    none: every peer trains on its labels alone")
+    for edge in topology.edges:
+        params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in edge.params.items())
+        extra = f" reduce={edge.reduce}" + (f" warmup={edge.warmup}" if edge.warmup else "")
+        lines.append(f"    {edge.to} <- {'+'.join(edge.senders)}: {edge.loss}, weight {edge.weight:g}, {params}{extra}")
+    device = "GPU" if topology.resources.use_gpu else "CPU"
+    lines += [
+        "",
+        f"  resources: {len(topology.peers)} Ray Train workers x {plan.cpus_per_peer:g} CPU"
+        f"{' + 1 GPU' if device == 'GPU' else ''}, {plan.threads} torch thread(s) each",
+        f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def check_address(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (Ray itself would wait and retry for a long time)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CohortError(f"--address {address!r}: expected 'auto' or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise CohortError(f"--address {address!r}: no Ray cluster reachable there ({error.strerror or error})") from None
+
+
+def start_ray(address: str | None, verbose: bool) -> float:
+    """Start or join Ray quietly; return the cluster's CPU count."""
+    import logging
+
+    import ray
+
+    # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        if address:
+            check_address(address)
+            ray.init(address=address, **quiet)
+        elif not ray.is_initialized():
+            ray.init(include_dashboard=False, **quiet)
+    except CohortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
+        raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {_first_line(error)}") from None
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def make_trainer(plan: Plan, progress, storage: str | None, run_name: str):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cohort.worker import train_cohort
+
+    topology = plan.topology
+    storage_path = os.path.abspath(os.path.expanduser(storage or "~/ray_results/cohort"))
+    return TorchTrainer(
+        train_cohort,
+        train_loop_config={"topology": topology.to_dict(), "threads": plan.threads, "progress": progress},
+        # One worker per peer; peers are different networks, so nothing here wraps them in DDP.
+        scaling_config=ScalingConfig(
+            num_workers=len(topology.peers),
+            use_gpu=topology.resources.use_gpu,
+            resources_per_worker={"CPU": plan.cpus_per_peer, **({"GPU": 1} if topology.resources.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if topology.resources.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            # An infeasible request would otherwise wait for resources forever.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+        ),
+    )
+
+
+def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="cohort-fit", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def failure_reason(error: BaseException) -> str:
+    """The most useful line of a failed fit: a worker's CohortError if there is one."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CohortError):
+            return str(current)
+        cause = getattr(current, "cause", None)
+        if isinstance(current, BaseException) and hasattr(current, "as_instanceof_cause"):
+            try:
+                pending.append(current.as_instanceof_cause())
+            except Exception:  # noqa: BLE001
+                pass
+        for nested in (current.__cause__, current.__context__, cause):
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+        for value in (getattr(current, "worker_failures", None) or {}).values():
+            if isinstance(value, BaseException):
+                pending.append(value)
+    text = str(error)
+    for line in text.splitlines():
+        if "CohortError:" in line:
+            return line.split("CohortError:", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+# --------------------------------------------------------------------------- display
+
+
+def epoch_line(topology, report: dict[str, Any], seconds: float) -> str:
+    width = len(str(topology.train.epochs))
+    parts = [f"epoch {report['epoch']:>{width}}/{topology.train.epochs}"]
+    for peer in topology.peer_names + ["ensemble"]:
+        acc, ece = report.get(f"{peer}/acc"), report.get(f"{peer}/ece")
+        if acc is not None:
+            parts.append(f"{peer} {100 * acc:5.1f}% ece {ece:.3f}")
+    parts.append(f"{seconds:.1f}s")
+    return "  |  ".join(parts)
+
+
+def summary_table(plan: Plan, final: dict[str, Any]) -> str:
+    topology = plan.topology
+    rows = [f"{'peer':<14}{'model':<16}{'params':>10}{'top-1':>9}{'ECE':>8}{'NLL':>8}{'Brier':>8}"]
+    for peer in topology.peer_names + ["ensemble"]:
+        model = topology.peers[peer].model if peer in topology.peers else "(mean of probs)"
+        params = f"{plan.parameters[peer]:,}" if peer in plan.parameters else ""
+        rows.append(f"{peer:<14}{model:<16}{params:>10}{100 * final[f'{peer}/acc']:>8.1f}%"
+                    f"{final[f'{peer}/ece']:>8.4f}{final[f'{peer}/nll']:>8.4f}{final[f'{peer}/brier']:>8.4f}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    from cohort.topology import load_topology
+
+    topology = load_topology(args.topology, args.overrides)
+    if args.dry_run:
+        plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
+        print(describe_plan(plan))
+        print("\nresolved topology:\n" + "\n".join("  " + line for line in topology.to_yaml().splitlines()))
+        return 0
+
+    from cohort.tracking import Tracker
+
+    plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
+    tracker = Tracker(plan.tracking_uri, topology.experiment)
+    cpus = start_ray(args.address, args.verbose)
+    if topology.resources.cpus_per_peer is None:
+        plan = make_plan(topology, args.tracking_uri, cpus)
+    needed = plan.cpus_per_peer * len(topology.peers)
+    if needed > cpus + 1e-9:
+        raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
+                          f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
+    print(describe_plan(plan), flush=True)
+
+    from ray.util.queue import Queue
+
+    run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    progress = Queue()
+    trainer = make_trainer(plan, progress, args.storage, run_name)
+    run_id = tracker.start(topology, run_name)
+    print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {len(topology.peers)} workers...",
+          flush=True)
+
+    started = last = time.perf_counter()
+    final: dict[str, Any] = {}
+    thread, outcome = fit_in_background(trainer)
+    try:
+        while thread.is_alive() or not progress.empty():
+            try:
+                report = progress.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            now = time.perf_counter()
+            print(epoch_line(topology, report, now - last), flush=True)
+            last = now
+            tracker.log_epoch(report)
+            final = report
+        thread.join()
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    if "error" in outcome:
+        tracker.finish("FAILED")
+        raise CohortError(f"training failed: {failure_reason(outcome['error'])} (MLflow run {run_id} marked FAILED)")
+
+    result = outcome["result"]
+    log_final_artifacts(tracker, result, final)
+    tracker.finish("FINISHED")
+    print(f"\ndone in {time.perf_counter() - started:.0f}s\n")
+    print(summary_table(plan, final))
+    print(f"\nMLflow run {run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
+    print(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
+    return 0
+
+
+def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
+    from cohort.tracking import flat_metrics
+
+    tracker.log_json({"epoch": final.get("epoch"), **flat_metrics(final)}, "final_metrics.json")
+    if result.checkpoint is None:
+        return
+    with result.checkpoint.as_directory() as folder:
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix == ".pt":
+                tracker.log_file(path, "weights")
+            elif path.suffix == ".png":
+                tracker.log_file(path, "reliability")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CohortError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

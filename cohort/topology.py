@@ -1,0 +1,494 @@
+"""The topology file: which peers train together, and which edges carry knowledge between them.
+
+``load_topology`` reads a YAML file with a safe loader that also refuses duplicate keys, applies
+dotted ``--set`` overrides, and validates everything into an immutable, typed ``Topology``.
+Every problem becomes a ``CohortError`` whose text is one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from cohort.data import DATASETS
+from cohort.errors import CohortError
+from cohort.losses import LOSSES
+from cohort.models import known_models, model_exists
+
+PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+RESERVED_PEER_NAMES = {"ensemble", "cohort"}
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _problem(message: str, key: str | None = None) -> PydanticCustomError:
+    """A validation error whose ``key`` (a path below the validated object) joins the location."""
+    return PydanticCustomError("cohort", "{message}", {"message": message, "key": key or ""})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(_Strict):
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise _problem(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
+        return name
+
+
+# --------------------------------------------------------------------------- training
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+
+
+class OptimizerOverride(_Strict):
+    """A peer's changes to the cohort's optimizer; unset fields keep the cohort's value."""
+
+    name: Literal["sgd", "adam", "adamw"] | None = None
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    nesterov: bool | None = None
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        # `schedule: cosine` is shorthand for `schedule: {name: cosine}`.
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> "ScheduleConfig":
+        if self.name == "multistep":
+            if not self.milestones:
+                raise _problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
+            if list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
+                raise _problem("must be increasing epoch numbers >= 1", "milestones")
+        elif self.milestones:
+            raise _problem(f"only a multistep schedule takes milestones, not {self.name}", "milestones")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ce_weight: float = Field(1.0, ge=0)
+
+
+# --------------------------------------------------------------------------- peers and edges
+
+
+class PeerConfig(_Strict):
+    model: str
+    optimizer: OptimizerOverride = OptimizerOverride()
+    frozen: bool = False
+    checkpoint: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not model_exists(name):
+            raise _problem(f"unknown model {name!r} (known: {', '.join(known_models())})")
+        return name
+
+    @model_validator(mode="after")
+    def _frozen_needs_weights(self) -> "PeerConfig":
+        if self.frozen and not self.checkpoint:
+            raise _problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
+        return self
+
+
+class EnsembleSource(_Strict):
+    ensemble: tuple[str, ...] = Field(min_length=1)
+
+
+EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")
+
+
+class Edge(BaseModel):
+    """A directed edge: ``to`` learns from ``from`` through ``loss``.
+
+    Keys other than the edge fields are the loss function's parameters (``temperature``,
+    ``delta_high``, ...); validation fills in the defaults of those not given, so the resolved
+    topology shows every value a run used.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    source: Union[str, EnsembleSource] = Field(alias="from")
+    to: str
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    reduce: Literal["mean", "sum"] = "mean"
+    warmup: int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _peer_or_ensemble(cls, source: Any) -> Any:
+        if not isinstance(source, (str, dict)):
+            raise _problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {source!r}")
+        return source
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        if name not in LOSSES:
+            raise _problem(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
+        return name
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, weight: float) -> float:
+        if not math.isfinite(weight):
+            raise _problem("must be a finite number")
+        return weight
+
+    @model_validator(mode="after")
+    def _loss_parameters(self) -> "Edge":
+        spec = LOSSES[self.loss]
+        given = dict(self.__pydantic_extra__ or {})
+        resolved: dict[str, Any] = {}
+        for key, value in given.items():
+            if key not in spec.params:
+                allowed = list(EDGE_FIELDS) + list(spec.params)
+                raise _problem(f"not a parameter of loss {self.loss!r}{_did_you_mean(key, allowed)}"
+                               f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
+        for key, default in spec.params.items():
+            resolved[key] = _loss_parameter(key, given.get(key, default), default)
+        self.__pydantic_extra__.clear()
+        self.__pydantic_extra__.update(resolved)
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The loss function's keyword arguments for this edge."""
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        return self.source.ensemble if isinstance(self.source, EnsembleSource) else (self.source,)
+
+    @property
+    def label(self) -> str:
+        source = "+".join(self.senders)
+        return f"{source}->{self.to}:{self.loss}"
+
+
+def _loss_parameter(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _problem(f"must be true or false, not {value!r}", key)
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _problem(f"must be a number, not {value!r}", key)
+        if key == "temperature" and value <= 0:
+            raise _problem(f"must be > 0, not {value}", key)
+        if value < 0:
+            raise _problem(f"must be >= 0, not {value}", key)
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+class TrackingConfig(_Strict):
+    experiment: str | None = Field(None, description="default: the topology's name")
+    uri: str | None = Field(None, description=f"default: {DEFAULT_TRACKING_URI} in the working directory")
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the peers, at most 1 each")
+    use_gpu: bool = False
+
+
+class Topology(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    peers: dict[str, PeerConfig]
+    edges: tuple[Edge, ...] = ()
+    tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _peers_mapping(cls, peers: Any) -> Any:
+        if isinstance(peers, list):
+            raise _problem("must be a mapping from peer name to its settings, not a list")
+        if isinstance(peers, dict) and not peers:
+            raise _problem("a cohort needs at least one peer")
+        if isinstance(peers, dict):
+            for name in peers:
+                if not isinstance(name, str) or not PEER_NAME.match(name):
+                    raise _problem(f"peer name {name!r} must start with a letter and hold only letters, digits, _ and -")
+                if name in RESERVED_PEER_NAMES:
+                    raise _problem(f"peer name {name!r} is reserved")
+        return peers
+
+    @model_validator(mode="after")
+    def _edges_connect_peers(self) -> "Topology":
+        for index, edge in enumerate(self.edges):
+            if edge.to not in self.peers:
+                raise _problem(f"unknown peer {edge.to!r} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
+            for sender in edge.senders:
+                if sender not in self.peers:
+                    raise _problem(f"unknown peer {sender!r} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
+            if edge.senders == (edge.to,):
+                raise _problem(f"a peer cannot distill from itself ({edge.to!r})", f"edges[{index}]")
+            if self.peers[edge.to].frozen:
+                raise _problem(f"peer {edge.to!r} is frozen and cannot receive an edge", f"edges[{index}].to")
+        return self
+
+    # ---------------------------------------------------------------- views the trainer uses
+
+    @property
+    def peer_names(self) -> list[str]:
+        """Peers in file order; peer k runs on the Ray Train worker of rank k."""
+        return list(self.peers)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def incoming_edges(self, peer: str) -> list[Edge]:
+        return [edge for edge in self.edges if edge.to == peer]
+
+    def optimizer_for(self, peer: str) -> OptimizerConfig:
+        override = self.peers[peer].optimizer.model_dump(exclude_none=True)
+        return self.train.optimizer.model_copy(update=override)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved topology as plain data: what the file would say with every default written out."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys to values (``edges.0.temperature``): MLflow's params, and ``--set``'s keys."""
+        return dict(_flatten(self.to_dict()))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely, with one-line errors that name the file and the line."""
+    path = Path(path)
+    where = path.name
+    if not path.exists():
+        raise CohortError("no such file", str(path))
+    if path.is_dir():
+        raise CohortError("is a directory, not a YAML file", str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CohortError(f"cannot read: {error}", str(path)) from None
+    if not text.strip():
+        raise CohortError("the file is empty", where)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise CohortError(f"{line}YAML error: {problem}", where) from None
+
+
+def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
+    """Read, override (``key=value`` strings) and validate a topology file."""
+    raw = read_yaml(path)
+    return topology_from_dict(raw, Path(path).name, overrides)
+
+
+def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[str] | Mapping[str, Any] = ()) -> Topology:
+    if raw is None:
+        raise CohortError("the file is empty", where)
+    if not isinstance(raw, dict):
+        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {_kind(raw)}", where)
+    topology = _validate(raw, where)
+    pairs = overrides.items() if isinstance(overrides, Mapping) else [parse_assignment(item) for item in overrides]
+    pairs = list(pairs)
+    if not pairs:
+        return topology
+    resolved = topology.to_dict()
+    for key, value in pairs:
+        set_dotted(resolved, key, value, where)
+    return _validate(resolved, f"{where} (with --set)")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"edges.0.temperature=2"`` → ``("edges.0.temperature", 2.0)``; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CohortError(f"--set {text!r}: expected key=value, for example edges.0.temperature=2")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str = "topology") -> None:
+    """Set ``tree[a][b][0][c] = value`` for ``key = "a.b.0.c"``; every step must already exist."""
+    node: Any = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        so_far = ".".join(parts[: depth + 1])
+        if isinstance(node, dict):
+            if part not in node:
+                hint = _did_you_mean(part, [str(k) for k in node])
+                raise CohortError(f"--set {key}: unknown key {so_far!r}{hint}", where)
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        elif isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise CohortError(f"--set {key}: {so_far!r} is not an index below {len(node)}", where)
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            raise CohortError(f"--set {key}: {'.'.join(parts[:depth])!r} is a value, not a section", where)
+
+
+def _validate(raw: dict[str, Any], where: str) -> Topology:
+    try:
+        return Topology.model_validate(raw)
+    except ValidationError as error:
+        errors = error.errors()
+        # For `from: {ensemble: ...}` pydantic also reports that it is not a string: skip that one.
+        relevant = [e for e in errors if "str" not in e["loc"]] or errors
+        raise CohortError(_describe(relevant[0]), where) from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``location: message``, in the file's own words."""
+    loc = [part for part in error["loc"] if not (isinstance(part, str) and part in ("str", "EnsembleSource"))]
+    ctx = error.get("ctx") or {}
+    if ctx.get("key"):
+        loc.extend(ctx["key"].split("."))
+    path = _loc_text(loc)
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), allowed)}"
+    if kind == "missing":
+        return f"{path}: missing (required)"
+    if kind == "cohort":
+        return f"{path}: {ctx['message']}" if path else ctx["message"]
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"{path}: must be a mapping, not a {_kind(value)}"
+    if kind == "literal_error":
+        return f"{path}: {value!r} is not one of {ctx.get('expected')}"
+    if kind.startswith(("greater_than", "less_than")):
+        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {value!r}"
+    if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
+                "int_from_float", "tuple_type", "too_short"):
+        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {value!r}"
+    return f"{path}: {error['msg']}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the section at ``loc`` accepts, for 'did you mean' hints."""
+    model: Any = Topology
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list keeps the list's item model
+        fields = {field.alias or name: field for name, field in model.model_fields.items()}
+        if part in fields:
+            model = _model_in(fields[part].annotation)
+            if model is None:
+                return []
+        # any other part is a mapping key, such as a peer's name: the value model stays
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _loc_text(loc: list) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", dict: "mapping", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    elif isinstance(tree, list) and tree and all(isinstance(item, dict) for item in tree):
+        for index, value in enumerate(tree):
+            yield from _flatten(value, f"{prefix}{index}.")
+    else:
+        yield prefix[:-1], tree

@@ -1,0 +1,130 @@
+"""MLflow: one run per cohort run, written by one process (the driver).
+
+SQLite allows one writer, so workers never talk to MLflow: rank 0 sends each epoch's metrics to
+the driver, and the driver logs them here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from cohort.errors import CohortError
+from cohort.topology import DEFAULT_TRACKING_URI, Topology
+
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_uri(uri: str | None, base: str | Path | None = None) -> str:
+    """The tracking URI with a relative SQLite path made absolute (Ray and Tune change directories)."""
+    uri = uri or DEFAULT_TRACKING_URI
+    base = Path(base or os.getcwd())
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = uri[len(prefix):]
+        if not path.startswith("/"):
+            return prefix + str((base / path).resolve())
+    return uri
+
+
+def _quiet_mlflow() -> None:
+    # Database migrations and MLflow's own notices are not the user's business on every run.
+    for name in ("alembic", "mlflow", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of a cohort report (MLflow refuses the rest)."""
+    return {
+        key: float(value)
+        for key, value in report.items()
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+class Tracker:
+    """The MLflow run of one cohort run."""
+
+    def __init__(self, uri: str, experiment: str):
+        _quiet_mlflow()
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self._check_reachable(uri)
+        try:
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=self._artifact_root(uri, experiment))
+        except Exception as error:  # noqa: BLE001 - any failure here means the store is not usable
+            raise CohortError(f"MLflow tracking store {uri!r} is not usable: {_first_line(error)}", "tracking.uri") from None
+        self.run_id: str | None = None
+
+    @staticmethod
+    def _artifact_root(uri: str, experiment: str) -> str | None:
+        # Beside a SQLite store, as `mlflow server` does; elsewhere the server decides.
+        if not uri.startswith("sqlite:///"):
+            return None
+        folder = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment
+        return folder.resolve().as_uri()
+
+    @staticmethod
+    def _check_reachable(uri: str) -> None:
+        if uri.startswith("sqlite:///"):
+            folder = Path(uri[len("sqlite:///"):]).parent
+            if not folder.is_dir():
+                raise CohortError(f"MLflow tracking store {uri!r}: folder {str(folder)!r} does not exist", "tracking.uri")
+            if not os.access(folder, os.W_OK):
+                raise CohortError(f"MLflow tracking store {uri!r}: folder {str(folder)!r} is not writable", "tracking.uri")
+
+    def start(self, topology: Topology, run_name: str | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name or topology.name,
+                                     tags={"cohort.topology": topology.name, "cohort.peers": ",".join(topology.peer_names)})
+        self.run_id = run.info.run_id
+        self.log_params(topology.flatten())
+        self.log_text(topology.to_yaml(), "topology.yaml")
+        return self.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def log_epoch(self, report: Mapping[str, Any]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(report["epoch"])
+        now = int(time.time() * 1000)
+        items = [Metric(key, value, now, step) for key, value in flat_metrics(report).items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, data: Any, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, sort_keys=True), artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]

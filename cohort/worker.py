@@ -1,0 +1,254 @@
+"""The per-peer loop, run by every Ray Train worker: worker k trains peer k of the topology.
+
+Each step, read top to bottom: batch → own logits → exchange → own loss → backward → step.
+Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cohort import metrics
+from cohort.data import DatasetInfo, InMemorySplits, load_dataset
+from cohort.errors import CohortError
+from cohort.exchange import LogitExchange
+from cohort.losses.combine import peer_objective
+from cohort.models import build_model
+from cohort.topology import OptimizerConfig, Topology, topology_from_dict
+
+
+# --------------------------------------------------------------------------- building a peer
+
+
+def peer_seed(topology: Topology, peer: str) -> int:
+    """The seed of a peer's initial weights: differs across peers, fixed by the topology's seed."""
+    return topology.seed * 10_007 + topology.peer_names.index(peer)
+
+
+def build_peer(topology: Topology, peer: str, info: DatasetInfo) -> nn.Module:
+    """The peer's network, initialized from its seed, or loaded from its checkpoint if it has one."""
+    torch.manual_seed(peer_seed(topology, peer))
+    config = topology.peers[peer]
+    model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    if config.checkpoint:
+        model.load_state_dict(load_weights(config.checkpoint, model, where=f"peers.{peer}.checkpoint"))
+    return model
+
+
+def load_weights(path: str, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict from ``path`` (tensors only: ``weights_only=True``), checked against ``model``."""
+    if not os.path.isfile(path):
+        raise CohortError(f"checkpoint {path!r} does not exist", where)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is the same user problem
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CohortError(f"cannot load checkpoint {path!r} as weights only: {reason[:200]}", where) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CohortError(f"checkpoint {path!r} is not a state_dict of tensors", where)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CohortError(f"checkpoint {path!r} does not fit the model ({detail})", where)
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CohortError(
+                f"checkpoint {path!r} does not fit the model: {key} is {tuple(tensor.shape)}, "
+                f"the model's is {tuple(expected[key].shape)} (a different model or number of classes?)",
+                where,
+            )
+    return state
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, topology: Topology):
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if config.name == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
+    elif config.name == "adam":
+        optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = topology.train.schedule
+    # Schedules step once per epoch, as in the KD literature's recipes.
+    if schedule.name == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=topology.train.epochs)
+    elif schedule.name == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                         gamma=schedule.gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+def class_groups(info: DatasetInfo) -> tuple[torch.Tensor, list[str]]:
+    """Head / medium / tail thirds of the classes by training count (what ``ltkd`` edges use)."""
+    return metrics.class_groups(torch.tensor(info.train_class_counts), "thirds")
+
+
+# --------------------------------------------------------------------------- one peer's training
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+
+    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss * len(labels)
+        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        self.seen += len(labels)
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
+
+
+def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:
+    """A running CRC of every batch's bytes: equal on all peers exactly when they saw the same data."""
+    running = zlib.crc32(inputs.detach().contiguous().numpy().tobytes(), running)
+    return zlib.crc32(labels.numpy().tobytes(), running)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_epoch(model, optimizer, data: InMemorySplits, exchange: LogitExchange, topology: Topology, peer: str,
+                epoch: int, groups: torch.Tensor, fingerprint: int) -> tuple[EpochStats, int]:
+    frozen = topology.peers[peer].frozen
+    edges = topology.incoming_edges(peer)
+    model.train(not frozen)
+    stats = EpochStats()
+    for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch)):
+        fingerprint = batch_fingerprint(fingerprint, inputs, labels)
+        with torch.set_grad_enabled(not frozen):
+            own_logits = model(inputs)
+        peer_logits = exchange(own_logits)
+        if frozen:
+            stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
+            continue
+        loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
+        if not torch.isfinite(loss):
+            bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
+            raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stats.add(float(loss.detach()), own_logits.detach(), labels)
+    return stats, fingerprint
+
+
+@torch.no_grad()
+def evaluate(model, data: InMemorySplits, exchange: LogitExchange, batch_size: int):
+    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers)."""
+    model.eval()
+    own, ensemble, labels = [], [], []
+    for inputs, batch_labels in data.test_batches(batch_size):
+        logits = model(inputs)
+        peer_logits = exchange(logits)
+        own.append(logits)
+        ensemble.append(torch.stack([l.softmax(dim=1) for l in peer_logits.values()]).mean(dim=0))
+        labels.append(batch_labels)
+    return torch.cat(own), torch.cat(ensemble), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- the Ray Train entry point
+
+
+def train_cohort(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the cohort's ``TorchTrainer``.
+
+    ``config`` holds the resolved topology (as plain data), the torch thread count, and the
+    queue through which rank 0 sends each epoch's cohort metrics to the driver.
+    """
+    import ray.train
+
+    torch.set_num_threads(config["threads"])
+    topology = topology_from_dict(config["topology"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    peer = topology.peer_names[rank]
+    progress = config.get("progress")
+
+    data = load_dataset(topology.data.dataset, topology.data.root, topology.data.download)
+    info = data.info
+    groups, _ = class_groups(info)
+    model = build_peer(topology, peer, info)
+    frozen = topology.peers[peer].frozen
+    if frozen:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    optimizer, scheduler = (None, None) if frozen else build_optimizer(model, topology.optimizer_for(peer), topology)
+    exchange = LogitExchange(topology.peer_names)
+
+    fingerprint = 0
+    for epoch in range(1, topology.train.epochs + 1):
+        started = time.perf_counter()
+        try:
+            stats, fingerprint = train_epoch(model, optimizer, data, exchange, topology, peer, epoch, groups,
+                                             fingerprint)
+        except NonFiniteLoss as error:
+            raise CohortError(str(error)) from None
+        if scheduler is not None:
+            scheduler.step()
+        train_seconds = time.perf_counter() - started
+        own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size)
+        peer_metrics = {**stats.summary(), **metrics.evaluate(own_logits, test_labels),
+                        "epoch_seconds": train_seconds, "fingerprint": fingerprint}
+        everyone = exchange.gather_objects(peer_metrics)
+
+        report: dict[str, Any] = {}
+        if rank == 0:
+            report = cohort_report(topology, epoch, everyone, metrics.evaluate_probs(ensemble_probs, test_labels))
+            if progress is not None:
+                progress.put(report)
+        last = epoch == topology.train.epochs
+        if last:
+            with tempfile.TemporaryDirectory() as folder:
+                save_final(folder, peer, model, own_logits, test_labels, ensemble_probs if rank == 0 else None)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(report)
+
+
+def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float]],
+                  ensemble: dict[str, float]) -> dict[str, Any]:
+    """One epoch's metrics of the whole cohort, keyed ``<peer>/<metric>`` and ``ensemble/<metric>``."""
+    report: dict[str, Any] = {"epoch": epoch}
+    fingerprints = {}
+    for peer, peer_metrics in zip(topology.peer_names, everyone):
+        for key, value in peer_metrics.items():
+            if key == "fingerprint":
+                fingerprints[peer] = value
+            else:
+                report[f"{peer}/{key}"] = value
+    for key, value in ensemble.items():
+        report[f"ensemble/{key}"] = value
+    report["cohort/batches_identical"] = float(len(set(fingerprints.values())) == 1)
+    report["cohort/fingerprints"] = fingerprints
+    return report
+
+
+def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+               ensemble_probs: torch.Tensor | None) -> None:
+    """The peer's weights and reliability diagram; rank 0 adds the ensemble's diagram."""
+    torch.save(model.state_dict(), os.path.join(folder, f"{peer}.pt"))
+    bins = metrics.reliability_bins(logits, labels)
+    metrics.reliability_diagram(bins, os.path.join(folder, f"reliability_{peer}.png"), title=peer)
+    if ensemble_probs is not None:
+        bins = metrics.reliability_bins_probs(ensemble_probs, labels)
+        metrics.reliability_diagram(bins, os.path.join(folder, "reliability_ensemble.png"), title="ensemble")
