@@ -1,0 +1,268 @@
+"""The topology format: valid files resolve as documented; every bad input is one clear line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cohort.errors import CohortError
+from cohort.run import main
+from cohort.topology import load_topology, topology_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "topologies").glob("*.yaml"))
+
+BASE = {
+    "name": "t",
+    "peers": {"teacher": {"model": "cnn_small"}, "student": {"model": "mlp"}},
+    "edges": [
+        {"from": "teacher", "to": "student", "loss": "bdkd"},
+        {"from": "student", "to": "teacher", "loss": "reverse_kd"},
+    ],
+}
+
+
+def write(tmp_path: Path, content, name: str = "bad.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def with_change(change) -> dict:
+    topology = yaml.safe_load(yaml.safe_dump(BASE, sort_keys=False))
+    change(topology)
+    return topology
+
+
+def dry_run_error(capsys, path: Path, *extra: str) -> str:
+    code = main([str(path), "--dry-run", *extra])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- valid files
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_topologies_dry_run(capsys, path):
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    topology = load_topology(path)
+    for peer in topology.peer_names:
+        assert peer in out
+    assert "resolved topology:" in out
+
+
+def test_defaults_are_filled_in():
+    topology = topology_from_dict(BASE)
+    assert topology.seed == 0
+    assert topology.data.dataset == "digits"
+    assert topology.peer_names == ["teacher", "student"]
+    assert topology.experiment == "t"
+    bdkd = topology.edges[0]
+    assert bdkd.params == {"temperature": 4.0, "delta_high": 1.0, "delta_low": 0.5}
+    assert bdkd.weight == 1.0 and bdkd.reduce == "mean" and bdkd.warmup == 0
+    assert topology.incoming_edges("teacher") == [topology.edges[1]]
+
+
+def test_resolved_topology_round_trips():
+    topology = topology_from_dict(BASE)
+    again = topology_from_dict(yaml.safe_load(topology.to_yaml()))
+    assert again == topology
+    flat = topology.flatten()
+    assert flat["edges.0.delta_high"] == 1.0
+    assert flat["peers.student.model"] == "mlp"
+
+
+def test_overrides_apply_and_revalidate():
+    topology = topology_from_dict(BASE, overrides=["edges.0.temperature=2", "peers.student.optimizer.lr=0.01",
+                                                   "train.epochs=3"])
+    assert topology.edges[0].params["temperature"] == 2.0
+    assert topology.optimizer_for("student").lr == 0.01
+    assert topology.optimizer_for("teacher").lr == topology.train.optimizer.lr
+    assert topology.train.epochs == 3
+
+
+def test_ensemble_sender_and_schedule_shorthand():
+    topology = topology_from_dict(with_change(lambda t: (
+        t["peers"].update({"third": {"model": "mlp_tiny"}}),
+        t["edges"].append({"from": {"ensemble": ["teacher", "student"]}, "to": "third", "loss": "kd"}),
+        t.update({"train": {"schedule": {"name": "multistep", "milestones": [2, 4], "gamma": 0.5}}}),
+    )))
+    assert topology.edges[2].senders == ("teacher", "student")
+    assert topology.train.schedule.milestones == (2, 4)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def test_missing_file(capsys, tmp_path):
+    line = dry_run_error(capsys, tmp_path / "nope.yaml")
+    assert "nope.yaml" in line and "no such file" in line
+
+
+def test_empty_file(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, "  \n"))
+    assert line == "bad.yaml: the file is empty"
+
+
+def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, "name: t\npeers:\n  a: {model: mlp\n"))
+    assert line.startswith("bad.yaml: line ") and "YAML error" in line
+
+
+def test_top_level_not_a_mapping(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, "- name: t\n"))
+    assert "bad.yaml: the top level must be a mapping" in line
+
+
+def test_duplicate_peer_names(capsys, tmp_path):
+    text = textwrap.dedent("""\
+        name: t
+        peers:
+          student: {model: mlp}
+          student: {model: cnn_small}
+        """)
+    line = dry_run_error(capsys, write(tmp_path, text))
+    assert "duplicate key 'student'" in line and "line 4" in line
+
+
+BAD_CASES = {
+    "unknown top-level key": (lambda t: t.update(nmae="x"), "nmae: unknown key (did you mean 'name'?)"),
+    "unknown nested key": (lambda t: t.update(data={"batchsize": 4}), "data.batchsize: unknown key (did you mean 'batch_size'?)"),
+    "unknown peer key": (lambda t: t["peers"]["student"].update(modle="mlp"), "peers.student.modle: unknown key"),
+    "typo in an edge parameter": (lambda t: t["edges"][0].update(temprature=2), "edges[0].temprature: not a parameter of loss 'bdkd' (did you mean 'temperature'?)"),
+    "parameter of another loss": (lambda t: t["edges"][1].update(delta_high=2), "edges[1].delta_high: not a parameter of loss 'reverse_kd'"),
+    "missing name": (lambda t: t.pop("name"), "name: missing"),
+    "no peers": (lambda t: t.update(peers={}), "peers: a cohort needs at least one peer"),
+    "peers as a list": (lambda t: t.update(peers=[{"model": "mlp"}]), "peers: must be a mapping from peer name"),
+    "edge to unknown peer": (lambda t: t["edges"][0].update(to="ghost"), "edges[0].to: unknown peer 'ghost'"),
+    "edge from unknown peer": (lambda t: t["edges"][1].update({"from": "ghost"}), "edges[1].from: unknown peer 'ghost'"),
+    "ensemble of an unknown peer": (lambda t: t["edges"][0].update({"from": {"ensemble": ["teacher", "ghost"]}}), "edges[0].from: unknown peer 'ghost'"),
+    "self edge": (lambda t: t["edges"][0].update({"from": "student"}), "edges[0]: a peer cannot distill from itself"),
+    "unknown loss": (lambda t: t["edges"][0].update(loss="kld"), "edges[0].loss: unknown loss 'kld'"),
+    "unknown model": (lambda t: t["peers"]["student"].update(model="resnet9000"), "peers.student.model: unknown model 'resnet9000'"),
+    "unknown dataset": (lambda t: t.update(data={"dataset": "mnist"}), "data.dataset: unknown dataset 'mnist'"),
+    "temperature zero": (lambda t: t["edges"][0].update(temperature=0), "edges[0].temperature: must be > 0"),
+    "temperature not a number": (lambda t: t["edges"][0].update(temperature="hot"), "edges[0].temperature: must be a number"),
+    "negative delta": (lambda t: t["edges"][0].update(delta_low=-0.5), "edges[0].delta_low: must be >= 0"),
+    "negative weight": (lambda t: t["edges"][0].update(weight=-1), "edges[0].weight: must be greater than or equal to 0"),
+    "lr zero": (lambda t: t.update(train={"optimizer": {"lr": 0}}), "train.optimizer.lr: must be greater than 0"),
+    "lr not a number": (lambda t: t.update(train={"optimizer": {"lr": "fast"}}), "train.optimizer.lr: must be a valid number"),
+    "peer lr negative": (lambda t: t["peers"]["student"].update(optimizer={"lr": -1}), "peers.student.optimizer.lr: must be greater than 0"),
+    "batch size zero": (lambda t: t.update(data={"batch_size": 0}), "data.batch_size: must be greater than or equal to 1"),
+    "epochs zero": (lambda t: t.update(train={"epochs": 0}), "train.epochs: must be greater than or equal to 1"),
+    "cpus per peer zero": (lambda t: t.update(resources={"cpus_per_peer": 0}), "resources.cpus_per_peer: must be greater than 0"),
+    "unknown optimizer": (lambda t: t.update(train={"optimizer": {"name": "lion"}}), "train.optimizer.name: 'lion' is not one of"),
+    "bool loss parameter": (lambda t: t["edges"][0].update(loss="ltkd", rebalance="yes"), "edges[0].rebalance: must be true or false"),
+    "frozen without checkpoint": (lambda t: t["peers"]["teacher"].update(frozen=True), "peers.teacher.checkpoint: a frozen peer needs a checkpoint"),
+    "edge into a frozen peer": (lambda t: t["peers"]["teacher"].update(frozen=True, checkpoint="w.pt"), "edges[1].to: peer 'teacher' is frozen"),
+    "multistep without milestones": (lambda t: t.update(train={"schedule": "multistep"}), "train.schedule.milestones: a multistep schedule needs milestones"),
+    "reserved peer name": (lambda t: t["peers"].update(ensemble={"model": "mlp"}), "peers: peer name 'ensemble' is reserved"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_topology_is_one_line_naming_file_and_key(capsys, tmp_path, case):
+    change, expected = BAD_CASES[case]
+    line = dry_run_error(capsys, write(tmp_path, with_change(change)))
+    assert line.startswith("bad.yaml: "), line
+    assert expected in line, line
+
+
+def test_unknown_set_key(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, BASE), "--set", "edges.0.temprature=2")
+    assert "--set edges.0.temprature: unknown key 'edges.0.temprature' (did you mean 'temperature'?)" in line
+
+
+def test_set_index_out_of_range(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, BASE), "--set", "edges.7.weight=2")
+    assert "'edges.7' is not an index below 2" in line
+
+
+def test_set_that_makes_the_topology_invalid(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, BASE), "--set", "edges.0.to=ghost")
+    assert line.startswith("bad.yaml (with --set): edges[0].to: unknown peer 'ghost'"), line
+
+
+def test_set_without_equals(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, BASE), "--set", "train.epochs")
+    assert "expected key=value" in line
+
+
+def test_dataset_root_that_does_not_exist(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, with_change(lambda t: t.update(data={"root": str(tmp_path / "nowhere")}))))
+    assert "data.root: dataset root" in line and "does not exist" in line
+
+
+# --------------------------------------------------------------------------- frozen peers' checkpoints
+
+
+def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
+    return write(tmp_path, with_change(lambda t: (
+        t["peers"]["teacher"].update(frozen=True, checkpoint=str(checkpoint)),
+        t["edges"].pop(1),
+    )))
+
+
+def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
+    from cohort.data import load_dataset
+    from cohort.worker import build_peer
+
+    topology = topology_from_dict(BASE)
+    model = build_peer(topology, "teacher", load_dataset("digits", None, False).info)
+    torch.save(model.state_dict(), tmp_path / "teacher.pt")
+    assert main([str(frozen_teacher(tmp_path, tmp_path / "teacher.pt")), "--dry-run"]) == 0
+    assert "frozen, from" in capsys.readouterr().out
+
+
+def test_frozen_peer_checkpoint_missing(capsys, tmp_path):
+    line = dry_run_error(capsys, frozen_teacher(tmp_path, tmp_path / "absent.pt"))
+    assert "peers.teacher.checkpoint: checkpoint" in line and "does not exist" in line
+
+
+def test_frozen_peer_checkpoint_with_a_pickle_payload_is_refused(capsys, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"weight": Payload()}, tmp_path / "evil.pt")
+    line = dry_run_error(capsys, frozen_teacher(tmp_path, tmp_path / "evil.pt"))
+    assert "peers.teacher.checkpoint: cannot load checkpoint" in line and "weights only" in line
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_frozen_peer_checkpoint_of_another_model(capsys, tmp_path):
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    line = dry_run_error(capsys, frozen_teacher(tmp_path, tmp_path / "other.pt"))
+    assert "does not fit the model" in line
+
+
+def test_frozen_peer_checkpoint_with_other_class_count(capsys, tmp_path):
+    from cohort.models import build_model
+
+    torch.save(build_model("cnn_small", num_classes=100, in_channels=1).state_dict(), tmp_path / "c100.pt")
+    line = dry_run_error(capsys, frozen_teacher(tmp_path, tmp_path / "c100.pt"))
+    assert "number of classes" in line and "(100, 32)" in line
+
+
+def test_command_line_prints_no_traceback(tmp_path):
+    bad = write(tmp_path, with_change(lambda t: t["edges"][0].update({"from": "ghost"})))
+    done = subprocess.run([sys.executable, "-m", "cohort.run", str(bad), "--dry-run"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "bad.yaml: edges[0].from: unknown peer 'ghost' (peers: teacher, student)"
+
+
+def test_cohort_error_has_no_location_when_none_applies():
+    assert str(CohortError("plain")) == "plain"
+    assert str(CohortError("msg", "f.yaml")) == "f.yaml: msg"
