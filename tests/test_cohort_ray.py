@@ -1,0 +1,244 @@
+"""The cohort through Ray, end to end: MLflow contents, identical batches, and equivalence with a
+plain one-process loop (the proof that the exchange is right)."""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cohort import losses
+from cohort.data import load_dataset
+from cohort.run import main
+from cohort.topology import topology_from_dict
+from cohort.worker import build_peer
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def write_topology(folder: Path, topology: dict) -> Path:
+    path = folder / f"{topology['name']}.yaml"
+    path.write_text(yaml.safe_dump(topology, sort_keys=False))
+    return path
+
+
+def finished_run(uri: str, experiment: str):
+    client = mlflow.tracking.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+THREE_PEERS = {
+    "name": "e2e-three",
+    "seed": 3,
+    "data": {"dataset": "digits", "batch_size": 128},
+    "train": {"epochs": 2, "optimizer": {"lr": 0.05}},
+    "peers": {"teacher": {"model": "cnn_small"}, "student_a": {"model": "mlp"}, "student_b": {"model": "mlp_tiny"}},
+    "edges": [
+        {"from": "teacher", "to": "student_a", "loss": "bdkd"},
+        {"from": {"ensemble": ["teacher", "student_a"]}, "to": "student_b", "loss": "kd", "temperature": 2.0},
+        {"from": "student_a", "to": "teacher", "loss": "reverse_kd"},
+        {"from": "student_b", "to": "teacher", "loss": "reverse_kd"},
+    ],
+}
+
+
+def expected_fingerprint(topology) -> int:
+    """The CRC of every training batch, computed here without Ray."""
+    data = load_dataset("digits", None, False)
+    running = 0
+    for epoch in range(1, topology.train.epochs + 1):
+        for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch):
+            running = zlib.crc32(inputs.contiguous().numpy().tobytes(), running)
+            running = zlib.crc32(labels.numpy().tobytes(), running)
+    return running
+
+
+def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = write_topology(tmp_path, THREE_PEERS)
+    assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "top-1" in out
+
+    client, run = finished_run(uri, "e2e-three")
+    assert run.info.status == "FINISHED"
+    peers = ["teacher", "student_a", "student_b"]
+    for peer in peers + ["ensemble"]:
+        for metric in ("acc", "ece", "nll", "brier", "entropy"):
+            history = client.get_metric_history(run.info.run_id, f"{peer}/{metric}")
+            assert [m.step for m in history] == [1, 2], (peer, metric)
+    for peer in peers:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{peer}/train_loss")] == [1, 2]
+        assert run.data.metrics[f"{peer}/acc"] > 0.3  # two short epochs: well above chance (0.1)
+    assert run.data.metrics["cohort/batches_identical"] == 1.0
+    assert run.data.params["edges.0.delta_high"] == "1.0"
+    assert run.data.params["peers.student_b.model"] == "mlp_tiny"
+
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=uri,
+                                                         dst_path=str(tmp_path / "artifacts")))
+    resolved = yaml.safe_load((artifacts / "topology.yaml").read_text())
+    assert resolved["edges"][1]["from"] == {"ensemble": ["teacher", "student_a"]}
+    final = json.loads((artifacts / "final_metrics.json").read_text())
+    assert final["epoch"] == 2
+    assert final["teacher/acc"] == pytest.approx(run.data.metrics["teacher/acc"])
+    for peer in peers + ["ensemble"]:
+        png = artifacts / "reliability" / f"reliability_{peer}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for peer in peers:
+        state = torch.load(artifacts / "weights" / f"{peer}.pt", weights_only=True)
+        assert state and all(isinstance(t, torch.Tensor) for t in state.values())
+
+    # The peers saw exactly the batches computed here without Ray, as the report's fingerprints show.
+    topology = topology_from_dict(THREE_PEERS)
+    assert f"{expected_fingerprint(topology)}" in _fingerprints_seen(tmp_path / "ray")
+
+
+def _fingerprints_seen(storage: Path) -> str:
+    """The last reported cohort metrics Ray Train kept (they include every peer's fingerprint)."""
+    reports = [p.read_text() for p in storage.rglob("*.json")]
+    return "\n".join(reports)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+EQUIVALENCE = {
+    "name": "equivalence",
+    "seed": 11,
+    "data": {"dataset": "digits", "batch_size": 256},
+    "train": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005},
+              "schedule": "cosine", "ce_weight": 0.7},
+    "peers": {
+        "big": {"model": "cnn_small"},
+        "mid": {"model": "mlp", "optimizer": {"lr": 0.05}},
+        "small": {"model": "mlp_tiny"},
+    },
+    "edges": [
+        {"from": "big", "to": "mid", "loss": "bdkd", "temperature": 3.0, "delta_high": 1.5, "delta_low": 0.25},
+        {"from": "small", "to": "mid", "loss": "kd", "weight": 0.5},
+        {"from": {"ensemble": ["big", "mid"]}, "to": "small", "loss": "dkd", "temperature": 2.0, "warmup": 2},
+        {"from": "mid", "to": "big", "loss": "reverse_kd", "reduce": "sum", "weight": 0.3},
+        {"from": "small", "to": "big", "loss": "ltkd", "reduce": "sum", "weight": 0.2},
+    ],
+}
+
+
+def reference_training(config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The same cohort trained in one process, every network in turn, written out by hand."""
+    torch.set_num_threads(1)
+    topology = topology_from_dict(config)
+    data = load_dataset("digits", None, False)
+    info = data.info
+    models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
+    lrs = {"big": 0.1, "mid": 0.05, "small": 0.1}
+    optimizers = {peer: torch.optim.SGD(models[peer].parameters(), lr=lrs[peer], momentum=0.9, weight_decay=0.0005)
+                  for peer in models}
+    schedulers = {peer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[peer], T_max=2) for peer in models}
+    # Digits are balanced: 10 classes by count (ties by index) cut into thirds 4 / 3 / 3.
+    counts = torch.bincount(data.train_y, minlength=10)
+    ranked = sorted(range(10), key=lambda c: (-int(counts[c]), c))
+    groups = torch.empty(10, dtype=torch.long)
+    for rank, cls in enumerate(ranked):
+        groups[cls] = 0 if rank < 4 else (1 if rank < 7 else 2)
+
+    for epoch in (1, 2):
+        for model in models.values():
+            model.train()
+        for inputs, labels in data.train_batches(256, 11, epoch):
+            logits = {peer: model(inputs) for peer, model in models.items()}
+            fixed = {peer: value.detach() for peer, value in logits.items()}
+            ensemble = (fixed["big"] + fixed["mid"]) / 2
+            objective = {
+                # mid: two mean-reduced edges share their weights over their count (2)
+                "mid": 0.7 * F.cross_entropy(logits["mid"], labels)
+                + 1.0 / 2 * losses.bdkd(logits["mid"], fixed["big"], 3.0, 1.5, 0.25).mean()
+                + 0.5 / 2 * losses.kd(logits["mid"], fixed["small"], 4.0).mean(),
+                # small: DKD warm-up over 2 epochs, epoch counted from 1
+                "small": 0.7 * F.cross_entropy(logits["small"], labels)
+                + min(epoch / 2, 1.0) * losses.dkd(logits["small"], ensemble, labels, 2.0).mean(),
+                # big: sum-reduced edges keep their weights
+                "big": 0.7 * F.cross_entropy(logits["big"], labels)
+                + 0.3 * losses.reverse_kd(logits["big"], fixed["mid"], 4.0).mean()
+                + 0.2 * losses.ltkd(logits["big"], fixed["small"], groups, 4.0).mean(),
+            }
+            for peer in models:
+                optimizers[peer].zero_grad()
+                objective[peer].backward()
+                optimizers[peer].step()
+        for scheduler in schedulers.values():
+            scheduler.step()
+    return {peer: model.state_dict() for peer, model in models.items()}
+
+
+def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = write_topology(tmp_path, EQUIVALENCE)
+    assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    _, run = finished_run(uri, "equivalence")
+    weights = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
+                                                       tracking_uri=uri, dst_path=str(tmp_path / "w")))
+    expected = reference_training(EQUIVALENCE)
+    for peer, state in expected.items():
+        trained = torch.load(weights / f"{peer}.pt", weights_only=True)
+        initial = build_peer(topology_from_dict(EQUIVALENCE), peer, load_dataset("digits", None, False).info)
+        moved = False
+        for key, value in state.items():
+            torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6, msg=f"{peer}.{key}")
+            moved |= not torch.equal(value, initial.state_dict()[key])
+        assert moved, f"{peer} did not train"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    diverging = {**THREE_PEERS, "name": "diverges", "train": {"epochs": 3, "optimizer": {"lr": 1e30}}}
+    code = main([str(write_topology(tmp_path, diverging)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "non-finite loss" in err[0] and "step" in err[0] and "term:" in err[0], err
+    _, run = finished_run(uri, "diverges")
+    assert run.info.status == "FAILED"
+
+
+def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
+    topology = {**THREE_PEERS, "name": "too-big", "resources": {"cpus_per_peer": 4}}
+    code = main([str(write_topology(tmp_path, topology)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 2
+    assert "resources.cpus_per_peer: the cohort needs 12 CPUs" in capsys.readouterr().err
+
+
+def test_unreachable_address(tmp_path, capsys):
+    path = write_topology(tmp_path, THREE_PEERS)
+    code = main([str(path), "--address", "127.0.0.1:9", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("--address '127.0.0.1:9': no Ray cluster reachable there"), err
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("sqlite:////nonexistent-folder/mlflow.db", "folder '/nonexistent-folder' does not exist"),
+    ("http://127.0.0.1:9", "is not usable"),
+])
+def test_unreachable_tracking_uri(tmp_path, capsys, uri, expected):
+    path = write_topology(tmp_path, THREE_PEERS)
+    code = main([str(path), "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("tracking.uri: MLflow tracking store") and expected in err[0], err
