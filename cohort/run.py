@@ -54,7 +54,7 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float) -> Plan
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer
 
-    data = load_dataset(topology.data.dataset, topology.data.root, topology.data.download)
+    data = load_dataset(topology.data)
     info = data.info
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
@@ -71,6 +71,7 @@ def describe_plan(plan: Plan) -> str:
         f"{topology.name}: {len(topology.peers)} peers on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
         f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}",
+        *(f"  note: {note}" for note in info.notes),
         "",
         f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}  optimizer",
     ]
@@ -113,8 +114,8 @@ def check_address(address: str) -> None:
         raise CohortError(f"--address {address!r}: no Ray cluster reachable there ({error.strerror or error})") from None
 
 
-def start_ray(address: str | None, verbose: bool) -> float:
-    """Start or join Ray quietly; return the cluster's CPU count."""
+def start_ray(address: str | None, verbose: bool) -> dict[str, float]:
+    """Start or join Ray quietly; return the cluster's resources."""
     import logging
 
     import ray
@@ -132,7 +133,7 @@ def start_ray(address: str | None, verbose: bool) -> float:
         raise
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
         raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {_first_line(error)}") from None
-    return float(ray.cluster_resources().get("CPU", 0))
+    return ray.cluster_resources()
 
 
 def make_trainer(plan: Plan, progress, storage: str | None, run_name: str):
@@ -238,7 +239,7 @@ def summary_table(plan: Plan, final: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
 
-    topology = load_topology(args.topology, args.overrides)
+    topology = load_topology(args.topology, args.overrides).with_absolute_paths(os.getcwd())
     if args.dry_run:
         plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
         print(describe_plan(plan))
@@ -249,13 +250,17 @@ def run(args: argparse.Namespace) -> int:
 
     plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
-    cpus = start_ray(args.address, args.verbose)
+    cluster = start_ray(args.address, args.verbose)
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if topology.resources.cpus_per_peer is None:
         plan = make_plan(topology, args.tracking_uri, cpus)
     needed = plan.cpus_per_peer * len(topology.peers)
     if needed > cpus + 1e-9:
         raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
                           f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
+    if topology.resources.use_gpu and gpus < len(topology.peers):
+        raise CohortError(f"the cohort needs {len(topology.peers)} GPUs (one per peer), the Ray cluster has {gpus:g} "
+                          "(--set resources.use_gpu=false to train on CPUs)", "resources.use_gpu")
     print(describe_plan(plan), flush=True)
 
     from ray.util.queue import Queue

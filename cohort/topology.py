@@ -45,6 +45,18 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
+    image_size: int | None = Field(None, ge=8, description="parquet and imagefolder: resize (crop) images to this size")
+
+    @model_validator(mode="after")
+    def _settings_fit_the_dataset(self) -> "DataConfig":
+        if self.dataset == "digits" and (self.root is not None or self.download):
+            raise _problem("digits are embedded in scikit-learn: they take no root or download",
+                           "root" if self.root is not None else "download")
+        if self.image_size is not None and self.dataset not in ("parquet", "imagefolder"):
+            raise _problem(f"only parquet and imagefolder datasets are resized, not {self.dataset}", "image_size")
+        if self.download and self.dataset not in ("cifar10", "cifar100"):
+            raise _problem(f"only cifar10 and cifar100 can be downloaded, not {self.dataset}", "download")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -289,6 +301,17 @@ class Topology(_Strict):
     def optimizer_for(self, peer: str) -> OptimizerConfig:
         override = self.peers[peer].optimizer.model_dump(exclude_none=True)
         return self.train.optimizer.model_copy(update=override)
+
+    def with_absolute_paths(self, base: str | Path) -> "Topology":
+        """The same topology with ``data.root`` and checkpoints absolute: workers and Tune trials
+        run in other directories."""
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str((Path(base) / Path(path).expanduser()).resolve())
+
+        data = self.data.model_copy(update={"root": absolute(self.data.root)})
+        peers = {name: peer.model_copy(update={"checkpoint": absolute(peer.checkpoint)})
+                 for name, peer in self.peers.items()}
+        return self.model_copy(update={"data": data, "peers": peers})
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved topology as plain data: what the file would say with every default written out."""

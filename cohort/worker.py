@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from cohort import metrics
-from cohort.data import DatasetInfo, InMemorySplits, load_dataset
+from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange
 from cohort.losses.combine import peer_objective
@@ -127,14 +127,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_epoch(model, optimizer, data: InMemorySplits, exchange: LogitExchange, topology: Topology, peer: str,
-                epoch: int, groups: torch.Tensor, fingerprint: int) -> tuple[EpochStats, int]:
+def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, topology: Topology, peer: str,
+                epoch: int, groups: torch.Tensor, fingerprint: int,
+                device: torch.device = torch.device("cpu")) -> tuple[EpochStats, int]:
     frozen = topology.peers[peer].frozen
     edges = topology.incoming_edges(peer)
     model.train(not frozen)
     stats = EpochStats()
-    for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch)):
+    for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
+                                                                     topology.data.num_workers)):
         fingerprint = batch_fingerprint(fingerprint, inputs, labels)
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.set_grad_enabled(not frozen):
             own_logits = model(inputs)
         peer_logits = exchange(own_logits)
@@ -153,15 +156,16 @@ def train_epoch(model, optimizer, data: InMemorySplits, exchange: LogitExchange,
 
 
 @torch.no_grad()
-def evaluate(model, data: InMemorySplits, exchange: LogitExchange, batch_size: int):
-    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers)."""
+def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: int, num_workers: int = 0,
+             device: torch.device = torch.device("cpu")):
+    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU."""
     model.eval()
     own, ensemble, labels = [], [], []
-    for inputs, batch_labels in data.test_batches(batch_size):
-        logits = model(inputs)
+    for inputs, batch_labels in data.test_batches(batch_size, num_workers):
+        logits = model(inputs.to(device, non_blocking=True))
         peer_logits = exchange(logits)
-        own.append(logits)
-        ensemble.append(torch.stack([l.softmax(dim=1) for l in peer_logits.values()]).mean(dim=0))
+        own.append(logits.cpu())
+        ensemble.append(torch.stack([l.softmax(dim=1) for l in peer_logits.values()]).mean(dim=0).cpu())
         labels.append(batch_labels)
     return torch.cat(own), torch.cat(ensemble), torch.cat(labels)
 
@@ -176,6 +180,7 @@ def train_cohort(config: dict[str, Any]) -> None:
     queue through which rank 0 sends each epoch's cohort metrics to the driver.
     """
     import ray.train
+    import ray.train.torch
 
     torch.set_num_threads(config["threads"])
     topology = topology_from_dict(config["topology"])
@@ -184,10 +189,12 @@ def train_cohort(config: dict[str, Any]) -> None:
     peer = topology.peer_names[rank]
     progress = config.get("progress")
 
-    data = load_dataset(topology.data.dataset, topology.data.root, topology.data.download)
+    data = load_dataset(topology.data)
     info = data.info
     groups, _ = class_groups(info)
-    model = build_peer(topology, peer, info)
+    device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
+    model = build_peer(topology, peer, info).to(device)
+    groups = groups.to(device)
     frozen = topology.peers[peer].frozen
     if frozen:
         for parameter in model.parameters():
@@ -200,13 +207,14 @@ def train_cohort(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         try:
             stats, fingerprint = train_epoch(model, optimizer, data, exchange, topology, peer, epoch, groups,
-                                             fingerprint)
+                                             fingerprint, device)
         except NonFiniteLoss as error:
             raise CohortError(str(error)) from None
         if scheduler is not None:
             scheduler.step()
         train_seconds = time.perf_counter() - started
-        own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size)
+        own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size,
+                                                              topology.data.num_workers, device)
         peer_metrics = {**stats.summary(), **metrics.evaluate(own_logits, test_labels),
                         "epoch_seconds": train_seconds, "fingerprint": fingerprint}
         everyone = exchange.gather_objects(peer_metrics)
@@ -246,7 +254,7 @@ def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float
 def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
                ensemble_probs: torch.Tensor | None) -> None:
     """The peer's weights and reliability diagram; rank 0 adds the ensemble's diagram."""
-    torch.save(model.state_dict(), os.path.join(folder, f"{peer}.pt"))
+    torch.save({key: value.cpu() for key, value in model.state_dict().items()}, os.path.join(folder, f"{peer}.pt"))
     bins = metrics.reliability_bins(logits, labels)
     metrics.reliability_diagram(bins, os.path.join(folder, f"reliability_{peer}.png"), title=peer)
     if ensemble_probs is not None:

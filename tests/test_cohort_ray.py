@@ -13,6 +13,7 @@ import yaml
 
 from cohort import losses
 from cohort.data import load_dataset
+from cohort.topology import DataConfig
 from cohort.run import main
 from cohort.topology import topology_from_dict
 from cohort.worker import build_peer
@@ -60,7 +61,7 @@ THREE_PEERS = {
 
 def expected_fingerprint(topology) -> int:
     """The CRC of every training batch, computed here without Ray."""
-    data = load_dataset("digits", None, False)
+    data = load_dataset(DataConfig())
     running = 0
     for epoch in range(1, topology.train.epochs + 1):
         for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch):
@@ -143,7 +144,7 @@ def reference_training(config: dict) -> dict[str, dict[str, torch.Tensor]]:
     """The same cohort trained in one process, every network in turn, written out by hand."""
     torch.set_num_threads(1)
     topology = topology_from_dict(config)
-    data = load_dataset("digits", None, False)
+    data = load_dataset(DataConfig())
     info = data.info
     models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
     lrs = {"big": 0.1, "mid": 0.05, "small": 0.1}
@@ -196,7 +197,7 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
     expected = reference_training(EQUIVALENCE)
     for peer, state in expected.items():
         trained = torch.load(weights / f"{peer}.pt", weights_only=True)
-        initial = build_peer(topology_from_dict(EQUIVALENCE), peer, load_dataset("digits", None, False).info)
+        initial = build_peer(topology_from_dict(EQUIVALENCE), peer, load_dataset(DataConfig()).info)
         moved = False
         for key, value in state.items():
             torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6, msg=f"{peer}.{key}")

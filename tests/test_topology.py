@@ -167,6 +167,8 @@ BAD_CASES = {
     "frozen without checkpoint": (lambda t: t["peers"]["teacher"].update(frozen=True), "peers.teacher.checkpoint: a frozen peer needs a checkpoint"),
     "edge into a frozen peer": (lambda t: t["peers"]["teacher"].update(frozen=True, checkpoint="w.pt"), "edges[1].to: peer 'teacher' is frozen"),
     "multistep without milestones": (lambda t: t.update(train={"schedule": "multistep"}), "train.schedule.milestones: a multistep schedule needs milestones"),
+    "a root for digits": (lambda t: t.update(data={"root": "somewhere"}), "data.root: digits are embedded in scikit-learn"),
+    "image size for cifar": (lambda t: t.update(data={"dataset": "cifar10", "image_size": 64}), "data.image_size: only parquet and imagefolder"),
     "reserved peer name": (lambda t: t["peers"].update(ensemble={"model": "mlp"}), "peers: peer name 'ensemble' is reserved"),
 }
 
@@ -200,8 +202,9 @@ def test_set_without_equals(capsys, tmp_path):
 
 
 def test_dataset_root_that_does_not_exist(capsys, tmp_path):
-    line = dry_run_error(capsys, write(tmp_path, with_change(lambda t: t.update(data={"root": str(tmp_path / "nowhere")}))))
-    assert "data.root: dataset root" in line and "does not exist" in line
+    missing = tmp_path / "nowhere.parquet"
+    line = dry_run_error(capsys, write(tmp_path, with_change(lambda t: t.update(data={"dataset": "parquet", "root": str(missing)}))))
+    assert line.startswith(f"data.root: '{missing}' does not exist"), line
 
 
 # --------------------------------------------------------------------------- frozen peers' checkpoints
@@ -216,10 +219,11 @@ def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
 
 def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
     from cohort.data import load_dataset
+    from cohort.topology import DataConfig
     from cohort.worker import build_peer
 
     topology = topology_from_dict(BASE)
-    model = build_peer(topology, "teacher", load_dataset("digits", None, False).info)
+    model = build_peer(topology, "teacher", load_dataset(DataConfig()).info)
     torch.save(model.state_dict(), tmp_path / "teacher.pt")
     assert main([str(frozen_teacher(tmp_path, tmp_path / "teacher.pt")), "--dry-run"]) == 0
     assert "frozen, from" in capsys.readouterr().out

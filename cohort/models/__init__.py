@@ -58,3 +58,8 @@ def count_parameters(model: nn.Module) -> int:
 
 # Registration happens on import of each family's module.
 from cohort.models import small  # noqa: E402,F401
+from cohort.models import resnet_cifar  # noqa: E402,F401
+from cohort.models import wrn  # noqa: E402,F401
+from cohort.models import vgg_cifar  # noqa: E402,F401
+from cohort.models import mobilenetv2_cifar  # noqa: E402,F401
+from cohort.models import shufflenetv2_cifar  # noqa: E402,F401

@@ -1,0 +1,241 @@
+"""Datasets: identical batches on every peer, the CIFAR augmentation, and each loader's bad input."""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cohort.data import ImageArrays, batch_seed, load_dataset
+from cohort.errors import CohortError
+from cohort.topology import DataConfig
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"
+needs_shared_cifar = pytest.mark.skipif(not SHARED_CIFAR.exists(),
+                                        reason=f"{SHARED_CIFAR} is absent (it ships beside the repo, not in it)")
+
+
+def encoded(color: tuple[int, int, int], size: int = 8, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_table(path: Path, rows: list[tuple[bytes, int, str]], columns=("image", "label", "split"),
+                classes: str | None = "red,green,blue") -> Path:
+    data = {"image": [r[0] for r in rows], "label": [r[1] for r in rows], "split": [r[2] for r in rows]}
+    table = pa.table({name: data[name] for name in columns})
+    if classes:
+        table = table.replace_schema_metadata({"classes": classes})
+    pq.write_table(table, path)
+    return path
+
+
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def tiny_rows(bad: int = 0) -> list[tuple[bytes, int, str]]:
+    rows = [(encoded(COLORS[i % 3]), i % 3, "train") for i in range(12)]
+    rows += [(encoded(COLORS[i % 3], fmt="JPEG"), i % 3, "test") for i in range(6)]
+    rows += [(b"not an image at all", 0, "train")] * bad
+    return rows
+
+
+def all_batches(iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in iterator]
+
+
+def assert_same_batches(first, second) -> None:
+    assert len(first) == len(second)
+    for (x1, y1), (x2, y2) in zip(first, second):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# --------------------------------------------------------------------------- identical batches
+
+
+def test_digits_split_and_identical_batches():
+    data = load_dataset(DataConfig())
+    assert (data.info.train_size, data.info.test_size, data.info.num_classes) == (1437, 360, 10)
+    first = all_batches(data.train_batches(64, seed=5, epoch=2))
+    assert_same_batches(first, all_batches(load_dataset(DataConfig()).train_batches(64, seed=5, epoch=2)))
+    other_epoch = all_batches(data.train_batches(64, seed=5, epoch=3))
+    assert not torch.equal(first[0][1], other_epoch[0][1])
+    assert sum(len(y) for _, y in first) == 1437
+
+
+def test_batches_do_not_depend_on_num_workers(tmp_path):
+    data = load_dataset(DataConfig(dataset="parquet", root=str(write_table(tmp_path / "t.parquet", tiny_rows()))))
+    in_process = all_batches(data.train_batches(5, seed=1, epoch=1, num_workers=0))
+    in_workers = all_batches(data.train_batches(5, seed=1, epoch=1, num_workers=2))
+    assert_same_batches(in_process, in_workers)
+    assert_same_batches(all_batches(data.test_batches(4, 0)), all_batches(data.test_batches(4, 2)))
+
+
+def test_final_batch_of_one_sample_is_folded_in():
+    data = load_dataset(DataConfig())
+    sizes = [len(y) for _, y in data.train_batches(1436, seed=0, epoch=1)]
+    assert sizes == [1437]
+
+
+# --------------------------------------------------------------------------- the CIFAR augmentation
+
+
+def test_augmentation_is_a_padded_crop_and_a_flip_seeded_by_the_batch():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(6)
+    data = ImageArrays("t", (images, labels), (images, labels), 6, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    seed = batch_seed(0, 1, 0)
+    augmented = data._augment(images, seed)
+    assert torch.equal(augmented, data._augment(images, seed))
+    assert not torch.equal(augmented, data._augment(images, batch_seed(0, 1, 1)))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for image, crop in zip(padded, augmented):
+        windows = [image[:, top:top + 8, left:left + 8] for top in range(9) for left in range(9)]
+        assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
+    normalized, _ = data.make_batch(torch.arange(6), train=False, seed=0)
+    torch.testing.assert_close(normalized, images.float() / 255)
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+def test_parquet_table(tmp_path):
+    data = load_dataset(DataConfig(dataset="parquet", root=str(write_table(tmp_path / "t.parquet", tiny_rows()))))
+    info = data.info
+    assert (info.train_size, info.test_size, info.num_classes, info.in_channels) == (12, 6, 3, 3)
+    assert info.class_names == ("red", "green", "blue") and info.train_class_counts == (4, 4, 4)
+    assert info.notes == ()
+    inputs, labels = next(iter(data.test_batches(6)))
+    assert inputs.shape == (6, 3, 8, 8)
+    # Test images are not augmented: a solid red image stays solid, channel 0 brightest.
+    red = inputs[labels == 0][0]
+    assert red[0].std() < 1e-4 and red[0].mean() > red[1].mean()
+
+
+def test_parquet_directory_of_files(tmp_path):
+    rows = tiny_rows()
+    write_table(tmp_path / "a.parquet", rows[:12])
+    write_table(tmp_path / "b.parquet", rows[12:])
+    data = load_dataset(DataConfig(dataset="parquet", root=str(tmp_path)))
+    assert (data.info.train_size, data.info.test_size) == (12, 6)
+
+
+def test_parquet_undecodable_rows_are_skipped_and_reported(tmp_path):
+    data = load_dataset(DataConfig(dataset="parquet", root=str(write_table(tmp_path / "t.parquet", tiny_rows(bad=2)))))
+    assert data.info.train_size == 12
+    assert data.info.notes == ("skipped 2 undecodable image(s) in t.parquet (rows 18, 19)",)
+
+
+def test_parquet_missing_columns(tmp_path):
+    path = write_table(tmp_path / "t.parquet", tiny_rows(), columns=("image", "label"))
+    with pytest.raises(CohortError, match=r"t.parquet: missing column\(s\) split \(an image table needs image, label, split\)"):
+        load_dataset(DataConfig(dataset="parquet", root=str(path)))
+
+
+def test_parquet_nothing_decodes(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [(b"junk", 0, "train"), (b"junk", 1, "test")])
+    with pytest.raises(CohortError, match="none of the 2 images"):
+        load_dataset(DataConfig(dataset="parquet", root=str(path)))
+
+
+def test_parquet_mixed_sizes_need_image_size(tmp_path):
+    rows = tiny_rows() + [(encoded((9, 9, 9), size=16), 1, "train")]
+    path = write_table(tmp_path / "t.parquet", rows)
+    with pytest.raises(CohortError, match="set data.image_size"):
+        load_dataset(DataConfig(dataset="parquet", root=str(path)))
+    resized = load_dataset(DataConfig(dataset="parquet", root=str(path), image_size=8))
+    assert resized.info.train_size == 13
+
+
+def test_parquet_not_a_parquet_file(tmp_path):
+    path = tmp_path / "t.parquet"
+    path.write_text("hello")
+    with pytest.raises(CohortError, match="not a readable parquet file"):
+        load_dataset(DataConfig(dataset="parquet", root=str(path)))
+
+
+@needs_shared_cifar
+def test_shared_cifar10_parquet_slice(tmp_path):
+    table = pq.read_table(SHARED_CIFAR)
+    # Rows are ordered by split and class: take every 100th train and every 50th test row.
+    train = table.filter(pa.compute.equal(table["split"], "train")).take(list(range(0, 50_000, 100)))
+    test = table.filter(pa.compute.equal(table["split"], "test")).take(list(range(0, 10_000, 50)))
+    path = tmp_path / "slice.parquet"
+    pq.write_table(pa.concat_tables([train, test]).replace_schema_metadata(table.schema.metadata), path)
+    data = load_dataset(DataConfig(dataset="parquet", root=str(path)))
+    info = data.info
+    assert (info.train_size, info.test_size, info.num_classes) == (500, 200, 10)
+    assert info.class_names[0] == "airplane" and info.train_class_counts == (50,) * 10
+    inputs, labels = next(iter(data.train_batches(64, seed=0, epoch=1)))
+    assert inputs.shape == (64, 3, 32, 32) and inputs.dtype == torch.float32
+    assert abs(float(inputs.mean())) < 0.5  # normalized with the training split's statistics
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def image_folder(root: Path, train_classes=("cat", "dog"), val_classes=("cat", "dog")) -> Path:
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for n in range(3):
+                Image.new("RGB", (20, 24), (40 * index + n, 100, 200)).save(folder / f"{n}.png")
+    return root
+
+
+def test_imagefolder(tmp_path):
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(image_folder(tmp_path)), image_size=16))
+    assert (data.info.train_size, data.info.test_size, data.info.num_classes) == (6, 6, 2)
+    assert data.info.class_names == ("cat", "dog")
+    first = all_batches(data.train_batches(4, seed=3, epoch=1, num_workers=0))
+    assert first[0][0].shape == (4, 3, 16, 16)
+    assert_same_batches(first, all_batches(data.train_batches(4, seed=3, epoch=1, num_workers=1)))
+    inputs, _ = next(iter(data.test_batches(6)))
+    assert inputs.shape == (6, 3, 16, 16)
+
+
+def test_imagefolder_with_different_classes(tmp_path):
+    root = image_folder(tmp_path, val_classes=("cat", "cow"))
+    with pytest.raises(CohortError, match=r"train and val classes differ \(only in train: \['dog'\], only in val: \['cow'\]\)"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(root)))
+
+
+def test_imagefolder_without_val(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(CohortError, match="has no val/ folder"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+
+
+# --------------------------------------------------------------------------- CIFAR through torchvision
+
+
+def test_cifar_without_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(CohortError, match=r"no CIFAR-10 data in .*: set data.download: true"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
+def test_cifar100_from_torchvision_files(tmp_path, monkeypatch):
+    """torchvision's own CIFAR-100 reader on files in its format (their checksums are skipped)."""
+    import torchvision.datasets
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 20), ("test", 10)):
+        entry = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), "fine_labels": list(range(count))}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    data = load_dataset(DataConfig(dataset="cifar100", root=str(tmp_path)))
+    assert (data.info.train_size, data.info.test_size, data.info.num_classes) == (20, 10, 100)
+    inputs, labels = next(iter(data.train_batches(8, seed=0, epoch=1)))
+    assert inputs.shape == (8, 3, 32, 32) and labels.dtype == torch.long
