@@ -178,6 +178,17 @@ def load_dataset(config: "DataConfig") -> CohortDataset:
     return DATASETS[config.dataset](config)
 
 
+def describe_dataset(config: "DataConfig") -> DatasetInfo:
+    """The dataset's sizes and classes, without downloading anything (for ``--dry-run``)."""
+    if config.dataset in CIFAR and config.download and config.root is not None and not _cifar_present(config):
+        _, num_classes, _, _ = CIFAR[config.dataset]
+        per_class = 50_000 // num_classes
+        return DatasetInfo(config.dataset, num_classes, 3, 50_000, 10_000, (per_class,) * num_classes,
+                           notes=(f"{config.dataset} is not in {config.root!r} yet: torchvision downloads it "
+                                  "when the run starts",))
+    return load_dataset(config).info
+
+
 def _need_root(config: "DataConfig", what: str) -> Path:
     if config.root is None:
         raise CohortError(f"dataset {config.dataset!r} needs a root: {what}", "data.root")
@@ -222,24 +233,44 @@ CIFAR = {
 }
 
 
+def _cifar_present(config: "DataConfig") -> bool:
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[config.dataset]
+    return (Path(config.root).expanduser() / folder).is_dir()
+
+
 def _load_cifar(config: "DataConfig") -> CohortDataset:
     import torchvision.datasets
+    from filelock import FileLock
 
     class_name, num_classes, mean, std = CIFAR[config.dataset]
     root = _need_root(config, "a folder for torchvision's CIFAR files")
+    if config.download:
+        root.mkdir(parents=True, exist_ok=True)
     splits = []
-    for train in (True, False):
-        try:
-            source = getattr(torchvision.datasets, class_name)(str(root), train=train, download=config.download)
-        except RuntimeError as error:
-            if "not found" in str(error).lower():
-                raise CohortError(f"no {class_name.replace('CIFAR', 'CIFAR-')} data in {str(root)!r}: set "
-                                  "data.download: true (or --set data.download=true) to fetch it with torchvision",
-                                  "data.root") from None
-            raise CohortError(f"cannot read {class_name} from {str(root)!r}: {error}", "data.root") from None
-        images = torch.from_numpy(source.data).permute(0, 3, 1, 2).contiguous()
-        splits.append((images, torch.tensor(source.targets, dtype=torch.long)))
+    # Peers on one machine share the root: one downloads while the others wait.
+    with FileLock(str(root / f".{config.dataset}.lock")) if config.download else _no_lock():
+        for train in (True, False):
+            try:
+                source = getattr(torchvision.datasets, class_name)(str(root), train=train, download=config.download)
+            except RuntimeError as error:
+                if "not found" in str(error).lower():
+                    raise CohortError(f"no {class_name.replace('CIFAR', 'CIFAR-')} data in {str(root)!r}: set "
+                                      "data.download: true (or --set data.download=true) to fetch it with torchvision",
+                                      "data.root") from None
+                raise CohortError(f"cannot read {class_name} from {str(root)!r}: {error}", "data.root") from None
+            except OSError as error:
+                raise CohortError(f"cannot download {class_name} into {str(root)!r}: {error}", "data.root") from None
+            images = torch.from_numpy(source.data).permute(0, 3, 1, 2).contiguous()
+            splits.append((images, torch.tensor(source.targets, dtype=torch.long)))
     return ImageArrays(config.dataset, splits[0], splits[1], num_classes, mean, std, tuple(source.classes))
+
+
+class _no_lock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 register_dataset("cifar10")(_load_cifar)

@@ -48,14 +48,26 @@ class Plan:
     tracking_uri: str
 
 
-def make_plan(topology, tracking_uri: str | None, available_cpus: float) -> Plan:
-    from cohort.data import load_dataset
+def fetch_checkpoints(topology, tracking_uri: str):
+    """The topology with MLflow checkpoint references replaced by local copies of the weights."""
+    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+
+    peers = {}
+    for name, peer in topology.peers.items():
+        if is_mlflow_checkpoint(peer.checkpoint):
+            local = fetch_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
+            peer = peer.model_copy(update={"checkpoint": local})
+        peers[name] = peer
+    return topology.model_copy(update={"peers": peers})
+
+
+def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
+    from cohort.data import describe_dataset, load_dataset
     from cohort.models import count_parameters
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer
 
-    data = load_dataset(topology.data)
-    info = data.info
+    info = load_dataset(topology.data).info if download else describe_dataset(topology.data)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
     parameters = {peer: count_parameters(build_peer(topology, peer, info)) for peer in topology.peer_names}
@@ -68,7 +80,7 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float) -> Plan
 def describe_plan(plan: Plan) -> str:
     topology, info = plan.topology, plan.info
     lines = [
-        f"{topology.name}: {len(topology.peers)} peers on {info.name} "
+        f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
         f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}",
         *(f"  note: {note}" for note in info.notes),
@@ -239,21 +251,25 @@ def summary_table(plan: Plan, final: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
 
-    topology = load_topology(args.topology, args.overrides).with_absolute_paths(os.getcwd())
+    from cohort.tracking import resolve_uri
+
+    topology = load_topology(args.topology, args.overrides)
+    tracking_uri = resolve_uri(args.tracking_uri or topology.tracking.uri)
+    topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), tracking_uri)
     if args.dry_run:
-        plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
+        plan = make_plan(topology, tracking_uri, os.cpu_count() or 1, download=False)
         print(describe_plan(plan))
         print("\nresolved topology:\n" + "\n".join("  " + line for line in topology.to_yaml().splitlines()))
         return 0
 
     from cohort.tracking import Tracker
 
-    plan = make_plan(topology, args.tracking_uri, os.cpu_count() or 1)
+    plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
     cluster = start_ray(args.address, args.verbose)
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if topology.resources.cpus_per_peer is None:
-        plan = make_plan(topology, args.tracking_uri, cpus)
+        plan = make_plan(topology, tracking_uri, cpus)
     needed = plan.cpus_per_peer * len(topology.peers)
     if needed > cpus + 1e-9:
         raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "

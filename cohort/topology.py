@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from cohort.data import DATASETS
 from cohort.errors import CohortError
 from cohort.losses import LOSSES
-from cohort.models import known_models, model_exists
+from cohort.models import known_models, model_exists, model_options
 
 PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_PEER_NAMES = {"ensemble", "cohort"}
@@ -122,6 +122,7 @@ class TrainConfig(_Strict):
 
 class PeerConfig(_Strict):
     model: str
+    model_args: dict[str, Union[bool, int, float, str]] = {}
     optimizer: OptimizerOverride = OptimizerOverride()
     frozen: bool = False
     checkpoint: str | None = None
@@ -132,6 +133,17 @@ class PeerConfig(_Strict):
         if not model_exists(name):
             raise _problem(f"unknown model {name!r} (known: {', '.join(known_models())})")
         return name
+
+    @model_validator(mode="after")
+    def _model_args_fit(self) -> "PeerConfig":
+        options = model_options(self.model)
+        if options is None:
+            return self
+        for key in self.model_args:
+            if key not in options:
+                raise _problem(f"not an option of model {self.model!r}{_did_you_mean(key, options)}"
+                               f" (it takes: {', '.join(options) or 'none'})", f"model_args.{key}")
+        return self
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> "PeerConfig":
@@ -306,7 +318,9 @@ class Topology(_Strict):
         """The same topology with ``data.root`` and checkpoints absolute: workers and Tune trials
         run in other directories."""
         def absolute(path: str | None) -> str | None:
-            return None if path is None else str((Path(base) / Path(path).expanduser()).resolve())
+            if path is None or path.startswith(("mlflow:", "runs:/")):
+                return path  # an MLflow reference, fetched by the driver
+            return str((Path(base) / Path(path).expanduser()).resolve())
 
         data = self.data.model_copy(update={"root": absolute(self.data.root)})
         peers = {name: peer.model_copy(update={"checkpoint": absolute(peer.checkpoint)})

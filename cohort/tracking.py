@@ -128,3 +128,46 @@ class Tracker:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+MLFLOW_CHECKPOINT = "mlflow:"
+
+
+def is_mlflow_checkpoint(reference: str | None) -> bool:
+    return bool(reference) and (reference.startswith(MLFLOW_CHECKPOINT) or reference.startswith("runs:/"))
+
+
+def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | None = None) -> str:
+    """A local copy of a peer's weights logged by an earlier run.
+
+    ``mlflow:EXPERIMENT/PEER`` is ``weights/PEER.pt`` of the experiment's latest finished run;
+    ``runs:/RUN_ID/weights/PEER.pt`` is MLflow's own artifact URI.
+    """
+    _quiet_mlflow()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if reference.startswith(MLFLOW_CHECKPOINT):
+        experiment, _, peer = reference[len(MLFLOW_CHECKPOINT):].rpartition("/")
+        if not experiment or not peer:
+            raise CohortError(f"{reference!r}: expected mlflow:EXPERIMENT/PEER", where)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise CohortError(f"{reference!r}: no MLflow store at {uri} (train that peer first)", where)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            found = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                                      order_by=["attributes.start_time DESC"], max_results=1) if found else []
+        except Exception as error:  # noqa: BLE001
+            raise CohortError(f"{reference!r}: cannot search MLflow at {uri}: {_first_line(error)}", where) from None
+        if not runs:
+            raise CohortError(f"{reference!r}: no finished run of experiment {experiment!r} in {uri} "
+                              "(train that peer first)", where)
+        reference = f"runs:/{runs[0].info.run_id}/weights/{peer}.pt"
+    run_id = reference[len("runs:/"):].split("/", 1)[0]
+    target = Path(cache or Path.home() / ".cache" / "cohort" / "checkpoints") / run_id
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target), tracking_uri=uri)
+    except Exception as error:  # noqa: BLE001
+        raise CohortError(f"{reference!r}: cannot fetch from MLflow at {uri}: {_first_line(error)}", where) from None

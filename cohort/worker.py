@@ -36,7 +36,11 @@ def build_peer(topology: Topology, peer: str, info: DatasetInfo) -> nn.Module:
     """The peer's network, initialized from its seed, or loaded from its checkpoint if it has one."""
     torch.manual_seed(peer_seed(topology, peer))
     config = topology.peers[peer]
-    model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    try:
+        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            **config.model_args)
+    except (TypeError, ValueError) as error:
+        raise CohortError(f"cannot build {config.model!r}: {error}", f"peers.{peer}.model") from None
     if config.checkpoint:
         model.load_state_dict(load_weights(config.checkpoint, model, where=f"peers.{peer}.checkpoint"))
     return model

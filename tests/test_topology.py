@@ -15,7 +15,8 @@ from cohort.run import main
 from cohort.topology import load_topology, topology_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "topologies").glob("*.yaml"))
+OFFLINE = ROOT / "topologies" / "kd_offline_cifar100_resnet32x4_resnet8x4.yaml"
+SHIPPED = sorted(path for path in (ROOT / "topologies").glob("*.yaml") if path != OFFLINE)
 
 BASE = {
     "name": "t",
@@ -60,6 +61,12 @@ def test_shipped_topologies_dry_run(capsys, path):
     for peer in topology.peer_names:
         assert peer in out
     assert "resolved topology:" in out
+
+
+def test_offline_kd_topology_needs_its_teacher_run_first(capsys, tmp_path):
+    line = dry_run_error(capsys, OFFLINE, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert line.startswith("peers.teacher.checkpoint: 'mlflow:teacher-cifar100-resnet32x4/teacher': no MLflow store")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_defaults_are_filled_in():

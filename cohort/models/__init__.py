@@ -5,6 +5,7 @@ Any torchvision classification model is also available as ``torchvision:<name>``
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -39,17 +40,26 @@ def known_models() -> list[str]:
     return sorted(MODELS) + [f"{TORCHVISION_PREFIX}<name>"]
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def model_options(name: str) -> dict[str, object] | None:
+    """The keyword options a registered model takes (``peers.<name>.model_args``), with their
+    defaults; None for torchvision models, whose options torchvision checks."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return None
+    parameters = inspect.signature(MODELS[name]).parameters.values()
+    return {p.name: p.default for p in parameters
+            if p.name not in ("num_classes", "in_channels") and p.default is not inspect.Parameter.empty}
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Module:
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision.models
 
-        model = torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], num_classes=num_classes)
         if in_channels != 3:
             raise ValueError(f"{name} expects 3-channel images, the dataset has {in_channels}")
-        return model
+        return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], num_classes=num_classes, **options)
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r} (known: {', '.join(known_models())})")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def count_parameters(model: nn.Module) -> int:
