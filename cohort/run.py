@@ -148,22 +148,23 @@ def start_ray(address: str | None, verbose: bool) -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def make_trainer(plan: Plan, progress, storage: str | None, run_name: str):
+def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | None, run_name: str, progress=None,
+                 objective: str | None = None, callbacks: tuple = ()):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cohort.worker import train_cohort
 
-    topology = plan.topology
     storage_path = os.path.abspath(os.path.expanduser(storage or "~/ray_results/cohort"))
     return TorchTrainer(
         train_cohort,
-        train_loop_config={"topology": topology.to_dict(), "threads": plan.threads, "progress": progress},
+        train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
+                           "objective": objective},
         # One worker per peer; peers are different networks, so nothing here wraps them in DDP.
         scaling_config=ScalingConfig(
             num_workers=len(topology.peers),
             use_gpu=topology.resources.use_gpu,
-            resources_per_worker={"CPU": plan.cpus_per_peer, **({"GPU": 1} if topology.resources.use_gpu else {})},
+            resources_per_worker={"CPU": cpus_per_peer, **({"GPU": 1} if topology.resources.use_gpu else {})},
         ),
         torch_config=TorchConfig(backend="nccl" if topology.resources.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -171,6 +172,7 @@ def make_trainer(plan: Plan, progress, storage: str | None, run_name: str):
             storage_path=storage_path,
             # An infeasible request would otherwise wait for resources forever.
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -283,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     progress = Queue()
-    trainer = make_trainer(plan, progress, args.storage, run_name)
+    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, args.storage, run_name, progress=progress)
     run_id = tracker.start(topology, run_name)
     print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {len(topology.peers)} workers...",
           flush=True)

@@ -399,7 +399,20 @@ def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[st
     resolved = topology.to_dict()
     for key, value in pairs:
         set_dotted(resolved, key, value, where)
+        _drop_foreign_parameters(resolved, key)
     return _validate(resolved, f"{where} (with --set)")
+
+
+def _drop_foreign_parameters(resolved: dict[str, Any], key: str) -> None:
+    """After ``edges.N.loss`` changes, the old loss's parameters no longer apply: drop them (the
+    new loss's defaults fill in)."""
+    match = re.fullmatch(r"edges\.(\d+)\.loss", key)
+    if not match or resolved["edges"][int(match.group(1))].get("loss") not in LOSSES:
+        return
+    edge = resolved["edges"][int(match.group(1))]
+    accepted = set(EDGE_FIELDS) | set(LOSSES[edge["loss"]].params)
+    for name in [name for name in edge if name not in accepted]:
+        del edge[name]
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -450,7 +463,7 @@ def _validate(raw: dict[str, Any], where: str) -> Topology:
         raise CohortError(_describe(relevant[0]), where) from None
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def _describe(error: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
     """One pydantic error as ``location: message``, in the file's own words."""
     loc = [part for part in error["loc"] if not (isinstance(part, str) and part in ("str", "EnsembleSource"))]
     ctx = error.get("ctx") or {}
@@ -460,7 +473,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
+        allowed = _allowed_keys(error["loc"][:-1], root or Topology)
         return f"{path}: unknown key{_did_you_mean(str(loc[-1]), allowed)}"
     if kind == "missing":
         return f"{path}: missing (required)"
@@ -470,6 +483,9 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"{path}: must be a mapping, not a {_kind(value)}"
     if kind == "literal_error":
         return f"{path}: {value!r} is not one of {ctx.get('expected')}"
+    if kind in ("value_error", "assertion_error"):
+        message = error["msg"].split(", ", 1)[1] if ", " in error["msg"] else error["msg"]
+        return message if not path or message.startswith(path) else f"{path}: {message}"
     if kind.startswith(("greater_than", "less_than")):
         return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {value!r}"
     if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
@@ -478,9 +494,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{path}: {error['msg']}"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
     """The keys the section at ``loc`` accepts, for 'did you mean' hints."""
-    model: Any = Topology
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue  # an item of a list keeps the list's item model
@@ -491,6 +507,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
                 return []
         # any other part is a mapping key, such as a peer's name: the value model stays
     return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _describe_generic(error: Mapping[str, Any], root: type[BaseModel]) -> str:
+    """``_describe`` for another file format validated by pydantic (search spaces)."""
+    return _describe(error, root)
 
 
 def _model_in(annotation: Any) -> Any:

@@ -21,6 +21,7 @@ from cohort.errors import CohortError
 from cohort.exchange import LogitExchange
 from cohort.losses.combine import peer_objective
 from cohort.models import build_model
+from cohort.search_space import MetricExpression
 from cohort.topology import OptimizerConfig, Topology, topology_from_dict
 
 
@@ -180,8 +181,9 @@ def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: in
 def train_cohort(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the cohort's ``TorchTrainer``.
 
-    ``config`` holds the resolved topology (as plain data), the torch thread count, and the
-    queue through which rank 0 sends each epoch's cohort metrics to the driver.
+    ``config`` holds the resolved topology (as plain data), the torch thread count, the queue
+    through which rank 0 sends each epoch's cohort metrics to the driver (``cohort.run``), and
+    the metric expression rank 0 reports as ``objective`` (``cohort.tune``).
     """
     import ray.train
     import ray.train.torch
@@ -192,6 +194,7 @@ def train_cohort(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     peer = topology.peer_names[rank]
     progress = config.get("progress")
+    objective = MetricExpression(config["objective"]) if config.get("objective") else None
 
     data = load_dataset(topology.data)
     info = data.info
@@ -219,13 +222,17 @@ def train_cohort(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
         own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size,
                                                               topology.data.num_workers, device)
-        peer_metrics = {**stats.summary(), **metrics.evaluate(own_logits, test_labels),
-                        "epoch_seconds": train_seconds, "fingerprint": fingerprint}
-        everyone = exchange.gather_objects(peer_metrics)
+        everyone = exchange.gather_objects(peer_epoch_metrics(stats, own_logits, test_labels, train_seconds,
+                                                              fingerprint))
 
         report: dict[str, Any] = {}
         if rank == 0:
             report = cohort_report(topology, epoch, everyone, metrics.evaluate_probs(ensemble_probs, test_labels))
+            if objective is not None:
+                try:
+                    report["objective"] = objective(report)
+                except KeyError as error:
+                    raise CohortError(f"metric: {error.args[0]}") from None
             if progress is not None:
                 progress.put(report)
         last = epoch == topology.train.epochs
@@ -235,6 +242,21 @@ def train_cohort(config: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)
+
+
+def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
+                       fingerprint: int) -> dict[str, float]:
+    """What one peer contributes to an epoch's report."""
+    return {**stats.summary(), **metrics.evaluate(logits, labels), "epoch_seconds": seconds, "fingerprint": fingerprint}
+
+
+def report_keys(topology: Topology, num_classes: int) -> list[str]:
+    """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
+    logits, labels = torch.randn(4, num_classes), torch.arange(4) % num_classes
+    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0)
+    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers),
+                           metrics.evaluate_probs(logits.softmax(dim=1), labels))
+    return sorted(key for key, value in report.items() if isinstance(value, float))
 
 
 def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float]],

@@ -243,3 +243,66 @@ def test_unreachable_tracking_uri(tmp_path, capsys, uri, expected):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("tracking.uri: MLflow tracking store") and expected in err[0], err
+
+
+# --------------------------------------------------------------------------- real images, offline teachers
+
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} is absent (it ships beside the repo, not in it)")
+def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(SHARED_CIFAR)
+    train = table.filter(pc.equal(table["split"], "train")).take(list(range(0, 50_000, 50)))
+    test = table.filter(pc.equal(table["split"], "test")).take(list(range(0, 10_000, 20)))
+    path = tmp_path / "cifar10_slice.parquet"
+    pq.write_table(pa.concat_tables([train, test]).replace_schema_metadata(table.schema.metadata), path)
+    topology = {
+        "name": "cifar-slice",
+        "data": {"dataset": "parquet", "root": str(path), "batch_size": 100, "num_workers": 1},
+        "train": {"epochs": 2, "optimizer": {"lr": 0.05}},
+        "peers": {"teacher": {"model": "resnet8"}, "student": {"model": "cnn_small"}},
+        "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
+                  {"from": "student", "to": "teacher", "loss": "reverse_kd"}],
+    }
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main([str(write_topology(tmp_path, topology)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    assert "1000 train / 500 test images, 10 classes" in capsys.readouterr().out
+    _, run = finished_run(uri, "cifar-slice")
+    assert run.data.metrics["cohort/batches_identical"] == 1.0
+    for peer in ("teacher", "student"):
+        assert 0.15 < run.data.metrics[f"{peer}/acc"] <= 1.0  # above chance (0.1) after 2 short epochs
+        assert 0.0 <= run.data.metrics[f"{peer}/ece"] <= 1.0
+
+
+def test_offline_kd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
+    """Step 1 trains a teacher alone; step 2 loads it frozen through `mlflow:EXPERIMENT/PEER`."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    teacher_alone = {"name": "teacher-alone", "data": {"batch_size": 256}, "train": {"epochs": 1},
+                     "peers": {"teacher": {"model": "cnn_small"}}}
+    assert main([str(write_topology(tmp_path, teacher_alone)), "--tracking-uri", uri,
+                 "--storage", str(tmp_path / "ray")]) == 0
+    offline = {
+        "name": "offline", "data": {"batch_size": 256}, "train": {"epochs": 1},
+        "peers": {"teacher": {"model": "cnn_small", "frozen": True, "checkpoint": "mlflow:teacher-alone/teacher"},
+                  "student": {"model": "mlp"}},
+        "edges": [{"from": "teacher", "to": "student", "loss": "kd"}],
+    }
+    assert main([str(write_topology(tmp_path, offline)), "--tracking-uri", uri,
+                 "--storage", str(tmp_path / "ray")]) == 0
+    client, first = finished_run(uri, "teacher-alone")
+    _, second = finished_run(uri, "offline")
+    before = Path(mlflow.artifacts.download_artifacts(run_id=first.info.run_id, artifact_path="weights/teacher.pt",
+                                                      tracking_uri=uri, dst_path=str(tmp_path / "a")))
+    after = Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id, artifact_path="weights/teacher.pt",
+                                                     tracking_uri=uri, dst_path=str(tmp_path / "b")))
+    trained, frozen = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
+    for key in trained:
+        assert torch.equal(trained[key], frozen[key]), key  # forward only: not even BN statistics move
+    # The frozen teacher is evaluated as it was trained.
+    assert second.data.metrics["teacher/acc"] == pytest.approx(first.data.metrics["teacher/acc"])

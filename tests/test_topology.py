@@ -54,7 +54,11 @@ def dry_run_error(capsys, path: Path, *extra: str) -> str:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_topologies_dry_run(capsys, path):
+def test_shipped_topologies_dry_run(capsys, path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the files' relative paths (data roots) are relative to the repository
+    data_root = load_topology(path).data.root
+    if data_root and data_root.startswith("../shared") and not (ROOT / data_root).exists():
+        pytest.skip(f"{data_root} is absent (it ships beside the repo, not in it)")
     assert main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     topology = load_topology(path)

@@ -62,6 +62,25 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options) ->
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
+def init_weights(model: nn.Module, classifier: str = "default") -> None:
+    """The CIFAR KD models' shared initialization: Kaiming-normal (fan_out) convolutions with zero
+    bias, batch norm at 1 / 0. ``classifier``: ``"default"`` leaves linear layers as PyTorch makes
+    them, ``"zero_bias"`` zeroes their bias, ``"normal"`` draws weights from N(0, 0.01) and zeroes
+    the bias (small logits at the start)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and classifier != "default":
+            if classifier == "normal":
+                nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
