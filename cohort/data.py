@@ -68,6 +68,11 @@ class CohortDataset:
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         raise NotImplementedError
 
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """Every training sample's label, in index order."""
+        raise NotImplementedError
+
     def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0) -> Iterator[Batch]:
         plan = [(index, True, batch_seed(seed, epoch, number))
                 for number, index in enumerate(batch_indices(epoch_order(self.info.train_size, seed, epoch), batch_size))]
@@ -109,6 +114,10 @@ class TensorSplits(CohortDataset):
         self.info = DatasetInfo(name, num_classes, self.train_x.shape[1], len(self.train_y), len(self.test_y),
                                 _counts(self.train_y, num_classes))
 
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.train_y
+
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         if train:
             return self.train_x[indices], self.train_y[indices]
@@ -130,6 +139,10 @@ class ImageArrays(CohortDataset):
                                 len(self.test_labels), _counts(self.train_labels, num_classes), tuple(class_names),
                                 tuple(notes))
 
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.train_labels
+
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         if not train:
             return self._normalize(self.test_images[indices]), self.test_labels[indices]
@@ -150,6 +163,51 @@ class ImageArrays(CohortDataset):
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float().div_(255) - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------- long-tailed training sets
+
+
+LONG_TAIL_SEED = 0  # which images a long-tailed set keeps is the same for every run
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance: float, profile: str) -> list[int]:
+    """Images to keep per class (class 0 is the head), as in LDAM-DRW.
+
+    ``exponential``: ``int(n_max · imbalance^(−i/(C−1)))``; ``step``: the first half of the
+    classes keep ``n_max``, the others ``int(n_max / imbalance)``.
+    """
+    if profile == "exponential":
+        return [int(n_max * imbalance ** (-i / max(num_classes - 1, 1))) for i in range(num_classes)]
+    return [n_max if i < num_classes // 2 else int(n_max / imbalance) for i in range(num_classes)]
+
+
+class LongTailed(CohortDataset):
+    """A dataset whose training split keeps ``long_tail_counts`` images per class; the test split
+    is untouched."""
+
+    def __init__(self, inner: CohortDataset, imbalance: float, profile: str):
+        self.inner = inner
+        targets = inner.train_targets
+        info = inner.info
+        wanted = long_tail_counts(max(info.train_class_counts), info.num_classes, imbalance, profile)
+        generator = torch.Generator().manual_seed(LONG_TAIL_SEED)
+        kept = []
+        for cls, count in enumerate(wanted):
+            members = torch.nonzero(targets == cls).flatten()
+            kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
+        self.keep = torch.cat(kept).sort().values
+        counts = _counts(targets[self.keep], info.num_classes)
+        note = f"long-tailed training set ({profile}, imbalance {imbalance:g}): {len(self.keep)} images"
+        self.info = DatasetInfo(info.name, info.num_classes, info.in_channels, len(self.keep), info.test_size,
+                                counts, info.class_names, info.notes + (note,))
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.inner.train_targets[self.keep]
+
+    def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
+        return self.inner.make_batch(self.keep[indices] if train else indices, train, seed)
 
 
 def _counts(labels: torch.Tensor, num_classes: int) -> tuple[int, ...]:
@@ -175,7 +233,10 @@ def register_dataset(name: str):
 def load_dataset(config: "DataConfig") -> CohortDataset:
     if config.dataset not in DATASETS:
         raise CohortError(f"unknown dataset {config.dataset!r} (known: {', '.join(sorted(DATASETS))})", "data.dataset")
-    return DATASETS[config.dataset](config)
+    dataset = DATASETS[config.dataset](config)
+    if config.long_tail is not None:
+        dataset = LongTailed(dataset, config.long_tail.imbalance, config.long_tail.profile)
+    return dataset
 
 
 def describe_dataset(config: "DataConfig") -> DatasetInfo:
@@ -183,7 +244,10 @@ def describe_dataset(config: "DataConfig") -> DatasetInfo:
     if config.dataset in CIFAR and config.download and config.root is not None and not _cifar_present(config):
         _, num_classes, _, _ = CIFAR[config.dataset]
         per_class = 50_000 // num_classes
-        return DatasetInfo(config.dataset, num_classes, 3, 50_000, 10_000, (per_class,) * num_classes,
+        counts = [per_class] * num_classes
+        if config.long_tail is not None:
+            counts = long_tail_counts(per_class, num_classes, config.long_tail.imbalance, config.long_tail.profile)
+        return DatasetInfo(config.dataset, num_classes, 3, sum(counts), 10_000, tuple(counts),
                            notes=(f"{config.dataset} is not in {config.root!r} yet: torchvision downloads it "
                                   "when the run starts",))
     return load_dataset(config).info
@@ -411,6 +475,10 @@ class ImageFolderSplits(CohortDataset):
         targets = torch.tensor(self.train.targets, dtype=torch.long)
         self.info = DatasetInfo("imagefolder", len(self.train.classes), 3, len(self.train), len(self.test),
                                 _counts(targets, len(self.train.classes)), tuple(self.train.classes))
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return torch.tensor(self.train.targets, dtype=torch.long)
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         source, transform = (self.train, self.train_transform) if train else (self.test, self.test_transform)

@@ -24,6 +24,8 @@ averages probabilities) share it.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -273,6 +275,16 @@ def per_group_accuracy(logits: torch.Tensor, labels: torch.Tensor, groups: torch
     return torch.stack([per_class[groups == g].nanmean() for g in range(n_groups)])
 
 
+def _per_group_ece(probs: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, n_bins: int) -> list[float]:
+    """ECE of the test samples whose class is in each group (NaN for a group with none)."""
+    sample_group = torch.as_tensor(groups, dtype=torch.long, device=labels.device)[labels]
+    values = []
+    for g in range(int(groups.max()) + 1):
+        members = sample_group == g
+        values.append(_ece(probs[members], labels[members], n_bins) if members.any() else math.nan)
+    return values
+
+
 # --------------------------------------------------------------------------- class groups
 
 
@@ -403,6 +415,7 @@ def _summary(
         if len(names) != len(per_group):
             raise ValueError(f"{len(per_group)} groups but {len(names)} group names")
         out.update({f"acc_{name}": float(value) for name, value in zip(names, per_group)})
+        out.update({f"ece_{name}": value for name, value in zip(names, _per_group_ece(probs, labels, groups, n_bins))})
     return out
 
 

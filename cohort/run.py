@@ -42,6 +42,7 @@ class Plan:
 
     topology: Any
     info: Any
+    groups: Any  # (class -> group tensor, group names), or None
     parameters: dict[str, int]
     cpus_per_peer: float
     threads: int
@@ -65,7 +66,7 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     from cohort.data import describe_dataset, load_dataset
     from cohort.models import count_parameters
     from cohort.tracking import resolve_uri
-    from cohort.worker import build_peer
+    from cohort.worker import build_peer, cohort_groups
 
     info = load_dataset(topology.data).info if download else describe_dataset(topology.data)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
@@ -74,7 +75,34 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     cpus = topology.resources.cpus_per_peer
     if cpus is None:
         cpus = max(0.01, min(1.0, int(available_cpus / len(topology.peers) * 100) / 100))
-    return Plan(topology, info, parameters, cpus, max(1, int(cpus)), resolve_uri(tracking_uri or topology.tracking.uri))
+    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, max(1, int(cpus)), resolve_uri(tracking_uri or topology.tracking.uri))
+
+
+def describe_classes(plan: Plan) -> list[str]:
+    """Training images per class, and the class groups, where the set is long-tailed or grouped."""
+    info = plan.info
+    if plan.groups is None and not plan.topology.data.long_tail:
+        return []
+    lines = [f"  training images per class: {', '.join(map(str, info.train_class_counts))}"]
+    if plan.groups is not None:
+        groups, names = plan.groups
+        for index, name in enumerate(names):
+            members = [c for c in range(info.num_classes) if int(groups[c]) == index]
+            images = sum(info.train_class_counts[c] for c in members)
+            lines.append(f"  group {name}: {len(members)} classes ({images} images): {_ranges(members)}")
+    return lines
+
+
+def _ranges(classes: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    parts, start = [], None
+    for index, cls in enumerate(classes):
+        if start is None:
+            start = cls
+        if index + 1 == len(classes) or classes[index + 1] != cls + 1:
+            parts.append(f"{start}-{cls}" if cls != start else f"{cls}")
+            start = None
+    return ", ".join(parts)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -84,6 +112,7 @@ def describe_plan(plan: Plan) -> str:
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
         f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}",
         *(f"  note: {note}" for note in info.notes),
+        *describe_classes(plan),
         "",
         f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}  optimizer",
     ]
@@ -231,7 +260,9 @@ def epoch_line(topology, report: dict[str, Any], seconds: float) -> str:
     for peer in topology.peer_names + ["ensemble"]:
         acc, ece = report.get(f"{peer}/acc"), report.get(f"{peer}/ece")
         if acc is not None:
-            parts.append(f"{peer} {100 * acc:5.1f}% ece {ece:.3f}")
+            tail = report.get(f"{peer}/acc_tail", report.get(f"{peer}/acc_few"))
+            parts.append(f"{peer} {100 * acc:5.1f}% ece {ece:.3f}" + (f" tail {100 * tail:.1f}%" if tail is not None
+                                                                      and tail == tail else ""))
     parts.append(f"{seconds:.1f}s")
     return "  |  ".join(parts)
 
@@ -250,7 +281,21 @@ def summary_table(plan: Plan, final: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def in_file(error: CohortError, path: str) -> CohortError:
+    """A key-located error found after loading (checkpoints, data, groups), named with its file."""
+    if error.where and not error.where.startswith(Path(path).name) and error.where[0].islower():
+        return CohortError(error.message, f"{Path(path).name}: {error.where}")
+    return error
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CohortError as error:
+        raise in_file(error, args.topology) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
 
     from cohort.tracking import resolve_uri
@@ -287,6 +332,11 @@ def run(args: argparse.Namespace) -> int:
     progress = Queue()
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, args.storage, run_name, progress=progress)
     run_id = tracker.start(topology, run_name)
+    tracker.log_json({"train_class_counts": list(plan.info.train_class_counts), "train_size": plan.info.train_size,
+                      "test_size": plan.info.test_size, "notes": list(plan.info.notes),
+                      "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
+                                 for index, name in enumerate(plan.groups[1])} if plan.groups else None},
+                     "data.json")
     print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {len(topology.peers)} workers...",
           flush=True)
 
@@ -332,7 +382,7 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
         for path in sorted(Path(folder).iterdir()):
             if path.suffix == ".pt":
                 tracker.log_file(path, "weights")
-            elif path.suffix == ".png":
+            elif path.suffix in (".png", ".json"):
                 tracker.log_file(path, "reliability")
 
 

@@ -38,6 +38,11 @@ def _problem(message: str, key: str | None = None) -> PydanticCustomError:
 # --------------------------------------------------------------------------- data
 
 
+class LongTailConfig(_Strict):
+    imbalance: float = Field(ge=1, description="n_max / n_min of the training set")
+    profile: Literal["exponential", "step"] = "exponential"
+
+
 class DataConfig(_Strict):
     dataset: str = "digits"
     root: str | None = None
@@ -46,6 +51,9 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
     image_size: int | None = Field(None, ge=8, description="parquet and imagefolder: resize (crop) images to this size")
+    long_tail: LongTailConfig | None = None
+    groups: Literal["thirds", "shots"] | None = Field(
+        None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> "DataConfig":

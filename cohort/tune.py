@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from cohort.data import describe_dataset
 
     info = describe_dataset(topology.data)
-    available = report_keys(topology, info.num_classes)
+    available = report_keys(topology, info)
     missing = expression.missing(dict.fromkeys(available, 0.0))
     if missing:
         raise CohortError(f"metric: {missing[0]!r} is not reported (available: {', '.join(available)})",

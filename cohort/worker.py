@@ -5,6 +5,7 @@ Each epoch: evaluate on the whole test split → gather metrics to rank 0 → re
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -19,6 +20,7 @@ from cohort import metrics
 from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange
+from cohort.losses import LOSSES
 from cohort.losses.combine import peer_objective
 from cohort.models import build_model
 from cohort.search_space import MetricExpression
@@ -97,9 +99,26 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, topology: Topolog
     return optimizer, scheduler
 
 
-def class_groups(info: DatasetInfo) -> tuple[torch.Tensor, list[str]]:
-    """Head / medium / tail thirds of the classes by training count (what ``ltkd`` edges use)."""
-    return metrics.class_groups(torch.tensor(info.train_class_counts), "thirds")
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def cohort_groups(topology: Topology, info: DatasetInfo) -> tuple[torch.Tensor, list[str]] | None:
+    """The class groups of ``data.groups`` (thirds by default for a long-tailed set) from the
+    training counts, for ``ltkd`` edges and per-group metrics; None when neither needs them."""
+    rule = topology.data.groups or ("thirds" if topology.data.long_tail else None)
+    ltkd = [edge for edge in topology.edges if "groups" in LOSSES[edge.loss].context]
+    if rule is None and not ltkd:
+        return None
+    try:
+        groups, names = metrics.class_groups(torch.tensor(info.train_class_counts), rule or "thirds")
+    except ValueError as error:
+        raise CohortError(f"cannot form {rule or 'thirds'} groups: {error}", "data.groups") from None
+    if ltkd and rule == "shots" and len(names) < len(SHOT_GROUPS):
+        empty = [name for name in SHOT_GROUPS if name not in names]
+        raise CohortError(f"shots leaves group(s) {', '.join(map(repr, empty))} empty on this training set "
+                          f"(class counts {min(info.train_class_counts)}-{max(info.train_class_counts)}); "
+                          f"the ltkd edge {ltkd[0].label} needs every group: use groups: thirds", "data.groups")
+    return groups, names
 
 
 # --------------------------------------------------------------------------- one peer's training
@@ -133,7 +152,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, topology: Topology, peer: str,
-                epoch: int, groups: torch.Tensor, fingerprint: int,
+                epoch: int, groups: torch.Tensor | None, fingerprint: int,
                 device: torch.device = torch.device("cpu")) -> tuple[EpochStats, int]:
     frozen = topology.peers[peer].frozen
     edges = topology.incoming_edges(peer)
@@ -198,10 +217,12 @@ def train_cohort(config: dict[str, Any]) -> None:
 
     data = load_dataset(topology.data)
     info = data.info
-    groups, _ = class_groups(info)
+    grouping = cohort_groups(topology, info)
+    # Per-group metrics where the topology asks for groups (not for an ltkd edge's sake alone).
+    metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
     device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
     model = build_peer(topology, peer, info).to(device)
-    groups = groups.to(device)
+    groups = grouping[0].to(device) if grouping else None
     frozen = topology.peers[peer].frozen
     if frozen:
         for parameter in model.parameters():
@@ -223,11 +244,12 @@ def train_cohort(config: dict[str, Any]) -> None:
         own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size,
                                                               topology.data.num_workers, device)
         everyone = exchange.gather_objects(peer_epoch_metrics(stats, own_logits, test_labels, train_seconds,
-                                                              fingerprint))
+                                                              fingerprint, *metric_groups))
 
         report: dict[str, Any] = {}
         if rank == 0:
-            report = cohort_report(topology, epoch, everyone, metrics.evaluate_probs(ensemble_probs, test_labels))
+            report = cohort_report(topology, epoch, everyone,
+                                   metrics.evaluate_probs(ensemble_probs, test_labels, *metric_groups))
             if objective is not None:
                 try:
                     report["objective"] = objective(report)
@@ -245,17 +267,21 @@ def train_cohort(config: dict[str, Any]) -> None:
 
 
 def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
-                       fingerprint: int) -> dict[str, float]:
+                       fingerprint: int, groups: torch.Tensor | None = None,
+                       group_names: list[str] | None = None) -> dict[str, float]:
     """What one peer contributes to an epoch's report."""
-    return {**stats.summary(), **metrics.evaluate(logits, labels), "epoch_seconds": seconds, "fingerprint": fingerprint}
+    return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
+            "fingerprint": fingerprint}
 
 
-def report_keys(topology: Topology, num_classes: int) -> list[str]:
+def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
     """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
-    logits, labels = torch.randn(4, num_classes), torch.arange(4) % num_classes
-    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0)
+    grouping = cohort_groups(topology, info)
+    metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
+    logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
+    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *metric_groups)
     report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers),
-                           metrics.evaluate_probs(logits.softmax(dim=1), labels))
+                           metrics.evaluate_probs(logits.softmax(dim=1), labels, *metric_groups))
     return sorted(key for key, value in report.items() if isinstance(value, float))
 
 
@@ -279,10 +305,14 @@ def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float
 
 def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
                ensemble_probs: torch.Tensor | None) -> None:
-    """The peer's weights and reliability diagram; rank 0 adds the ensemble's diagram."""
+    """The peer's weights and reliability diagram (PNG, and its bins as JSON for later comparisons);
+    rank 0 adds the ensemble's."""
     torch.save({key: value.cpu() for key, value in model.state_dict().items()}, os.path.join(folder, f"{peer}.pt"))
-    bins = metrics.reliability_bins(logits, labels)
-    metrics.reliability_diagram(bins, os.path.join(folder, f"reliability_{peer}.png"), title=peer)
+    diagrams = [(peer, metrics.reliability_bins(logits, labels))]
     if ensemble_probs is not None:
-        bins = metrics.reliability_bins_probs(ensemble_probs, labels)
-        metrics.reliability_diagram(bins, os.path.join(folder, "reliability_ensemble.png"), title="ensemble")
+        diagrams.append(("ensemble", metrics.reliability_bins_probs(ensemble_probs, labels)))
+    for name, bins in diagrams:
+        metrics.reliability_diagram(bins, os.path.join(folder, f"reliability_{name}.png"), title=name)
+        with open(os.path.join(folder, f"reliability_{name}.json"), "w") as file:
+            json.dump({field: getattr(bins, field).tolist() for field in ("edges", "counts", "accuracy", "confidence")},
+                      file)

@@ -223,7 +223,7 @@ def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     topology = {**THREE_PEERS, "name": "too-big", "resources": {"cpus_per_peer": 4}}
     code = main([str(write_topology(tmp_path, topology)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert code == 2
-    assert "resources.cpus_per_peer: the cohort needs 12 CPUs" in capsys.readouterr().err
+    assert "too-big.yaml: resources.cpus_per_peer: the cohort needs 12 CPUs" in capsys.readouterr().err
 
 
 def test_unreachable_address(tmp_path, capsys):
@@ -242,7 +242,7 @@ def test_unreachable_tracking_uri(tmp_path, capsys, uri, expected):
     code = main([str(path), "--tracking-uri", uri])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("tracking.uri: MLflow tracking store") and expected in err[0], err
+    assert err[0].startswith("e2e-three.yaml: tracking.uri: MLflow tracking store") and expected in err[0], err
 
 
 # --------------------------------------------------------------------------- real images, offline teachers
@@ -280,18 +280,19 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
         assert 0.0 <= run.data.metrics[f"{peer}/ece"] <= 1.0
 
 
-def test_offline_kd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
-    """Step 1 trains a teacher alone; step 2 loads it frozen through `mlflow:EXPERIMENT/PEER`."""
+def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
+    """Step 1 trains a teacher alone; step 2 loads it frozen through `mlflow:EXPERIMENT/PEER` and
+    distills it with LTKD into a student on a long-tailed training set."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     teacher_alone = {"name": "teacher-alone", "data": {"batch_size": 256}, "train": {"epochs": 1},
                      "peers": {"teacher": {"model": "cnn_small"}}}
     assert main([str(write_topology(tmp_path, teacher_alone)), "--tracking-uri", uri,
                  "--storage", str(tmp_path / "ray")]) == 0
     offline = {
-        "name": "offline", "data": {"batch_size": 256}, "train": {"epochs": 1},
+        "name": "offline", "data": {"batch_size": 256, "long_tail": {"imbalance": 10}}, "train": {"epochs": 1},
         "peers": {"teacher": {"model": "cnn_small", "frozen": True, "checkpoint": "mlflow:teacher-alone/teacher"},
                   "student": {"model": "mlp"}},
-        "edges": [{"from": "teacher", "to": "student", "loss": "kd"}],
+        "edges": [{"from": "teacher", "to": "student", "loss": "ltkd"}],
     }
     assert main([str(write_topology(tmp_path, offline)), "--tracking-uri", uri,
                  "--storage", str(tmp_path / "ray")]) == 0
@@ -304,5 +305,14 @@ def test_offline_kd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
     trained, frozen = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
     for key in trained:
         assert torch.equal(trained[key], frozen[key]), key  # forward only: not even BN statistics move
-    # The frozen teacher is evaluated as it was trained.
+    # The frozen teacher is evaluated as it was trained (the test split is not long-tailed).
     assert second.data.metrics["teacher/acc"] == pytest.approx(first.data.metrics["teacher/acc"])
+    # Long-tailed: head / medium / tail accuracy and ECE for every peer, and the class counts.
+    for peer in ("teacher", "student", "ensemble"):
+        for metric in ("acc_head", "acc_medium", "acc_tail", "ece_head", "ece_tail"):
+            assert f"{peer}/{metric}" in second.data.metrics, (peer, metric)
+    data = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id, artifact_path="data.json",
+                                                               tracking_uri=uri, dst_path=str(tmp_path / "c"))).read_text())
+    assert data["train_size"] == sum(data["train_class_counts"]) < 1437
+    assert data["train_class_counts"][0] > 10 * data["train_class_counts"][-1] * 0.9
+    assert data["groups"] == {"head": [0, 1, 2, 3], "medium": [4, 5, 6], "tail": [7, 8, 9]}

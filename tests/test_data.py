@@ -239,3 +239,46 @@ def test_cifar100_from_torchvision_files(tmp_path, monkeypatch):
     assert (data.info.train_size, data.info.test_size, data.info.num_classes) == (20, 10, 100)
     inputs, labels = next(iter(data.train_batches(8, seed=0, epoch=1)))
     assert inputs.shape == (8, 3, 32, 32) and labels.dtype == torch.long
+
+
+# --------------------------------------------------------------------------- long-tailed training sets
+
+
+@pytest.mark.parametrize("classes,per_class,expected", [
+    (10, 5000, {10: 20431, 50: 13996, 100: 12406}),   # CIFAR-10-LT
+    (100, 500, {10: 19573, 50: 12608, 100: 10847}),   # CIFAR-100-LT
+])
+def test_long_tail_counts_match_the_literature(classes, per_class, expected):
+    from cohort.data import long_tail_counts
+
+    for imbalance, total in expected.items():
+        counts = long_tail_counts(per_class, classes, imbalance, "exponential")
+        assert sum(counts) == total
+        assert counts[0] == per_class and counts[-1] == int(per_class / imbalance)
+        assert counts == sorted(counts, reverse=True)
+    assert long_tail_counts(500, 4, 10, "step") == [500, 500, 50, 50]
+
+
+def test_long_tailed_dataset_keeps_a_fixed_subset_and_the_test_split():
+    balanced = load_dataset(DataConfig())
+    config = DataConfig(long_tail={"imbalance": 10})
+    first, again = load_dataset(config), load_dataset(config)
+    counts = first.info.train_class_counts
+    per_class = balanced.info.train_class_counts
+    assert counts[0] == per_class[0] and counts[-1] == int(max(per_class) / 10)
+    assert first.info.train_size == sum(counts) < balanced.info.train_size
+    assert torch.equal(first.keep, again.keep)  # the same images on every peer and every run
+    assert first.info.test_size == balanced.info.test_size
+    assert_same_batches(all_batches(first.test_batches(100)), all_batches(balanced.test_batches(100)))
+    labels = torch.cat([y for _, y in first.train_batches(64, seed=0, epoch=1)])
+    assert tuple(torch.bincount(labels, minlength=10).tolist()) == counts
+
+
+def test_long_tail_settings_are_validated():
+    from cohort.topology import topology_from_dict
+
+    base = {"name": "t", "peers": {"a": {"model": "mlp"}}}
+    with pytest.raises(CohortError, match=r"data.long_tail.imbalance: must be greater than or equal to 1"):
+        topology_from_dict({**base, "data": {"long_tail": {"imbalance": 0.5}}}, "t.yaml")
+    with pytest.raises(CohortError, match=r"data.long_tail.profile: 'linear' is not one of"):
+        topology_from_dict({**base, "data": {"long_tail": {"imbalance": 10, "profile": "linear"}}}, "t.yaml")
