@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "everything else low to high")
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table", help="default: table")
     parser.add_argument("--out", default="compare", metavar="DIR", help="where the figures go (default: ./compare)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="print the table only: draw nothing and log nothing to MLflow")
+    parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     return parser.parse_args(argv)
 
 
@@ -60,14 +63,16 @@ def connect(uri: str):
     from cohort.tracking import _quiet_mlflow
 
     _quiet_mlflow()
+    # Downloading a few small reliability files should not draw progress bars between the notes.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_file():
         raise CohortError(f"MLflow tracking store {uri!r}: no such database file (train a cohort first, "
                           "or pass --tracking-uri)")
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the store is not usable
         raise CohortError(f"MLflow tracking store {uri!r} is not usable: {_first_line(error)}") from None
@@ -179,21 +184,33 @@ def load_runs(client, runs: list) -> tuple[list[CohortRun], int]:
             continue
         # A sweep trial logs only its sampled values: the rest of its topology is its parent's.
         parent_id = run.data.tags.get("mlflow.parentRunId")
-        parent = None
-        if parent_id:
-            if parent_id not in parents:
-                parents[parent_id] = client.get_run(parent_id)
-            parent = parents[parent_id]
+        if parent_id and parent_id not in parents:
+            parents[parent_id] = parent_run(client, parent_id)
+        parent = parents.get(parent_id) if parent_id else None
         params = overlay(parent.data.params if parent else {}, run.data.params)
         rank_tag = run.data.tags.get("cohort.peers") or (parent.data.tags.get("cohort.peers") if parent else None)
-        ranked = [peer for peer in (rank_tag or "").split(",") if peer in peers]
-        order = tuple(ranked + sorted(peers - set(ranked)))
         experiment_id = run.info.experiment_id
         if experiment_id not in experiments:
             experiments[experiment_id] = client.get_experiment(experiment_id).name
-        loaded.append(CohortRun(run.info.run_id, experiments[experiment_id], order, params, metrics,
-                                f"{ENSEMBLE}/acc" in metrics))
+        loaded.append(CohortRun(run.info.run_id, experiments[experiment_id], rank_order(peers, rank_tag), params,
+                                metrics, f"{ENSEMBLE}/acc" in metrics))
     return loaded, len(runs) - len(loaded)
+
+
+def rank_order(peers: set[str], rank_tag: str | None) -> tuple[str, ...]:
+    """The peers in worker rank order (the ``cohort.peers`` tag); any the tag does not name, after."""
+    ranked = [peer for peer in (rank_tag or "").split(",") if peer in peers]
+    return tuple(ranked + sorted(peers - set(ranked)))
+
+
+def parent_run(client, run_id: str):
+    """A sweep trial's parent run, or None once it has been removed from the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
 
 
 def overlay(base: dict[str, str], override: dict[str, str]) -> dict[str, str]:
@@ -404,8 +421,10 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
     return None
 
 
-def draw_bins(axes, bins) -> None:
-    """Accuracy per confidence bin, the gap to the diagonal shaded (as cohort.metrics draws it)."""
+def draw_bins(top, bottom, bins) -> None:
+    """Accuracy per confidence bin with the gap to the diagonal shaded, as cohort.metrics draws it,
+    and beneath it the share of samples per bin (on digits nearly all sit in the last bin, and a
+    bin of two samples should not look as weighty as one of three hundred)."""
     import numpy as np
 
     edges = bins.edges.numpy()
@@ -413,14 +432,19 @@ def draw_bins(axes, bins) -> None:
     occupied = bins.counts.numpy() > 0
     accuracy = np.where(occupied, np.nan_to_num(bins.accuracy.numpy()), 0.0)
     confidence = np.where(occupied, np.nan_to_num(bins.confidence.numpy()), lefts + widths / 2)
-    axes.bar(lefts, accuracy, width=widths, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
-    axes.bar(lefts, np.where(occupied, np.abs(confidence - accuracy), 0.0), bottom=np.minimum(accuracy, confidence),
-             width=widths, align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("confidence")
-    axes.set_ylabel("accuracy")
+    top.bar(lefts, accuracy, width=widths, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
+    top.bar(lefts, np.where(occupied, np.abs(confidence - accuracy), 0.0), bottom=np.minimum(accuracy, confidence),
+            width=widths, align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.tick_params(labelbottom=False)
+    share = bins.counts.numpy() / max(float(bins.counts.sum()), 1.0)
+    bottom.bar(lefts, share, width=widths, align="edge", color="tab:gray", edgecolor="black")
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("share")
 
 
 def reliability_figure(client, runs: list[CohortRun], peer: str | None, path: Path, scratch: Path) -> list[CohortRun]:
@@ -430,27 +454,32 @@ def reliability_figure(client, runs: list[CohortRun], peer: str | None, path: Pa
     drawn = [run for run in runs if (peer or run.peers[-1]) in run.members]
     columns = min(len(drawn), PANELS_PER_ROW)
     rows = math.ceil(len(drawn) / columns)
-    figure = new_figure(4.2 * columns, 4.4 * rows)
+    figure = new_figure(4.2 * columns, 5.2 * rows)
+    grid = figure.add_gridspec(2 * rows, columns, height_ratios=(3, 1) * rows, hspace=0.12)
     for index, run in enumerate(drawn):
         member = peer or run.peers[-1]
-        axes = figure.add_subplot(rows, columns, index + 1)
+        row, column = divmod(index, columns)
+        top = figure.add_subplot(grid[2 * row, column])
         source = reliability_source(client, run, member, scratch)
         if isinstance(source, Path):
-            axes.imshow(imread(source))
-            axes.axis("off")
+            # An older run's own diagram already has its share histogram: give it both cells.
+            top.remove()
+            top = figure.add_subplot(grid[2 * row:2 * row + 2, column])
+            top.imshow(imread(source))
+            top.axis("off")
             ece = run.metric(member, "ece")
         elif source is None:
-            axes.text(0.5, 0.5, "no reliability diagram logged", ha="center", va="center")
-            axes.set_xticks([])
-            axes.set_yticks([])
+            top.text(0.5, 0.5, "no reliability diagram logged\n(sweep trials log none)", ha="center", va="center")
+            top.set_xticks([])
+            top.set_yticks([])
             ece = run.metric(member, "ece")
         else:
-            draw_bins(axes, source)
+            draw_bins(top, figure.add_subplot(grid[2 * row + 1, column], sharex=top), source)
             ece = source.ece
+            if index == 0:
+                top.legend(loc="upper left", fontsize=8)
         heading = f"ECE {ece:.4f}" if ece is not None else "ECE n/a"
-        axes.set_title(f"{run.label}\n{member} ({model_of(run.params, member)}): {heading}", fontsize=9)
-        if index == 0 and not isinstance(source, Path) and source is not None:
-            axes.legend(loc="upper left", fontsize=8)
+        top.set_title(f"{run.label}\n{member} ({model_of(run.params, member)}): {heading}", fontsize=9)
     save(figure, path)
     return drawn
 
@@ -463,6 +492,7 @@ def history(client, run: CohortRun, key: str) -> list[tuple[int, float]]:
 
 
 def plot_members(axes, client, run: CohortRun, metric: str, scale: float = 1.0) -> None:
+    """One line per member that logged ``metric`` (a sweep trial may lack some), with a legend."""
     for member in run.members:
         points = history(client, run, f"{member}/{metric}")
         if points:
@@ -471,6 +501,8 @@ def plot_members(axes, client, run: CohortRun, metric: str, scale: float = 1.0) 
                       markersize=3, label=member, **style)
     axes.set_xlabel("epoch")
     axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)
 
 
 def curves_figure(client, run: CohortRun, path: Path) -> Path:
@@ -478,7 +510,6 @@ def curves_figure(client, run: CohortRun, path: Path) -> Path:
     accuracy, ece = figure.subplots(1, 2)
     plot_members(accuracy, client, run, "acc", scale=100)
     accuracy.set_ylabel("top-1 accuracy (%)")
-    accuracy.legend(fontsize=8)
     plot_members(ece, client, run, "ece")
     ece.set_ylabel("ECE")
     figure.suptitle(f"{run.label}: accuracy and calibration per epoch")
@@ -490,7 +521,6 @@ def entropy_figure(client, run: CohortRun, path: Path) -> Path:
     axes = figure.subplots()
     plot_members(axes, client, run, "entropy")
     axes.set_ylabel("mean predictive entropy (nats)")
-    axes.legend(fontsize=8)
     axes.set_title(f"{run.label}: predictive entropy per epoch")
     return save(figure, path)
 
@@ -524,15 +554,20 @@ def groups_figure(run: CohortRun, groups: list[str], path: Path) -> Path:
     return save(figure, path)
 
 
+def safe_name(text: str) -> str:
+    """``text`` usable as a file name (experiment and peer names may hold anything)."""
+    return re.sub(r"[^\w.-]+", "_", text)
+
+
 def run_folder(run: CohortRun) -> str:
-    return re.sub(r"[^\w.-]+", "_", f"{run.experiment}-{run.short}")
+    return safe_name(f"{run.experiment}-{run.short}")
 
 
 def make_figures(client, runs: list[CohortRun], peer: str | None, out: Path) -> dict[str, list[Path]]:
     """Write every figure; return, per run id, the files that belong in that run's artifacts."""
     belongs: dict[str, list[Path]] = {run.run_id: [] for run in runs}
     with tempfile.TemporaryDirectory(prefix="cohort-compare-") as scratch:
-        path = out / (f"reliability_{re.sub(r'[^\w.-]+', '_', peer)}.png" if peer else "reliability.png")
+        path = out / (f"reliability_{safe_name(peer)}.png" if peer else "reliability.png")
         for run in reliability_figure(client, runs, peer, path, Path(scratch)):
             belongs[run.run_id].append(path)
     for run in runs:
@@ -547,8 +582,12 @@ def make_figures(client, runs: list[CohortRun], peer: str | None, out: Path) -> 
 
 def publish(client, belongs: dict[str, list[Path]]) -> None:
     for run_id, paths in belongs.items():
-        for path in paths:
-            client.log_artifact(run_id, str(path), "compare")
+        try:
+            for path in paths:
+                client.log_artifact(run_id, str(path), "compare")
+        except Exception as error:  # noqa: BLE001 - artifact stores fail in many ways (permissions, network)
+            raise CohortError(f"cannot log the figures into MLflow run {run_id}: {_first_line(error)} "
+                              "(the figures are written)") from None
 
 
 # --------------------------------------------------------------------------- main
@@ -585,9 +624,14 @@ def compare(args: argparse.Namespace) -> int:
         print(f"\n{TABLE_NOTE}")
     if skipped:
         note(skipped_text)
+    if args.no_figures:
+        return 0
 
     out = Path(args.out).resolve()
-    belongs = make_figures(client, runs, args.peer, out)
+    try:
+        belongs = make_figures(client, runs, args.peer, out)
+    except OSError as error:
+        raise CohortError(f"--out {args.out!r}: cannot write the figures: {error.strerror or error}") from None
     publish(client, belongs)
     files = sorted({path for paths in belongs.values() for path in paths})
     note(f"{len(files)} figures in {out}:" + "".join(f"\n  {path.relative_to(out)}" for path in files))

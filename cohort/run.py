@@ -7,6 +7,7 @@ MLflow writer of the run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import socket
@@ -22,13 +23,15 @@ from cohort.errors import CohortError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cohort.run", description=__doc__.splitlines()[0])
-    parser.add_argument("topology", help="the topology YAML file")
+    parser.add_argument("topology", nargs="?", help="the topology YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value by its dotted path, e.g. edges.0.temperature=2 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start Ray here)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the topology's, else sqlite:///mlflow.db)")
     parser.add_argument("--storage", help="where Ray Train keeps the run's checkpoints (default: ~/ray_results/cohort)")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue a stopped run from its last checkpoint: an MLflow run id or its storage folder")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     return parser.parse_args(argv)
 
@@ -179,12 +182,12 @@ def start_ray(address: str | None, verbose: bool) -> dict[str, float]:
 
 def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | None, run_name: str, progress=None,
                  objective: str | None = None, callbacks: tuple = ()):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cohort.worker import train_cohort
 
-    storage_path = os.path.abspath(os.path.expanduser(storage or "~/ray_results/cohort"))
+    storage_path = os.path.abspath(os.path.expanduser(storage or DEFAULT_STORAGE))
     return TorchTrainer(
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
@@ -199,8 +202,10 @@ def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | No
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
-            # An infeasible request would otherwise wait for resources forever.
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+            # Restart the worker group from the last checkpoint when a worker dies; an infeasible
+            # resource request would otherwise wait forever (controller_failure_limit=0).
+            failure_config=FailureConfig(max_failures=topology.train.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=topology.train.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
@@ -292,14 +297,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except CohortError as error:
-        raise in_file(error, args.topology) from None
+        raise (in_file(error, args.topology) if args.topology else error) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
+    from cohort.tracking import Tracker, resolve_uri
 
-    from cohort.tracking import resolve_uri
-
+    if args.resume:
+        return resume(args)
+    if not args.topology:
+        raise CohortError("a topology file is needed (or --resume RUN)")
     topology = load_topology(args.topology, args.overrides)
     tracking_uri = resolve_uri(args.tracking_uri or topology.tracking.uri)
     topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), tracking_uri)
@@ -309,29 +317,19 @@ def _run(args: argparse.Namespace) -> int:
         print("\nresolved topology:\n" + "\n".join("  " + line for line in topology.to_yaml().splitlines()))
         return 0
 
-    from cohort.tracking import Tracker
-
     plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
-    cluster = start_ray(args.address, args.verbose)
-    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if topology.resources.cpus_per_peer is None:
-        plan = make_plan(topology, tracking_uri, cpus)
-    needed = plan.cpus_per_peer * len(topology.peers)
-    if needed > cpus + 1e-9:
-        raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
-                          f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
-    if topology.resources.use_gpu and gpus < len(topology.peers):
-        raise CohortError(f"the cohort needs {len(topology.peers)} GPUs (one per peer), the Ray cluster has {gpus:g} "
-                          "(--set resources.use_gpu=false to train on CPUs)", "resources.use_gpu")
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose))
     print(describe_plan(plan), flush=True)
 
-    from ray.util.queue import Queue
-
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    progress = Queue()
-    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, args.storage, run_name, progress=progress)
+    storage = os.path.abspath(os.path.expanduser(args.storage or DEFAULT_STORAGE))
     run_id = tracker.start(topology, run_name)
+    tracker.client.set_tag(run_id, "cohort.ray_storage", storage)
+    tracker.client.set_tag(run_id, "cohort.ray_name", run_name)
+    run_folder = Path(storage) / run_name
+    run_folder.mkdir(parents=True, exist_ok=True)
+    (run_folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
     tracker.log_json({"train_class_counts": list(plan.info.train_class_counts), "train_size": plan.info.train_size,
                       "test_size": plan.info.test_size, "notes": list(plan.info.notes),
                       "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
@@ -339,7 +337,78 @@ def _run(args: argparse.Namespace) -> int:
                      "data.json")
     print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {len(topology.peers)} workers...",
           flush=True)
+    return train(plan, tracker, storage, run_name, logged_epochs=0)
 
+
+DEFAULT_STORAGE = "~/ray_results/cohort"
+RUN_FILE = "cohort_run.json"
+
+
+def fit_cluster(plan: Plan, cluster: dict[str, float]) -> Plan:
+    """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small."""
+    topology = plan.topology
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if topology.resources.cpus_per_peer is None:
+        plan = make_plan(topology, plan.tracking_uri, cpus)
+    needed = plan.cpus_per_peer * len(topology.peers)
+    if needed > cpus + 1e-9:
+        raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
+                          f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
+    if topology.resources.use_gpu and gpus < len(topology.peers):
+        raise CohortError(f"the cohort needs {len(topology.peers)} GPUs (one per peer), the Ray cluster has {gpus:g} "
+                          "(--set resources.use_gpu=false to train on CPUs)", "resources.use_gpu")
+    return plan
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Continue a stopped run from its last checkpoint, in the same MLflow run."""
+    from cohort.topology import topology_from_dict
+    from cohort.tracking import Tracker, resolve_uri
+
+    if args.topology or args.overrides or args.dry_run:
+        raise CohortError("--resume takes the run's own topology: give no topology file, --set or --dry-run")
+    reference = Path(os.path.expanduser(args.resume))
+    if (reference / RUN_FILE).is_file():
+        saved = json.loads((reference / RUN_FILE).read_text())
+        run_id, tracking_uri = saved["run_id"], args.tracking_uri or saved["tracking_uri"]
+    else:
+        run_id, tracking_uri = args.resume, resolve_uri(args.tracking_uri)
+    from cohort.tracking import existing_store_client
+
+    client = existing_store_client(tracking_uri, f"--resume {args.resume}")
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - unknown id, unreachable store: the same answer
+        raise CohortError(f"--resume {args.resume}: no such MLflow run in {tracking_uri} "
+                          "(give a run id and --tracking-uri, or the run's storage folder)") from None
+    if run.info.status == "FINISHED":
+        raise CohortError(f"--resume {args.resume}: run {run_id} has already finished")
+    storage, run_name = run.data.tags.get("cohort.ray_storage"), run.data.tags.get("cohort.ray_name")
+    if not storage or not (Path(storage) / run_name).is_dir():
+        raise CohortError(f"--resume {args.resume}: the run's checkpoints ({storage}/{run_name}) are gone")
+    topology_file = client.download_artifacts(run_id, "topology.yaml")
+    import yaml
+
+    topology = topology_from_dict(yaml.safe_load(Path(topology_file).read_text()), "topology.yaml")
+    plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
+    tracker = Tracker(tracking_uri, topology.experiment)
+    tracker.run_id = run_id
+    history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
+    logged = max((metric.step for metric in history), default=0)
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose))
+    client.update_run(run_id, status="RUNNING")
+    print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
+          flush=True)
+    return train(plan, tracker, storage, run_name, logged_epochs=logged)
+
+
+def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int) -> int:
+    """Fit the cohort, print and log each epoch once, and log the final artifacts."""
+    from ray.util.queue import Queue
+
+    topology = plan.topology
+    progress = Queue()
+    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress)
     started = last = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
@@ -349,25 +418,31 @@ def _run(args: argparse.Namespace) -> int:
                 report = progress.get(timeout=0.5)
             except queue.Empty:
                 continue
+            final = report
+            # After a restart the epochs since the last checkpoint come again: log each once.
+            if report["epoch"] <= logged_epochs:
+                continue
+            logged_epochs = report["epoch"]
             now = time.perf_counter()
             print(epoch_line(topology, report, now - last), flush=True)
             last = now
             tracker.log_epoch(report)
-            final = report
         thread.join()
     except KeyboardInterrupt:
         tracker.finish("KILLED")
+        print(f"interrupted: continue with python -m cohort.run --resume {tracker.run_id}", file=sys.stderr)
         raise
     if "error" in outcome:
         tracker.finish("FAILED")
-        raise CohortError(f"training failed: {failure_reason(outcome['error'])} (MLflow run {run_id} marked FAILED)")
+        raise CohortError(f"training failed: {failure_reason(outcome['error'])} "
+                          f"(MLflow run {tracker.run_id} marked FAILED)")
 
     result = outcome["result"]
     log_final_artifacts(tracker, result, final)
     tracker.finish("FINISHED")
     print(f"\ndone in {time.perf_counter() - started:.0f}s\n")
     print(summary_table(plan, final))
-    print(f"\nMLflow run {run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
+    print(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
     print(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
     return 0
 
@@ -380,6 +455,8 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
         return
     with result.checkpoint.as_directory() as folder:
         for path in sorted(Path(folder).iterdir()):
+            if path.name.endswith((".state.pt", ".manifest.json")):
+                continue  # training state for restarts, not results
             if path.suffix == ".pt":
                 tracker.log_file(path, "weights")
             elif path.suffix in (".png", ".json"):
@@ -401,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output was piped into a command that stopped reading
+        return 0
 
 
 if __name__ == "__main__":

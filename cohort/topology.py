@@ -123,6 +123,10 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     ce_weight: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always has one)")
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints the storage keeps")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before failing")
+    check_batches_every: int = Field(50, ge=0, description="steps between cross-peer batch fingerprint checks (0: off)")
 
 
 # --------------------------------------------------------------------------- peers and edges

@@ -130,6 +130,16 @@ def _first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
+def existing_store_client(uri: str, what: str):
+    """A client for reading a store that must exist already (never creates an empty one)."""
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise CohortError(f"{what}: no MLflow store at {uri}")
+    return MlflowClient(tracking_uri=uri)
+
+
 MLFLOW_CHECKPOINT = "mlflow:"
 
 
@@ -145,7 +155,6 @@ def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | N
     """
     _quiet_mlflow()
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     if reference.startswith(MLFLOW_CHECKPOINT):
         experiment, _, peer = reference[len(MLFLOW_CHECKPOINT):].rpartition("/")
@@ -153,7 +162,7 @@ def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | N
             raise CohortError(f"{reference!r}: expected mlflow:EXPERIMENT/PEER", where)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise CohortError(f"{reference!r}: no MLflow store at {uri} (train that peer first)", where)
-        client = MlflowClient(tracking_uri=uri)
+        client = existing_store_client(uri, reference)
         try:
             found = client.get_experiment_by_name(experiment)
             runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from cohort import metrics
+from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
 from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange
@@ -54,10 +55,9 @@ def load_weights(path: str, model: nn.Module, where: str) -> dict[str, torch.Ten
     if not os.path.isfile(path):
         raise CohortError(f"checkpoint {path!r} does not exist", where)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is the same user problem
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CohortError(f"cannot load checkpoint {path!r} as weights only: {reason[:200]}", where) from None
+        state = load_tensors(path)
+    except CohortError as error:
+        raise CohortError(f"cannot load checkpoint {path!r}: {error.message}", where) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -167,6 +167,9 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
         peer_logits = exchange(own_logits)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
+            every = topology.train.check_batches_every
+            if every and (step + 1) % every == 0:
+                check_same_batches(exchange, fingerprint, epoch, step)
             continue
         loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
         if not torch.isfinite(loss):
@@ -174,9 +177,26 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
             raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        gradient_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if not torch.isfinite(gradient_norm):
+            values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
+            raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
         optimizer.step()
         stats.add(float(loss.detach()), own_logits.detach(), labels)
+        every = topology.train.check_batches_every
+        if every and (step + 1) % every == 0:
+            check_same_batches(exchange, fingerprint, epoch, step)
     return stats, fingerprint
+
+
+def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int) -> None:
+    """Stop every peer at once when their batches' fingerprints differ (they would distill from
+    predictions on other images)."""
+    everyone = exchange(torch.tensor([[fingerprint]], dtype=torch.int64))
+    values = {peer: int(value) for peer, value in everyone.items()}
+    if len(set(values.values())) > 1:
+        raise CohortError(f"the peers' training batches diverged by epoch {epoch}, step {step} "
+                          f"(fingerprints: {values}); every peer must load the same data")
 
 
 @torch.no_grad()
@@ -230,8 +250,27 @@ def train_cohort(config: dict[str, Any]) -> None:
     optimizer, scheduler = (None, None) if frozen else build_optimizer(model, topology.optimizer_for(peer), topology)
     exchange = LogitExchange(topology.peer_names)
 
-    fingerprint = 0
-    for epoch in range(1, topology.train.epochs + 1):
+    fingerprint, first_epoch = 0, 1
+    history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        # A restart (after a worker died) or a resumed run: continue after the last checkpoint.
+        with checkpoint.as_directory() as folder:
+            state = load_peer_state(folder, peer)
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], device)
+        fingerprint, first_epoch = int(state["fingerprint"]), int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        if progress is not None:
+            # The driver may have stopped before logging the epochs this checkpoint covers: send
+            # them again; it logs each epoch once.
+            for report in history:
+                progress.put(report)
+
+    for epoch in range(first_epoch, topology.train.epochs + 1):
         started = time.perf_counter()
         try:
             stats, fingerprint = train_epoch(model, optimizer, data, exchange, topology, peer, epoch, groups,
@@ -255,12 +294,21 @@ def train_cohort(config: dict[str, Any]) -> None:
                     report["objective"] = objective(report)
                 except KeyError as error:
                     raise CohortError(f"metric: {error.args[0]}") from None
+            history.append(report)
             if progress is not None:
                 progress.put(report)
         last = epoch == topology.train.epochs
-        if last:
+        if last or epoch % topology.train.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
-                save_final(folder, peer, model, own_logits, test_labels, ensemble_probs if rank == 0 else None)
+                save_peer_state(folder, peer, {
+                    "epoch": epoch, "fingerprint": fingerprint, "rng": rng_state(device),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "history": history,
+                })
+                if last:
+                    save_final(folder, peer, model, own_logits, test_labels, ensemble_probs if rank == 0 else None)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)

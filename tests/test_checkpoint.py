@@ -1,0 +1,65 @@
+"""Training-state files: atomic, verified, tensors only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cohort.checkpoint import load_peer_state, manifest_path, save_peer_state, state_path
+from cohort.errors import CohortError
+
+
+def a_state() -> dict:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return {"epoch": 3, "fingerprint": 12345, "rng": {"torch": torch.get_rng_state()},
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": {}}
+
+
+def test_state_round_trips(tmp_path):
+    state = a_state()
+    save_peer_state(tmp_path, "student", state)
+    loaded = load_peer_state(tmp_path, "student")
+    assert loaded["epoch"] == 3 and loaded["fingerprint"] == 12345
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+    assert loaded["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_truncated_state_is_refused(tmp_path):
+    save_peer_state(tmp_path, "student", a_state())
+    data = state_path(tmp_path, "student").read_bytes()
+    state_path(tmp_path, "student").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CohortError, match="truncated or altered"):
+        load_peer_state(tmp_path, "student")
+
+
+def test_state_without_manifest_is_not_complete(tmp_path):
+    save_peer_state(tmp_path, "student", a_state())
+    manifest_path(tmp_path, "student").unlink()
+    with pytest.raises(CohortError, match="no complete state for peer 'student'"):
+        load_peer_state(tmp_path, "student")
+
+
+def test_pickle_payload_is_refused_even_with_a_valid_manifest(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    save_peer_state(tmp_path, "student", {"epoch": 1, "model": {"w": Payload()}})
+    with pytest.raises(CohortError, match="as weights only"):
+        load_peer_state(tmp_path, "student")
+
+
+def test_diverging_batches_stop_every_peer():
+    from cohort.worker import check_same_batches
+
+    def exchange(tensor):
+        return {"a": tensor, "b": tensor + 1}
+
+    with pytest.raises(CohortError, match=r"batches diverged by epoch 2, step 49 \(fingerprints: \{'a': 7, 'b': 8\}\)"):
+        check_same_batches(exchange, 7, 2, 49)
+    check_same_batches(lambda tensor: {"a": tensor, "b": tensor.clone()}, 7, 2, 49)

@@ -1,0 +1,191 @@
+"""Faults: a killed worker restarts from the last checkpoint and ends where an uninterrupted run
+ends; restarts beyond `max_failures` fail cleanly; an interrupted driver resumes its run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cohort.run import main
+
+mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes through /proc")
+
+TOPOLOGY = {
+    "name": "faults",
+    "seed": 5,
+    "data": {"dataset": "digits", "batch_size": 16},
+    "train": {"epochs": 5, "optimizer": {"lr": 0.02}, "max_failures": 2, "check_batches_every": 20},
+    "peers": {"teacher": {"model": "cnn_medium"}, "student": {"model": "cnn_small"}},
+    "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
+              {"from": "student", "to": "teacher", "loss": "reverse_kd"}],
+}
+COMPARED = ("teacher/acc", "teacher/nll", "student/acc", "student/nll", "student/ece", "ensemble/brier")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The final metrics of the topology trained without faults."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    assert main([str(write(folder, TOPOLOGY)), "--tracking-uri", uri, "--storage", str(folder / "ray")]) == 0
+    return uri, the_run(uri).data.metrics
+
+
+def write(folder: Path, topology: dict) -> Path:
+    path = folder / "faults.yaml"
+    path.write_text(yaml.safe_dump(topology, sort_keys=False))
+    return path
+
+
+def the_run(uri: str):
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faults")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return runs[0] if runs else None
+
+
+def logged_epochs(uri: str) -> list[int]:
+    if not Path(uri[len("sqlite:///"):]).exists():
+        return []
+    run = the_run(uri)
+    if run is None:
+        return []
+    history = mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "student/acc")
+    return [metric.step for metric in history]
+
+
+def wait_for_epoch(uri: str, epoch: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if epoch in logged_epochs(uri):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"epoch {epoch} was not logged within {timeout}s")
+
+
+def train_workers(ancestor: int | None = None) -> list[int]:
+    """PIDs of Ray Train worker processes (below ``ancestor`` when given)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "RayTrainWorker" in command and (ancestor is None or _descends_from(int(entry.name), ancestor)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
+def kill_a_worker() -> None:
+    workers = train_workers()
+    assert workers, "no Ray Train worker to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+
+
+def run_in_thread(args: list[str]) -> tuple[threading.Thread, list[int]]:
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(args)), daemon=True)
+    thread.start()
+    return thread, codes
+
+
+def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    thread, codes = run_in_thread([str(write(tmp_path, TOPOLOGY)), "--tracking-uri", uri,
+                                   "--storage", str(tmp_path / "ray")])
+    wait_for_epoch(uri, 2)
+    kill_a_worker()
+    thread.join(timeout=400)
+    assert codes == [0]
+    run = the_run(uri)
+    assert run.info.status == "FINISHED"
+    assert logged_epochs(uri) == [1, 2, 3, 4, 5]  # no gap, no step logged twice
+    for key in COMPARED:
+        assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_kill_beyond_max_failures_fails_the_run(ray_cluster, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    topology = {**TOPOLOGY, "train": {**TOPOLOGY["train"], "max_failures": 1}}
+    thread, codes = run_in_thread([str(write(tmp_path, topology)), "--tracking-uri", uri,
+                                   "--storage", str(tmp_path / "ray")])
+    wait_for_epoch(uri, 1)
+    kill_a_worker()  # restart 1 of 1
+    wait_for_epoch(uri, 3)
+    kill_a_worker()  # beyond max_failures
+    thread.join(timeout=400)
+    assert codes == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("training failed:") and "marked FAILED" in err[0], err
+    assert the_run(uri).info.status == "FAILED"
+
+
+def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "ray"
+    driver = subprocess.Popen([sys.executable, "-m", "cohort.run", str(write(tmp_path, TOPOLOGY)), "--tracking-uri",
+                               uri, "--storage", str(storage)], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        # Watch the driver's own progress lines: reading its SQLite store while it creates it would race.
+        for line in driver.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130
+    run = the_run(uri)
+    assert run.info.status == "KILLED"
+    assert f"--resume {run.info.run_id}" in err
+    done = logged_epochs(uri)
+    assert 1 <= len(done) < 5
+
+    assert main(["--resume", run.info.run_id, "--tracking-uri", uri]) == 0
+    run = the_run(uri)
+    assert run.info.status == "FINISHED"
+    assert logged_epochs(uri) == [1, 2, 3, 4, 5]
+    for key in COMPARED:
+        assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_of_a_finished_run_is_refused(uninterrupted, capsys):
+    uri, _ = uninterrupted
+    run_id = the_run(uri).info.run_id
+    assert main(["--resume", run_id, "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == f"--resume {run_id}: run {run_id} has already finished"
