@@ -113,9 +113,10 @@ def get_run(client, run_id: str):
         if run is not None and run.info.lifecycle_stage == "active":
             return run
         raise CohortError(f"--runs {run_id!r}: no such run")
+    # MLflow cannot search by id prefix: look through the live runs of every experiment.
     experiment_ids = [experiment.experiment_id for experiment in _all_pages(client.search_experiments)]
-    matches = [run for run in _all_pages(lambda page_token=None: client.search_runs(experiment_ids, page_token=page_token))
-               if run.info.run_id.startswith(run_id.lower())] if run_id else []
+    every = _all_pages(lambda page_token=None: client.search_runs(experiment_ids, page_token=page_token))
+    matches = [run for run in every if run.info.run_id.startswith(run_id.lower())] if run_id else []
     if len(matches) != 1:
         raise CohortError(f"--runs {run_id!r}: " + ("no such run" if not matches else
                                                     f"{len(matches)} runs start with it; give more of the id"))

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage", help="where Ray Train keeps the run's checkpoints (default: ~/ray_results/cohort)")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue a stopped run from its last checkpoint: an MLflow run id or its storage folder")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard (on 127.0.0.1 only) when Ray is started here")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     return parser.parse_args(argv)
 
@@ -158,8 +160,12 @@ def check_address(address: str) -> None:
         raise CohortError(f"--address {address!r}: no Ray cluster reachable there ({error.strerror or error})") from None
 
 
-def start_ray(address: str | None, verbose: bool) -> dict[str, float]:
-    """Start or join Ray quietly; return the cluster's resources."""
+def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> dict[str, float]:
+    """Start or join Ray quietly; return the cluster's resources.
+
+    A Ray started here keeps its dashboard off unless asked for, and then binds it to 127.0.0.1;
+    Ray's token authentication (on by default for a new local cluster) is left as it is.
+    """
     import logging
 
     import ray
@@ -172,7 +178,7 @@ def start_ray(address: str | None, verbose: bool) -> dict[str, float]:
             check_address(address)
             ray.init(address=address, **quiet)
         elif not ray.is_initialized():
-            ray.init(include_dashboard=False, **quiet)
+            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
     except CohortError:
         raise
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
@@ -319,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
 
     plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose))
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard))
     print(describe_plan(plan), flush=True)
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -395,7 +401,7 @@ def resume(args: argparse.Namespace) -> int:
     tracker.run_id = run_id
     history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
     logged = max((metric.step for metric in history), default=0)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose))
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard))
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
           flush=True)
