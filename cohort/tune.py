@@ -22,6 +22,9 @@ from ray.tune import Callback
 from cohort.errors import CohortError
 
 OBJECTIVE = "objective"
+# The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
+# refuses a trial with no resources at all.)
+TRIAL_CPU = 0.01
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +58,9 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
     topology = topology_from_dict(base, "sampled topology", sampled)
+    # The workers may have to wait until the previous trial's have released their CPUs (Ray Train
+    # passes this process's setting on to the trainer it starts).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     trial = ray.tune.get_context().get_trial_id()
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}",
                            objective=objective, callbacks=(TuneReportCallback(),))
@@ -169,14 +175,14 @@ def plan_resources(num_peers: int, samples: int, cpus: float, max_concurrent: in
     never more CPUs than the cluster has (a trial waiting for CPUs would wait forever)."""
     concurrent = max_concurrent or min(samples, max(1, int(cpus // num_peers), min(int(cpus), 2)))
     if cpus_per_peer is None:
-        cpus_per_peer = min(1.0, math.floor(cpus / (concurrent * num_peers) * 100) / 100)
+        cpus_per_peer = min(1.0, math.floor((cpus - concurrent * TRIAL_CPU) / (concurrent * num_peers) * 100) / 100)
         if cpus_per_peer < 0.01:
             raise CohortError(f"{concurrent} trials of {num_peers} peers do not fit on {cpus:g} CPUs "
                               "(lower max_concurrent)", "max_concurrent")
-    needed = cpus_per_peer * num_peers
+    needed = cpus_per_peer * num_peers + TRIAL_CPU
     if needed > cpus + 1e-9:
-        raise CohortError(f"one trial needs {needed:g} CPUs ({num_peers} peers x {cpus_per_peer:g}), the Ray "
-                          f"cluster has {cpus:g}", "resources.cpus_per_peer")
+        raise CohortError(f"one trial needs {needed:g} CPUs ({num_peers} peers x {cpus_per_peer:g}, and the trial "
+                          f"itself {TRIAL_CPU:g}), the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
     concurrent = min(concurrent, max(1, int((cpus + 1e-9) // needed)))
     return concurrent, cpus_per_peer
 
@@ -210,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
     storage = os.path.abspath(os.path.expanduser(args.storage or "~/ray_results/cohort-tune"))
     sweep_dir = Path(storage) / name
     tracker = Tracker(tracking_uri, topology.experiment)
-    cluster = start_ray(args.address, args.verbose)
+    # Ray Train releases the workers of a trial that Tune stops early through the state API, which
+    # the dashboard serves: a Ray started here runs it, on 127.0.0.1 only.
+    cluster = start_ray(args.address, args.verbose, dashboard=True)
     concurrent, cpus_per_peer = plan_resources(len(topology.peers), samples, float(cluster.get("CPU", 0)),
                                                space.max_concurrent, topology.resources.cpus_per_peer)
 
@@ -228,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
         ray.tune.with_parameters(cohort_trial, base=topology.to_dict(), objective=space.metric,
                                  cpus_per_peer=cpus_per_peer, threads=max(1, int(cpus_per_peer)),
                                  storage=str(Path(storage) / f"{name}-trainers")),
-        # The trial's own process only waits for its trainer: the peers' workers hold the CPUs.
-        {"CPU": 0})
+        {"CPU": TRIAL_CPU})
     if state:
         tracker.run_id = state["parent_run_id"]
     else:
@@ -251,11 +258,15 @@ def run(args: argparse.Namespace) -> int:
                                   reduction_factor=space.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    search_alg = None
     if space.search.name == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=topology.seed)
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        # Seeded by the topology, so a sweep samples the same values when run again.
+        search_alg = BasicVariantGenerator(random_state=topology.seed)
     param_space = {key: tune_distribution(spec) for key, spec in space.space.items()}
 
     print(f"sweep {name}: {samples} trials of {len(topology.peers)} peers, {concurrent} at a time "
