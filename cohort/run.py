@@ -193,7 +193,7 @@ def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | No
 
     from cohort.worker import train_cohort
 
-    storage_path = os.path.abspath(os.path.expanduser(storage or DEFAULT_STORAGE))
+    storage_path = storage_location(storage)
     return TorchTrainer(
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
@@ -329,13 +329,14 @@ def _run(args: argparse.Namespace) -> int:
     print(describe_plan(plan), flush=True)
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = os.path.abspath(os.path.expanduser(args.storage or DEFAULT_STORAGE))
+    storage = storage_location(args.storage)
     run_id = tracker.start(topology, run_name)
     tracker.client.set_tag(run_id, "cohort.ray_storage", storage)
     tracker.client.set_tag(run_id, "cohort.ray_name", run_name)
-    run_folder = Path(storage) / run_name
-    run_folder.mkdir(parents=True, exist_ok=True)
-    (run_folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+    if "://" not in storage:  # lets --resume take the run's folder as well as its MLflow id
+        run_folder = Path(storage) / run_name
+        run_folder.mkdir(parents=True, exist_ok=True)
+        (run_folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
     tracker.log_json({"train_class_counts": list(plan.info.train_class_counts), "train_size": plan.info.train_size,
                       "test_size": plan.info.test_size, "notes": list(plan.info.notes),
                       "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
@@ -348,6 +349,12 @@ def _run(args: argparse.Namespace) -> int:
 
 DEFAULT_STORAGE = "~/ray_results/cohort"
 RUN_FILE = "cohort_run.json"
+
+
+def storage_location(storage: str | None) -> str:
+    """An absolute path (runs and trials change directories), or a URI (``s3://…``) as given."""
+    storage = storage or DEFAULT_STORAGE
+    return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
 
 
 def fit_cluster(plan: Plan, cluster: dict[str, float]) -> Plan:
@@ -390,7 +397,7 @@ def resume(args: argparse.Namespace) -> int:
     if run.info.status == "FINISHED":
         raise CohortError(f"--resume {args.resume}: run {run_id} has already finished")
     storage, run_name = run.data.tags.get("cohort.ray_storage"), run.data.tags.get("cohort.ray_name")
-    if not storage or not (Path(storage) / run_name).is_dir():
+    if not storage or ("://" not in storage and not (Path(storage) / run_name).is_dir()):
         raise CohortError(f"--resume {args.resume}: the run's checkpoints ({storage}/{run_name}) are gone")
     topology_file = client.download_artifacts(run_id, "topology.yaml")
     import yaml

@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         from ray.tune.search import BasicVariantGenerator
 
         # Seeded by the topology, so a sweep samples the same values when run again.
-        search_alg = BasicVariantGenerator(random_state=topology.seed)
+        search_alg = BasicVariantGenerator(random_state=topology.seed, max_concurrent=concurrent)
     param_space = {key: tune_distribution(spec) for key, spec in space.space.items()}
 
     print(f"sweep {name}: {samples} trials of {len(topology.peers)} peers, {concurrent} at a time "

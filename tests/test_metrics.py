@@ -468,12 +468,16 @@ def test_evaluate_and_evaluate_probs_agree():
     groups, names = M.class_groups(counts, "thirds")
     from_logits = M.evaluate(logits, labels, groups, names)
     from_probs = M.evaluate_probs(torch.softmax(logits, dim=1), labels, groups, names)
-    assert set(from_logits) == EXPECTED_KEYS | {"acc_head", "acc_medium", "acc_tail"}
+    assert set(from_logits) == EXPECTED_KEYS | {f"{metric}_{group}" for metric in ("acc", "ece")
+                                                for group in ("head", "medium", "tail")}
     assert set(from_probs) == set(from_logits)
     for key, value in from_logits.items():
         assert from_probs[key] == pytest.approx(value, abs=1e-5), key
     per_group = M.per_group_accuracy(logits, labels, groups)
     assert from_logits["acc_tail"] == pytest.approx(float(per_group[2]), abs=1e-12)
+    # A group's ECE is the ECE of the test samples whose class is in the group.
+    in_tail = groups[labels] == 2
+    assert from_logits["ece_tail"] == pytest.approx(M.ece(logits[in_tail], labels[in_tail]), abs=1e-12)
 
 
 def test_evaluate_probs_nll_clamps_zero_probability():
