@@ -273,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
           f"({cpus_per_peer:g} CPU per peer), {space.mode} {space.metric}, scheduler {space.scheduler.name}, "
           f"search {space.search.name}\nMLflow parent run {parent_run_id} (experiment {topology.experiment!r})",
           flush=True)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
     run_config = ray.tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
                                     failure_config=ray.tune.FailureConfig(max_failures=0))
     if args.resume:
