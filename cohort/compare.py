@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, first_line, run_command
 
 BASE_COLUMNS = ("run", "experiment", "peer", "method", "model", "top-1", "ECE", "AdaECE", "NLL", "Brier", "gap")
 TEXT_COLUMNS = ("run", "experiment", "peer", "method", "model")
@@ -75,7 +75,7 @@ def connect(uri: str):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the store is not usable
-        raise CohortError(f"MLflow tracking store {uri!r} is not usable: {_first_line(error)}") from None
+        raise CohortError(f"MLflow tracking store {uri!r} is not usable: {first_line(error)}") from None
     return client
 
 
@@ -587,7 +587,7 @@ def publish(client, belongs: dict[str, list[Path]]) -> None:
             for path in paths:
                 client.log_artifact(run_id, str(path), "compare")
         except Exception as error:  # noqa: BLE001 - artifact stores fail in many ways (permissions, network)
-            raise CohortError(f"cannot log the figures into MLflow run {run_id}: {_first_line(error)} "
+            raise CohortError(f"cannot log the figures into MLflow run {run_id}: {first_line(error)} "
                               "(the figures are written)") from None
 
 
@@ -641,21 +641,9 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return compare(args)
-    except CohortError as error:
-        print(str(error), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(compare, parse_args(argv))
 
 
 if __name__ == "__main__":

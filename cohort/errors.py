@@ -14,3 +14,25 @@ class CohortError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its type's name if it has none)."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def run_command(command, args) -> int:
+    """Run a command-line entry point: a ``CohortError`` becomes one line on stderr and exit 2."""
+    import sys
+
+    try:
+        return command(args)
+    except CohortError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the output was piped into a command that stopped reading
+        return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, first_line, run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,7 +182,7 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
     except CohortError:
         raise
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
-        raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {_first_line(error)}") from None
+        raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {first_line(error)}") from None
     return ray.cluster_resources()
 
 
@@ -342,8 +342,8 @@ def _run(args: argparse.Namespace) -> int:
                       "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
                                  for index, name in enumerate(plan.groups[1])} if plan.groups else None},
                      "data.json")
-    print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {len(topology.peers)} workers...",
-          flush=True)
+    workers = f"{len(topology.peers)} worker{'s' if len(topology.peers) > 1 else ''}"
+    print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...", flush=True)
     return train(plan, tracker, storage, run_name, logged_epochs=0)
 
 
@@ -476,23 +476,9 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
                 tracker.log_file(path, "reliability")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except CohortError as error:
-        print(str(error), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the output was piped into a command that stopped reading
-        return 0
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

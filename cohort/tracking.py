@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, first_line
 from cohort.topology import DEFAULT_TRACKING_URI, Topology
 
 MAX_PARAMS_PER_BATCH = 100
@@ -65,7 +65,7 @@ class Tracker:
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(
                 experiment, artifact_location=self._artifact_root(uri, experiment))
         except Exception as error:  # noqa: BLE001 - any failure here means the store is not usable
-            raise CohortError(f"MLflow tracking store {uri!r} is not usable: {_first_line(error)}", "tracking.uri") from None
+            raise CohortError(f"MLflow tracking store {uri!r} is not usable: {first_line(error)}", "tracking.uri") from None
         self.run_id: str | None = None
 
     @staticmethod
@@ -125,10 +125,6 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
 
 def existing_store_client(uri: str, what: str):
     """A client for reading a store that must exist already (never creates an empty one)."""
@@ -168,7 +164,7 @@ def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | N
             runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
                                       order_by=["attributes.start_time DESC"], max_results=1) if found else []
         except Exception as error:  # noqa: BLE001
-            raise CohortError(f"{reference!r}: cannot search MLflow at {uri}: {_first_line(error)}", where) from None
+            raise CohortError(f"{reference!r}: cannot search MLflow at {uri}: {first_line(error)}", where) from None
         if not runs:
             raise CohortError(f"{reference!r}: no finished run of experiment {experiment!r} in {uri} "
                               "(train that peer first)", where)
@@ -179,4 +175,4 @@ def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | N
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target), tracking_uri=uri)
     except Exception as error:  # noqa: BLE001
-        raise CohortError(f"{reference!r}: cannot fetch from MLflow at {uri}: {_first_line(error)}", where) from None
+        raise CohortError(f"{reference!r}: cannot fetch from MLflow at {uri}: {first_line(error)}", where) from None

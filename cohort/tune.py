@@ -19,7 +19,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, run_command
 
 OBJECTIVE = "objective"
 # The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
@@ -347,14 +347,7 @@ def trials_table(rows: list[dict[str, Any]], metric: str, keys: list[str]) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except CohortError as error:
-        print(str(error), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":
