@@ -291,6 +291,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: continue with --resume --name {name}", file=sys.stderr)
         raise
+    expected = samples * math.prod(len(spec["grid"]) for spec in space.space.values() if "grid" in spec)
+    unfinished = expected - len(results) + sum(1 for result in results
+                                               if result.error is None and not (result.metrics or {}).get("epoch"))
+    if unfinished:
+        # Tune catches Ctrl-C itself and returns what it had: the sweep is not over.
+        tracker.run_id = parent_run_id
+        tracker.finish("KILLED")
+        raise CohortError(f"sweep {name} interrupted with {unfinished} trial(s) unfinished: continue with "
+                          f"--resume --name {name}")
     rows = ranked_trials(results, space.mode)
     print(f"\nsweep {name} done in {time.perf_counter() - started:.0f}s\n")
     print(trials_table(rows, space.metric, list(space.space)))
