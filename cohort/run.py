@@ -7,6 +7,7 @@ MLflow writer of the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -77,10 +78,16 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
     parameters = {peer: count_parameters(build_peer(topology, peer, info)) for peer in topology.peer_names}
-    cpus = topology.resources.cpus_per_peer
-    if cpus is None:
-        cpus = max(0.01, min(1.0, int(available_cpus / len(topology.peers) * 100) / 100))
-    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, max(1, int(cpus)), resolve_uri(tracking_uri or topology.tracking.uri))
+    cpus = cpus_per_peer(topology, available_cpus)
+    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, max(1, int(cpus)),
+                resolve_uri(tracking_uri or topology.tracking.uri))
+
+
+def cpus_per_peer(topology, available_cpus: float) -> float:
+    """The topology's setting, else the CPUs shared by the peers, at most one each."""
+    if topology.resources.cpus_per_peer is not None:
+        return topology.resources.cpus_per_peer
+    return max(0.01, min(1.0, int(available_cpus / len(topology.peers) * 100) / 100))
 
 
 def describe_classes(plan: Plan) -> list[str]:
@@ -361,8 +368,8 @@ def fit_cluster(plan: Plan, cluster: dict[str, float]) -> Plan:
     """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small."""
     topology = plan.topology
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if topology.resources.cpus_per_peer is None:
-        plan = make_plan(topology, plan.tracking_uri, cpus)
+    shared = cpus_per_peer(topology, cpus)
+    plan = dataclasses.replace(plan, cpus_per_peer=shared, threads=max(1, int(shared)))
     needed = plan.cpus_per_peer * len(topology.peers)
     if needed > cpus + 1e-9:
         raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
