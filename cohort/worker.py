@@ -156,20 +156,20 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
                 device: torch.device = torch.device("cpu")) -> tuple[EpochStats, int]:
     frozen = topology.peers[peer].frozen
     edges = topology.incoming_edges(peer)
+    check_every = topology.train.check_batches_every
     model.train(not frozen)
     stats = EpochStats()
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers)):
         fingerprint = batch_fingerprint(fingerprint, inputs, labels)
+        if check_every and (step + 1) % check_every == 0:
+            check_same_batches(exchange, fingerprint, epoch, step)
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.set_grad_enabled(not frozen):
             own_logits = model(inputs)
         peer_logits = exchange(own_logits)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
-            every = topology.train.check_batches_every
-            if every and (step + 1) % every == 0:
-                check_same_batches(exchange, fingerprint, epoch, step)
             continue
         loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
         if not torch.isfinite(loss):
@@ -183,9 +183,6 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
             raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
         optimizer.step()
         stats.add(float(loss.detach()), own_logits.detach(), labels)
-        every = topology.train.check_batches_every
-        if every and (step + 1) % every == 0:
-            check_same_batches(exchange, fingerprint, epoch, step)
     return stats, fingerprint
 
 
