@@ -194,7 +194,7 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
 
 def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | None, run_name: str, progress=None,
-                 objective: str | None = None, callbacks: tuple = ()):
+                 objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -204,7 +204,7 @@ def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | No
     return TorchTrainer(
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
-                           "objective": objective},
+                           "objective": objective, "initial_checkpoint": initial_checkpoint},
         # One worker per peer; peers are different networks, so nothing here wraps them in DDP.
         scaling_config=ScalingConfig(
             num_workers=len(topology.peers),

@@ -33,9 +33,30 @@ class _Strict(BaseModel):
 
 
 class Scheduler(_Strict):
-    name: Literal["asha", "fifo"] = "fifo"
+    name: Literal["asha", "fifo", "pbt"] = "fifo"
     grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2, gt=1, description="asha: keep 1/reduction_factor of the trials at each rung")
+    perturbation_interval: int = Field(2, ge=1, description="pbt: epochs between exploit/explore decisions")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5,
+                                     description="pbt: the bottom fraction copies a trial of the top fraction")
+    resample_probability: float = Field(0.25, ge=0, le=1,
+                                        description="pbt: chance of a fresh sample instead of a x0.8 / x1.2 step")
+    synch: bool = Field(False, description="pbt: decide when every trial has reached the perturbation epoch")
+
+    @model_validator(mode="after")
+    def _fields_of_this_scheduler(self) -> "Scheduler":
+        for field in sorted(self.model_fields_set - {"name"}):
+            if field not in SCHEDULER_FIELDS[self.name]:
+                takes = ", ".join(SCHEDULER_FIELDS[self.name]) or "no settings"
+                raise ValueError(f"scheduler.{field}: not a setting of {self.name} (it takes {takes})")
+        return self
+
+
+SCHEDULER_FIELDS = {
+    "fifo": (),
+    "asha": ("grace_period", "reduction_factor"),
+    "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "synch"),
+}
 
 
 class Search(_Strict):
@@ -70,7 +91,17 @@ class SearchSpace(_Strict):
             raise ValueError("search: grid needs every space entry to be {grid: [...]}")
         if self.search.name == "optuna" and "grid" in kinds:
             raise ValueError("search: optuna cannot sample {grid: [...]} entries (use choice)")
+        if self.scheduler.name == "pbt":
+            # Tune's PBT chooses the next values itself, so it refuses a search algorithm.
+            if self.search.name == "optuna":
+                raise ValueError("search: pbt explores by itself and cannot be combined with optuna (use random)")
+            if kinds == {"grid"}:
+                raise ValueError("scheduler: pbt needs at least one space entry that is not {grid: [...]} to mutate")
         return self
+
+    def mutations(self) -> dict[str, dict[str, Any]]:
+        """The entries PBT may perturb: all but grid entries, which only set starting points."""
+        return {key: spec for key, spec in self.space.items() if next(iter(spec)) != "grid"}
 
     def parsed_metric(self) -> "MetricExpression":
         return MetricExpression(self.metric)

@@ -14,9 +14,11 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from cohort.errors import CohortError, run_command
@@ -47,13 +49,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- one trial
 
 
+class ForwardReports(UserCallback):
+    """Ray Train callback (it runs in the trainer's controller): hands every epoch's report, with
+    the checkpoint Train has just persisted, to the trial's own process.
+
+    Ray's ``TuneReportCallback`` forwards the metrics alone; PBT copies a better trial's
+    checkpoint into a worse one, and a resumed sweep continues unfinished trials from theirs, so
+    Tune must receive the checkpoints too.
+    """
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.reports.put((metrics[0], checkpoint))
+
+
 def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
                  storage: str) -> None:
-    """Tune's function trainable: one whole cohort with the sampled values applied."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """Tune's function trainable: one whole cohort with the sampled values applied.
 
-    from cohort.run import make_trainer
+    The cohort starts from Tune's checkpoint when there is one (PBT's exploit, or a resumed
+    sweep), with this trial's values, and reports each epoch with its checkpoint to Tune.
+    """
+    import queue
+    import uuid
+
+    import ray.tune
+    from ray.util.queue import Queue
+
+    from cohort.run import fit_in_background, make_trainer
     from cohort.topology import topology_from_dict
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
@@ -62,9 +87,25 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # passes this process's setting on to the trainer it starts).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     trial = ray.tune.get_context().get_trial_id()
-    trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}",
-                           objective=objective, callbacks=(TuneReportCallback(),))
-    trainer.fit()
+    # One report at a time: like TuneReportCallback, Train waits while Tune decides on the last.
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # A fresh Train run each time: Train would otherwise resume the run of that name from its own
+    # last checkpoint instead of starting from the one Tune hands this trial.
+    trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
+                           objective=objective, callbacks=(ForwardReports(reports),),
+                           initial_checkpoint=ray.tune.get_checkpoint())
+    thread, outcome = fit_in_background(trainer)
+    while thread.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint = reports.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if checkpoint is not None:
+            checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        ray.tune.report(metrics, checkpoint=checkpoint)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 # --------------------------------------------------------------------------- MLflow and the display
@@ -84,6 +125,8 @@ class SweepCallback(Callback):
         self.metric = metric
         self.state_file = Path(state_file)
         self.last_epoch: dict[str, int] = {}
+        self.configs: dict[str, dict[str, Any]] = {}  # each trial's values as last started (PBT changes them)
+        self.changes: dict[str, dict[str, Any]] = {}  # values PBT changed, to log with the trial's next epoch
         self._tracker = None
 
     def __getstate__(self):
@@ -117,11 +160,22 @@ class SweepCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._child(trial)
+        config = dict(trial.config)
+        before = self.configs.setdefault(trial.trial_id, config)
+        if config != before:
+            # PBT restarts this trial from a better trial's checkpoint with perturbed values.
+            self.changes[trial.trial_id] = {key: value for key, value in config.items() if before.get(key) != value}
+            self.configs[trial.trial_id] = config
         print(f"trial {trial.trial_id} started: {_sampled_text(trial.config)}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._child(trial)
         epoch = int(result.get("epoch", 0))
+        changed = self.changes.pop(trial.trial_id, None)
+        if changed:
+            self.tracker.client.set_tag(self.tracker.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
+            print(f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch {epoch} with "
+                  f"{_sampled_text(changed)}", flush=True)
         self.last_epoch[trial.trial_id] = epoch
         self.tracker.log_epoch({**{k: v for k, v in result.items() if "/" in k or k == OBJECTIVE}, "epoch": epoch})
         print(f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {result.get(OBJECTIVE, math.nan):.4f}",
@@ -168,6 +222,48 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- the sweep
 
 
+def make_scheduler(space, topology):
+    """Tune's scheduler for the space file's ``scheduler`` section; every one counts in epochs."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from cohort.search_space import tune_distribution
+
+    settings = space.scheduler
+    if settings.name == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=topology.train.epochs, grace_period=settings.grace_period,
+                             reduction_factor=settings.reduction_factor)
+    if settings.name == "pbt":
+        class CohortPBT(PopulationBasedTraining):
+            """PBT that leaves a trial's last epoch alone: exploiting then would restart a cohort
+            with nothing left to train and hand it the better trial's result as its own."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                if result.get("epoch", 0) >= topology.train.epochs:
+                    return self.CONTINUE
+                return super().on_trial_result(tune_controller, trial, result)
+
+        return CohortPBT(
+            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations={key: tune_distribution(spec) for key, spec in space.mutations().items()},
+            quantile_fraction=settings.quantile_fraction, resample_probability=settings.resample_probability,
+            synch=settings.synch)
+    return FIFOScheduler()
+
+
+def check_pbt(space, topology, where: str) -> None:
+    """PBT copies checkpoints at its perturbation epochs: there must be some, inside the run."""
+    if space.scheduler.name != "pbt":
+        return
+    interval, epochs = space.scheduler.perturbation_interval, topology.train.epochs
+    if interval >= epochs:
+        raise CohortError(f"scheduler.perturbation_interval: {interval} epochs leaves no perturbation in a run of "
+                          f"{epochs} epochs (train.epochs)", where)
+    every = topology.train.checkpoint_every
+    if interval % every:
+        raise CohortError(f"scheduler.perturbation_interval: {interval} is not a multiple of train.checkpoint_every "
+                          f"({every}): PBT copies the checkpoint of the epoch it perturbs at", where)
+
+
 def plan_resources(num_peers: int, samples: int, cpus: float, max_concurrent: int | None,
                    cpus_per_peer: float | None) -> tuple[int, float]:
     """How many trials run at once, and each peer's CPUs: a whole CPU per peer where the cluster
@@ -211,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise CohortError(f"metric: {missing[0]!r} is not reported (available: {', '.join(available)})",
                           Path(args.space).name)
+    check_pbt(space, topology, Path(args.space).name)
 
     name = args.name or f"{topology.name}-{Path(args.space).stem}"
     storage = os.path.abspath(os.path.expanduser(args.storage or "~/ray_results/cohort-tune"))
@@ -223,8 +320,6 @@ def run(args: argparse.Namespace) -> int:
                                                space.max_concurrent, topology.resources.cpus_per_peer)
 
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     state_file = sweep_dir.parent / f"{name}.cohort.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
     if args.resume and not (state and ray.tune.Tuner.can_restore(str(sweep_dir))):
@@ -253,11 +348,7 @@ def run(args: argparse.Namespace) -> int:
     callback = SweepCallback(tracking_uri, topology.experiment, parent_run_id, topology.train.epochs, space.metric,
                              children_file)
 
-    if space.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=topology.train.epochs, grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = make_scheduler(space, topology)
     if space.search.name == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -269,13 +360,17 @@ def run(args: argparse.Namespace) -> int:
         search_alg = BasicVariantGenerator(random_state=topology.seed, max_concurrent=concurrent)
     param_space = {key: tune_distribution(spec) for key, spec in space.space.items()}
 
-    print(f"sweep {name}: {samples} trials of {len(topology.peers)} peers, {concurrent} at a time "
+    expected = samples * math.prod(len(spec["grid"]) for spec in space.space.values() if "grid" in spec)
+    print(f"sweep {name}: {expected} trials of {len(topology.peers)} peers, {concurrent} at a time "
           f"({cpus_per_peer:g} CPU per peer), {space.mode} {space.metric}, scheduler {space.scheduler.name}, "
           f"search {space.search.name}\nMLflow parent run {parent_run_id} (experiment {topology.experiment!r})",
           flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
-    run_config = ray.tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
-                                    failure_config=ray.tune.FailureConfig(max_failures=0))
+    run_config = ray.tune.RunConfig(
+        name=name, storage_path=storage, callbacks=[callback], verbose=0,
+        failure_config=ray.tune.FailureConfig(max_failures=0),
+        # A resumed trial continues from its latest checkpoint; PBT may copy any top trial's latest.
+        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if space.scheduler.name == "pbt" else 1))
     if args.resume:
         tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, param_space=param_space,
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -286,12 +381,13 @@ def run(args: argparse.Namespace) -> int:
                                             max_concurrent_trials=concurrent, scheduler=scheduler,
                                             search_alg=search_alg))
     started = time.perf_counter()
+    # Tune suggests actor reuse for PBT; a cohort trial is a whole Train run and cannot be reused.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
         print(f"interrupted: continue with --resume --name {name}", file=sys.stderr)
         raise
-    expected = samples * math.prod(len(spec["grid"]) for spec in space.space.values() if "grid" in spec)
     unfinished = expected - len(results) + sum(1 for result in results
                                                if result.error is None and not (result.metrics or {}).get("epoch"))
     if unfinished:

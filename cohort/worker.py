@@ -99,6 +99,19 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, topology: Topolog
     return optimizer, scheduler
 
 
+def apply_optimizer_settings(optimizer, scheduler, config: OptimizerConfig) -> None:
+    """Give a restored optimizer the topology's settings, which PBT may have changed since the
+    checkpoint: the schedule's progress is kept, rescaled to the new base learning rate."""
+    for group in optimizer.param_groups:
+        if group.get("initial_lr") != config.lr:
+            ratio = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+            group["initial_lr"], group["lr"] = config.lr, config.lr * ratio
+        group["weight_decay"] = config.weight_decay
+        if "momentum" in group:
+            group["momentum"] = config.momentum
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
 SHOT_GROUPS = ("many", "medium", "few")
 
 
@@ -249,15 +262,17 @@ def train_cohort(config: dict[str, Any]) -> None:
 
     fingerprint, first_epoch = 0, 1
     history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
-    checkpoint = ray.train.get_checkpoint()
+    # A restart (after a worker died) or a resumed run continues after the run's last checkpoint;
+    # a Tune trial may start from one Tune hands it (PBT's exploit, a resumed sweep).
+    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
-        # A restart (after a worker died) or a resumed run: continue after the last checkpoint.
         with checkpoint.as_directory() as folder:
             state = load_peer_state(folder, peer)
         model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            apply_optimizer_settings(optimizer, scheduler, topology.optimizer_for(peer))
         restore_rng(state["rng"], device)
         fingerprint, first_epoch = int(state["fingerprint"]), int(state["epoch"]) + 1
         history = list(state.get("history", []))

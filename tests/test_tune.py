@@ -1,6 +1,7 @@
 """Search spaces, metric expressions, and a small sweep through Ray Tune on digits."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def space_error(tmp_path: Path, space: dict) -> str:
 # --------------------------------------------------------------------------- space files
 
 
-@pytest.mark.parametrize("name", ["bdkd.yaml", "dml.yaml"])
+@pytest.mark.parametrize("name", ["bdkd.yaml", "bdkd_pbt.yaml", "dml.yaml"])
 def test_shipped_spaces_fit_their_topologies(name):
     topology = load_topology(ROOT / "topologies" / ("dml_pair.yaml" if name == "dml.yaml" else "three_peers.yaml"))
     space = load_space(ROOT / "tune_spaces" / name, topology)
@@ -72,6 +73,16 @@ BAD_SPACES = {
     "bad mode": ({"mode": "maximize"}, "mode: 'maximize' is not one of"),
     "unknown scheduler": ({"scheduler": {"name": "hyperband"}}, "scheduler.name: 'hyperband' is not one of"),
     "grid search without grid entries": ({"search": "grid"}, "search: grid needs every space entry"),
+    "a setting of another scheduler": ({"scheduler": {"name": "asha", "perturbation_interval": 2}},
+                                       "scheduler.perturbation_interval: not a setting of asha (it takes grace_period, "
+                                       "reduction_factor)"),
+    "pbt with optuna": ({"scheduler": "pbt", "search": "optuna"}, "search: pbt explores by itself and cannot be "
+                                                                   "combined with optuna"),
+    "pbt with nothing to mutate": ({"scheduler": "pbt", "search": "grid",
+                                    "space": {"edges.0.temperature": {"grid": [1, 2]}}},
+                                   "scheduler: pbt needs at least one space entry that is not {grid: [...]}"),
+    "pbt quantile above one half": ({"scheduler": {"name": "pbt", "quantile_fraction": 0.7}},
+                                    "scheduler.quantile_fraction: must be less than or equal to 0.5"),
     "metric that is code": ({"metric": "__import__('os').system('ls')"}, "metric: "),
     "metric without a key": ({"metric": "2 + 2"}, "names no metric"),
 }
@@ -115,6 +126,60 @@ def test_metric_that_no_trial_reports_stops_before_ray(tmp_path, capsys):
     assert code == 2
     assert err.startswith("space.yaml: metric: 'ghost/acc' is not reported (available: cohort/batches_identical, ")
     assert "student/ece" in err
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"perturbation_interval": 2}, "scheduler.perturbation_interval: 2 epochs leaves no perturbation in a run of 2 "
+                                   "epochs (train.epochs)"),
+    ({"perturbation_interval": 1, "checkpoint_every": 2},
+     "scheduler.perturbation_interval: 1 is not a multiple of train.checkpoint_every (2)"),
+])
+def test_pbt_that_cannot_perturb_stops_before_ray(tmp_path, capsys, settings, expected):
+    topology = {**TOPOLOGY, "train": {**TOPOLOGY["train"], "checkpoint_every": settings.get("checkpoint_every", 1)}}
+    space = write(tmp_path, "space.yaml", {**GOOD_SPACE, "scheduler": {
+        "name": "pbt", "perturbation_interval": settings["perturbation_interval"]}})
+    code = tune_main([str(write(tmp_path, "t.yaml", topology)), str(space), "--tracking-uri",
+                      f"sqlite:///{tmp_path}/m.db", "--storage", str(tmp_path / "tune")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith(f"space.yaml: {expected}")
+
+
+def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
+    import torch
+
+    from cohort.topology import OptimizerConfig
+    from cohort.worker import apply_optimizer_settings
+
+    def optimizer_and_schedule(lr):
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+
+    optimizer, schedule = optimizer_and_schedule(0.1)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    saved_optimizer, saved_schedule = optimizer.state_dict(), schedule.state_dict()
+
+    # What a PBT-perturbed trial does: build its own optimizer, load the donor's state, apply its values.
+    restored, restored_schedule = optimizer_and_schedule(0.05)
+    restored.load_state_dict(saved_optimizer)
+    restored_schedule.load_state_dict(saved_schedule)
+    apply_optimizer_settings(restored, restored_schedule, OptimizerConfig(lr=0.05, momentum=0.5, weight_decay=1e-3))
+    group = restored.param_groups[0]
+    cosine = lambda base, epoch: base * (1 + math.cos(math.pi * epoch / 10)) / 2  # noqa: E731
+    assert group["lr"] == pytest.approx(cosine(0.05, 4))
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 1e-3)
+    restored.step()
+    restored_schedule.step()
+    assert restored.param_groups[0]["lr"] == pytest.approx(cosine(0.05, 5))
+
+    # A restart with unchanged values leaves the state exactly as saved.
+    same, same_schedule = optimizer_and_schedule(0.1)
+    same.load_state_dict(saved_optimizer)
+    same_schedule.load_state_dict(saved_schedule)
+    apply_optimizer_settings(same, same_schedule, OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4))
+    assert same.param_groups[0]["lr"] == saved_optimizer["param_groups"][0]["lr"]
 
 
 # --------------------------------------------------------------------------- a sweep through Ray Tune
@@ -180,3 +245,42 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
 
     assert run_main([str(best), "--dry-run"]) == 0
     assert parents[0].data.metrics["best_objective"] == pytest.approx(max(r.data.metrics["objective"] for r in finished))
+
+
+def test_small_pbt_sweep_copies_the_better_trial(ray_cluster, tmp_path, capsys):
+    import mlflow
+
+    # Two trials from a grid of learning rates, decided synchronously after epoch 1: the one whose
+    # rate is too small to learn is in the bottom half, so PBT restarts it from the other's epoch-1
+    # checkpoint with the other's values (the temperature perturbed), and it goes on at epoch 2.
+    space = {
+        "metric": "student/acc", "mode": "max", "max_concurrent": 2,
+        "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "synch": True,
+                      "resample_probability": 0.0},
+        "search": "random",
+        "space": {"train.optimizer.lr": {"grid": [0.2, 0.00001]}, "edges.0.temperature": {"uniform": [1.0, 4.0]}},
+    }
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [str(write(tmp_path, "t.yaml", TOPOLOGY)), str(write(tmp_path, "s.yaml", space)), "--num-samples", "1",
+            "--tracking-uri", uri, "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
+    assert tune_main(args) == 0
+    out = capsys.readouterr().out
+    assert "continues from a better trial's checkpoint (PBT) with" in out, out
+
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-me").experiment_id])
+    children = {float(r.data.params["train.optimizer.lr"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(children) == {0.2, 0.00001} and all(r.info.status == "FINISHED" for r in children.values())
+    good, exploited = children[0.2], children[0.00001]
+    changed = json.loads(exploited.data.tags["cohort.pbt.epoch_002"])
+    assert changed["train.optimizer.lr"] == 0.2
+    assert changed["edges.0.temperature"] in (pytest.approx(float(good.data.params["edges.0.temperature"]) * 0.8),
+                                              pytest.approx(float(good.data.params["edges.0.temperature"]) * 1.2))
+    history = {m.step: m.value for m in client.get_metric_history(exploited.info.run_id, "student/acc")}
+    donor = {m.step: m.value for m in client.get_metric_history(good.info.run_id, "student/acc")}
+    # The exploited trial went on at epoch 2 (not again from epoch 1) from the donor's weights, far
+    # above what its tiny learning rate had reached; nothing was exploited after the last epoch.
+    assert sorted(history) == [1, 2] and sorted(donor) == [1, 2]
+    assert history[1] < 0.2 < 0.3 < history[2], (history, donor)
+    assert [key for key in good.data.tags if key.startswith("cohort.pbt.")] == []
+    assert "rank" in out and out.count("continues from a better trial's checkpoint") == 1
