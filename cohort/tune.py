@@ -156,6 +156,10 @@ class SweepCallback(Callback):
             self.tracker.run_id = run.info.run_id
             self.tracker.log_params(dict(trial.config))
         self.tracker.run_id = children[trial.trial_id]
+        if trial.trial_id not in self.last_epoch:
+            # A resumed sweep: the epochs its run already holds in MLflow are done.
+            history = self.tracker.client.get_metric_history(self.tracker.run_id, OBJECTIVE)
+            self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
         return self.tracker.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -176,8 +180,11 @@ class SweepCallback(Callback):
             self.tracker.client.set_tag(self.tracker.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
             print(f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch {epoch} with "
                   f"{_sampled_text(changed)}", flush=True)
+            self.last_epoch[trial.trial_id] = epoch - 1  # the trial's history goes on from the copied epoch
+        # A resumed trial trains again the epochs after its last checkpoint: log each epoch once.
+        if epoch > self.last_epoch.get(trial.trial_id, 0):
+            self.tracker.log_epoch({**{k: v for k, v in result.items() if "/" in k or k == OBJECTIVE}, "epoch": epoch})
         self.last_epoch[trial.trial_id] = epoch
-        self.tracker.log_epoch({**{k: v for k, v in result.items() if "/" in k or k == OBJECTIVE}, "epoch": epoch})
         print(f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {result.get(OBJECTIVE, math.nan):.4f}",
               flush=True)
 
@@ -388,8 +395,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: continue with --resume --name {name}", file=sys.stderr)
         raise
-    unfinished = expected - len(results) + sum(1 for result in results
-                                               if result.error is None and not (result.metrics or {}).get("epoch"))
+    # Trials Tune never created, and those its saved state (which --resume reads) leaves to run:
+    # after Ctrl-C Tune saves the running trials as pending and returns normally.
+    saved = ray.tune.ExperimentAnalysis(str(sweep_dir)).trials
+    unfinished = expected - len(saved) + sum(1 for trial in saved if trial.status not in ("TERMINATED", "ERROR"))
     if unfinished:
         # Tune catches Ctrl-C itself and returns what it had: the sweep is not over.
         tracker.run_id = parent_run_id

@@ -185,6 +185,52 @@ def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
 # --------------------------------------------------------------------------- a sweep through Ray Tune
 
 
+def test_interrupted_sweep_resumes_without_running_finished_trials_again(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    # Its own Ray in each command (before this module's shared Ray starts). Small batches make an
+    # epoch last long enough for Ctrl-C to land inside the second trial, an epoch after Tune has
+    # taken that trial's first checkpoint.
+    topology = {**TOPOLOGY, "data": {"batch_size": 16}, "train": {**TOPOLOGY["train"], "epochs": 4}}
+    space = {**GOOD_SPACE, "max_concurrent": 1, "scheduler": "fifo"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, "-m", "cohort.tune", str(write(tmp_path, "t.yaml", topology)),
+               str(write(tmp_path, "s.yaml", space)), "--num-samples", "2", "--tracking-uri", uri,
+               "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if re.search(r"trial \w+_00001 epoch 2/4", line):
+            driver.send_signal(signal.SIGINT)
+            break
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == 2, "".join(seen) + out + err
+    assert "continue with --resume --name sweep-me-s" in err
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    first_trial = re.search(r"trial (\w+)_00000 started", "".join(seen)).group(1) + "_00000"
+    assert f"trial {first_trial} started" not in resumed.stdout  # finished: not run again
+    # The interrupted trial went on from its last checkpoint: it does not train epoch 1 again.
+    assert re.search(r"_00001 epoch 4/4", resumed.stdout) and not re.search(r"_00001 epoch 1/4", resumed.stdout), (
+        resumed.stdout)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-me").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for run in children:  # every epoch logged exactly once, across the two commands
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "objective")] == [1, 2, 3, 4]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
