@@ -239,9 +239,11 @@ def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: in
     own, ensemble, labels = [], [], []
     for inputs, batch_labels in data.test_batches(batch_size, num_workers):
         start, stop = shard_bounds(len(batch_labels), shards, shard)
-        if start == stop:
-            own.append(torch.empty(0)), ensemble.append(torch.empty(0)), labels.append(batch_labels[:0])
-            continue  # a test batch smaller than the shard count: the whole shard group skips it
+        if start == stop:  # a test batch smaller than the shard count: the whole shard group skips it
+            own.append(torch.empty(0))
+            ensemble.append(torch.empty(0))
+            labels.append(batch_labels[:0])
+            continue
         with autocast(precision, device):
             logits = model(inputs[start:stop].to(device, non_blocking=True))
         logits = logits.float()
