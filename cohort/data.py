@@ -41,10 +41,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def batch_indices(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def batch_indices(order: torch.Tensor, batch_size: int, shards: int = 1) -> list[torch.Tensor]:
     batches = list(torch.split(order, batch_size))
-    # A final batch of one sample breaks batch normalization in training mode: fold it in.
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    # A final batch of one sample breaks batch normalization in training mode, and one smaller
+    # than the number of replicas' shards would leave a replica without data: fold it in.
+    if len(batches) > 1 and len(batches[-1]) < max(2, shards):
         batches[-2] = torch.cat(batches[-2:])
         batches.pop()
     return batches
@@ -73,9 +74,12 @@ class CohortDataset:
         """Every training sample's label, in index order."""
         raise NotImplementedError
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0) -> Iterator[Batch]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
+                      shards: int = 1) -> Iterator[Batch]:
+        """The epoch's whole batches (``shards``: how many replicas will split each of them)."""
+        order = epoch_order(self.info.train_size, seed, epoch)
         plan = [(index, True, batch_seed(seed, epoch, number))
-                for number, index in enumerate(batch_indices(epoch_order(self.info.train_size, seed, epoch), batch_size))]
+                for number, index in enumerate(batch_indices(order, batch_size, shards))]
         return self._serve(plan, num_workers)
 
     def test_batches(self, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:

@@ -1,20 +1,27 @@
 """The logit exchange: every peer's logits, for every peer, in peer order.
 
-This is the only place that talks to the collective, so a different layout (NCCL, several
-data-parallel replicas per peer) changes this module alone.
+This is the only place that talks to the collective: the exchange over a shard's group, and the
+process groups of the worker grid (``cohort.grid``).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from cohort.grid import exchange_group_ranks, peer_group_ranks, slot_of
+
 
 class LogitExchange:
-    """``all_gather`` of one tensor per peer over a process group (the default group if None)."""
+    """``all_gather`` of one tensor per peer over a process group (the default group if None).
 
-    def __init__(self, peer_names: list[str], group: dist.ProcessGroup | None = None):
+    ``host_copies``: gather copies on the host (gloo carries no CUDA tensors for ``all_gather``)
+    and hand the results back on the device they came from.
+    """
+
+    def __init__(self, peer_names: list[str], group: dist.ProcessGroup | None = None, host_copies: bool = False):
         self.peer_names = list(peer_names)
         self.group = group
+        self.host_copies = host_copies
         world = dist.get_world_size(group)
         if world != len(self.peer_names):
             raise RuntimeError(f"the exchange group has {world} workers for {len(self.peer_names)} peers")
@@ -22,8 +29,12 @@ class LogitExchange:
     def __call__(self, own_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every peer's logits by name; they arrive detached (the collective carries no gradient)."""
         local = own_logits.detach().contiguous()
+        if self.host_copies:
+            local = local.cpu()
         gathered = [torch.empty_like(local) for _ in self.peer_names]
         dist.all_gather(gathered, local, group=self.group)
+        if self.host_copies:
+            gathered = [tensor.to(own_logits.device, non_blocking=True) for tensor in gathered]
         return dict(zip(self.peer_names, gathered))
 
     def gather_objects(self, obj):
@@ -31,3 +42,26 @@ class LogitExchange:
         gathered: list = [None] * len(self.peer_names)
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
+
+
+def grid_groups(peer_names: list[str], replicas: int, rank: int):
+    """This worker's (exchange group, peer group) in the grid; ``(None, None)`` without replicas,
+    where the default group is the exchange and a peer has no one to average gradients with.
+
+    ``new_group`` is collective: every rank creates every group, in the same order.
+    """
+    if replicas == 1:
+        return None, None
+    slot = slot_of(rank, peer_names)
+    exchange = [dist.new_group(ranks) for ranks in exchange_group_ranks(len(peer_names), replicas)]
+    peers = [dist.new_group(ranks) for ranks in peer_group_ranks(len(peer_names), replicas)]
+    return exchange[slot.shard], peers[slot.peer_index]
+
+
+def gather_in_group(obj, group: dist.ProcessGroup | None):
+    """Every member's object, in group rank order (just ``[obj]`` without a group)."""
+    if group is None:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cohort.errors import CohortError, first_line, run_command
+from cohort.grid import exchange_backend, gpus_needed, worker_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,10 +85,10 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
 
 
 def cpus_per_peer(topology, available_cpus: float) -> float:
-    """The topology's setting, else the CPUs shared by the peers, at most one each."""
+    """CPUs per worker: the topology's setting, else the CPUs shared by the workers, at most one each."""
     if topology.resources.cpus_per_peer is not None:
         return topology.resources.cpus_per_peer
-    return max(0.01, min(1.0, int(available_cpus / len(topology.peers) * 100) / 100))
+    return max(0.01, min(1.0, int(available_cpus / topology.num_workers * 100) / 100))
 
 
 def describe_classes(plan: Plan) -> list[str]:
@@ -122,7 +123,8 @@ def describe_plan(plan: Plan) -> str:
     lines = [
         f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
-        f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}",
+        f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}"
+        + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         "",
@@ -141,14 +143,39 @@ def describe_plan(plan: Plan) -> str:
         params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in edge.params.items())
         extra = f" reduce={edge.reduce}" + (f" warmup={edge.warmup}" if edge.warmup else "")
         lines.append(f"    {edge.to} <- {'+'.join(edge.senders)}: {edge.loss}, weight {edge.weight:g}, {params}{extra}")
-    device = "GPU" if topology.resources.use_gpu else "CPU"
+    resources = topology.resources
+    gpus = resources.gpus_per_worker
+    backend = exchange_backend(resources.use_gpu, gpus)
     lines += [
         "",
-        f"  resources: {len(topology.peers)} Ray Train workers x {plan.cpus_per_peer:g} CPU"
-        f"{' + 1 GPU' if device == 'GPU' else ''}, {plan.threads} torch thread(s) each",
+        f"  resources: {topology.num_workers} Ray Train workers x {plan.cpus_per_peer:g} CPU"
+        f"{f' + {gpus:g} GPU' if gpus else ''}, {plan.threads} torch thread(s) each"
+        + "".join(f", {text}" for text in placement_constraints(resources)),
+        f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
+        *describe_grid(topology),
         f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
     ]
     return "\n".join(lines)
+
+
+def describe_grid(topology) -> list[str]:
+    """The worker grid, where peers have replicas: rank -> peer, replica (= data shard), device."""
+    if topology.replicas == 1:
+        return []
+    gpus = topology.resources.gpus_per_worker
+    device = "CPU" if not gpus else ("own GPU" if gpus >= 1 else f"{gpus:g} of a shared GPU")
+    lines = [f"  worker grid: {topology.replicas} replicas per peer, each batch of {topology.data.batch_size} split "
+             f"into {topology.replicas} shards; logits exchanged per shard, gradients averaged per peer (DDP)",
+             f"    {'rank':<6}{'peer':<14}{'replica/shard':<15}device"]
+    for slot in worker_grid(topology.peer_names, topology.replicas):
+        frozen = " (frozen: no DDP)" if topology.peers[slot.peer].frozen else ""
+        lines.append(f"    {slot.rank:<6}{slot.peer:<14}{slot.shard:<15}{device}{frozen}")
+    return lines
+
+
+def placement_constraints(resources) -> list[str]:
+    return ([f"accelerator {resources.accelerator_type}"] if resources.accelerator_type else []) + [
+        f"node label {key}={value}" for key, value in resources.node_labels.items()]
 
 
 # --------------------------------------------------------------------------- Ray
@@ -201,17 +228,22 @@ def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | No
     from cohort.worker import train_cohort
 
     storage_path = storage_location(storage)
+    resources = topology.resources
+    gpus = resources.gpus_per_worker
     return TorchTrainer(
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "objective": objective, "initial_checkpoint": initial_checkpoint},
-        # One worker per peer; peers are different networks, so nothing here wraps them in DDP.
+        # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
+        # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
-            num_workers=len(topology.peers),
-            use_gpu=topology.resources.use_gpu,
-            resources_per_worker={"CPU": cpus_per_peer, **({"GPU": 1} if topology.resources.use_gpu else {})},
+            num_workers=topology.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": cpus_per_peer, **({"GPU": gpus} if gpus else {})},
+            accelerator_type=resources.accelerator_type,
+            label_selector=dict(resources.node_labels) or None,
         ),
-        torch_config=TorchConfig(backend="nccl" if topology.resources.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=exchange_backend(resources.use_gpu, gpus).name),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -332,7 +364,7 @@ def _run(args: argparse.Namespace) -> int:
 
     plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard))
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard), cluster_node_labels())
     print(describe_plan(plan), flush=True)
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -349,7 +381,7 @@ def _run(args: argparse.Namespace) -> int:
                       "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
                                  for index, name in enumerate(plan.groups[1])} if plan.groups else None},
                      "data.json")
-    workers = f"{len(topology.peers)} worker{'s' if len(topology.peers) > 1 else ''}"
+    workers = f"{topology.num_workers} worker{'s' if topology.num_workers > 1 else ''}"
     print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...", flush=True)
     return train(plan, tracker, storage, run_name, logged_epochs=0)
 
@@ -364,20 +396,46 @@ def storage_location(storage: str | None) -> str:
     return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
 
 
-def fit_cluster(plan: Plan, cluster: dict[str, float]) -> Plan:
-    """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small."""
+def fit_cluster(plan: Plan, cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None) -> Plan:
+    """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small, or
+    has no GPUs of the type or no node with the labels the topology asks for (``node_labels``:
+    every node's labels, where known)."""
     topology = plan.topology
+    resources = topology.resources
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     shared = cpus_per_peer(topology, cpus)
     plan = dataclasses.replace(plan, cpus_per_peer=shared, threads=max(1, int(shared)))
-    needed = plan.cpus_per_peer * len(topology.peers)
+    workers = workers_text(topology)
+    needed = plan.cpus_per_peer * topology.num_workers
     if needed > cpus + 1e-9:
-        raise CohortError(f"the cohort needs {needed:g} CPUs ({len(topology.peers)} peers x {plan.cpus_per_peer:g}), "
+        raise CohortError(f"the cohort needs {needed:g} CPUs ({workers} x {plan.cpus_per_peer:g}), "
                           f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
-    if topology.resources.use_gpu and gpus < len(topology.peers):
-        raise CohortError(f"the cohort needs {len(topology.peers)} GPUs (one per peer), the Ray cluster has {gpus:g} "
-                          "(--set resources.use_gpu=false to train on CPUs)", "resources.use_gpu")
+    needed_gpus = gpus_needed(topology.num_workers, resources.gpus_per_worker)
+    if resources.use_gpu and needed_gpus > gpus + 1e-9:
+        each = "one each" if resources.gpus_per_worker >= 1 else f"{resources.gpus_per_worker:g} each"
+        raise CohortError(f"the cohort needs {needed_gpus:g} GPUs ({workers}, {each}), the Ray cluster has "
+                          f"{gpus:g} (--set resources.use_gpu=false to train on CPUs)",
+                          "resources.gpus_per_peer" if resources.gpus_per_peer is not None else "resources.use_gpu")
+    if resources.accelerator_type and f"accelerator_type:{resources.accelerator_type}" not in cluster:
+        known = sorted(key.split(":", 1)[1] for key in cluster if key.startswith("accelerator_type:"))
+        raise CohortError(f"no {resources.accelerator_type!r} GPUs in the Ray cluster "
+                          f"(it has: {', '.join(known) or 'none'})", "resources.accelerator_type")
+    wanted = dict(resources.node_labels)
+    if wanted and node_labels is not None and not any(wanted.items() <= labels.items() for labels in node_labels):
+        raise CohortError(f"no node of the Ray cluster has the labels {wanted}", "resources.node_labels")
     return plan
+
+
+def workers_text(topology) -> str:
+    peers = f"{len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''}"
+    return f"{peers} x {topology.replicas} replicas" if topology.replicas > 1 else peers
+
+
+def cluster_node_labels() -> list[dict[str, str]]:
+    """The labels of the Ray cluster's live nodes."""
+    import ray
+
+    return [dict(node.get("Labels") or {}) for node in ray.nodes() if node.get("Alive")]
 
 
 def resume(args: argparse.Namespace) -> int:
@@ -415,7 +473,7 @@ def resume(args: argparse.Namespace) -> int:
     tracker.run_id = run_id
     history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
     logged = max((metric.step for metric in history), default=0)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard))
+    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard), cluster_node_labels())
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
           flush=True)
@@ -471,6 +529,8 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
     from cohort.tracking import flat_metrics
 
     tracker.log_json({"epoch": final.get("epoch"), **flat_metrics(final)}, "final_metrics.json")
+    if final.get("cohort/workers"):
+        tracker.log_json(final["cohort/workers"], "workers.json")  # rank -> peer, replica, node, device
     if result.checkpoint is None:
         return
     with result.checkpoint.as_directory() as folder:

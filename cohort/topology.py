@@ -127,6 +127,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints the storage keeps")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before failing")
     check_batches_every: int = Field(50, ge=0, description="steps between cross-peer batch fingerprint checks (0: off)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the forward pass's autocast type; logits, losses and the exchange stay fp32")
 
 
 # --------------------------------------------------------------------------- peers and edges
@@ -138,6 +140,7 @@ class PeerConfig(_Strict):
     optimizer: OptimizerOverride = OptimizerOverride()
     frozen: bool = False
     checkpoint: str | None = None
+    replicas: int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
 
     @field_validator("model")
     @classmethod
@@ -265,8 +268,26 @@ class TrackingConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the peers, at most 1 each")
+    cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the workers, at most 1 each")
     use_gpu: bool = False
+    gpus_per_peer: float | None = Field(
+        None, gt=0, le=1, description="GPUs per worker with use_gpu (default 1); a fraction shares a GPU between workers")
+    accelerator_type: str | None = Field(None, min_length=1, description="Ray accelerator type of the GPUs, e.g. A100")
+    node_labels: dict[str, str] = Field({}, description="Ray node labels every worker's node must have")
+
+    @model_validator(mode="after")
+    def _gpu_settings_need_gpus(self) -> "ResourcesConfig":
+        for key in ("gpus_per_peer", "accelerator_type"):
+            if getattr(self, key) is not None and not self.use_gpu:
+                raise _problem("applies to GPUs only: set resources.use_gpu: true", key)
+        return self
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs each Ray Train worker asks for (0 on CPUs)."""
+        if not self.use_gpu:
+            return 0.0
+        return 1.0 if self.gpus_per_peer is None else self.gpus_per_peer
 
 
 class Topology(_Strict):
@@ -308,12 +329,43 @@ class Topology(_Strict):
                 raise _problem(f"peer {edge.to!r} is frozen and cannot receive an edge", f"edges[{index}].to")
         return self
 
+    @model_validator(mode="after")
+    def _replicas_form_a_grid(self) -> "Topology":
+        # Every data shard needs one worker of every peer (its logits), so the counts must agree.
+        first, *others = self.peer_names
+        for name in others:
+            if self.peers[name].replicas != self.peers[first].replicas:
+                raise _problem(f"every peer needs the same number of replicas ({first!r} has "
+                               f"{self.peers[first].replicas}, {name!r} has {self.peers[name].replicas})",
+                               f"peers.{name}.replicas")
+        if self.data.batch_size < self.replicas:
+            raise _problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
+                           "data.batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_the_device(self) -> "Topology":
+        if self.train.precision == "fp16" and not self.resources.use_gpu:
+            raise _problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
+        return self
+
     # ---------------------------------------------------------------- views the trainer uses
 
     @property
     def peer_names(self) -> list[str]:
-        """Peers in file order; peer k runs on the Ray Train worker of rank k."""
+        """Peers in file order; peer k runs on the Ray Train worker of rank k (on ranks
+        ``shard * len(peers) + k`` with replicas, see cohort.grid)."""
         return list(self.peers)
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas of every peer (equal for all peers): the number of data shards."""
+        return self.peers[self.peer_names[0]].replicas
+
+    @property
+    def num_workers(self) -> int:
+        """Ray Train workers: one per peer and replica."""
+        return len(self.peers) * self.replicas
 
     @property
     def experiment(self) -> str:

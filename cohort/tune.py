@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     # Ray Train releases the workers of a trial that Tune stops early through the state API, which
     # the dashboard serves: a Ray started here runs it, on 127.0.0.1 only.
     cluster = start_ray(args.address, args.verbose, dashboard=True)
-    concurrent, cpus_per_peer = plan_resources(len(topology.peers), samples, float(cluster.get("CPU", 0)),
+    concurrent, cpus_per_peer = plan_resources(topology.num_workers, samples, float(cluster.get("CPU", 0)),
                                                space.max_concurrent, topology.resources.cpus_per_peer)
 
     import ray.tune

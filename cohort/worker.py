@@ -1,4 +1,5 @@
-"""The per-peer loop, run by every Ray Train worker: worker k trains peer k of the topology.
+"""The per-peer loop, run by every Ray Train worker: worker k trains peer k of the topology
+(with replicas, a worker trains one replica of a peer on one shard of each batch: cohort.grid).
 
 Each step, read top to bottom: batch → own logits → exchange → own loss → backward → step.
 Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report.
@@ -14,16 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed
 import torch.nn as nn
 
 from cohort import metrics
 from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
 from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
-from cohort.exchange import LogitExchange
+from cohort.exchange import LogitExchange, gather_in_group, grid_groups
+from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.losses import LOSSES
 from cohort.losses.combine import peer_objective
 from cohort.models import build_model
+from cohort.precision import autocast, grad_scaler
 from cohort.search_space import MetricExpression
 from cohort.topology import OptimizerConfig, Topology, topology_from_dict
 
@@ -153,6 +157,12 @@ class EpochStats:
     def summary(self) -> dict[str, float]:
         return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
 
+    @classmethod
+    def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
+        """A peer's epoch over all its replicas' shards."""
+        return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
+                   sum(r.seen for r in replicas), max(r.steps for r in replicas))
+
 
 def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:
     """A running CRC of every batch's bytes: equal on all peers exactly when they saw the same data."""
@@ -166,20 +176,29 @@ class NonFiniteLoss(RuntimeError):
 
 def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, topology: Topology, peer: str,
                 epoch: int, groups: torch.Tensor | None, fingerprint: int,
-                device: torch.device = torch.device("cpu")) -> tuple[EpochStats, int]:
+                device: torch.device = torch.device("cpu"), shard: int = 0,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[EpochStats, int]:
+    """One epoch of one peer (of its replica ``shard``: the shard-th part of every batch)."""
     frozen = topology.peers[peer].frozen
     edges = topology.incoming_edges(peer)
     check_every = topology.train.check_batches_every
+    shards = topology.replicas
     model.train(not frozen)
     stats = EpochStats()
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
-                                                                     topology.data.num_workers)):
+                                                                     topology.data.num_workers, shards)):
+        # The whole batch's fingerprint: the same as without replicas, and on every shard.
         fingerprint = batch_fingerprint(fingerprint, inputs, labels)
         if check_every and (step + 1) % check_every == 0:
-            check_same_batches(exchange, fingerprint, epoch, step)
+            check_same_batches(exchange, fingerprint, epoch, step, device)
+        batch_size = len(labels)
+        if shards > 1:
+            start, stop = shard_bounds(batch_size, shards, shard)
+            inputs, labels = inputs[start:stop], labels[start:stop]
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.set_grad_enabled(not frozen):
+        with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, device):
             own_logits = model(inputs)
+        own_logits = own_logits.float()
         peer_logits = exchange(own_logits)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
@@ -189,20 +208,31 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
             bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
             raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the replicas' gradients: scaled so, the average is the whole batch's gradient.
+        scaled = loss * shard_loss_scale(len(labels), batch_size, shards) if shards > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         gradient_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        if not torch.isfinite(gradient_norm):
+        # Under fp16 an overflowing gradient is expected now and then: the scaler skips that step.
+        if not torch.isfinite(gradient_norm) and scaler is None:
             values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
             raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         stats.add(float(loss.detach()), own_logits.detach(), labels)
     return stats, fingerprint
 
 
-def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int) -> None:
+def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int,
+                       device: torch.device = torch.device("cpu")) -> None:
     """Stop every peer at once when their batches' fingerprints differ (they would distill from
     predictions on other images)."""
-    everyone = exchange(torch.tensor([[fingerprint]], dtype=torch.int64))
+    # On the worker's device: NCCL gathers CUDA tensors only.
+    everyone = exchange(torch.tensor([[fingerprint]], dtype=torch.int64, device=device))
     values = {peer: int(value) for peer, value in everyone.items()}
     if len(set(values.values())) > 1:
         raise CohortError(f"the peers' training batches diverged by epoch {epoch}, step {step} "
@@ -211,17 +241,34 @@ def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, st
 
 @torch.no_grad()
 def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: int, num_workers: int = 0,
-             device: torch.device = torch.device("cpu")):
-    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU."""
+             device: torch.device = torch.device("cpu"), precision: str = "fp32", shard: int = 0, shards: int = 1,
+             peer_group=None):
+    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU.
+
+    With replicas, each evaluates its shard of every test batch and the peer's replicas share
+    their parts, so every replica ends with the whole test split, in the order of one worker.
+    """
     model.eval()
     own, ensemble, labels = [], [], []
     for inputs, batch_labels in data.test_batches(batch_size, num_workers):
-        logits = model(inputs.to(device, non_blocking=True))
+        start, stop = shard_bounds(len(batch_labels), shards, shard)
+        if start == stop:  # a test batch smaller than the shard count: the whole shard group skips it
+            own.append(torch.empty(0))
+            ensemble.append(torch.empty(0))
+            labels.append(batch_labels[:0])
+            continue
+        with autocast(precision, device):
+            logits = model(inputs[start:stop].to(device, non_blocking=True))
+        logits = logits.float()
         peer_logits = exchange(logits)
         own.append(logits.cpu())
         ensemble.append(torch.stack([l.softmax(dim=1) for l in peer_logits.values()]).mean(dim=0).cpu())
-        labels.append(batch_labels)
-    return torch.cat(own), torch.cat(ensemble), torch.cat(labels)
+        labels.append(batch_labels[start:stop])
+    replicas = gather_in_group((own, ensemble, labels), peer_group)
+    # Batch by batch, shard by shard: the order of the test split.
+    return tuple(torch.cat([part[kind][batch] for batch in range(len(own)) for part in replicas
+                            if part[kind][batch].numel()])
+                 for kind in range(3))
 
 
 # --------------------------------------------------------------------------- the Ray Train entry point
@@ -241,7 +288,8 @@ def train_cohort(config: dict[str, Any]) -> None:
     topology = topology_from_dict(config["topology"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    peer = topology.peer_names[rank]
+    slot = slot_of(rank, topology.peer_names)
+    peer, shard, shards = slot.peer, slot.shard, topology.replicas
     progress = config.get("progress")
     objective = MetricExpression(config["objective"]) if config.get("objective") else None
 
@@ -251,14 +299,19 @@ def train_cohort(config: dict[str, Any]) -> None:
     # Per-group metrics where the topology asks for groups (not for an ltkd edge's sake alone).
     metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
     device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
-    model = build_peer(topology, peer, info).to(device)
+    placement = worker_placement(rank, slot, device)
+    net = build_peer(topology, peer, info).to(device)
     groups = grouping[0].to(device) if grouping else None
     frozen = topology.peers[peer].frozen
     if frozen:
-        for parameter in model.parameters():
+        for parameter in net.parameters():
             parameter.requires_grad_(False)
-    optimizer, scheduler = (None, None) if frozen else build_optimizer(model, topology.optimizer_for(peer), topology)
-    exchange = LogitExchange(topology.peer_names)
+    optimizer, scheduler = (None, None) if frozen else build_optimizer(net, topology.optimizer_for(peer), topology)
+    scaler = None if frozen else grad_scaler(topology.train.precision, device)
+    exchange_group, peer_group = grid_groups(topology.peer_names, shards, rank)
+    backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)
+    exchange = LogitExchange(topology.peer_names, exchange_group, host_copies=backend.host_copies)
+    workers = gather_in_group(placement, torch.distributed.group.WORLD)  # rank 0 reports them
 
     fingerprint, first_epoch = 0, 1
     history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
@@ -266,13 +319,16 @@ def train_cohort(config: dict[str, Any]) -> None:
     # a Tune trial may start from one Tune hands it (PBT's exploit, a resumed sweep).
     checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
+        # Every replica of a peer reads the peer's one state.
         with checkpoint.as_directory() as folder:
             state = load_peer_state(folder, peer)
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             apply_optimizer_settings(optimizer, scheduler, topology.optimizer_for(peer))
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"], device)
         fingerprint, first_epoch = int(state["fingerprint"]), int(state["epoch"]) + 1
         history = list(state.get("history", []))
@@ -281,19 +337,26 @@ def train_cohort(config: dict[str, Any]) -> None:
             # them again; it logs each epoch once.
             for report in history:
                 progress.put(report)
+    model = net
+    if peer_group is not None and not frozen:
+        # Data parallelism within the peer's own replicas only: peers are different networks.
+        model = nn.parallel.DistributedDataParallel(net, process_group=peer_group,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch in range(first_epoch, topology.train.epochs + 1):
         started = time.perf_counter()
         try:
             stats, fingerprint = train_epoch(model, optimizer, data, exchange, topology, peer, epoch, groups,
-                                             fingerprint, device)
+                                             fingerprint, device, shard, scaler)
         except NonFiniteLoss as error:
             raise CohortError(str(error)) from None
         if scheduler is not None:
             scheduler.step()
         train_seconds = time.perf_counter() - started
-        own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size,
-                                                              topology.data.num_workers, device)
+        stats = EpochStats.merged(gather_in_group(stats, peer_group))
+        own_logits, ensemble_probs, test_labels = evaluate(net, data, exchange, topology.data.eval_batch_size,
+                                                           topology.data.num_workers, device,
+                                                           topology.train.precision, shard, shards, peer_group)
         everyone = exchange.gather_objects(peer_epoch_metrics(stats, own_logits, test_labels, train_seconds,
                                                               fingerprint, *metric_groups))
 
@@ -301,6 +364,7 @@ def train_cohort(config: dict[str, Any]) -> None:
         if rank == 0:
             report = cohort_report(topology, epoch, everyone,
                                    metrics.evaluate_probs(ensemble_probs, test_labels, *metric_groups))
+            report["cohort/workers"] = workers
             if objective is not None:
                 try:
                     report["objective"] = objective(report)
@@ -310,20 +374,30 @@ def train_cohort(config: dict[str, Any]) -> None:
             if progress is not None:
                 progress.put(report)
         last = epoch == topology.train.epochs
-        if last or epoch % topology.train.checkpoint_every == 0:
+        # One state per peer, written by its first replica (the replicas' weights are equal).
+        if shard == 0 and (last or epoch % topology.train.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as folder:
                 save_peer_state(folder, peer, {
                     "epoch": epoch, "fingerprint": fingerprint, "rng": rng_state(device),
-                    "model": model.state_dict(),
+                    "model": net.state_dict(),
                     "optimizer": optimizer.state_dict() if optimizer is not None else {},
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "scaler": scaler.state_dict() if scaler is not None else {},
                     "history": history,
                 })
                 if last:
-                    save_final(folder, peer, model, own_logits, test_labels, ensemble_probs if rank == 0 else None)
+                    save_final(folder, peer, net, own_logits, test_labels, ensemble_probs if rank == 0 else None)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)
+
+
+def worker_placement(rank: int, slot, device: torch.device) -> dict[str, Any]:
+    """Where this worker runs: its place in the grid, its Ray node and its device."""
+    import ray
+
+    return {"rank": rank, "peer": slot.peer, "replica": slot.shard, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "device": str(device)}
 
 
 def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Tensor, seconds: float,

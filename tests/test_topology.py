@@ -187,6 +187,16 @@ BAD_CASES = {
     "image size for cifar": (lambda t: t.update(data={"dataset": "cifar10", "image_size": 64}), "data.image_size: only parquet and imagefolder"),
     "ltkd with an empty shot group": (lambda t: (t.update(data={"groups": "shots"}), t["edges"][0].update(loss="ltkd")), "data.groups: shots leaves group(s) 'medium', 'few' empty"),
     "reserved peer name": (lambda t: t["peers"].update(ensemble={"model": "mlp"}), "peers: peer name 'ensemble' is reserved"),
+    "unequal replicas": (lambda t: t["peers"]["teacher"].update(replicas=2), "peers.student.replicas: every peer needs the same number of replicas ('teacher' has 2, 'student' has 1)"),
+    "replicas zero": (lambda t: t["peers"]["student"].update(replicas=0), "peers.student.replicas: must be greater than or equal to 1"),
+    "more replicas than a batch": (lambda t: (t.update(data={"batch_size": 2}), [p.update(replicas=3) for p in t["peers"].values()]), "data.batch_size: a batch of 2 cannot be split into 3 replicas' shards"),
+    "fp16 on CPUs": (lambda t: t.update(train={"precision": "fp16"}), "train.precision: fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16"),
+    "unknown precision": (lambda t: t.update(train={"precision": "fp8"}), "train.precision: 'fp8' is not one of"),
+    "GPU fraction without GPUs": (lambda t: t.update(resources={"gpus_per_peer": 0.5}), "resources.gpus_per_peer: applies to GPUs only: set resources.use_gpu: true"),
+    "GPU fraction above one": (lambda t: t.update(resources={"use_gpu": True, "gpus_per_peer": 2}), "resources.gpus_per_peer: must be less than or equal to 1"),
+    "GPU fraction zero": (lambda t: t.update(resources={"use_gpu": True, "gpus_per_peer": 0}), "resources.gpus_per_peer: must be greater than 0"),
+    "accelerator type without GPUs": (lambda t: t.update(resources={"accelerator_type": "A100"}), "resources.accelerator_type: applies to GPUs only"),
+    "node labels not a mapping": (lambda t: t.update(resources={"node_labels": ["zone-a"]}), "resources.node_labels: must be a mapping, not a list"),
 }
 
 
