@@ -327,6 +327,6 @@ def test_small_pbt_sweep_copies_the_better_trial(ray_cluster, tmp_path, capsys):
     # The exploited trial went on at epoch 2 (not again from epoch 1) from the donor's weights, far
     # above what its tiny learning rate had reached; nothing was exploited after the last epoch.
     assert sorted(history) == [1, 2] and sorted(donor) == [1, 2]
-    assert history[1] < 0.2 < 0.3 < history[2], (history, donor)
+    assert history[1] < donor[1] and history[2] > history[1] + 0.1, (history, donor)
     assert [key for key in good.data.tags if key.startswith("cohort.pbt.")] == []
     assert "rank" in out and out.count("continues from a better trial's checkpoint") == 1
