@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import statistics
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -130,6 +132,11 @@ class EpochStats:
     correct: int = 0
     seen: int = 0
     steps: int = 0
+    # Wall-clock seconds of each step (batch included) and of its exchange, which includes waiting
+    # for the slower peers: where a cohort's time goes, at two clock reads per step.
+    step_seconds: list[float] = field(default_factory=list)
+    exchange_seconds: list[float] = field(default_factory=list)
+    first_step_at: float | None = None  # time.time() when the epoch's first step ended
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -138,7 +145,19 @@ class EpochStats:
         self.steps += 1
 
     def summary(self) -> dict[str, float]:
-        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
+                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds)}
+
+
+def _median(values: list[float]) -> float:
+    # The median leaves out the first steps' warm-up and the odd step slowed by other processes.
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
 
 
 def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:
@@ -159,6 +178,7 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
     check_every = topology.train.check_batches_every
     model.train(not frozen)
     stats = EpochStats()
+    step_started = time.perf_counter()
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers)):
         fingerprint = batch_fingerprint(fingerprint, inputs, labels)
@@ -167,9 +187,12 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.set_grad_enabled(not frozen):
             own_logits = model(inputs)
+        exchange_started = time.perf_counter()
         peer_logits = exchange(own_logits)
+        stats.exchange_seconds.append(time.perf_counter() - exchange_started)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
+            step_started = _step_ended(stats, step_started)
             continue
         loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
         if not torch.isfinite(loss):
@@ -183,7 +206,17 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
             raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
         optimizer.step()
         stats.add(float(loss.detach()), own_logits.detach(), labels)
+        step_started = _step_ended(stats, step_started)
     return stats, fingerprint
+
+
+def _step_ended(stats: EpochStats, step_started: float) -> float:
+    """Record the step that began at ``step_started``; return when the next one begins."""
+    now = time.perf_counter()
+    stats.step_seconds.append(now - step_started)
+    if stats.first_step_at is None:
+        stats.first_step_at = time.time()
+    return now
 
 
 def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int) -> None:
@@ -221,18 +254,22 @@ def train_cohort(config: dict[str, Any]) -> None:
     through which rank 0 sends each epoch's cohort metrics to the driver (``cohort.run``), and
     the metric expression rank 0 reports as ``objective`` (``cohort.tune``).
     """
+    # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
+    startup = {"worker_start": time.time()}
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(config["threads"])
     topology = topology_from_dict(config["topology"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     peer = topology.peer_names[rank]
+    threads = config["threads"]
+    torch.set_num_threads(threads[peer] if isinstance(threads, dict) else threads)
     progress = config.get("progress")
     objective = MetricExpression(config["objective"]) if config.get("objective") else None
 
     data = load_dataset(topology.data)
+    startup["data_loaded"] = time.time()
     info = data.info
     grouping = cohort_groups(topology, info)
     # Per-group metrics where the topology asks for groups (not for an ltkd edge's sake alone).
@@ -246,6 +283,7 @@ def train_cohort(config: dict[str, Any]) -> None:
             parameter.requires_grad_(False)
     optimizer, scheduler = (None, None) if frozen else build_optimizer(model, topology.optimizer_for(peer), topology)
     exchange = LogitExchange(topology.peer_names)
+    startup["model_built"] = time.time()
 
     fingerprint, first_epoch = 0, 1
     history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
@@ -279,8 +317,11 @@ def train_cohort(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
         own_logits, ensemble_probs, test_labels = evaluate(model, data, exchange, topology.data.eval_batch_size,
                                                               topology.data.num_workers, device)
-        everyone = exchange.gather_objects(peer_epoch_metrics(stats, own_logits, test_labels, train_seconds,
-                                                              fingerprint, *metric_groups))
+        contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, fingerprint, *metric_groups)
+        if startup is not None:
+            contribution["startup"] = {**startup, "first_step": stats.first_step_at}
+            startup = None  # sent once, with the first epoch this worker runs
+        everyone = exchange.gather_objects(contribution)
 
         report: dict[str, Any] = {}
         if rank == 0:
@@ -316,7 +357,7 @@ def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Te
                        group_names: list[str] | None = None) -> dict[str, float]:
     """What one peer contributes to an epoch's report."""
     return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
-            "fingerprint": fingerprint}
+            "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
 
 
 def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
