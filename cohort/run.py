@@ -186,6 +186,11 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
     # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not address:
+        # A Ray started here runs its workers at nice 15, below every other process: next to any
+        # other load (even Ray's own agents and this driver) the peers then stepped at half speed
+        # on 2 cores. The peers are the computation: they run at a plain training script's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address:
