@@ -156,10 +156,10 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
         data = load_dataset(topology.data)
         models = {peer: build_peer(topology, peer, data.info) for peer in peers}
         optimizers = {peer: build_optimizer(models[peer], topology.optimizer_for(peer), topology)[0] for peer in peers}
-        epochs = []
+        epochs, cpu_epochs = [], []
         for epoch in range(1, repeats + 2):
-            step_seconds = []
-            started = time.perf_counter()
+            step_seconds, cpu_seconds = [], []
+            started, cpu_started = time.perf_counter(), time.process_time()
             for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch):
                 logits = {peer: models[peer](inputs) for peer in peers}
                 detached = {peer: value.detach() for peer, value in logits.items()}
@@ -170,13 +170,16 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
                     optimizers[peer].zero_grad(set_to_none=True)
                     loss.backward()
                     optimizers[peer].step()
-                now = time.perf_counter()
+                now, cpu_now = time.perf_counter(), time.process_time()
                 step_seconds.append(now - started)
-                started = now
+                cpu_seconds.append(cpu_now - cpu_started)
+                started, cpu_started = now, cpu_now
             epochs.append(statistics.median(step_seconds))
+            cpu_epochs.append(statistics.median(cpu_seconds))
     finally:
         torch.set_num_threads(previous)
-    return summarize(epochs[1:])  # the first epoch warms up
+    # The first epoch warms up.
+    return {**summarize(epochs[1:]), "cpu_seconds": summarize(cpu_epochs[1:])}
 
 
 # --------------------------------------------------------------------------- the cohort, through cohort.run
@@ -232,8 +235,12 @@ def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[d
 
 
 def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cohort's step time per measured epoch: its slowest peer's median step."""
-    return summarize([max(report[f"{peer}/step_seconds"] for peer in topology.peer_names) for report in reports[1:]])
+    """The cohort's step time per measured epoch: its slowest peer's median step; and each peer's
+    CPU seconds per step (all of its process's threads)."""
+    measured = reports[1:]
+    return {**summarize([max(report[f"{peer}/step_seconds"] for peer in topology.peer_names) for report in measured]),
+            "cpu_seconds": {peer: summarize([report[f"{peer}/step_cpu_seconds"] for report in measured])
+                            for peer in topology.peer_names}}
 
 
 def exchange_latency_loop(config: dict[str, Any]) -> None:
@@ -383,8 +390,15 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         },
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__,
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average_at_end": os.getloadavg(), "sched_autogroup": _autogroup()},
     }
+
+
+def _autogroup() -> bool | None:
+    """Whether Linux shares the CPUs among sessions first (then a Ray cluster, one session, gets one
+    session's share on a busy machine, whatever its number of workers)."""
+    flag = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    return flag.read_text().strip() == "1" if flag.exists() else None
 
 
 TARGETS = {"overhead": ("<=", 1.05), "device_scaling": (">=", 0.90), "equal_resources": (">=", 0.95),
@@ -430,6 +444,10 @@ def markdown(results: dict[str, Any]) -> str:
         estimated = " (step estimated from batch 64)" if entry["step_is_estimated"] else ""
         rows.append((f"all_gather {shape} (batch × classes), share of the step{estimated}",
                      f"{1000 * entry['all_gather_s']:.2f} ms, {100 * entry['share']:.2f}%", ""))
+    cpu = steps["cohort_equal"]["cpu_seconds"]
+    rows.append(("CPU seconds per step: each cohort peer / slowest alone",
+                 " / ".join(f"{1000 * entry['median']:.0f} ms" for entry in cpu.values())
+                 + f" / {1000 * steps['slowest_peer_alone_1_thread']['cpu_seconds']['median']:.0f} ms", ""))
     rss = results["peak_rss_mb"]
     rows.append(("peak RSS per worker", ", ".join(f"{peer} {value:.0f} MB" for peer, value in rss.items()), ""))
     lines = ["| figure | median (min–max) | target |", "| --- | --- | --- |"]

@@ -136,6 +136,8 @@ class EpochStats:
     # for the slower peers: where a cohort's time goes, at two clock reads per step.
     step_seconds: list[float] = field(default_factory=list)
     exchange_seconds: list[float] = field(default_factory=list)
+    # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
+    step_cpu_seconds: list[float] = field(default_factory=list)
     first_step_at: float | None = None  # time.time() when the epoch's first step ended
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -146,7 +148,8 @@ class EpochStats:
 
     def summary(self) -> dict[str, float]:
         return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
-                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds)}
+                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
+                "step_cpu_seconds": _median(self.step_cpu_seconds)}
 
 
 def _median(values: list[float]) -> float:
@@ -178,7 +181,7 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
     check_every = topology.train.check_batches_every
     model.train(not frozen)
     stats = EpochStats()
-    step_started = time.perf_counter()
+    step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers)):
         fingerprint = batch_fingerprint(fingerprint, inputs, labels)
@@ -210,10 +213,11 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
     return stats, fingerprint
 
 
-def _step_ended(stats: EpochStats, step_started: float) -> float:
-    """Record the step that began at ``step_started``; return when the next one begins."""
-    now = time.perf_counter()
-    stats.step_seconds.append(now - step_started)
+def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[float, float]:
+    """Record the step that began at ``step_started`` (wall, CPU); return when the next one begins."""
+    now = (time.perf_counter(), time.process_time())
+    stats.step_seconds.append(now[0] - step_started[0])
+    stats.step_cpu_seconds.append(now[1] - step_started[1])
     if stats.first_step_at is None:
         stats.first_step_at = time.time()
     return now
