@@ -332,14 +332,16 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         alone_teacher = one_process_steps(unequal, [teacher], 1, args.repeats)
 
         start_ray(None, verbose=False)
-        proportional = peer_threads(unequal_plan.compute, 1.0)
-        log(f"cohort of resnet20 teacher and resnet8 student: threads {proportional} (the default), then 1 each")
-        unequal_reports = cohort_in_process(unequal, proportional, folder)
-        even_reports = cohort_in_process(unequal, {peer: 1 for peer in unequal.peer_names}, folder)
+        placement = peer_threads(unequal_plan.compute, 1.0)
+        # The alternative the placement rejects: the teacher's share rounded up, one thread more.
+        extra = {**placement, teacher: placement[teacher] + 1}
+        log(f"cohort of resnet20 teacher and resnet8 student: threads {placement} (the default), then {extra}")
+        unequal_reports = cohort_in_process(unequal, placement, folder)
+        extra_reports = cohort_in_process(unequal, extra, folder)
         log(f"all_gather alone, {', '.join(f'{b}x{c}' for b, c in EXCHANGE_SHAPES)}")
         latency = exchange_latency(equal.peer_names, args.exchange_calls, folder)
 
-    cohort_unequal, cohort_even = cohort_steps(unequal, unequal_reports), cohort_steps(unequal, even_reports)
+    cohort_unequal, cohort_extra = cohort_steps(unequal, unequal_reports), cohort_steps(unequal, extra_reports)
     last = command["reports"][-1]
     in_step_exchange = summarize([min(report[f"{peer}/exchange_seconds"] for peer in equal.peer_names)
                                   for report in command["reports"][1:]])
@@ -357,7 +359,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "device_scaling": ratio(loop_equal_1, cohort_equal, scale=len(equal.peers)),
         "equal_resources": ratio(loop_equal_all, cohort_equal),
         "unequal_equal_resources": ratio(loop_unequal_all, cohort_unequal),
-        "unequal_equal_resources_even_threads": ratio(loop_unequal_all, cohort_even),
+        "unequal_equal_resources_teacher_extra_thread": ratio(loop_unequal_all, cohort_extra),
         "unequal_overhead": ratio(cohort_unequal, alone_teacher),
         "unequal_device_scaling": ratio(loop_unequal_1, cohort_unequal, scale=len(unequal.peers)),
         "time_to_first_step_s": startup["total"],
@@ -372,14 +374,14 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "step_seconds": {
             "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
             f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,
-            "cohort_unequal_proportional_threads": cohort_unequal, "cohort_unequal_1_thread_each": cohort_even,
+            "cohort_unequal_default_threads": cohort_unequal, "cohort_unequal_teacher_extra_thread": cohort_extra,
             "unequal_one_process_1_thread": loop_unequal_1, f"unequal_one_process_{cores}_threads": loop_unequal_all,
             "teacher_alone_1_thread": alone_teacher,
         },
         "setup": {
             "equal_peers": {peer: equal.peers[peer].model for peer in equal.peer_names},
             "unequal_peers": {peer: unequal.peers[peer].model for peer in unequal.peer_names},
-            "unequal_threads": proportional, "gflops_per_sample_step": {
+            "unequal_threads": placement, "unequal_threads_extra": extra, "gflops_per_sample_step": {
                 **{f"{peer} ({equal.peers[peer].model})": equal_plan.compute[peer] / 1e9 for peer in equal.peer_names},
                 **{f"{peer} ({unequal.peers[peer].model})": unequal_plan.compute[peer] / 1e9
                    for peer in unequal.peer_names}},
@@ -429,7 +431,8 @@ def markdown(results: dict[str, Any]) -> str:
          target("equal_resources")),
         (f"equal resources, resnet20 teacher + resnet8 student, threads {results['setup']['unequal_threads']}",
          figure("unequal_equal_resources"), "(default placement)"),
-        ("the same with 1 thread each", figure("unequal_equal_resources_even_threads"), "(for comparison)"),
+        (f"the same with threads {results['setup']['unequal_threads_extra']}",
+         figure("unequal_equal_resources_teacher_extra_thread"), "(for comparison)"),
         ("time to first step, `python -m cohort.run`", f"{results['time_to_first_step_s']:.1f} s",
          target("time_to_first_step_s")),
         ("  of which: " + ", ".join(f"{part.replace('_', ' ')} {value:.1f} s" for part, value in startup.items()), "",

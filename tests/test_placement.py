@@ -35,17 +35,18 @@ def test_equal_peers_keep_an_equal_share():
     assert peer_threads({"a": 5.0, "b": 5.0}, 1.5) == {"a": 1, "b": 1}
 
 
-def test_a_heavier_peer_gets_its_share_rounded_up_and_the_lighter_ones_down():
-    # 2 CPUs for a teacher with 3x the student's compute: shares 1.5 and 0.5.
-    assert peer_threads({"teacher": 3.0, "student": 1.0}, 1.0) == {"teacher": 2, "student": 1}
-    # 8 CPUs, shares 6 and 2: exactly proportional.
+def test_shares_follow_compute_rounded_down_never_beyond_the_cpus():
+    # 8 CPUs, a teacher with 3x the student's compute: shares 6 and 2, exactly proportional.
     assert peer_threads({"teacher": 3.0, "student": 1.0}, 4.0) == {"teacher": 6, "student": 2}
-    # A big teacher and two small students on 4 CPUs: shares 2.4, 0.8, 0.8.
-    assert peer_threads({"t": 6.0, "s1": 2.0, "s2": 2.0}, 4 / 3) == {"t": 3, "s1": 1, "s2": 1}
+    # 2 CPUs, shares 1.5 and 0.5: rounding up would put 3 spinning threads on 2 cores.
+    assert peer_threads({"teacher": 3.0, "student": 1.0}, 1.0) == {"teacher": 1, "student": 1}
+    # A big teacher and two small students on 12 CPUs: shares 7.2, 2.4, 2.4.
+    assert peer_threads({"t": 6.0, "s1": 2.0, "s2": 2.0}, 4.0) == {"t": 7, "s1": 2, "s2": 2}
 
 
 def test_every_peer_gets_at_least_one_thread():
-    assert peer_threads({"giant": 1000.0, "tiny": 1.0}, 1.0) == {"giant": 2, "tiny": 1}
+    assert peer_threads({"giant": 1000.0, "tiny": 1.0}, 1.0) == {"giant": 1, "tiny": 1}
+    assert peer_threads({"giant": 1000.0, "tiny": 1.0}, 2.0) == {"giant": 3, "tiny": 1}
     assert peer_threads({"a": 0.0, "b": 0.0}, 2.0) == {"a": 2, "b": 2}
 
 
@@ -59,14 +60,14 @@ def unequal_digits():
 def test_the_plan_gives_the_teacher_more_threads_and_shows_them(unequal_digits, tmp_path):
     plan = make_plan(unequal_digits, f"sqlite:///{tmp_path}/mlflow.db", available_cpus=2, download=False)
     assert plan.compute["teacher"] > 10 * plan.compute["student"]
-    assert plan.threads == {"teacher": 2, "student": 1}
-    assert fit_cluster(plan, {"CPU": 1.0}).threads == {"teacher": 1, "student": 1}  # 0.5 CPU each
+    assert plan.threads == {"teacher": 1, "student": 1}  # 2 CPUs: one each
     roomy = unequal_digits.model_copy(update={"resources": unequal_digits.resources.model_copy(
         update={"cpus_per_peer": 4.0})})
-    assert fit_cluster(make_plan(roomy, None, 8, download=False), {"CPU": 8.0}).threads == {"teacher": 8, "student": 1}
+    plan = fit_cluster(make_plan(roomy, None, 8, download=False), {"CPU": 8.0})
+    assert plan.threads == {"teacher": 7, "student": 1}
     rows = {line.split()[1]: line.split() for line in describe_plan(plan).splitlines() if line.startswith("  0 ")
             or line.startswith("  1 ")}
-    assert rows["teacher"][5] == "2" and rows["student"][5] == "1"
+    assert rows["teacher"][5] == "7" and rows["student"][5] == "1"
 
 
 MARKS = {"command": 100.0, "ray_start": 104.0, "ray_ready": 107.0}
