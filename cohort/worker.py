@@ -133,7 +133,7 @@ class EpochStats:
     seen: int = 0
     steps: int = 0
     # Wall-clock seconds of each step (batch included) and of its exchange, which includes waiting
-    # for the slower peers: where a cohort's time goes, at two clock reads per step.
+    # for the slower peers: where a cohort's time goes, for a few clock reads per step.
     step_seconds: list[float] = field(default_factory=list)
     exchange_seconds: list[float] = field(default_factory=list)
     # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
