@@ -33,6 +33,7 @@ class DatasetInfo:
     train_class_counts: tuple[int, ...]
     class_names: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what the user should know about the data (skipped rows, ...)
+    input_size: tuple[int, ...] = ()  # one input's shape, (C, H, W): the plan estimates each peer's compute from it
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -116,7 +117,7 @@ class TensorSplits(CohortDataset):
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
         self.info = DatasetInfo(name, num_classes, self.train_x.shape[1], len(self.train_y), len(self.test_y),
-                                _counts(self.train_y, num_classes))
+                                _counts(self.train_y, num_classes), input_size=tuple(self.train_x.shape[1:]))
 
     @property
     def train_targets(self) -> torch.Tensor:
@@ -141,7 +142,7 @@ class ImageArrays(CohortDataset):
         self.padding = padding
         self.info = DatasetInfo(name, num_classes, self.train_images.shape[1], len(self.train_labels),
                                 len(self.test_labels), _counts(self.train_labels, num_classes), tuple(class_names),
-                                tuple(notes))
+                                tuple(notes), tuple(self.train_images.shape[1:]))
 
     @property
     def train_targets(self) -> torch.Tensor:
@@ -204,7 +205,7 @@ class LongTailed(CohortDataset):
         counts = _counts(targets[self.keep], info.num_classes)
         note = f"long-tailed training set ({profile}, imbalance {imbalance:g}): {len(self.keep)} images"
         self.info = DatasetInfo(info.name, info.num_classes, info.in_channels, len(self.keep), info.test_size,
-                                counts, info.class_names, info.notes + (note,))
+                                counts, info.class_names, info.notes + (note,), info.input_size)
 
     @property
     def train_targets(self) -> torch.Tensor:
@@ -251,7 +252,7 @@ def describe_dataset(config: "DataConfig") -> DatasetInfo:
         counts = [per_class] * num_classes
         if config.long_tail is not None:
             counts = long_tail_counts(per_class, num_classes, config.long_tail.imbalance, config.long_tail.profile)
-        return DatasetInfo(config.dataset, num_classes, 3, sum(counts), 10_000, tuple(counts),
+        return DatasetInfo(config.dataset, num_classes, 3, sum(counts), 10_000, tuple(counts), input_size=(3, 32, 32),
                            notes=(f"{config.dataset} is not in {config.root!r} yet: torchvision downloads it "
                                   "when the run starts",))
     return load_dataset(config).info
@@ -478,7 +479,8 @@ class ImageFolderSplits(CohortDataset):
             normalize])
         targets = torch.tensor(self.train.targets, dtype=torch.long)
         self.info = DatasetInfo("imagefolder", len(self.train.classes), 3, len(self.train), len(self.test),
-                                _counts(targets, len(self.train.classes)), tuple(self.train.classes))
+                                _counts(targets, len(self.train.classes)), tuple(self.train.classes),
+                                input_size=(3, image_size, image_size))
 
     @property
     def train_targets(self) -> torch.Tensor:

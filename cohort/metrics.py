@@ -32,8 +32,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 __all__ = [
     "ReliabilityBins",
@@ -460,6 +458,10 @@ def reliability_diagram(bins: ReliabilityBins, path: str | Path, title: str = ""
     diagonal, ECE in the title. Beneath: the share of samples per confidence bin.
     Uses Figure + FigureCanvasAgg so no global pyplot state or backend is touched.
     """
+    # Imported here: matplotlib costs every worker and driver half a second of start-up otherwise.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     edges = bins.edges.cpu().numpy()

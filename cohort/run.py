@@ -52,7 +52,8 @@ class Plan:
     groups: Any  # (class -> group tensor, group names), or None
     parameters: dict[str, int]
     cpus_per_peer: float
-    threads: int
+    compute: dict[str, float]  # FLOPs of one training step per sample, per peer (cohort.placement)
+    threads: dict[str, int]  # torch threads per peer, in proportion to its compute
     tracking_uri: str
 
 
@@ -72,15 +73,19 @@ def fetch_checkpoints(topology, tracking_uri: str):
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.data import describe_dataset, load_dataset
     from cohort.models import count_parameters
+    from cohort.placement import peer_threads, step_flops
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer, cohort_groups
 
     info = load_dataset(topology.data).info if download else describe_dataset(topology.data)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
-    parameters = {peer: count_parameters(build_peer(topology, peer, info)) for peer in topology.peer_names}
+    models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
+    parameters = {peer: count_parameters(model) for peer, model in models.items()}
+    compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
+               else float(parameters[peer]) for peer, model in models.items()}
     cpus = cpus_per_peer(topology, available_cpus)
-    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, max(1, int(cpus)),
+    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
                 resolve_uri(tracking_uri or topology.tracking.uri))
 
 
@@ -128,14 +133,15 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         "",
-        f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}  optimizer",
+        f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]
     for rank, peer in enumerate(topology.peer_names):
         config = topology.peers[peer]
         optimizer = topology.optimizer_for(peer)
         training = "frozen, from " + str(config.checkpoint) if config.frozen else (
             f"{optimizer.name} lr={optimizer.lr:g} wd={optimizer.weight_decay:g}")
-        lines.append(f"  {rank:<5}{peer:<14}{config.model:<16}{plan.parameters[peer]:>10,}  {training}")
+        lines.append(f"  {rank:<5}{peer:<14}{config.model:<16}{plan.parameters[peer]:>10,}{plan.compute[peer] / 1e9:>9.3f}"
+                     f"{plan.threads[peer]:>9}  {training}")
     lines += ["", "  edges (receiver <- sender: loss, weight, parameters)"]
     if not topology.edges:
         lines.append("    none: every peer trains on its labels alone")
@@ -149,7 +155,8 @@ def describe_plan(plan: Plan) -> str:
     lines += [
         "",
         f"  resources: {topology.num_workers} Ray Train workers x {plan.cpus_per_peer:g} CPU"
-        f"{f' + {gpus:g} GPU' if gpus else ''}, {plan.threads} torch thread(s) each"
+        f"{f' + {gpus:g} GPU' if gpus else ''}; torch threads in proportion to each peer's compute "
+        "(GFLOPs: one step, per sample)"
         + "".join(f", {text}" for text in placement_constraints(resources)),
         f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
         *describe_grid(topology),
@@ -206,6 +213,11 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
     # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not address:
+        # A Ray started here runs its workers at nice 15, below every other process: next to any
+        # other load (even Ray's own agents and this driver) the peers then stepped at half speed
+        # on 2 cores. The peers are the computation: they run at a plain training script's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address:
@@ -220,8 +232,8 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
     return ray.cluster_resources()
 
 
-def make_trainer(topology, cpus_per_peer: float, threads: int, storage: str | None, run_name: str, progress=None,
-                 objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None):
+def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
+                 progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -364,7 +376,8 @@ def _run(args: argparse.Namespace) -> int:
 
     plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
     tracker = Tracker(plan.tracking_uri, topology.experiment)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard), cluster_node_labels())
+    cluster, marks = timed_start_ray(args)
+    plan = fit_cluster(plan, cluster, cluster_node_labels())
     print(describe_plan(plan), flush=True)
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -383,7 +396,7 @@ def _run(args: argparse.Namespace) -> int:
                      "data.json")
     workers = f"{topology.num_workers} worker{'s' if topology.num_workers > 1 else ''}"
     print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...", flush=True)
-    return train(plan, tracker, storage, run_name, logged_epochs=0)
+    return train(plan, tracker, storage, run_name, logged_epochs=0, marks=marks)
 
 
 DEFAULT_STORAGE = "~/ray_results/cohort"
@@ -400,11 +413,13 @@ def fit_cluster(plan: Plan, cluster: dict[str, float], node_labels: list[dict[st
     """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small, or
     has no GPUs of the type or no node with the labels the topology asks for (``node_labels``:
     every node's labels, where known)."""
+    from cohort.placement import peer_threads
+
     topology = plan.topology
     resources = topology.resources
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     shared = cpus_per_peer(topology, cpus)
-    plan = dataclasses.replace(plan, cpus_per_peer=shared, threads=max(1, int(shared)))
+    plan = dataclasses.replace(plan, cpus_per_peer=shared, threads=peer_threads(plan.compute, shared))
     workers = workers_text(topology)
     needed = plan.cpus_per_peer * topology.num_workers
     if needed > cpus + 1e-9:
@@ -473,16 +488,29 @@ def resume(args: argparse.Namespace) -> int:
     tracker.run_id = run_id
     history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
     logged = max((metric.step for metric in history), default=0)
-    plan = fit_cluster(plan, start_ray(args.address, args.verbose, args.dashboard), cluster_node_labels())
+    cluster, marks = timed_start_ray(args)
+    plan = fit_cluster(plan, cluster, cluster_node_labels())
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
           flush=True)
-    return train(plan, tracker, storage, run_name, logged_epochs=logged)
+    return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks)
 
 
-def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int) -> int:
+def timed_start_ray(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """``start_ray``, and the driver's start-up marks (cohort.startup)."""
+    from cohort.startup import driver_marks, process_started
+
+    ray_start = time.time()
+    cluster = start_ray(args.address, args.verbose, args.dashboard)
+    return cluster, driver_marks(process_started(), ray_start, time.time())
+
+
+def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
+          marks: dict[str, float] | None = None) -> int:
     """Fit the cohort, print and log each epoch once, and log the final artifacts."""
     from ray.util.queue import Queue
+
+    from cohort.startup import describe_startup, startup_breakdown
 
     topology = plan.topology
     progress = Queue()
@@ -497,6 +525,13 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int) 
             except queue.Empty:
                 continue
             final = report
+            if marks is not None:
+                breakdown = startup_breakdown(marks, {peer: report.get(f"{peer}/startup") or {}
+                                                      for peer in topology.peer_names})
+                if breakdown:
+                    marks = None  # once per command
+                    print(describe_startup(breakdown), flush=True)
+                    report = {**report, **{f"cohort/startup/{part}_s": value for part, value in breakdown.items()}}
             # After a restart the epochs since the last checkpoint come again: log each once.
             if report["epoch"] <= logged_epochs:
                 continue

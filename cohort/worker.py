@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import statistics
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,6 +149,13 @@ class EpochStats:
     correct: int = 0
     seen: int = 0
     steps: int = 0
+    # Wall-clock seconds of each step (batch included) and of its exchange, which includes waiting
+    # for the slower peers: where a cohort's time goes, for a few clock reads per step.
+    step_seconds: list[float] = field(default_factory=list)
+    exchange_seconds: list[float] = field(default_factory=list)
+    # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
+    step_cpu_seconds: list[float] = field(default_factory=list)
+    first_step_at: float | None = None  # time.time() when the epoch's first step ended
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -155,13 +164,28 @@ class EpochStats:
         self.steps += 1
 
     def summary(self) -> dict[str, float]:
-        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
+                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
+                "step_cpu_seconds": _median(self.step_cpu_seconds)}
 
     @classmethod
     def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
-        """A peer's epoch over all its replicas' shards."""
+        """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
+        first = replicas[0]
         return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
-                   sum(r.seen for r in replicas), max(r.steps for r in replicas))
+                   sum(r.seen for r in replicas), max(r.steps for r in replicas), first.step_seconds,
+                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at)
+
+
+def _median(values: list[float]) -> float:
+    # The median leaves out the first steps' warm-up and the odd step slowed by other processes.
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
 
 
 def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:
@@ -185,6 +209,7 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
     shards = topology.replicas
     model.train(not frozen)
     stats = EpochStats()
+    step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers, shards)):
         # The whole batch's fingerprint: the same as without replicas, and on every shard.
@@ -199,9 +224,12 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
         with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, device):
             own_logits = model(inputs)
         own_logits = own_logits.float()
+        exchange_started = time.perf_counter()
         peer_logits = exchange(own_logits)
+        stats.exchange_seconds.append(time.perf_counter() - exchange_started)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
+            step_started = _step_ended(stats, step_started)
             continue
         loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
         if not torch.isfinite(loss):
@@ -224,7 +252,18 @@ def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, 
         else:
             optimizer.step()
         stats.add(float(loss.detach()), own_logits.detach(), labels)
+        step_started = _step_ended(stats, step_started)
     return stats, fingerprint
+
+
+def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[float, float]:
+    """Record the step that began at ``step_started`` (wall, CPU); return when the next one begins."""
+    now = (time.perf_counter(), time.process_time())
+    stats.step_seconds.append(now[0] - step_started[0])
+    stats.step_cpu_seconds.append(now[1] - step_started[1])
+    if stats.first_step_at is None:
+        stats.first_step_at = time.time()
+    return now
 
 
 def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int,
@@ -281,19 +320,23 @@ def train_cohort(config: dict[str, Any]) -> None:
     through which rank 0 sends each epoch's cohort metrics to the driver (``cohort.run``), and
     the metric expression rank 0 reports as ``objective`` (``cohort.tune``).
     """
+    # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
+    startup = {"worker_start": time.time()}
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(config["threads"])
     topology = topology_from_dict(config["topology"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     slot = slot_of(rank, topology.peer_names)
     peer, shard, shards = slot.peer, slot.shard, topology.replicas
+    threads = config["threads"]
+    torch.set_num_threads(threads[peer] if isinstance(threads, dict) else threads)
     progress = config.get("progress")
     objective = MetricExpression(config["objective"]) if config.get("objective") else None
 
     data = load_dataset(topology.data)
+    startup["data_loaded"] = time.time()
     info = data.info
     grouping = cohort_groups(topology, info)
     # Per-group metrics where the topology asks for groups (not for an ltkd edge's sake alone).
@@ -312,6 +355,7 @@ def train_cohort(config: dict[str, Any]) -> None:
     backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)
     exchange = LogitExchange(topology.peer_names, exchange_group, host_copies=backend.host_copies)
     workers = gather_in_group(placement, torch.distributed.group.WORLD)  # rank 0 reports them
+    startup["model_built"] = time.time()
 
     fingerprint, first_epoch = 0, 1
     history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
@@ -357,8 +401,11 @@ def train_cohort(config: dict[str, Any]) -> None:
         own_logits, ensemble_probs, test_labels = evaluate(net, data, exchange, topology.data.eval_batch_size,
                                                            topology.data.num_workers, device,
                                                            topology.train.precision, shard, shards, peer_group)
-        everyone = exchange.gather_objects(peer_epoch_metrics(stats, own_logits, test_labels, train_seconds,
-                                                              fingerprint, *metric_groups))
+        contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, fingerprint, *metric_groups)
+        if startup is not None:
+            contribution["startup"] = {**startup, "first_step": stats.first_step_at}
+            startup = None  # sent once, with the first epoch this worker runs
+        everyone = exchange.gather_objects(contribution)
 
         report: dict[str, Any] = {}
         if rank == 0:
@@ -405,7 +452,7 @@ def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Te
                        group_names: list[str] | None = None) -> dict[str, float]:
     """What one peer contributes to an epoch's report."""
     return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
-            "fingerprint": fingerprint}
+            "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
 
 
 def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:

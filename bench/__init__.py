@@ -1,0 +1,1 @@
+"""Benchmarks of the cohort's real code path (``python -m bench.exchange``)."""

@@ -1,0 +1,487 @@
+"""``python -m bench.exchange``: what the exchange costs, and how a cohort scales with devices.
+
+One run measures, side by side and on the same models, batches and losses:
+
+- the cohort: ``python -m cohort.run`` itself (a fresh process, so its time to the first step is
+  the user's), then further cohorts through ``cohort.run.make_trainer`` in this process: Ray Train
+  workers running ``cohort.worker``, which reports each epoch's median step and exchange time;
+- the one-process baselines: one process training all the networks in turn (the DML / KD_Lib way)
+  with one thread and with all the machine's threads, and the slowest peer alone on one thread;
+- the ``all_gather`` of ``cohort.exchange.LogitExchange`` alone, for several logit sizes.
+
+Every figure is the median of ``--repeats`` epochs of ``--steps`` steps, after one warm-up epoch;
+each epoch's value is the median of its steps. The results go to ``bench/results/exchange.json``
+and a markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cohort.errors import CohortError, run_command
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
+DEFAULT_OUT = REPO / "bench" / "results" / "exchange.json"
+TEST_IMAGES = 512  # evaluated every epoch: kept small, it is not what is measured
+EXCHANGE_SHAPES = ((64, 10), (128, 100), (256, 1000))
+
+# Two equal peers (DML), and a big teacher with a small student (BD-KD), as in the KD literature.
+EQUAL = {"peers": {"net_a": {"model": "resnet20"}, "net_b": {"model": "resnet20"}},
+         "edges": [{"from": "net_a", "to": "net_b", "loss": "kd", "temperature": 1.0},
+                   {"from": "net_b", "to": "net_a", "loss": "kd", "temperature": 1.0}]}
+UNEQUAL = {"peers": {"teacher": {"model": "resnet20"}, "student": {"model": "resnet8"}},
+           "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
+                     {"from": "student", "to": "teacher", "loss": "reverse_kd"}]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.exchange", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the CIFAR-10 parquet table (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per epoch (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured epochs, after one warm-up epoch "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--exchange-calls", type=int, default=50,
+                        help="all_gather calls per logit size (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a short run for development: 4 steps, 1 repeat")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON results file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.exchange_calls = 4, 1, 10
+    if args.steps < 2 or args.repeats < 1 or args.exchange_calls < 2:
+        parser.error("--steps and --exchange-calls must be at least 2, --repeats at least 1")
+    return args
+
+
+# --------------------------------------------------------------------------- data and topologies
+
+
+def write_slice(source: Path, folder: Path, train_images: int) -> Path:
+    """A parquet table of ``train_images`` training and ``TEST_IMAGES`` test rows drawn at random
+    (the source is sorted by class), read by the product's own parquet loader."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not source.is_file():
+        raise CohortError("no such file: the benchmark needs the CIFAR-10 parquet table (give it with --data PATH)",
+                          str(source))
+    try:
+        table = pq.read_table(source, columns=["image", "label", "split"])
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise CohortError(f"not a readable parquet table ({error})", str(source)) from None
+    rng = np.random.default_rng(0)
+    rows = []
+    for split, count in (("train", train_images), ("test", TEST_IMAGES)):
+        candidates = np.flatnonzero(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
+        if len(candidates) < count:
+            raise CohortError(f"needs {count} {split} rows, the table has {len(candidates)}", str(source))
+        rows.append(rng.choice(candidates, count, replace=False))
+    path = folder / "cifar10_slice.parquet"
+    pq.write_table(table.take(np.concatenate(rows)).replace_schema_metadata(table.schema.metadata), path)
+    return path
+
+
+def bench_topology(name: str, peers_and_edges: dict, data: Path, epochs: int):
+    from cohort.topology import topology_from_dict
+
+    return topology_from_dict({
+        "name": name, "seed": 0,
+        "data": {"dataset": "parquet", "root": str(data), "batch_size": 64, "eval_batch_size": TEST_IMAGES},
+        # A constant schedule keeps every epoch's work the same; one checkpoint, at the end.
+        "train": {"epochs": epochs, "schedule": "constant", "checkpoint_every": epochs},
+        **peers_and_edges,
+    }, name)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def ratio(numerator: dict[str, Any], denominator: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
+    """The ratio of two medians, and its spread over the repeats (repeat i against repeat i)."""
+    pairs = [a / b / scale for a, b in zip(numerator["values"], denominator["values"])]
+    return {"value": numerator["median"] / denominator["median"] / scale, "min": min(pairs), "max": max(pairs)}
+
+
+def load_seconds(topology, table: Path) -> float:
+    """Seconds to load (decode) a parquet table through the product's loader, on one thread as a
+    worker with one thread does."""
+    import torch
+
+    from cohort.data import load_dataset
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        load_dataset(topology.data.model_copy(update={"root": str(table)}))
+        return time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- one-process baselines
+
+
+def one_process_steps(topology, peers: list[str], threads: int, repeats: int) -> dict[str, Any]:
+    """Step time of one process training ``peers`` in turn on the cohort's batches, with the
+    cohort's models, optimizers and objectives (``peer_objective``), on ``threads`` threads.
+
+    Each step: every network's forward pass, then each one's objective from the others' detached
+    logits, backward and optimizer step. A peer trained alone distills from its own detached
+    logits, so that its loss does the same work on the same shapes.
+    """
+    import torch
+
+    from cohort.data import load_dataset
+    from cohort.losses.combine import peer_objective
+    from cohort.worker import build_optimizer, build_peer
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = load_dataset(topology.data)
+        models = {peer: build_peer(topology, peer, data.info) for peer in peers}
+        optimizers = {peer: build_optimizer(models[peer], topology.optimizer_for(peer), topology)[0] for peer in peers}
+        epochs, cpu_epochs = [], []
+        for epoch in range(1, repeats + 2):
+            step_seconds, cpu_seconds = [], []
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch):
+                logits = {peer: models[peer](inputs) for peer in peers}
+                detached = {peer: value.detach() for peer, value in logits.items()}
+                for peer in peers:
+                    senders = detached if len(peers) > 1 else {name: detached[peer] for name in topology.peer_names}
+                    loss, _ = peer_objective(logits[peer], labels, topology.incoming_edges(peer), senders,
+                                             topology.train.ce_weight, epoch)
+                    optimizers[peer].zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizers[peer].step()
+                now, cpu_now = time.perf_counter(), time.process_time()
+                step_seconds.append(now - started)
+                cpu_seconds.append(cpu_now - cpu_started)
+                started, cpu_started = now, cpu_now
+            epochs.append(statistics.median(step_seconds))
+            cpu_epochs.append(statistics.median(cpu_seconds))
+    finally:
+        torch.set_num_threads(previous)
+    # The first epoch warms up.
+    return {**summarize(epochs[1:]), "cpu_seconds": summarize(cpu_epochs[1:])}
+
+
+# --------------------------------------------------------------------------- the cohort, through cohort.run
+
+
+def cohort_command(topology, folder: Path) -> dict[str, Any]:
+    """Run ``python -m cohort.run`` on the topology in a fresh process; read its epochs back from MLflow."""
+    import mlflow
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{topology.name}.yaml"
+    path.write_text(yaml.safe_dump(topology.to_dict(), sort_keys=False))
+    uri = f"sqlite:///{folder}/mlflow.db"
+    command = [sys.executable, "-m", "cohort.run", str(path), "--tracking-uri", uri, "--storage", str(folder / "ray")]
+    started = time.perf_counter()
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise CohortError(f"python -m cohort.run failed: {(finished.stderr.strip().splitlines() or ['?'])[-1]}")
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name(topology.experiment).experiment_id])[0]
+    reports: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        for metric in client.get_metric_history(run.info.run_id, key):
+            reports.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
+    return {"reports": [reports[epoch] for epoch in sorted(reports)], "command_seconds": seconds,
+            "stdout": finished.stdout}
+
+
+# --------------------------------------------------------------------------- the cohort, in this process
+
+
+def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[dict[str, Any]]:
+    """Fit the cohort through ``cohort.run.make_trainer`` on the running Ray; rank 0's epoch reports."""
+    from ray.util.queue import Queue
+
+    from cohort.run import make_trainer
+
+    progress = Queue()
+    trainer = make_trainer(topology, 1.0, threads, str(folder / "ray"), f"{topology.name}-{time.time_ns()}",
+                           progress=progress)
+    try:
+        trainer.fit()
+    except Exception as error:  # noqa: BLE001 - the failure's reason, in one line
+        from cohort.run import failure_reason
+
+        raise CohortError(f"the {topology.name} cohort failed: {failure_reason(error)}") from None
+    reports = []
+    while not progress.empty():
+        reports.append(progress.get())
+    return sorted(reports, key=lambda report: report["epoch"])
+
+
+def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cohort's step time per measured epoch: its slowest peer's median step; and each peer's
+    CPU seconds per step (all of its process's threads)."""
+    measured = reports[1:]
+    return {**summarize([max(report[f"{peer}/step_seconds"] for peer in topology.peer_names) for report in measured]),
+            "cpu_seconds": {peer: summarize([report[f"{peer}/step_cpu_seconds"] for report in measured])
+                            for peer in topology.peer_names}}
+
+
+def exchange_latency_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker timing ``LogitExchange`` alone, for each logit size; rank 0 sends the
+    slowest peer's median per size."""
+    import ray.train
+    import torch
+
+    from cohort.exchange import LogitExchange
+
+    torch.set_num_threads(1)
+    exchange = LogitExchange(config["peers"])
+    medians = {}
+    for batch, classes in config["shapes"]:
+        logits = torch.randn(batch, classes)
+        for _ in range(5):  # the first calls set up gloo's buffers
+            exchange(logits)
+        seconds = []
+        for _ in range(config["calls"]):
+            started = time.perf_counter()
+            exchange(logits)
+            seconds.append(time.perf_counter() - started)
+        medians[f"{batch}x{classes}"] = statistics.median(seconds)
+    everyone = exchange.gather_objects(medians)
+    if ray.train.get_context().get_world_rank() == 0:
+        config["results"].put({shape: max(peer[shape] for peer in everyone) for shape in medians})
+    ray.train.report({})
+
+
+def exchange_latency(peers: list[str], calls: int, folder: Path) -> dict[str, float]:
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    if __name__ != "__main__":
+        # Imported (by a test): send this module's code to the workers, which may not find bench/.
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    results = Queue()
+    trainer = TorchTrainer(exchange_latency_loop,
+                           train_loop_config={"peers": peers, "shapes": EXCHANGE_SHAPES, "calls": calls,
+                                              "results": results},
+                           scaling_config=ScalingConfig(num_workers=len(peers), resources_per_worker={"CPU": 1.0}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name=f"exchange-{time.time_ns()}", storage_path=str(folder / "ray")))
+    trainer.fit()
+    return results.get(timeout=60)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from cohort.placement import peer_threads
+    from cohort.run import make_plan, start_ray
+
+    cores = os.cpu_count() or 1
+    epochs = args.repeats + 1
+    with tempfile.TemporaryDirectory(prefix="bench-exchange-") as scratch:
+        folder = Path(scratch)
+        data = write_slice(Path(args.data).expanduser(), folder, args.steps * 64)
+        equal = bench_topology("bench-equal", EQUAL, data, epochs)
+        unequal = bench_topology("bench-unequal", UNEQUAL, data, epochs)
+        equal_plan, unequal_plan = (make_plan(t, f"sqlite:///{folder}/plan.db", cores) for t in (equal, unequal))
+        slowest = max(equal_plan.compute, key=equal_plan.compute.get)
+        teacher = max(unequal_plan.compute, key=unequal_plan.compute.get)
+
+        log(f"cohort of 2 x resnet20 through python -m cohort.run ({epochs} epochs of {args.steps} steps)")
+        command = cohort_command(equal, folder / "command")
+        cohort_equal = cohort_steps(equal, command["reports"])
+        startup = {key.split("/")[-1][:-2]: value for key, value in command["reports"][0].items()
+                   if key.startswith("cohort/startup/")}
+        if not startup:
+            raise CohortError("python -m cohort.run reported no start-up breakdown")
+
+        log("loading the whole table as the driver and every worker do (the slice above is smaller)")
+        whole_table = load_seconds(equal, Path(args.data).expanduser())
+        slice_table = load_seconds(equal, data)
+
+        log("one process: both networks in turn on 1 thread, on all threads; the slowest peer alone")
+        loop_equal_1 = one_process_steps(equal, equal.peer_names, 1, args.repeats)
+        loop_equal_all = one_process_steps(equal, equal.peer_names, cores, args.repeats)
+        alone_equal = one_process_steps(equal, [slowest], 1, args.repeats)
+        log("one process, teacher and student: in turn on 1 thread and on all threads; the teacher alone")
+        loop_unequal_1 = one_process_steps(unequal, unequal.peer_names, 1, args.repeats)
+        loop_unequal_all = one_process_steps(unequal, unequal.peer_names, cores, args.repeats)
+        alone_teacher = one_process_steps(unequal, [teacher], 1, args.repeats)
+
+        start_ray(None, verbose=False)
+        placement = peer_threads(unequal_plan.compute, 1.0)
+        # The alternative the placement rejects: the teacher's share rounded up, one thread more.
+        extra = {**placement, teacher: placement[teacher] + 1}
+        log(f"cohort of resnet20 teacher and resnet8 student: threads {placement} (the default), then {extra}")
+        unequal_reports = cohort_in_process(unequal, placement, folder)
+        extra_reports = cohort_in_process(unequal, extra, folder)
+        log(f"all_gather alone, {', '.join(f'{b}x{c}' for b, c in EXCHANGE_SHAPES)}")
+        latency = exchange_latency(equal.peer_names, args.exchange_calls, folder)
+
+    cohort_unequal, cohort_extra = cohort_steps(unequal, unequal_reports), cohort_steps(unequal, extra_reports)
+    last = command["reports"][-1]
+    in_step_exchange = summarize([min(report[f"{peer}/exchange_seconds"] for peer in equal.peer_names)
+                                  for report in command["reports"][1:]])
+    exchange = {}
+    for batch, classes in EXCHANGE_SHAPES:
+        seconds = latency[f"{batch}x{classes}"]
+        # A step's compute grows with the batch: the cohort's measured step at 64, scaled.
+        step = cohort_equal["median"] * batch / 64
+        exchange[f"{batch}x{classes}"] = {"all_gather_s": seconds, "step_s": step, "share": seconds / step,
+                                          "step_is_estimated": batch != 64}
+    import ray
+
+    return {
+        "overhead": ratio(cohort_equal, alone_equal),
+        "device_scaling": ratio(loop_equal_1, cohort_equal, scale=len(equal.peers)),
+        "equal_resources": ratio(loop_equal_all, cohort_equal),
+        "unequal_equal_resources": ratio(loop_unequal_all, cohort_unequal),
+        "unequal_equal_resources_teacher_extra_thread": ratio(loop_unequal_all, cohort_extra),
+        "unequal_overhead": ratio(cohort_unequal, alone_teacher),
+        "unequal_device_scaling": ratio(loop_unequal_1, cohort_unequal, scale=len(unequal.peers)),
+        "time_to_first_step_s": startup["total"],
+        "time_to_first_step_breakdown_s": {part: value for part, value in startup.items() if part != "total"},
+        # The command ran on a slice; the driver's plan and then every worker load the whole table.
+        "time_to_first_step_whole_table_s": startup["total"] + 2 * (whole_table - slice_table),
+        "load_whole_table_s": whole_table,
+        "exchange": exchange,
+        "exchange_in_step_s": in_step_exchange,
+        "peak_rss_mb": {peer: last[f"{peer}/peak_rss_mb"] for peer in equal.peer_names},
+        "peak_rss_mb_unequal": {peer: unequal_reports[-1][f"{peer}/peak_rss_mb"] for peer in unequal.peer_names},
+        "step_seconds": {
+            "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
+            f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,
+            "cohort_unequal_default_threads": cohort_unequal, "cohort_unequal_teacher_extra_thread": cohort_extra,
+            "unequal_one_process_1_thread": loop_unequal_1, f"unequal_one_process_{cores}_threads": loop_unequal_all,
+            "teacher_alone_1_thread": alone_teacher,
+        },
+        "setup": {
+            "equal_peers": {peer: equal.peers[peer].model for peer in equal.peer_names},
+            "unequal_peers": {peer: unequal.peers[peer].model for peer in unequal.peer_names},
+            "unequal_threads": placement, "unequal_threads_extra": extra, "gflops_per_sample_step": {
+                **{f"{peer} ({equal.peers[peer].model})": equal_plan.compute[peer] / 1e9 for peer in equal.peer_names},
+                **{f"{peer} ({unequal.peers[peer].model})": unequal_plan.compute[peer] / 1e9
+                   for peer in unequal.peer_names}},
+            "batch": 64, "steps": args.steps, "repeats": args.repeats, "warmup_epochs": 1,
+            "exchange_calls": args.exchange_calls, "data": "CIFAR-10 parquet: "
+            f"{args.steps * 64} training and {TEST_IMAGES} test images drawn at random (seed 0)",
+            "command_seconds": command["command_seconds"],
+        },
+        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "ray": ray.__version__,
+                    "load_average_at_end": os.getloadavg(), "sched_autogroup": _autogroup()},
+    }
+
+
+def _autogroup() -> bool | None:
+    """Whether Linux shares the CPUs among sessions first (then a Ray cluster, one session, gets one
+    session's share on a busy machine, whatever its number of workers)."""
+    flag = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    return flag.read_text().strip() == "1" if flag.exists() else None
+
+
+TARGETS = {"overhead": ("<=", 1.05), "device_scaling": (">=", 0.90), "equal_resources": (">=", 0.95),
+           "time_to_first_step_s": ("<=", 20.0)}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def figure(key: str) -> str:
+        entry = results[key]
+        return f"{entry['value']:.2f} ({entry['min']:.2f}–{entry['max']:.2f})"
+
+    def target(key: str) -> str:
+        sense, bound = TARGETS[key]
+        value = results[key]["value"] if isinstance(results[key], dict) else results[key]
+        held = value <= bound if sense == "<=" else value >= bound
+        return f"{sense} {bound:g}: {'met' if held else 'missed'}"
+
+    steps = results["step_seconds"]
+    cores = results["machine"]["cpus"]
+    ms = lambda entry: f"{1000 * entry['median']:.0f} ms ({1000 * entry['min']:.0f}–{1000 * entry['max']:.0f})"  # noqa: E731
+    startup = results["time_to_first_step_breakdown_s"]
+    rows = [
+        ("overhead: cohort step ÷ slowest peer alone (2 × resnet20, 1 thread each)", figure("overhead"),
+         target("overhead")),
+        ("device scaling: one process on 1 thread ÷ cohort on 1 core per peer, ÷ 2", figure("device_scaling"),
+         target("device_scaling")),
+        (f"equal resources: one process on {cores} threads ÷ cohort", figure("equal_resources"),
+         target("equal_resources")),
+        (f"equal resources, resnet20 teacher + resnet8 student, threads {results['setup']['unequal_threads']}",
+         figure("unequal_equal_resources"), "(default placement)"),
+        (f"the same with threads {results['setup']['unequal_threads_extra']}",
+         figure("unequal_equal_resources_teacher_extra_thread"), "(for comparison)"),
+        ("time to first step, `python -m cohort.run`", f"{results['time_to_first_step_s']:.1f} s",
+         target("time_to_first_step_s")),
+        ("  of which: " + ", ".join(f"{part.replace('_', ' ')} {value:.1f} s" for part, value in startup.items()), "",
+         ""),
+        (f"  estimated on the whole CIFAR-10 table (the driver, then each worker, decodes 60,000 images in "
+         f"{results['load_whole_table_s']:.1f} s)", f"{results['time_to_first_step_whole_table_s']:.1f} s", ""),
+        ("step time: cohort / one process 1 thread / slowest alone",
+         f"{ms(steps['cohort_equal'])} / {ms(steps['one_process_1_thread'])} / "
+         f"{ms(steps['slowest_peer_alone_1_thread'])}", ""),
+    ]
+    for shape, entry in results["exchange"].items():
+        estimated = " (step estimated from batch 64)" if entry["step_is_estimated"] else ""
+        rows.append((f"all_gather {shape} (batch × classes), share of the step{estimated}",
+                     f"{1000 * entry['all_gather_s']:.2f} ms, {100 * entry['share']:.2f}%", ""))
+    cpu = steps["cohort_equal"]["cpu_seconds"]
+    rows.append(("CPU seconds per step: each cohort peer / slowest alone",
+                 " / ".join(f"{1000 * entry['median']:.0f} ms" for entry in cpu.values())
+                 + f" / {1000 * steps['slowest_peer_alone_1_thread']['cpu_seconds']['median']:.0f} ms", ""))
+    rss = results["peak_rss_mb"]
+    rows.append(("peak RSS per worker", ", ".join(f"{peer} {value:.0f} MB" for peer, value in rss.items()), ""))
+    lines = ["| figure | median (min–max) | target |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value} | {goal} |" for name, value, goal in rows]
+    return "\n".join(lines)
+
+
+def main_command(args: argparse.Namespace) -> int:
+    loads: list[dict[str, Any]] = []
+
+    def log(message: str) -> None:
+        # The load average says how far other processes shared the machine during each phase.
+        loads.append({"phase": message, "load_average": os.getloadavg()})
+        print(f"[{time.strftime('%H:%M:%S')}] {message} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr,
+              flush=True)
+
+    started = time.perf_counter()
+    results = measure(args, log)
+    results["setup"]["bench_seconds"] = time.perf_counter() - started
+    results["machine"]["load_average_by_phase"] = loads
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    log(f"done in {results['setup']['bench_seconds']:.0f} s; results in {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(main_command, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Where the time before a cohort's first optimizer step goes.
+
+The driver marks when its process started and when Ray was up; every worker marks when it started,
+when its data were loaded, when its model was built and when its first step ended (wall-clock
+times, comparable on one machine). The cohort passes a milestone when its last peer does, so the
+parts below follow one another and add up to the time to the first step.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# (part, the milestone that ends it), in order; the driver's marks, then the workers' latest ones.
+PARTS = (
+    ("driver", "ray_start"),        # interpreter, imports, topology, plan, MLflow run
+    ("ray", "ray_ready"),           # starting or joining Ray
+    ("workers", "worker_start"),    # Ray Train's controller, worker processes, process group
+    ("data", "data_loaded"),        # each worker loads (decodes) its dataset
+    ("models", "model_built"),      # model, optimizer, exchange
+    ("first_step", "first_step"),   # the first batch, forward, exchange, backward, step
+)
+
+
+def process_started() -> float:
+    """When this process started (``time.time()`` scale): the command's start, imports included."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def driver_marks(process_start: float, ray_start: float, ray_ready: float) -> dict[str, float]:
+    return {"command": process_start, "ray_start": ray_start, "ray_ready": ray_ready}
+
+
+def startup_breakdown(marks: Mapping[str, float], workers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Seconds spent in each part before the first step, and ``total``; empty if a worker has no mark
+    (a worker without a training step, or a start-up that is not this driver's)."""
+    milestones = dict(marks)
+    for name in ("worker_start", "data_loaded", "model_built", "first_step"):
+        times = [worker.get(name) for worker in workers.values()]
+        if not times or any(t is None for t in times):
+            return {}
+        milestones[name] = max(times)
+    if milestones["worker_start"] < milestones["ray_ready"]:
+        return {}  # these workers started before this driver's Ray did (a report replayed after a resume)
+    breakdown, previous = {}, milestones["command"]
+    for part, milestone in PARTS:
+        breakdown[part] = max(0.0, milestones[milestone] - previous)
+        previous = max(previous, milestones[milestone])
+    breakdown["total"] = milestones["first_step"] - milestones["command"]
+    return breakdown
+
+
+def describe_startup(breakdown: Mapping[str, float]) -> str:
+    parts = ", ".join(f"{part.replace('_', ' ')} {breakdown[part]:.1f}s" for part, _ in PARTS)
+    return f"first step {breakdown['total']:.1f}s after the command started ({parts})"

@@ -1,0 +1,38 @@
+"""The benchmark's own pieces, without running it (a run takes minutes: `python -m bench.exchange`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.exchange import TEST_IMAGES, bench_topology, EQUAL, main, ratio, summarize, write_slice
+from cohort.data import load_dataset
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"
+
+
+def test_missing_data_is_one_line_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere.parquet"
+    assert main(["--data", str(missing), "--quick", "--out", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{missing}: no such file") and "--data PATH" in err and "\n" not in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_ratios_pair_the_repeats():
+    cohort, baseline = summarize([2.0, 4.0, 3.0]), summarize([4.0, 6.0, 9.0])
+    assert cohort["median"] == 3.0 and (cohort["min"], cohort["max"]) == (2.0, 4.0)
+    result = ratio(baseline, cohort, scale=2.0)
+    assert result["value"] == pytest.approx(6.0 / 3.0 / 2.0)
+    assert (result["min"], result["max"]) == pytest.approx((0.75, 1.5))
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} is absent (it ships beside the repo, not in it)")
+def test_the_slice_is_real_cifar10_read_by_the_product_loader(tmp_path):
+    path = write_slice(SHARED_CIFAR, tmp_path, train_images=3 * 64)
+    topology = bench_topology("slice", EQUAL, path, epochs=2)
+    data = load_dataset(topology.data)
+    assert (data.info.train_size, data.info.test_size, data.info.input_size) == (3 * 64, TEST_IMAGES, (3, 32, 32))
+    # Drawn at random from a table sorted by class: every class is there.
+    assert min(data.info.train_class_counts) > 0 and data.info.class_names[0] == "airplane"
+    assert len(list(data.train_batches(64, topology.seed, 1))) == 3

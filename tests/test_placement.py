@@ -1,0 +1,91 @@
+"""Sharing a cohort's CPUs: torch threads in proportion to each peer's compute, and where the time
+before the first step goes. Pure functions, no Ray."""
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+from cohort.models import build_model
+from cohort.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
+from cohort.run import describe_plan, fit_cluster, make_plan
+from cohort.startup import describe_startup, startup_breakdown
+from cohort.topology import topology_from_dict
+
+
+def test_step_flops_counts_a_linear_layer_exactly():
+    # A 10 -> 3 linear layer: 2 * 10 * 3 multiply-adds counted as FLOPs per sample, forward.
+    layer = nn.Sequential(nn.Flatten(), nn.Linear(10, 3))
+    assert step_flops(layer, (10,), frozen=True) == 60
+    assert step_flops(layer, (10,)) == TRAINING_STEP_FORWARDS * 60
+
+
+def test_step_flops_orders_the_cifar_resnets_and_keeps_training_mode():
+    resnet20, resnet8 = build_model("resnet20", num_classes=10), build_model("resnet8", num_classes=10)
+    big, small = step_flops(resnet20, (3, 32, 32)), step_flops(resnet8, (3, 32, 32))
+    # resnet20: about 41 M multiply-adds per 32x32 image, resnet8 about 12.5 M (the papers' counts).
+    assert 3 * 2 * 38e6 < big < 3 * 2 * 44e6
+    assert 2.5 < big / small < 3.8
+    assert resnet20.training
+
+
+def test_equal_peers_keep_an_equal_share():
+    assert peer_threads({"a": 5.0, "b": 5.0}, 1.0) == {"a": 1, "b": 1}
+    assert peer_threads({"a": 5.0, "b": 5.0, "c": 5.0}, 0.66) == {"a": 1, "b": 1, "c": 1}
+    assert peer_threads({"a": 5.0, "b": 5.0}, 4.0) == {"a": 4, "b": 4}
+    assert peer_threads({"a": 5.0, "b": 5.0}, 1.5) == {"a": 1, "b": 1}
+
+
+def test_shares_follow_compute_rounded_down_never_beyond_the_cpus():
+    # 8 CPUs, a teacher with 3x the student's compute: shares 6 and 2, exactly proportional.
+    assert peer_threads({"teacher": 3.0, "student": 1.0}, 4.0) == {"teacher": 6, "student": 2}
+    # 2 CPUs, shares 1.5 and 0.5: rounding up would put 3 spinning threads on 2 cores.
+    assert peer_threads({"teacher": 3.0, "student": 1.0}, 1.0) == {"teacher": 1, "student": 1}
+    # A big teacher and two small students on 12 CPUs: shares 7.2, 2.4, 2.4.
+    assert peer_threads({"t": 6.0, "s1": 2.0, "s2": 2.0}, 4.0) == {"t": 7, "s1": 2, "s2": 2}
+
+
+def test_every_peer_gets_at_least_one_thread():
+    assert peer_threads({"giant": 1000.0, "tiny": 1.0}, 1.0) == {"giant": 1, "tiny": 1}
+    assert peer_threads({"giant": 1000.0, "tiny": 1.0}, 2.0) == {"giant": 3, "tiny": 1}
+    assert peer_threads({"a": 0.0, "b": 0.0}, 2.0) == {"a": 2, "b": 2}
+
+
+@pytest.fixture
+def unequal_digits():
+    return topology_from_dict({"name": "unequal", "peers": {"teacher": {"model": "cnn_medium"},
+                                                            "student": {"model": "mlp_tiny"}},
+                               "edges": [{"from": "teacher", "to": "student", "loss": "kd"}]})
+
+
+def test_the_plan_gives_the_teacher_more_threads_and_shows_them(unequal_digits, tmp_path):
+    plan = make_plan(unequal_digits, f"sqlite:///{tmp_path}/mlflow.db", available_cpus=2, download=False)
+    assert plan.compute["teacher"] > 10 * plan.compute["student"]
+    assert plan.threads == {"teacher": 1, "student": 1}  # 2 CPUs: one each
+    roomy = unequal_digits.model_copy(update={"resources": unequal_digits.resources.model_copy(
+        update={"cpus_per_peer": 4.0})})
+    plan = fit_cluster(make_plan(roomy, None, 8, download=False), {"CPU": 8.0})
+    assert plan.threads == {"teacher": 7, "student": 1}
+    rows = {line.split()[1]: line.split() for line in describe_plan(plan).splitlines() if line.startswith("  0 ")
+            or line.startswith("  1 ")}
+    assert rows["teacher"][5] == "7" and rows["student"][5] == "1"
+
+
+MARKS = {"command": 100.0, "ray_start": 104.0, "ray_ready": 107.0}
+
+
+def test_startup_parts_follow_the_last_peer_and_add_up():
+    workers = {"a": {"worker_start": 110.0, "data_loaded": 111.0, "model_built": 111.5, "first_step": 112.0},
+               "b": {"worker_start": 110.5, "data_loaded": 112.5, "model_built": 112.7, "first_step": 113.0}}
+    breakdown = startup_breakdown(MARKS, workers)
+    assert breakdown == pytest.approx({"driver": 4.0, "ray": 3.0, "workers": 3.5, "data": 2.0, "models": 0.2,
+                                       "first_step": 0.3, "total": 13.0})
+    assert sum(value for part, value in breakdown.items() if part != "total") == pytest.approx(breakdown["total"])
+    assert describe_startup(breakdown).startswith("first step 13.0s after the command started (driver 4.0s, ray 3.0s")
+
+
+def test_no_breakdown_without_every_mark_or_for_workers_older_than_this_driver():
+    complete = {"worker_start": 110.0, "data_loaded": 111.0, "model_built": 111.5, "first_step": 112.0}
+    assert startup_breakdown(MARKS, {"a": complete, "b": {**complete, "first_step": None}}) == {}
+    assert startup_breakdown(MARKS, {"a": complete, "b": {}}) == {}
+    replayed = {name: value - 50 for name, value in complete.items()}
+    assert startup_breakdown(MARKS, {"a": replayed}) == {}
