@@ -311,7 +311,7 @@ def test_small_pbt_sweep_copies_the_better_trial(ray_cluster, tmp_path, capsys):
             "--tracking-uri", uri, "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
     assert tune_main(args) == 0
     out = capsys.readouterr().out
-    assert "continues from a better trial's checkpoint (PBT) with" in out, out
+    assert "continues from a better trial's checkpoint (PBT) at epoch 2 with" in out, out
 
     client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep-me").experiment_id])
