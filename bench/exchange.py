@@ -182,6 +182,18 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
     return {**summarize(epochs[1:]), "cpu_seconds": summarize(cpu_epochs[1:])}
 
 
+def side_by_side_alone(topology, peer: str, repeats: int) -> dict[str, Any]:
+    """The slowest peer alone on 1 thread, in two plain processes at once (no Ray, no exchange):
+    the most a machine gives two busy cores. A cohort of two such peers cannot step faster."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [pool.submit(one_process_steps, topology, [peer], 1, repeats) for _ in range(2)]
+        results = [run.result() for run in runs]
+    return max(results, key=lambda result: result["median"])
+
+
 # --------------------------------------------------------------------------- the cohort, through cohort.run
 
 
@@ -326,6 +338,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         loop_equal_1 = one_process_steps(equal, equal.peer_names, 1, args.repeats)
         loop_equal_all = one_process_steps(equal, equal.peer_names, cores, args.repeats)
         alone_equal = one_process_steps(equal, [slowest], 1, args.repeats)
+        log("the slowest peer alone in two processes at once, 1 thread each: the machine's parallel limit")
+        alone_twice = side_by_side_alone(equal, slowest, args.repeats)
         log("one process, teacher and student: in turn on 1 thread and on all threads; the teacher alone")
         loop_unequal_1 = one_process_steps(unequal, unequal.peer_names, 1, args.repeats)
         loop_unequal_all = one_process_steps(unequal, unequal.peer_names, cores, args.repeats)
@@ -356,6 +370,11 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
     return {
         "overhead": ratio(cohort_equal, alone_equal),
+        # What two busy cores cost each other here (shared cache and memory bandwidth), and the
+        # cohort's overhead and scaling measured against that limit instead of an idle machine.
+        "parallel_slowdown": ratio(alone_twice, alone_equal),
+        "overhead_vs_parallel_limit": ratio(cohort_equal, alone_twice),
+        "device_scaling_limit": ratio(loop_equal_1, alone_twice, scale=len(equal.peers)),
         "device_scaling": ratio(loop_equal_1, cohort_equal, scale=len(equal.peers)),
         "equal_resources": ratio(loop_equal_all, cohort_equal),
         "unequal_equal_resources": ratio(loop_unequal_all, cohort_unequal),
@@ -374,6 +393,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "step_seconds": {
             "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
             f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,
+            "slowest_peer_alone_in_two_processes_at_once": alone_twice,
             "cohort_unequal_default_threads": cohort_unequal, "cohort_unequal_teacher_extra_thread": cohort_extra,
             "unequal_one_process_1_thread": loop_unequal_1, f"unequal_one_process_{cores}_threads": loop_unequal_all,
             "teacher_alone_1_thread": alone_teacher,
@@ -427,6 +447,12 @@ def markdown(results: dict[str, Any]) -> str:
          target("overhead")),
         ("device scaling: one process on 1 thread ÷ cohort on 1 core per peer, ÷ 2", figure("device_scaling"),
          target("device_scaling")),
+        ("parallel limit: slowest peer alone, two plain processes at once ÷ one alone", figure("parallel_slowdown"),
+         "(the machine)"),
+        ("overhead against that limit: cohort step ÷ two plain processes' step", figure("overhead_vs_parallel_limit"),
+         "(the cohort)"),
+        ("device scaling of those two plain processes: the most this machine allows", figure("device_scaling_limit"),
+         "(the machine)"),
         (f"equal resources: one process on {cores} threads ÷ cohort", figure("equal_resources"),
          target("equal_resources")),
         (f"equal resources, resnet20 teacher + resnet8 student, threads {results['setup']['unequal_threads']}",
