@@ -6,7 +6,10 @@ One run measures, side by side and on the same models, batches and losses:
   the user's), then further cohorts through ``cohort.run.make_trainer`` in this process: Ray Train
   workers running ``cohort.worker``, which reports each epoch's median step and exchange time;
 - the one-process baselines: one process training all the networks in turn (the DML / KD_Lib way)
-  with one thread and with all the machine's threads, and the slowest peer alone on one thread;
+  with one thread and with all the machine's threads, and the slowest peer alone on one thread
+  (just before and just after the cohort: the machine's speed drifts);
+- the slowest peer alone in two plain processes at once, on an idle machine and beside an idle
+  Ray Train run: what the machine, and then Ray's own processes, allow two busy cores;
 - the ``all_gather`` of ``cohort.exchange.LogitExchange`` alone, for several logit sizes.
 
 Every figure is the median of ``--repeats`` epochs of ``--steps`` steps, after one warm-up epoch;
@@ -110,6 +113,14 @@ def summarize(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A baseline measured just before and just after what it is compared with: repeat by repeat,
+    the mean of the two (what it was, drift being linear, while the other ran)."""
+    values = [(b + a) / 2 for b, a in zip(before["values"], after["values"])]
+    cpu = [(b + a) / 2 for b, a in zip(before["cpu_seconds"]["values"], after["cpu_seconds"]["values"])]
+    return {**summarize(values), "cpu_seconds": summarize(cpu)}
+
+
 def ratio(numerator: dict[str, Any], denominator: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
     """The ratio of two medians, and its spread over the repeats (repeat i against repeat i)."""
     pairs = [a / b / scale for a, b in zip(numerator["values"], denominator["values"])]
@@ -192,6 +203,47 @@ def side_by_side_alone(topology, peer: str, repeats: int) -> dict[str, Any]:
         runs = [pool.submit(one_process_steps, topology, [peer], 1, repeats) for _ in range(2)]
         results = [run.result() for run in runs]
     return max(results, key=lambda result: result["median"])
+
+
+def idle_cohort_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker that does nothing until told to stop: the cohort's processes without its work."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        config["started"].put(True)
+        config["stop"].get()
+    ray.train.report({})
+
+
+def beside_idle_ray_train(topology, peer: str, repeats: int, folder: Path) -> dict[str, Any]:
+    """``side_by_side_alone`` while an idle Ray Train run of the cohort's shape is up (its controller,
+    helper actors, progress queue and one idle worker per peer): what Ray's own processes take
+    from two busy cores, with no exchange and no lock-step between the two."""
+    import threading
+
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    if __name__ != "__main__":
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started, stop = Queue(), Queue()
+    trainer = TorchTrainer(idle_cohort_loop, train_loop_config={"started": started, "stop": stop},
+                           scaling_config=ScalingConfig(num_workers=len(topology.peers),
+                                                        resources_per_worker={"CPU": 1.0}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name=f"idle-{time.time_ns()}", storage_path=str(folder / "ray")))
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    thread.start()
+    try:
+        started.get(timeout=180)
+        time.sleep(5)  # the helper actors' own start-up is over, as it is after a cohort's warm-up epoch
+        return side_by_side_alone(topology, peer, repeats)
+    finally:
+        stop.put(True)
+        thread.join(timeout=120)
 
 
 # --------------------------------------------------------------------------- the cohort, through cohort.run
@@ -322,22 +374,28 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         slowest = max(equal_plan.compute, key=equal_plan.compute.get)
         teacher = max(unequal_plan.compute, key=unequal_plan.compute.get)
 
+        # The machine's speed drifts by several per cent over minutes (a shared host): the slowest
+        # peer alone runs just before and just after the cohort, and their mean is its baseline.
+        log("the slowest peer alone on 1 thread, before the cohort")
+        alone_before = one_process_steps(equal, [slowest], 1, args.repeats)
         log(f"cohort of 2 x resnet20 through python -m cohort.run ({epochs} epochs of {args.steps} steps)")
         command = cohort_command(equal, folder / "command")
+        log("the slowest peer alone on 1 thread, after the cohort")
+        alone_after = one_process_steps(equal, [slowest], 1, args.repeats)
+        alone_equal = bracketed(alone_before, alone_after)
         cohort_equal = cohort_steps(equal, command["reports"])
         startup = {key.split("/")[-1][:-2]: value for key, value in command["reports"][0].items()
                    if key.startswith("cohort/startup/")}
         if not startup:
             raise CohortError("python -m cohort.run reported no start-up breakdown")
 
-        log("loading the whole table as the driver and every worker do (the slice above is smaller)")
+        log("loading the whole table as the driver's plan does (the slice above is smaller)")
         whole_table = load_seconds(equal, Path(args.data).expanduser())
         slice_table = load_seconds(equal, data)
 
         log("one process: both networks in turn on 1 thread, on all threads; the slowest peer alone")
         loop_equal_1 = one_process_steps(equal, equal.peer_names, 1, args.repeats)
         loop_equal_all = one_process_steps(equal, equal.peer_names, cores, args.repeats)
-        alone_equal = one_process_steps(equal, [slowest], 1, args.repeats)
         log("the slowest peer alone in two processes at once, 1 thread each: the machine's parallel limit")
         alone_twice = side_by_side_alone(equal, slowest, args.repeats)
         log("one process, teacher and student: in turn on 1 thread and on all threads; the teacher alone")
@@ -346,6 +404,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         alone_teacher = one_process_steps(unequal, [teacher], 1, args.repeats)
 
         start_ray(None, verbose=False)
+        log("the slowest peer alone in two processes at once, beside an idle Ray Train run of two workers")
+        alone_twice_beside_ray = beside_idle_ray_train(equal, slowest, args.repeats, folder)
         placement = peer_threads(unequal_plan.compute, 1.0)
         # The alternative the placement rejects: the teacher's share rounded up, one thread more.
         extra = {**placement, teacher: placement[teacher] + 1}
@@ -375,6 +435,10 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "parallel_slowdown": ratio(alone_twice, alone_equal),
         "overhead_vs_parallel_limit": ratio(cohort_equal, alone_twice),
         "device_scaling_limit": ratio(loop_equal_1, alone_twice, scale=len(equal.peers)),
+        # What Ray's own processes (an idle Ray Train run's controller, helpers and workers) take
+        # from two busy cores; and the cohort against that: the exchange and the lock-step.
+        "ray_train_floor": ratio(alone_twice_beside_ray, alone_twice),
+        "overhead_vs_ray_train_floor": ratio(cohort_equal, alone_twice_beside_ray),
         "device_scaling": ratio(loop_equal_1, cohort_equal, scale=len(equal.peers)),
         "equal_resources": ratio(loop_equal_all, cohort_equal),
         "unequal_equal_resources": ratio(loop_unequal_all, cohort_unequal),
@@ -383,8 +447,10 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "unequal_device_scaling": ratio(loop_unequal_1, cohort_unequal, scale=len(unequal.peers)),
         "time_to_first_step_s": startup["total"],
         "time_to_first_step_breakdown_s": {part: value for part, value in startup.items() if part != "total"},
-        # The command ran on a slice; the driver's plan and then every worker load the whole table.
-        "time_to_first_step_whole_table_s": startup["total"] + 2 * (whole_table - slice_table),
+        # The command ran on a slice. On the whole table the driver's plan decodes more (once: the
+        # workers receive the decoded data through Ray's object store); counted here as if none
+        # of it overlapped Ray's start, which it does in part.
+        "time_to_first_step_whole_table_s": startup["total"] + (whole_table - slice_table),
         "load_whole_table_s": whole_table,
         "exchange": exchange,
         "exchange_in_step_s": in_step_exchange,
@@ -394,6 +460,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
             "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
             f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,
             "slowest_peer_alone_in_two_processes_at_once": alone_twice,
+            "slowest_peer_alone_in_two_processes_beside_idle_ray_train": alone_twice_beside_ray,
+            "slowest_peer_alone_before_cohort": alone_before, "slowest_peer_alone_after_cohort": alone_after,
             "cohort_unequal_default_threads": cohort_unequal, "cohort_unequal_teacher_extra_thread": cohort_extra,
             "unequal_one_process_1_thread": loop_unequal_1, f"unequal_one_process_{cores}_threads": loop_unequal_all,
             "teacher_alone_1_thread": alone_teacher,
@@ -451,6 +519,10 @@ def markdown(results: dict[str, Any]) -> str:
          "(the machine)"),
         ("overhead against that limit: cohort step ÷ two plain processes' step", figure("overhead_vs_parallel_limit"),
          "(the cohort)"),
+        ("Ray Train's floor: two plain processes beside an idle Ray Train run ÷ the same alone",
+         figure("ray_train_floor"), "(Ray)"),
+        ("overhead against Ray's floor: cohort step ÷ two plain processes beside idle Ray Train",
+         figure("overhead_vs_ray_train_floor"), "(exchange + lock-step)"),
         ("device scaling of those two plain processes: the most this machine allows", figure("device_scaling_limit"),
          "(the machine)"),
         (f"equal resources: one process on {cores} threads ÷ cohort", figure("equal_resources"),
@@ -463,8 +535,9 @@ def markdown(results: dict[str, Any]) -> str:
          target("time_to_first_step_s")),
         ("  of which: " + ", ".join(f"{part.replace('_', ' ')} {value:.1f} s" for part, value in startup.items()), "",
          ""),
-        (f"  estimated on the whole CIFAR-10 table (the driver, then each worker, decodes 60,000 images in "
-         f"{results['load_whole_table_s']:.1f} s)", f"{results['time_to_first_step_whole_table_s']:.1f} s", ""),
+        (f"  estimated on the whole CIFAR-10 table (the driver decodes 60,000 images once, in "
+         f"{results['load_whole_table_s']:.1f} s; the workers get them through the object store)",
+         f"{results['time_to_first_step_whole_table_s']:.1f} s", ""),
         ("step time: cohort / one process 1 thread / slowest alone",
          f"{ms(steps['cohort_equal'])} / {ms(steps['one_process_1_thread'])} / "
          f"{ms(steps['slowest_peer_alone_1_thread'])}", ""),

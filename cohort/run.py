@@ -55,6 +55,8 @@ class Plan:
     compute: dict[str, float]  # FLOPs of one training step per sample, per peer (cohort.placement)
     threads: dict[str, int]  # torch threads per peer, in proportion to its compute
     tracking_uri: str
+    # The loaded dataset, handed to every worker through Ray's object store (None for --dry-run).
+    dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def fetch_checkpoints(topology, tracking_uri: str):
@@ -77,7 +79,8 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer, cohort_groups
 
-    info = load_dataset(topology.data).info if download else describe_dataset(topology.data)
+    dataset = load_dataset(topology.data) if download else None
+    info = dataset.info if dataset is not None else describe_dataset(topology.data)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
     models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
@@ -86,7 +89,7 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
                else float(parameters[peer]) for peer, model in models.items()}
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
-                resolve_uri(tracking_uri or topology.tracking.uri))
+                resolve_uri(tracking_uri or topology.tracking.uri), dataset)
 
 
 def cpus_per_peer(topology, available_cpus: float) -> float:
@@ -218,6 +221,13 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
         # other load (even Ray's own agents and this driver) the peers then stepped at half speed
         # on 2 cores. The peers are the computation: they run at a plain training script's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Two of Ray Train's helper processes serve nothing on a Ray of one machine: the watcher of
+        # cloud nodes' preemption notices, and the per-worker metrics for a dashboard (off unless
+        # asked for). Every Ray worker process wakes 100 times a second; on a small machine their
+        # start-up and wake-ups come out of the peers' cores (README, Performance).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if not dashboard:
+            os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address:
@@ -233,7 +243,11 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
 
 def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
-                 progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None):
+                 progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
+                 dataset=None):
+    """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
+    every worker (identical data for all, decoded once); without it each worker loads its own."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -245,7 +259,8 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
     return TorchTrainer(
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
-                           "objective": objective, "initial_checkpoint": initial_checkpoint},
+                           "objective": objective, "initial_checkpoint": initial_checkpoint,
+                           "dataset": ray.put(dataset) if dataset is not None else None},
         # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
@@ -359,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
-    from cohort.tracking import Tracker, resolve_uri
+    from cohort.tracking import resolve_uri
 
     if args.resume:
         return resume(args)
@@ -374,9 +389,7 @@ def _run(args: argparse.Namespace) -> int:
         print("\nresolved topology:\n" + "\n".join("  " + line for line in topology.to_yaml().splitlines()))
         return 0
 
-    plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
-    tracker = Tracker(plan.tracking_uri, topology.experiment)
-    cluster, marks = timed_start_ray(args)
+    plan, tracker, cluster, marks = plan_while_ray_starts(args, topology, tracking_uri)
     plan = fit_cluster(plan, cluster, cluster_node_labels())
     print(describe_plan(plan), flush=True)
 
@@ -456,7 +469,7 @@ def cluster_node_labels() -> list[dict[str, str]]:
 def resume(args: argparse.Namespace) -> int:
     """Continue a stopped run from its last checkpoint, in the same MLflow run."""
     from cohort.topology import topology_from_dict
-    from cohort.tracking import Tracker, resolve_uri
+    from cohort.tracking import resolve_uri
 
     if args.topology or args.overrides or args.dry_run:
         raise CohortError("--resume takes the run's own topology: give no topology file, --set or --dry-run")
@@ -483,17 +496,55 @@ def resume(args: argparse.Namespace) -> int:
     import yaml
 
     topology = topology_from_dict(yaml.safe_load(Path(topology_file).read_text()), "topology.yaml")
-    plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
-    tracker = Tracker(tracking_uri, topology.experiment)
-    tracker.run_id = run_id
     history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
     logged = max((metric.step for metric in history), default=0)
-    cluster, marks = timed_start_ray(args)
+    plan, tracker, cluster, marks = plan_while_ray_starts(args, topology, tracking_uri)
+    tracker.run_id = run_id
     plan = fit_cluster(plan, cluster, cluster_node_labels())
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
           flush=True)
     return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks)
+
+
+def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str):
+    """The plan and the MLflow store, made in a thread while Ray starts (or is joined) in this one.
+
+    Both take seconds: the plan imports torch, loads the data and builds every peer on one core,
+    the MLflow store opens (or creates) its database, while Ray's own processes start on the
+    others. A plan that fails (bad data, a checkpoint that does not fit) stops the Ray started
+    for it, so that bad input still ends with one line and nothing left running.
+    Returns (plan, tracker, cluster resources, start-up marks).
+    """
+    import ray
+
+    from cohort.tracking import Tracker
+
+    prepared: dict[str, Any] = {}
+
+    def prepare() -> None:
+        try:
+            plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
+            prepared["tracker"] = Tracker(plan.tracking_uri, topology.experiment)
+            prepared["plan"] = plan
+            import ray.train.torch  # noqa: F401 - needed next; imported here while Ray starts
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, raised there
+            prepared["error"] = error
+
+    already_running = ray.is_initialized()
+    thread = threading.Thread(target=prepare, name="cohort-plan", daemon=True)
+    thread.start()
+    try:
+        cluster, marks = timed_start_ray(args)
+    except CohortError as error:
+        thread.join()
+        raise prepared.get("error", error) from None
+    thread.join()
+    if "error" in prepared:
+        if not already_running:
+            ray.shutdown()
+        raise prepared["error"]
+    return prepared["plan"], prepared["tracker"], cluster, marks
 
 
 def timed_start_ray(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
@@ -514,7 +565,8 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
 
     topology = plan.topology
     progress = Queue()
-    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress)
+    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
+                           dataset=plan.dataset)
     started = last = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)

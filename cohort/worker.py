@@ -322,6 +322,7 @@ def train_cohort(config: dict[str, Any]) -> None:
     """
     # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
     startup = {"worker_start": time.time()}
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -335,7 +336,8 @@ def train_cohort(config: dict[str, Any]) -> None:
     progress = config.get("progress")
     objective = MetricExpression(config["objective"]) if config.get("objective") else None
 
-    data = load_dataset(topology.data)
+    # The driver's copy through the object store when it sent one (cohort.run), else loaded here.
+    data = ray.get(config["dataset"]) if config.get("dataset") is not None else load_dataset(topology.data)
     startup["data_loaded"] = time.time()
     info = data.info
     grouping = cohort_groups(topology, info)

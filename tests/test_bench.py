@@ -36,3 +36,13 @@ def test_the_slice_is_real_cifar10_read_by_the_product_loader(tmp_path):
     # Drawn at random from a table sorted by class: every class is there.
     assert min(data.info.train_class_counts) > 0 and data.info.class_names[0] == "airplane"
     assert len(list(data.train_batches(64, topology.seed, 1))) == 3
+
+
+def test_a_bracketed_baseline_is_the_mean_of_before_and_after_repeat_by_repeat():
+    from bench.exchange import bracketed
+
+    before = {**summarize([1.0, 2.0, 3.0]), "cpu_seconds": summarize([1.0, 1.0, 1.0])}
+    after = {**summarize([3.0, 2.0, 5.0]), "cpu_seconds": summarize([3.0, 1.0, 1.0])}
+    baseline = bracketed(before, after)
+    assert baseline["values"] == [2.0, 2.0, 4.0] and baseline["median"] == 2.0
+    assert baseline["cpu_seconds"]["values"] == [2.0, 1.0, 1.0]

@@ -206,6 +206,26 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
         assert moved, f"{peer} did not train"
 
 
+def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
+    """cohort.run sends the dataset its plan loaded through the object store: the workers never
+    open ``data.root`` (here a table that does not exist; on a cluster, a file only the driver has)."""
+    from ray.util.queue import Queue
+
+    from cohort.run import make_trainer
+
+    topology = topology_from_dict({
+        "name": "driver-data", "data": {"dataset": "parquet", "root": str(tmp_path / "absent.parquet"),
+                                        "batch_size": 256},
+        "train": {"epochs": 1}, "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+        "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
+    digits = load_dataset(DataConfig())
+    progress = Queue()
+    make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-data", progress=progress, dataset=digits).fit()
+    report = progress.get(timeout=10)
+    assert report["a/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
+    assert report["a/acc"] == report["a/acc"]  # evaluated on digits' test split: a number, not NaN
+
+
 # --------------------------------------------------------------------------- failures
 
 

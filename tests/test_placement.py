@@ -89,3 +89,100 @@ def test_no_breakdown_without_every_mark_or_for_workers_older_than_this_driver()
     assert startup_breakdown(MARKS, {"a": complete, "b": {}}) == {}
     replayed = {name: value - 50 for name, value in complete.items()}
     assert startup_breakdown(MARKS, {"a": replayed}) == {}
+
+
+# --------------------------------------------------------------------------- the plan while Ray starts
+
+
+class FakeRay:
+    """What ``plan_while_ray_starts`` asks of Ray: whether it runs, and to stop."""
+
+    def __init__(self, running: bool):
+        self.running, self.stopped = running, 0
+
+    def is_initialized(self):
+        return self.running
+
+    def shutdown(self):
+        self.stopped += 1
+
+
+@pytest.fixture
+def start_parts(monkeypatch):
+    """Ray start, plan and tracker replaced by stand-ins that record their order."""
+    import argparse
+    import sys
+    import threading
+    import types
+
+    import cohort.run
+    import cohort.tracking
+
+    parts = {"ray": FakeRay(running=False), "ray_started": threading.Event(), "plan_saw_ray_starting": None,
+             "plan_error": None, "ray_error": None}
+
+    def fake_start(args):
+        parts["ray_started"].set()
+        if parts["ray_error"]:
+            raise parts["ray_error"]
+        return {"CPU": 2.0}, {"command": 0.0, "ray_start": 1.0, "ray_ready": 2.0}
+
+    def fake_plan(topology, tracking_uri, cpus):
+        # The plan waits for Ray's start to begin: done one after the other, this would time out.
+        parts["plan_saw_ray_starting"] = parts["ray_started"].wait(timeout=10)
+        if parts["plan_error"]:
+            raise parts["plan_error"]
+        return type("P", (), {"tracking_uri": tracking_uri})()
+
+    monkeypatch.setitem(sys.modules, "ray", parts["ray"])
+    for name in ("ray.train", "ray.train.torch"):  # imported ahead by the plan's thread
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(cohort.run, "timed_start_ray", fake_start)
+    monkeypatch.setattr(cohort.run, "make_plan", fake_plan)
+    monkeypatch.setattr(cohort.tracking, "Tracker", lambda uri, experiment: ("tracker", uri, experiment))
+    parts["args"] = argparse.Namespace(address=None, verbose=False, dashboard=False)
+    parts["topology"] = type("T", (), {"experiment": "exp"})()
+    return parts
+
+
+def test_the_plan_is_made_while_ray_starts(start_parts):
+    from cohort.run import plan_while_ray_starts
+
+    plan, tracker, cluster, marks = plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
+    assert start_parts["plan_saw_ray_starting"] is True
+    assert plan.tracking_uri == "sqlite:///m.db" and tracker == ("tracker", "sqlite:///m.db", "exp")
+    assert cluster == {"CPU": 2.0} and marks["ray_ready"] == 2.0
+    assert start_parts["ray"].stopped == 0
+
+
+def test_a_failed_plan_stops_the_ray_started_for_it(start_parts):
+    from cohort.errors import CohortError
+    from cohort.run import plan_while_ray_starts
+
+    start_parts["plan_error"] = CohortError("checkpoint 'a.pt' does not fit the model", "peers.a.checkpoint")
+    with pytest.raises(CohortError, match="does not fit the model"):
+        plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
+    assert start_parts["ray"].stopped == 1
+
+
+def test_a_failed_plan_leaves_a_ray_that_was_already_running(start_parts):
+    from cohort.errors import CohortError
+    from cohort.run import plan_while_ray_starts
+
+    start_parts["ray"].running = True
+    start_parts["plan_error"] = CohortError("bad data", "data.root")
+    with pytest.raises(CohortError, match="bad data"):
+        plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
+    assert start_parts["ray"].stopped == 0
+
+
+def test_when_both_fail_the_input_error_is_reported(start_parts):
+    from cohort.errors import CohortError
+    from cohort.run import plan_while_ray_starts
+
+    start_parts["ray_error"] = CohortError("--address '127.0.0.1:9': no Ray cluster reachable there")
+    with pytest.raises(CohortError, match="no Ray cluster reachable"):
+        plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
+    start_parts["plan_error"] = CohortError("bad data", "data.root")
+    with pytest.raises(CohortError, match="bad data"):
+        plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
