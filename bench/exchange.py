@@ -205,6 +205,22 @@ def side_by_side_alone(topology, peer: str, repeats: int) -> dict[str, Any]:
     return max(results, key=lambda result: result["median"])
 
 
+def plain_trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], workers: int, name: str,
+                  folder: Path):
+    """A ``TorchTrainer`` of ``workers`` CPU workers (1 CPU each, gloo) running one of this module's loops."""
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if __name__ != "__main__":
+        # Imported (by a test): send this module's code to the workers, which may not find bench/.
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return TorchTrainer(loop, train_loop_config=config,
+                        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1.0}),
+                        torch_config=TorchConfig(backend="gloo"),
+                        run_config=RunConfig(name=f"{name}-{time.time_ns()}", storage_path=str(folder / "ray")))
+
+
 def idle_cohort_loop(config: dict[str, Any]) -> None:
     """A Ray Train worker that does nothing until told to stop: the cohort's processes without its work."""
     import ray.train
@@ -221,21 +237,11 @@ def beside_idle_ray_train(topology, peer: str, repeats: int, folder: Path) -> di
     from two busy cores, with no exchange and no lock-step between the two."""
     import threading
 
-    from ray import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    if __name__ != "__main__":
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started, stop = Queue(), Queue()
-    trainer = TorchTrainer(idle_cohort_loop, train_loop_config={"started": started, "stop": stop},
-                           scaling_config=ScalingConfig(num_workers=len(topology.peers),
-                                                        resources_per_worker={"CPU": 1.0}),
-                           torch_config=TorchConfig(backend="gloo"),
-                           run_config=RunConfig(name=f"idle-{time.time_ns()}", storage_path=str(folder / "ray")))
-    outcome: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    trainer = plain_trainer(idle_cohort_loop, {"started": started, "stop": stop}, len(topology.peers), "idle", folder)
+    thread = threading.Thread(target=trainer.fit, daemon=True)
     thread.start()
     try:
         started.get(timeout=180)
@@ -335,22 +341,11 @@ def exchange_latency_loop(config: dict[str, Any]) -> None:
 
 
 def exchange_latency(peers: list[str], calls: int, folder: Path) -> dict[str, float]:
-    from ray import cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    if __name__ != "__main__":
-        # Imported (by a test): send this module's code to the workers, which may not find bench/.
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     results = Queue()
-    trainer = TorchTrainer(exchange_latency_loop,
-                           train_loop_config={"peers": peers, "shapes": EXCHANGE_SHAPES, "calls": calls,
-                                              "results": results},
-                           scaling_config=ScalingConfig(num_workers=len(peers), resources_per_worker={"CPU": 1.0}),
-                           torch_config=TorchConfig(backend="gloo"),
-                           run_config=RunConfig(name=f"exchange-{time.time_ns()}", storage_path=str(folder / "ray")))
-    trainer.fit()
+    plain_trainer(exchange_latency_loop, {"peers": peers, "shapes": EXCHANGE_SHAPES, "calls": calls,
+                                          "results": results}, len(peers), "exchange", folder).fit()
     return results.get(timeout=60)
 
 

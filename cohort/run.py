@@ -537,13 +537,14 @@ def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str)
     try:
         cluster, marks = timed_start_ray(args)
     except CohortError as error:
-        thread.join()
-        raise prepared.get("error", error) from None
+        prepared.setdefault("ray_error", error)
     thread.join()
-    if "error" in prepared:
-        if not already_running:
+    if "error" in prepared:  # the input's error first: it is the one to fix
+        if not already_running and "ray_error" not in prepared:
             ray.shutdown()
         raise prepared["error"]
+    if "ray_error" in prepared:
+        raise prepared["ray_error"]
     return prepared["plan"], prepared["tracker"], cluster, marks
 
 

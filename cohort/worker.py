@@ -322,7 +322,6 @@ def train_cohort(config: dict[str, Any]) -> None:
     """
     # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
     startup = {"worker_start": time.time()}
-    import ray
     import ray.train
     import ray.train.torch
 
