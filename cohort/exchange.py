@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from cohort.grid import exchange_group_ranks, peer_group_ranks, slot_of
+from cohort.losses.batch import WholeBatch
 
 
 class LogitExchange:
@@ -65,3 +66,32 @@ def gather_in_group(obj, group: dist.ProcessGroup | None):
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+class ReplicaBatch(WholeBatch):
+    """Batch statistics over a peer's replicas (``cohort.losses.batch``): each worker holds one
+    shard, the peer's replica group together the whole batch. Every replica of the receiving peer
+    computes the same losses in the same order, so their collectives match."""
+
+    def __init__(self, group: dist.ProcessGroup, host_copies: bool = False):
+        self.group = group
+        self.host_copies = host_copies
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        local = tensor.detach().contiguous()
+        local = local.cpu() if self.host_copies else local.clone()
+        dist.all_reduce(local, op=op, group=self.group)
+        return local.to(tensor.device)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        count = torch.full((1,) + values.shape[1:], float(values.shape[0]), dtype=values.dtype, device=values.device)
+        sums = self._all_reduce(torch.cat([values.detach().sum(dim=0, keepdim=True), count]))
+        return sums[0] / sums[1]
+
+    def logmeanexp(self, log_values: torch.Tensor) -> torch.Tensor:
+        log_values = log_values.detach()
+        top = self._all_reduce(log_values.max(dim=0).values, dist.ReduceOp.MAX)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        count = torch.full_like(top, float(log_values.shape[0]))
+        sums = self._all_reduce(torch.stack([(log_values - top).exp().sum(dim=0), count]))
+        return top + sums[0].log() - sums[1].log()

@@ -180,7 +180,18 @@ def describe_grid(topology) -> list[str]:
     for slot in worker_grid(topology.peer_names, topology.replicas):
         frozen = " (frozen: no DDP)" if topology.peers[slot.peer].frozen else ""
         lines.append(f"    {slot.rank:<6}{slot.peer:<14}{slot.shard:<15}{device}{frozen}")
+    lines.append("  batch norm: " + "; ".join(f"{peer}: {batch_norm_text(topology, peer)}" for peer in topology.peer_names))
     return lines
+
+
+def batch_norm_text(topology, peer: str) -> str:
+    """How a peer with replicas normalizes its BatchNorm layers (cohort.syncbn)."""
+    config = topology.peers[peer]
+    if config.frozen:
+        return "running statistics (frozen)"
+    if not config.sync_batchnorm:
+        return "per-shard statistics (sync_batchnorm: false)"
+    return f"synchronized over its {topology.replicas} replicas"
 
 
 def placement_constraints(resources) -> list[str]:

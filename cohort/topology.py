@@ -141,6 +141,8 @@ class PeerConfig(_Strict):
     frozen: bool = False
     checkpoint: str | None = None
     replicas: int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
+    sync_batchnorm: bool = Field(True, description="with replicas, BatchNorm statistics over the whole batch "
+                                                   "(all-reduced within the peer's replicas); false: per shard")
 
     @field_validator("model")
     @classmethod

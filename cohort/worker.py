@@ -12,7 +12,6 @@ import resource
 import statistics
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +23,15 @@ from cohort import metrics
 from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
 from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
-from cohort.exchange import LogitExchange, gather_in_group, grid_groups
+from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
+from cohort.guard import BatchGuard
 from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.losses import LOSSES
+from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import peer_objective
 from cohort.models import build_model
 from cohort.precision import autocast, grad_scaler
+from cohort.syncbn import sync_batch_norm
 from cohort.search_space import MetricExpression
 from cohort.topology import OptimizerConfig, Topology, topology_from_dict
 
@@ -188,72 +190,87 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
 
 
-def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:
-    """A running CRC of every batch's bytes: equal on all peers exactly when they saw the same data."""
-    running = zlib.crc32(inputs.detach().contiguous().numpy().tobytes(), running)
-    return zlib.crc32(labels.numpy().tobytes(), running)
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_epoch(model, optimizer, data: CohortDataset, exchange: LogitExchange, topology: Topology, peer: str,
-                epoch: int, groups: torch.Tensor | None, fingerprint: int,
-                device: torch.device = torch.device("cpu"), shard: int = 0,
-                scaler: torch.amp.GradScaler | None = None) -> tuple[EpochStats, int]:
-    """One epoch of one peer (of its replica ``shard``: the shard-th part of every batch)."""
-    frozen = topology.peers[peer].frozen
-    edges = topology.incoming_edges(peer)
-    check_every = topology.train.check_batches_every
-    shards = topology.replicas
-    model.train(not frozen)
+@dataclass
+class PeerStep:
+    """What one worker's training step needs besides the batch: its peer, network and optimizer,
+    the exchange, and where it sits in the grid (``shard`` of ``topology.replicas``)."""
+
+    topology: Topology
+    peer: str
+    model: nn.Module
+    optimizer: Any
+    exchange: LogitExchange
+    guard: BatchGuard
+    groups: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")
+    shard: int = 0
+    scaler: torch.amp.GradScaler | None = None
+    batch: WholeBatch = WHOLE_BATCH  # batch statistics of losses: over the peer's replicas when it has them
+
+
+def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
+    """One epoch of one peer (of its replica ``run.shard``: the shard-th part of every batch)."""
+    topology, frozen, shards = run.topology, run.topology.peers[run.peer].frozen, run.topology.replicas
+    run.model.train(not frozen)
     stats = EpochStats()
     step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers, shards)):
-        # The whole batch's fingerprint: the same as without replicas, and on every shard.
-        fingerprint = batch_fingerprint(fingerprint, inputs, labels)
-        if check_every and (step + 1) % check_every == 0:
-            check_same_batches(exchange, fingerprint, epoch, step, device)
         batch_size = len(labels)
-        if shards > 1:
-            start, stop = shard_bounds(batch_size, shards, shard)
-            inputs, labels = inputs[start:stop], labels[start:stop]
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, device):
-            own_logits = model(inputs)
+        start, stop = shard_bounds(batch_size, shards, run.shard)
+        # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
+        if run.guard.see(inputs, labels, start, stop):
+            run.guard.check(epoch)
+        inputs, labels = inputs[start:stop].to(run.device, non_blocking=True), labels[start:stop].to(run.device,
+                                                                                                     non_blocking=True)
+        with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, run.device):
+            own_logits = run.model(inputs)
         own_logits = own_logits.float()
         exchange_started = time.perf_counter()
-        peer_logits = exchange(own_logits)
+        peer_logits = run.exchange(own_logits)
         stats.exchange_seconds.append(time.perf_counter() - exchange_started)
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
-            step_started = _step_ended(stats, step_started)
-            continue
-        loss, terms = peer_objective(own_logits, labels, edges, peer_logits, topology.train.ce_weight, epoch, groups)
-        if not torch.isfinite(loss):
-            bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
-            raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
-        optimizer.zero_grad(set_to_none=True)
-        # DDP averages the replicas' gradients: scaled so, the average is the whole batch's gradient.
-        scaled = loss * shard_loss_scale(len(labels), batch_size, shards) if shards > 1 else loss
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        gradient_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        # Under fp16 an overflowing gradient is expected now and then: the scaler skips that step.
-        if not torch.isfinite(gradient_norm) and scaler is None:
-            values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
-            raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
         else:
-            optimizer.step()
-        stats.add(float(loss.detach()), own_logits.detach(), labels)
+            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size)
+            stats.add(loss, own_logits.detach(), labels)
         step_started = _step_ended(stats, step_started)
-    return stats, fingerprint
+    if stats.steps:  # every epoch ends with a check, whatever the interval
+        run.guard.check(epoch)
+    return stats
+
+
+def optimize(run: PeerStep, own_logits: torch.Tensor, labels: torch.Tensor, peer_logits: dict[str, torch.Tensor],
+             epoch: int, step: int, batch_size: int) -> float:
+    """The peer's loss, backward and optimizer step; the loss's value."""
+    topology, peer, scaler, optimizer = run.topology, run.peer, run.scaler, run.optimizer
+    loss, terms = peer_objective(own_logits, labels, topology.incoming_edges(peer), peer_logits,
+                                 topology.train.ce_weight, epoch, run.groups, run.batch)
+    if not torch.isfinite(loss):
+        bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
+        raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
+    optimizer.zero_grad(set_to_none=True)
+    shards = topology.replicas
+    # DDP averages the replicas' gradients: scaled so, the average is the whole batch's gradient.
+    scaled = loss * shard_loss_scale(len(labels), batch_size, shards) if shards > 1 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    gradient_norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
+    # Under fp16 an overflowing gradient is expected now and then: the scaler skips that step.
+    if not torch.isfinite(gradient_norm) and scaler is None:
+        values = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items())
+        raise NonFiniteLoss(f"peer {peer!r}: non-finite gradient at epoch {epoch}, step {step} (terms: {values})")
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())
 
 
 def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[float, float]:
@@ -264,18 +281,6 @@ def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[f
     if stats.first_step_at is None:
         stats.first_step_at = time.time()
     return now
-
-
-def check_same_batches(exchange: LogitExchange, fingerprint: int, epoch: int, step: int,
-                       device: torch.device = torch.device("cpu")) -> None:
-    """Stop every peer at once when their batches' fingerprints differ (they would distill from
-    predictions on other images)."""
-    # On the worker's device: NCCL gathers CUDA tensors only.
-    everyone = exchange(torch.tensor([[fingerprint]], dtype=torch.int64, device=device))
-    values = {peer: int(value) for peer, value in everyone.items()}
-    if len(set(values.values())) > 1:
-        raise CohortError(f"the peers' training batches diverged by epoch {epoch}, step {step} "
-                          f"(fingerprints: {values}); every peer must load the same data")
 
 
 @torch.no_grad()
@@ -347,18 +352,24 @@ def train_cohort(config: dict[str, Any]) -> None:
     net = build_peer(topology, peer, info).to(device)
     groups = grouping[0].to(device) if grouping else None
     frozen = topology.peers[peer].frozen
+    backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)
+    exchange_group, peer_group = grid_groups(topology.peer_names, shards, rank)
+    replicas_train = peer_group is not None and not frozen
+    if replicas_train and topology.peers[peer].sync_batchnorm:
+        # Before the optimizer: the synchronized layers are new modules (with the same parameters' values).
+        sync_batch_norm(net, peer_group, device.type, backend.host_copies)
     if frozen:
         for parameter in net.parameters():
             parameter.requires_grad_(False)
     optimizer, scheduler = (None, None) if frozen else build_optimizer(net, topology.optimizer_for(peer), topology)
     scaler = None if frozen else grad_scaler(topology.train.precision, device)
-    exchange_group, peer_group = grid_groups(topology.peer_names, shards, rank)
-    backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)
     exchange = LogitExchange(topology.peer_names, exchange_group, host_copies=backend.host_copies)
     workers = gather_in_group(placement, torch.distributed.group.WORLD)  # rank 0 reports them
+    guard = BatchGuard(peer, shard, shards, topology.train.check_batches_every,
+                       lambda record: gather_in_group(record, torch.distributed.group.WORLD))
     startup["model_built"] = time.time()
 
-    fingerprint, first_epoch = 0, 1
+    first_epoch = 1
     history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
     # A restart (after a worker died) or a resumed run continues after the run's last checkpoint;
     # a Tune trial may start from one Tune hands it (PBT's exploit, a resumed sweep).
@@ -375,7 +386,8 @@ def train_cohort(config: dict[str, Any]) -> None:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"], device)
-        fingerprint, first_epoch = int(state["fingerprint"]), int(state["epoch"]) + 1
+        first_epoch = int(state["epoch"]) + 1
+        restore_guard(guard, state, shards)
         history = list(state.get("history", []))
         if progress is not None:
             # The driver may have stopped before logging the epochs this checkpoint covers: send
@@ -383,16 +395,17 @@ def train_cohort(config: dict[str, Any]) -> None:
             for report in history:
                 progress.put(report)
     model = net
-    if peer_group is not None and not frozen:
+    if replicas_train:
         # Data parallelism within the peer's own replicas only: peers are different networks.
         model = nn.parallel.DistributedDataParallel(net, process_group=peer_group,
                                                     device_ids=[device.index] if device.type == "cuda" else None)
+    run = PeerStep(topology, peer, model, optimizer, exchange, guard, groups, device, shard, scaler,
+                   ReplicaBatch(peer_group, backend.host_copies) if replicas_train else WHOLE_BATCH)
 
     for epoch in range(first_epoch, topology.train.epochs + 1):
         started = time.perf_counter()
         try:
-            stats, fingerprint = train_epoch(model, optimizer, data, exchange, topology, peer, epoch, groups,
-                                             fingerprint, device, shard, scaler)
+            stats = train_epoch(run, data, epoch)
         except NonFiniteLoss as error:
             raise CohortError(str(error)) from None
         if scheduler is not None:
@@ -402,7 +415,8 @@ def train_cohort(config: dict[str, Any]) -> None:
         own_logits, ensemble_probs, test_labels = evaluate(net, data, exchange, topology.data.eval_batch_size,
                                                            topology.data.num_workers, device,
                                                            topology.train.precision, shard, shards, peer_group)
-        contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, fingerprint, *metric_groups)
+        contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, guard.fingerprint,
+                                          *metric_groups)
         if startup is not None:
             contribution["startup"] = {**startup, "first_step": stats.first_step_at}
             startup = None  # sent once, with the first epoch this worker runs
@@ -426,7 +440,8 @@ def train_cohort(config: dict[str, Any]) -> None:
         if shard == 0 and (last or epoch % topology.train.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as folder:
                 save_peer_state(folder, peer, {
-                    "epoch": epoch, "fingerprint": fingerprint, "rng": rng_state(device),
+                    "epoch": epoch, "fingerprint": guard.fingerprint, "step": guard.step,
+                    "shard_fingerprint": guard.shard_fingerprint, "rng": rng_state(device),
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict() if optimizer is not None else {},
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -438,6 +453,14 @@ def train_cohort(config: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(report)
+
+
+def restore_guard(guard: BatchGuard, state: dict[str, Any], replicas: int) -> None:
+    """The guard's count and fingerprints from a checkpoint. Every replica reads the state replica 0
+    wrote: the whole batches' fingerprint and the step count are everyone's; the shard fingerprint
+    is replica 0's, so the others start theirs afresh (all replicas alike, the shard groups agree)."""
+    guard.fingerprint, guard.step = int(state["fingerprint"]), int(state.get("step", 0))
+    guard.shard_fingerprint = int(state.get("shard_fingerprint", 0)) if replicas == 1 else 0
 
 
 def worker_placement(rank: int, slot, device: torch.device) -> dict[str, Any]:

@@ -185,7 +185,8 @@ class OnePeerExchange:
 
 
 def test_bf16_trains_on_the_cpu_with_fp32_logits():
-    from cohort.worker import build_optimizer, build_peer, train_epoch
+    from cohort.guard import BatchGuard
+    from cohort.worker import PeerStep, build_optimizer, build_peer, train_epoch
 
     topology = topology_from_dict({"name": "p", "data": {"batch_size": 128}, "train": {"epochs": 1, "precision": "bf16"},
                                    "peers": {"solo": {"model": "cnn_small"}}})
@@ -194,7 +195,9 @@ def test_bf16_trains_on_the_cpu_with_fp32_logits():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, _ = build_optimizer(model, topology.optimizer_for("solo"), topology)
     exchange = OnePeerExchange()
-    stats, _ = train_epoch(model, optimizer, data, exchange, topology, "solo", 1, None, 0)
+    guard = BatchGuard("solo", 0, 1, every=10, gather=lambda record: [record])
+    stats = train_epoch(PeerStep(topology, "solo", model, optimizer, exchange, guard), data, 1)
+    assert guard.step == stats.steps == 12  # 1,437 digits in batches of 128
     assert set(exchange.dtypes) == {torch.float32}
     assert torch.isfinite(torch.tensor(stats.summary()["train_loss"]))
     assert stats.summary()["train_acc"] > 0.3  # it learns: chance is 0.1

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from cohort.losses.batch import WHOLE_BATCH
 from cohort.losses import (
     LOSSES,
     LossSpec,
@@ -501,3 +502,47 @@ def test_ltkd_rejects_bad_groups(batch, groups):
     receiver, sender, _, _ = batch
     with pytest.raises(ValueError):
         ltkd(receiver, sender, groups)
+
+
+# ---------------------------------------------------------------- batch statistics and replicas
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_is_per_sample_unless_it_declares_batch_statistics(batch, name):
+    """A loss computed on two halves of a batch equals the whole batch's, or the loss takes its
+    statistics through ``batch`` (then replicas get the whole batch's): nothing breaks silently
+    under replicas."""
+    receiver, sender, target, groups = batch
+    spec = get_loss(name)
+    whole = call(name, receiver, sender, target, groups)
+    halves = torch.cat([call(name, receiver[part], sender[part], target[part], groups)
+                        for part in (slice(0, 3), slice(3, None))])
+    if spec.batch_statistics:
+        assert not torch.allclose(halves, whole)  # the test batch does tell the two apart
+    else:
+        torch.testing.assert_close(halves, whole)
+
+
+def test_ltkd_declares_batch_statistics_and_takes_the_whole_batch_from_batch(batch):
+    receiver, sender, _, groups = batch
+    assert get_loss("ltkd").batch_statistics and not get_loss("kd").batch_statistics
+    whole = ltkd(receiver, sender, groups)
+    seen = []
+
+    class Recorder(WHOLE_BATCH.__class__):
+        def logmeanexp(self, log_values):
+            seen.append(log_values.shape[0])
+            return super().logmeanexp(full_log_masses)
+
+    log_p = torch.log_softmax(sender / 4.0, dim=-1)
+    full_log_masses = torch.stack([log_p[:, groups == g].logsumexp(dim=-1) for g in range(3)], dim=-1)
+    first = ltkd(receiver[:3], sender[:3], groups, batch=Recorder())
+    assert seen == [3]
+    torch.testing.assert_close(first, whole[:3])
+
+
+def test_a_batch_parameter_must_default_to_the_whole_batch(clean_registry):
+    with pytest.raises(ValueError, match="'batch' must default to WHOLE_BATCH"):
+        @register_loss("bad_batch")
+        def bad_batch(receiver, sender, batch=None):
+            return receiver.sum(dim=-1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import WHOLE_BATCH, WholeBatch
 from .registry import LOSSES
 
 if TYPE_CHECKING:
@@ -44,11 +45,13 @@ def peer_objective(
     ce_weight: float = 1.0,
     epoch: int = 1,
     groups: Tensor | None = None,
+    batch: WholeBatch = WHOLE_BATCH,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``ce_weight · CE + Σ_e weight_e · mean_batch(loss_e)``, and each term (unweighted) by name.
 
     The terms are named ``ce`` and ``<edge.label>`` so that a non-finite value can be traced to
-    its source.
+    its source. ``batch``: how losses with batch statistics reduce over the batch (with replicas,
+    over the peer's replicas).
     """
     context = {"target": labels, "groups": groups}
     terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
@@ -56,6 +59,8 @@ def peer_objective(
     for edge, weight in zip(edges, edge_weights(edges, epoch)):
         spec = LOSSES[edge.loss]
         needed = {name: context[name] for name in spec.context}
+        if spec.batch_statistics:
+            needed["batch"] = batch
         if needed.get("groups", 0) is None:
             raise ValueError(f"edge {edge.label} needs class groups, and none were given")
         per_sample = spec.fn(receiver_logits, sender_logits(edge, peer_logits), **needed, **edge.params)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._divergence import _check_temperature, _kl, _log_probs
+from .batch import WHOLE_BATCH, WholeBatch
 from .registry import register_loss
 
 
@@ -37,6 +38,7 @@ def ltkd(
     beta: float = 1.0,
     rebalance: bool = True,
     uniform: bool = True,
+    batch: WholeBatch = WHOLE_BATCH,
 ) -> Tensor:
     """``T² · (alpha · L_inter + beta · L_intra)`` per sample, shape ``[B]``.
 
@@ -44,7 +46,7 @@ def ltkd(
 
     - ``L_inter = KL(b̂_s ‖ b_r)`` with ``b̂_{s,G} ∝ w_G · b_{s,G}`` and
       ``w_G = 1 / (G · m_G)``, ``m_G`` the batch mean of ``b_{s,G}`` (``b̂_s = b_s`` without
-      ``rebalance``);
+      ``rebalance``), over the whole batch (``batch``: over a peer's replicas when it has them);
     - ``L_intra = Σ_G u_G · KL(p̃_{s,G} ‖ p̃_{r,G})`` with ``u_G = 1 / G`` (``u_G = b_{s,G}``
       without ``uniform``).
     """
@@ -60,7 +62,7 @@ def ltkd(
 
     if rebalance:
         # All in log space: a group with almost no mass in the batch must not make w_G overflow.
-        log_m = log_b_s.logsumexp(dim=0) - math.log(log_b_s.shape[0])
+        log_m = batch.logmeanexp(log_b_s)
         log_w = -math.log(num_groups) - log_m
         log_target_b = torch.log_softmax(log_w + log_b_s, dim=-1)
     else:

@@ -2,8 +2,9 @@
 
 A loss is registered by one line, ``@register_loss("name")``. Its signature says everything the
 trainer needs: the first two positional parameters are ``receiver`` and ``sender`` (logits), the
-names in ``CONTEXT_NAMES`` are supplied per batch by the trainer, and every other parameter is a
-tunable edge parameter whose default is read from the signature.
+names in ``CONTEXT_NAMES`` are supplied per batch by the trainer, a parameter ``batch`` (default
+``WHOLE_BATCH``) marks a loss that takes statistics over the batch (``cohort.losses.batch``), and
+every other parameter is a tunable edge parameter whose default is read from the signature.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Callable
 
 from torch import Tensor
 
+from .batch import WHOLE_BATCH
+
 CONTEXT_NAMES = ("target", "groups")
+BATCH_NAME = "batch"
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,9 @@ class LossSpec:
     fn: Callable[..., Tensor]
     params: dict[str, object]
     context: tuple[str, ...]
+    # Takes statistics over the batch through its ``batch`` parameter: with replicas, the trainer
+    # passes one that reduces over the peer's replicas.
+    batch_statistics: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -46,11 +53,17 @@ def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
 
     params: dict[str, object] = {}
     context: list[str] = []
+    batch_statistics = False
     for p in parameters[2:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
         has_default = p.default is not inspect.Parameter.empty
-        if p.name in CONTEXT_NAMES:
+        if p.name == BATCH_NAME:
+            if p.default is not WHOLE_BATCH:
+                raise ValueError(f"{where}: parameter {BATCH_NAME!r} must default to WHOLE_BATCH "
+                                 "(cohort.losses.batch)")
+            batch_statistics = True
+        elif p.name in CONTEXT_NAMES:
             # The trainer always supplies context; a default would hide a missing value.
             if has_default:
                 raise ValueError(f"{where}: context parameter {p.name!r} must not have a default")
@@ -62,7 +75,7 @@ def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
                 f"{where}: parameter {p.name!r} has no default and is not a context name "
                 f"{CONTEXT_NAMES}"
             )
-    return LossSpec(name=name, fn=fn, params=params, context=tuple(context))
+    return LossSpec(name=name, fn=fn, params=params, context=tuple(context), batch_statistics=batch_statistics)
 
 
 def register_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:

@@ -1,0 +1,144 @@
+"""Batch statistics over a peer's replicas, in two gloo processes without Ray: with
+cohort.syncbn the replicas' shards normalize, back-propagate and update running statistics like
+one whole batch, and with cohort.exchange.ReplicaBatch ltkd's rebalancing sees the whole batch."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from cohort.exchange import ReplicaBatch
+from cohort.losses import ltkd
+from cohort.syncbn import PeerSyncBatchNorm, batch_norm_sync_mode, sync_batch_norm
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6, momentum=None))
+    with torch.no_grad():  # non-trivial affine parameters
+        model[1].weight.uniform_(0.5, 1.5), model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(9, 2, 5, 5, generator=generator) * 3 + 1, torch.randn(9, 6, generator=generator)
+
+
+def whole_batch(steps: int) -> tuple[dict, list[torch.Tensor]]:
+    model = net()
+    inputs, target = batch()
+    outputs = []
+    for _ in range(steps):
+        model.zero_grad()
+        output = model(inputs)
+        ((output - target) ** 2).sum().backward()
+        outputs.append(output.detach())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return {**model.state_dict(), **{f"grad.{k}": v for k, v in grads.items()}}, outputs
+
+
+def replica(rank: int, port: int, steps: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = net()
+        group = dist.new_group([0, 1])
+        report = sync_batch_norm(model, group)
+        # As a peer's replicas train: DDP (which refuses torch's SyncBatchNorm on CPU) averages the gradients.
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
+        inputs, target = batch()
+        shard = slice(0, 5) if rank == 0 else slice(5, 9)  # uneven shards: 5 and 4 samples
+        outputs = []
+        for _ in range(steps):
+            model.zero_grad()
+            output = ddp(inputs[shard])
+            ((output - target[shard]) ** 2).sum().backward()
+            outputs.append(output.detach())
+        # The whole batch's gradient of the summed loss: twice DDP's average over the 2 replicas.
+        grads = {name: 2 * p.grad for name, p in model.named_parameters()}
+        receiver, sender, groups = ltkd_batch()
+        losses = ltkd(receiver[shard], sender[shard], groups, 2.0, batch=ReplicaBatch(dist.new_group([0, 1])))
+        queue.put((rank, report.layers, report.mode, {**model.state_dict(),
+                                                      **{f"grad.{k}": v for k, v in grads.items()}}, outputs,
+                   losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def ltkd_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    receiver, sender = torch.randn(2, 9, 7, generator=generator) * 3
+    sender[5:, :3] += 6  # the shards' group masses differ: per-shard rebalancing would show
+    return receiver, sender, torch.tensor([0, 0, 0, 1, 1, 2, 2])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_replicas_normalize_and_rebalance_like_the_whole_batch():
+    steps = 3
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=replica, args=(rank, port, steps, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = sorted(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    expected, expected_outputs = whole_batch(steps)
+    receiver, sender, groups = ltkd_batch()
+    whole_ltkd = ltkd(receiver, sender, groups, 2.0)
+    for rank, layers, mode, state, outputs, losses in results:
+        assert (layers, mode) == (2, "moments")
+        assert state.keys() == expected.keys()  # a BatchNorm's names and buffers, unchanged
+        for key, value in expected.items():
+            torch.testing.assert_close(state[key].float(), value.float(), rtol=1e-5, atol=1e-5, msg=key)
+        shard = slice(0, 5) if rank == 0 else slice(5, 9)
+        for output, whole in zip(outputs, expected_outputs):
+            torch.testing.assert_close(output, whole[shard], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(losses, whole_ltkd[shard], rtol=1e-5, atol=1e-6)
+    # Without the replicas' reduction the first shard's rebalancing differs:
+    assert not torch.allclose(ltkd(receiver[:5], sender[:5], groups, 2.0), whole_ltkd[:5], atol=1e-3)
+
+
+def test_per_shard_statistics_differ_from_the_whole_batch():
+    """What the synchronization fixes: a shard's own statistics are not the batch's."""
+    model, (inputs, _) = net().train(), batch()
+    torch.testing.assert_close(model(inputs)[:5], net().train()(inputs)[:5])
+    assert not torch.allclose(model(inputs)[:5], net().train()(inputs[:5]), atol=1e-3)
+
+
+def test_sync_mode_by_device():
+    assert batch_norm_sync_mode("cuda", host_copies=False) == "torch"
+    assert batch_norm_sync_mode("cuda", host_copies=True) == "moments"
+    assert batch_norm_sync_mode("cpu", host_copies=False) == "moments"
+
+
+def test_a_layer_without_a_group_or_in_eval_is_plain_batch_norm():
+    layer = PeerSyncBatchNorm(3)
+    reference = nn.BatchNorm1d(3)
+    inputs = torch.randn(8, 3)
+    torch.testing.assert_close(layer.eval()(inputs), reference.eval()(inputs))
+
+
+def test_conversion_keeps_weights_and_requires_grad():
+    model = net()
+    model[1].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sync_batch_norm(model, group=object())
+    assert report.layers == 2 and isinstance(model[1], PeerSyncBatchNorm) and isinstance(model[5], PeerSyncBatchNorm)
+    assert not model[1].weight.requires_grad and model[5].weight.requires_grad
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert sync_batch_norm(model, group=object()).layers == 0  # already synchronized
