@@ -57,19 +57,44 @@ class Plan:
     tracking_uri: str
     # The loaded dataset, handed to every worker through Ray's object store (None for --dry-run).
     dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # The peers' checkpoints as read here, {peer: state_dict}, sent to the workers the same way.
+    weights: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def fetch_checkpoints(topology, tracking_uri: str):
-    """The topology with MLflow checkpoint references replaced by local copies of the weights."""
-    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+    """The topology with each ``mlflow:EXPERIMENT/PEER`` checkpoint pinned to the run it means
+    (``runs:/RUN_ID/weights/PEER.pt``), and every ``runs:/`` reference checked. Nothing is
+    downloaded: ``load_checkpoints`` reads the weights, once, for the workers."""
+    from cohort.tracking import is_mlflow_checkpoint, resolve_checkpoint
 
     peers = {}
     for name, peer in topology.peers.items():
         if is_mlflow_checkpoint(peer.checkpoint):
-            local = fetch_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
-            peer = peer.model_copy(update={"checkpoint": local})
+            reference = resolve_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
+            peer = peer.model_copy(update={"checkpoint": reference})
         peers[name] = peer
     return topology.model_copy(update={"peers": peers})
+
+
+def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
+    """Every peer checkpoint's state_dict (``weights_only``), read here once: files from their
+    path, MLflow references through a temporary download. The workers receive these through Ray's
+    object store and never open a checkpoint path, which on a cluster only the driver may have."""
+    import tempfile
+
+    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+    from cohort.worker import read_weights
+
+    weights = {}
+    with tempfile.TemporaryDirectory(prefix="cohort-checkpoints-") as folder:
+        for name, peer in topology.peers.items():
+            if not peer.checkpoint:
+                continue
+            where = f"peers.{name}.checkpoint"
+            path = (fetch_checkpoint(peer.checkpoint, tracking_uri, where, folder)
+                    if is_mlflow_checkpoint(peer.checkpoint) else peer.checkpoint)
+            weights[name] = read_weights(path, where, name=peer.checkpoint)
+    return weights
 
 
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
@@ -79,17 +104,19 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer, cohort_groups
 
+    uri = resolve_uri(tracking_uri or topology.tracking.uri)
     dataset = load_dataset(topology.data) if download else None
     info = dataset.info if dataset is not None else describe_dataset(topology.data)
+    weights = load_checkpoints(topology, uri)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
-    models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
+    models = {peer: build_peer(topology, peer, info, weights.get(peer)) for peer in topology.peer_names}
     parameters = {peer: count_parameters(model) for peer, model in models.items()}
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
-                resolve_uri(tracking_uri or topology.tracking.uri), dataset)
+                uri, dataset, weights)
 
 
 def cpus_per_peer(topology, available_cpus: float) -> float:
@@ -336,9 +363,11 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
 def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
-                 dataset=None):
+                 dataset=None, weights: dict[str, Any] | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
-    every worker (identical data for all, decoded once); without it each worker loads its own."""
+    every worker (identical data for all, decoded once); without it each worker loads its own.
+    ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
+    object store for that peer's workers; a peer without them reads its checkpoint's path."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -352,7 +381,8 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "objective": objective, "initial_checkpoint": initial_checkpoint,
-                           "dataset": ray.put(dataset) if dataset is not None else None},
+                           "dataset": ray.put(dataset) if dataset is not None else None,
+                           "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
         # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
@@ -659,7 +689,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     topology = plan.topology
     progress = Queue()
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
-                           dataset=plan.dataset)
+                           dataset=plan.dataset, weights=plan.weights)
     started = last = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
