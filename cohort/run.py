@@ -57,19 +57,44 @@ class Plan:
     tracking_uri: str
     # The loaded dataset, handed to every worker through Ray's object store (None for --dry-run).
     dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # The peers' checkpoints as read here, {peer: state_dict}, sent to the workers the same way.
+    weights: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def fetch_checkpoints(topology, tracking_uri: str):
-    """The topology with MLflow checkpoint references replaced by local copies of the weights."""
-    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+    """The topology with each ``mlflow:EXPERIMENT/PEER`` checkpoint pinned to the run it means
+    (``runs:/RUN_ID/weights/PEER.pt``), and every ``runs:/`` reference checked. Nothing is
+    downloaded: ``load_checkpoints`` reads the weights, once, for the workers."""
+    from cohort.tracking import is_mlflow_checkpoint, resolve_checkpoint
 
     peers = {}
     for name, peer in topology.peers.items():
         if is_mlflow_checkpoint(peer.checkpoint):
-            local = fetch_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
-            peer = peer.model_copy(update={"checkpoint": local})
+            reference = resolve_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
+            peer = peer.model_copy(update={"checkpoint": reference})
         peers[name] = peer
     return topology.model_copy(update={"peers": peers})
+
+
+def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
+    """Every peer checkpoint's state_dict (``weights_only``), read here once: files from their
+    path, MLflow references through a temporary download. The workers receive these through Ray's
+    object store and never open a checkpoint path, which on a cluster only the driver may have."""
+    import tempfile
+
+    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+    from cohort.worker import read_weights
+
+    weights = {}
+    with tempfile.TemporaryDirectory(prefix="cohort-checkpoints-") as folder:
+        for name, peer in topology.peers.items():
+            if not peer.checkpoint:
+                continue
+            where = f"peers.{name}.checkpoint"
+            path = (fetch_checkpoint(peer.checkpoint, tracking_uri, where, folder)
+                    if is_mlflow_checkpoint(peer.checkpoint) else peer.checkpoint)
+            weights[name] = read_weights(path, where, name=peer.checkpoint)
+    return weights
 
 
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
@@ -79,17 +104,19 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     from cohort.tracking import resolve_uri
     from cohort.worker import build_peer, cohort_groups
 
+    uri = resolve_uri(tracking_uri or topology.tracking.uri)
     dataset = load_dataset(topology.data) if download else None
     info = dataset.info if dataset is not None else describe_dataset(topology.data)
+    weights = load_checkpoints(topology, uri)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
     # before any worker starts.
-    models = {peer: build_peer(topology, peer, info) for peer in topology.peer_names}
+    models = {peer: build_peer(topology, peer, info, weights.get(peer)) for peer in topology.peer_names}
     parameters = {peer: count_parameters(model) for peer, model in models.items()}
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
-                resolve_uri(tracking_uri or topology.tracking.uri), dataset)
+                uri, dataset, weights)
 
 
 def cpus_per_peer(topology, available_cpus: float) -> float:
@@ -215,11 +242,101 @@ def check_address(address: str) -> None:
         raise CohortError(f"--address {address!r}: no Ray cluster reachable there ({error.strerror or error})") from None
 
 
+# Ray's token authentication. A driver sends the cluster's token only in RAY_AUTH_MODE=token, which
+# Ray turns on by itself for a new local cluster and for `--address auto` when a token is at hand,
+# but never for an explicit HOST:PORT: cohort does the same for HOST:PORT as Ray does for auto.
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path(".ray") / "auth_token"
+COPY_TOKEN = ("copy the head node's ~/.ray/auth_token to ~/.ray/auth_token here, "
+              "or set RAY_AUTH_TOKEN to its contents")
+
+
+def token_source(env: dict[str, str], home: Path) -> str | None:
+    """Where Ray's driver takes its auth token from, in Ray's order: $RAY_AUTH_TOKEN, else the
+    file $RAY_AUTH_TOKEN_PATH (when set, the only file Ray reads), else ~/.ray/auth_token; None
+    when there is no token."""
+    if env.get(AUTH_TOKEN, "").strip():
+        return "$RAY_AUTH_TOKEN"
+    named = env.get(AUTH_TOKEN_PATH)
+    path = Path(os.path.expanduser(named)) if named else home / DEFAULT_TOKEN_FILE
+    try:
+        found = path.is_file() and bool(path.read_text().strip())
+    except OSError:
+        found = False
+    return (f"$RAY_AUTH_TOKEN_PATH ({named})" if named else "~/.ray/auth_token") if found else None
+
+
+def joins_by_host_port(address: str | None) -> bool:
+    return bool(address) and address != "auto" and not address.startswith("ray://")
+
+
+def join_auth_env(address: str | None, env: dict[str, str], home: Path) -> dict[str, str]:
+    """The environment the driver needs to join ``address``: RAY_AUTH_MODE=token when it joins a
+    HOST:PORT, a token is at hand and the mode is not set (an explicit mode is respected)."""
+    if not joins_by_host_port(address) or AUTH_MODE in env or token_source(env, home) is None:
+        return {}
+    return {AUTH_MODE: "token"}
+
+
+def auth_refused_message(address: str, env: dict[str, str], home: Path) -> str:
+    """One line for a cluster that refused this driver for its auth token (or its lack of one)."""
+    source = token_source(env, home)
+    if env.get(AUTH_MODE, "token").lower() != "token":
+        return (f"the cluster at {address} requires a Ray auth token, and RAY_AUTH_MODE={env[AUTH_MODE]} here: "
+                f"unset RAY_AUTH_MODE (or set it to token) and {COPY_TOKEN}")
+    if source is None:
+        named = env.get(AUTH_TOKEN_PATH)
+        where = (f"$RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH ({named}: missing or empty)" if named
+                 else "$RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        return f"the cluster at {address} requires a Ray auth token: none found in {where} ({COPY_TOKEN})"
+    return (f"the cluster at {address} refused the Ray auth token from {source}: it is not the cluster's "
+            f"({COPY_TOKEN})")
+
+
+def token_accepted(address: str, send_token: bool, timeout: float = 5.0) -> bool | None:
+    """Whether the cluster's GCS at ``address`` accepts what ray.init will send it: this machine's
+    auth token, or none. One gRPC call, where ray.init retries for 20 s and then says only 'Failed
+    to connect'. None when the answer is not about authentication."""
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = ()
+    if send_token:
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()
+        try:
+            metadata = tuple(loader.get_token_for_http_header(ignore_auth_mode=True).items())
+        except Exception:  # noqa: BLE001 - e.g. RAY_AUTH_TOKEN_PATH names a missing file: no token
+            pass
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            return False if error.code() == grpc.StatusCode.UNAUTHENTICATED else None
+    return True
+
+
+def prepare_join(address: str) -> None:
+    """Set this driver up to join HOST:PORT as Ray sets it up for ``auto``; refuse, in one line, a
+    token the cluster does not accept."""
+    updates = join_auth_env(address, dict(os.environ), Path.home())
+    if updates:
+        os.environ.update(updates)
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config: let it see the mode, as Ray itself does
+    if token_accepted(address, os.environ.get(AUTH_MODE, "").lower() == "token") is False:
+        raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
+
+
 def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> dict[str, float]:
     """Start or join Ray quietly; return the cluster's resources.
 
     A Ray started here keeps its dashboard off unless asked for, and then binds it to 127.0.0.1;
-    Ray's token authentication (on by default for a new local cluster) is left as it is.
+    Ray's token authentication (on by default for a new local cluster) is left as it is. A cluster
+    joined by HOST:PORT gets this machine's token as ``auto`` does (``prepare_join``).
     """
     import logging
 
@@ -243,6 +360,8 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
     try:
         if address:
             check_address(address)
+            if joins_by_host_port(address):
+                prepare_join(address)
             ray.init(address=address, **quiet)
         elif not ray.is_initialized():
             ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
@@ -255,9 +374,11 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
 def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
-                 dataset=None):
+                 dataset=None, weights: dict[str, Any] | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
-    every worker (identical data for all, decoded once); without it each worker loads its own."""
+    every worker (identical data for all, decoded once); without it each worker loads its own.
+    ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
+    object store for that peer's workers; a peer without them reads its checkpoint's path."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -271,7 +392,8 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
         train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "objective": objective, "initial_checkpoint": initial_checkpoint,
-                           "dataset": ray.put(dataset) if dataset is not None else None},
+                           "dataset": ray.put(dataset) if dataset is not None else None,
+                           "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
         # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
@@ -578,7 +700,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     topology = plan.topology
     progress = Queue()
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
-                           dataset=plan.dataset)
+                           dataset=plan.dataset, weights=plan.weights)
     started = last = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)

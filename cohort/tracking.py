@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,18 +144,28 @@ def is_mlflow_checkpoint(reference: str | None) -> bool:
     return bool(reference) and (reference.startswith(MLFLOW_CHECKPOINT) or reference.startswith("runs:/"))
 
 
-def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | None = None) -> str:
-    """A local copy of a peer's weights logged by an earlier run.
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
-    ``mlflow:EXPERIMENT/PEER`` is ``weights/PEER.pt`` of the experiment's latest finished run;
-    ``runs:/RUN_ID/weights/PEER.pt`` is MLflow's own artifact URI.
-    """
-    _quiet_mlflow()
-    import mlflow
 
+def checkpoint_run_id(reference: str, where: str) -> str:
+    """The run id of a ``runs:/RUN_ID/PATH`` reference, checked before it names any folder: an
+    MLflow run id is 32 hex characters (``runs:/../../etc/x`` is refused)."""
+    run_id, _, artifact = reference[len("runs:/"):].partition("/")
+    if not RUN_ID.fullmatch(run_id):
+        raise CohortError(f"{reference!r}: {run_id!r} is not an MLflow run id (32 hex characters); "
+                          "expected runs:/RUN_ID/weights/PEER.pt", where)
+    if not artifact or ".." in artifact.split("/"):
+        raise CohortError(f"{reference!r}: expected runs:/RUN_ID/weights/PEER.pt", where)
+    return run_id
+
+
+def resolve_checkpoint(reference: str, uri: str, where: str) -> str:
+    """``mlflow:EXPERIMENT/PEER`` as the ``runs:/RUN_ID/weights/PEER.pt`` of the experiment's
+    latest finished run (so a run records, and a resumed run reloads, exactly those weights);
+    a ``runs:/`` reference checked and kept."""
     if reference.startswith(MLFLOW_CHECKPOINT):
         experiment, _, peer = reference[len(MLFLOW_CHECKPOINT):].rpartition("/")
-        if not experiment or not peer:
+        if not experiment or not peer or peer in (".", ".."):
             raise CohortError(f"{reference!r}: expected mlflow:EXPERIMENT/PEER", where)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise CohortError(f"{reference!r}: no MLflow store at {uri} (train that peer first)", where)
@@ -169,8 +180,21 @@ def fetch_checkpoint(reference: str, uri: str, where: str, cache: str | Path | N
             raise CohortError(f"{reference!r}: no finished run of experiment {experiment!r} in {uri} "
                               "(train that peer first)", where)
         reference = f"runs:/{runs[0].info.run_id}/weights/{peer}.pt"
-    run_id = reference[len("runs:/"):].split("/", 1)[0]
-    target = Path(cache or Path.home() / ".cache" / "cohort" / "checkpoints") / run_id
+    checkpoint_run_id(reference, where)
+    return reference
+
+
+def fetch_checkpoint(reference: str, uri: str, where: str, folder: str | Path) -> str:
+    """A copy, in ``folder``, of a peer's weights logged by an earlier run.
+
+    ``mlflow:EXPERIMENT/PEER`` is ``weights/PEER.pt`` of the experiment's latest finished run;
+    ``runs:/RUN_ID/weights/PEER.pt`` is MLflow's own artifact URI.
+    """
+    _quiet_mlflow()
+    import mlflow
+
+    reference = resolve_checkpoint(reference, uri, where)
+    target = Path(folder) / checkpoint_run_id(reference, where)
     target.mkdir(parents=True, exist_ok=True)
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target), tracking_uri=uri)

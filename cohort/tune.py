@@ -66,7 +66,7 @@ class ForwardReports(UserCallback):
 
 
 def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
-                 storage: str) -> None:
+                 storage: str, weights: dict[str, Any] | None = None) -> None:
     """Tune's function trainable: one whole cohort with the sampled values applied.
 
     The cohort starts from Tune's checkpoint when there is one (PBT's exploit, or a resumed
@@ -93,7 +93,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # last checkpoint instead of starting from the one Tune hands this trial.
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
                            objective=objective, callbacks=(ForwardReports(reports),),
-                           initial_checkpoint=ray.tune.get_checkpoint())
+                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights)
     thread, outcome = fit_in_background(trainer)
     while thread.is_alive() or not reports.empty():
         try:
@@ -291,7 +291,7 @@ def plan_resources(num_peers: int, samples: int, cpus: float, max_concurrent: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from cohort.run import fetch_checkpoints, start_ray
+    from cohort.run import fetch_checkpoints, load_checkpoints, start_ray
     from cohort.search_space import load_space, tune_distribution
     from cohort.topology import load_topology
     from cohort.tracking import Tracker, resolve_uri
@@ -300,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology, args.overrides)
     tracking_uri = resolve_uri(args.tracking_uri or topology.tracking.uri)
     topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), tracking_uri)
+    # The checkpoints' weights, read here once and handed to every trial through Ray's object store
+    # (Tune's with_parameters): no trial or worker opens a checkpoint path.
+    weights = load_checkpoints(topology, tracking_uri)
     space = load_space(args.space, topology)
     if args.num_samples is not None and args.num_samples < 1:
         raise CohortError(f"--num-samples must be at least 1, not {args.num_samples}")
@@ -337,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(cohort_trial, base=topology.to_dict(), objective=space.metric,
                                  cpus_per_peer=cpus_per_peer, threads=max(1, int(cpus_per_peer)),
-                                 storage=str(Path(storage) / f"{name}-trainers")),
+                                 storage=str(Path(storage) / f"{name}-trainers"), weights=weights),
         {"CPU": TRIAL_CPU})
     if state:
         tracker.run_id = state["parent_run_id"]

@@ -44,8 +44,11 @@ def peer_seed(topology: Topology, peer: str) -> int:
     return topology.seed * 10_007 + topology.peer_names.index(peer)
 
 
-def build_peer(topology: Topology, peer: str, info: DatasetInfo) -> nn.Module:
-    """The peer's network, initialized from its seed, or loaded from its checkpoint if it has one."""
+def build_peer(topology: Topology, peer: str, info: DatasetInfo,
+               weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The peer's network, initialized from its seed, or given its checkpoint's weights if it has
+    one: ``weights``, the state_dict the driver read from the checkpoint (and sent through Ray's
+    object store), else read here from the checkpoint's path. Either way checked against the model."""
     torch.manual_seed(peer_seed(topology, peer))
     config = topology.peers[peer]
     try:
@@ -54,36 +57,52 @@ def build_peer(topology: Topology, peer: str, info: DatasetInfo) -> nn.Module:
     except (TypeError, ValueError) as error:
         raise CohortError(f"cannot build {config.model!r}: {error}", f"peers.{peer}.model") from None
     if config.checkpoint:
-        model.load_state_dict(load_weights(config.checkpoint, model, where=f"peers.{peer}.checkpoint"))
+        where = f"peers.{peer}.checkpoint"
+        state = read_weights(config.checkpoint, where) if weights is None else weights
+        model.load_state_dict(check_weights(state, model, config.checkpoint, where))
     return model
 
 
-def load_weights(path: str, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
-    """A state_dict from ``path`` (tensors only: ``weights_only=True``), checked against ``model``."""
+def read_weights(path: str, where: str, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in the file ``path`` (tensors only: ``weights_only=True``); ``name``: what to
+    call it in messages (the checkpoint as the topology gives it), default the path."""
+    name = name or path
     if not os.path.isfile(path):
-        raise CohortError(f"checkpoint {path!r} does not exist", where)
+        raise CohortError(f"checkpoint {name!r} does not exist", where)
     try:
         state = load_tensors(path)
     except CohortError as error:
-        raise CohortError(f"cannot load checkpoint {path!r}: {error.message}", where) from None
+        raise CohortError(f"cannot load checkpoint {name!r}: {error.message}", where) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CohortError(f"checkpoint {path!r} is not a state_dict of tensors", where)
+        raise CohortError(f"checkpoint {name!r} is not a state_dict of tensors", where)
+    return state
+
+
+def check_weights(state: dict[str, torch.Tensor], model: nn.Module, name: str, where: str) -> dict[str, torch.Tensor]:
+    """``state`` (from checkpoint ``name``) if it fits ``model``: the same keys and shapes."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CohortError(f"checkpoint {name!r} is not a state_dict of tensors", where)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CohortError(f"checkpoint {path!r} does not fit the model ({detail})", where)
+        raise CohortError(f"checkpoint {name!r} does not fit the model ({detail})", where)
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise CohortError(
-                f"checkpoint {path!r} does not fit the model: {key} is {tuple(tensor.shape)}, "
+                f"checkpoint {name!r} does not fit the model: {key} is {tuple(tensor.shape)}, "
                 f"the model's is {tuple(expected[key].shape)} (a different model or number of classes?)",
                 where,
             )
     return state
+
+
+def load_weights(path: str, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict from ``path`` (tensors only: ``weights_only=True``), checked against ``model``."""
+    return check_weights(read_weights(path, where), model, path, where)
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig, topology: Topology):
@@ -349,7 +368,10 @@ def train_cohort(config: dict[str, Any]) -> None:
     metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
     device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
     placement = worker_placement(rank, slot, device)
-    net = build_peer(topology, peer, info).to(device)
+    # A checkpoint's weights as the driver read them, through the object store: the workers never
+    # open the checkpoint's path (on a cluster, a file only the driver has).
+    sent = (config.get("weights") or {}).get(peer)
+    net = build_peer(topology, peer, info, ray.get(sent) if sent is not None else None).to(device)
     groups = grouping[0].to(device) if grouping else None
     frozen = topology.peers[peer].frozen
     backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)

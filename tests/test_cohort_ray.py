@@ -226,6 +226,37 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     assert report["a/acc"] == report["a/acc"]  # evaluated on digits' test split: a number, not NaN
 
 
+def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
+    """The plan reads every peer checkpoint once (a file here; an MLflow reference the same way)
+    and cohort.run sends the weights through the object store: the workers never open the path
+    (here deleted once the plan is made; on a cluster, a file only the driver has)."""
+    from ray.util.queue import Queue
+
+    from cohort.run import make_plan, make_trainer
+
+    spec = {"name": "driver-weights", "data": {"batch_size": 256}, "train": {"epochs": 1},
+            "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    info = load_dataset(DataConfig()).info
+    state = {key: value * 1.5 for key, value in build_peer(topology_from_dict(spec), "a", info).state_dict().items()}
+    checkpoint = tmp_path / "a.pt"
+    torch.save(state, checkpoint)
+    topology = topology_from_dict({**spec, "peers": {**spec["peers"], "a": {"model": "mlp_tiny", "frozen": True,
+                                                                              "checkpoint": str(checkpoint)}}})
+    plan = make_plan(topology, f"sqlite:///{tmp_path}/m.db", 2)
+    checkpoint.unlink()
+    assert set(plan.weights) == {"a"} and all(torch.equal(plan.weights["a"][k], v) for k, v in state.items())
+    progress = Queue()
+    result = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-weights", progress=progress,
+                          dataset=plan.dataset, weights=plan.weights).fit()
+    report = progress.get(timeout=10)
+    assert report["b/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
+    with result.checkpoint.as_directory() as folder:
+        trained = torch.load(Path(folder) / "a.pt", weights_only=True)
+    for key, value in state.items():
+        assert torch.equal(trained[key], value), key  # the frozen peer ran on exactly the driver's weights
+
+
 # --------------------------------------------------------------------------- failures
 
 

@@ -297,3 +297,31 @@ def test_command_line_prints_no_traceback(tmp_path):
 def test_cohort_error_has_no_location_when_none_applies():
     assert str(CohortError("plain")) == "plain"
     assert str(CohortError("msg", "f.yaml")) == "f.yaml: msg"
+
+
+@pytest.mark.parametrize("reference,expected", [
+    ("runs:/../../etc/x", "'..' is not an MLflow run id (32 hex characters)"),
+    ("runs:/a/b/../../../../tmp/x", "'a' is not an MLflow run id (32 hex characters)"),
+    ("runs:/" + "0" * 31 + "g/weights/teacher.pt", "is not an MLflow run id (32 hex characters)"),
+    ("runs:/" + "a" * 32 + "/../../x.pt", "expected runs:/RUN_ID/weights/PEER.pt"),
+    ("runs:/" + "a" * 32, "expected runs:/RUN_ID/weights/PEER.pt"),
+])
+def test_a_runs_reference_without_a_run_id_is_refused_before_any_path(capsys, tmp_path, monkeypatch, reference,
+                                                                     expected):
+    """The run id names a folder: it must be an MLflow run id (32 hex characters), checked first."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    line = dry_run_error(capsys, frozen_teacher(tmp_path, reference), "--tracking-uri", uri)
+    assert line.startswith(f"bad.yaml: peers.teacher.checkpoint: {reference!r}: ") and expected in line, line
+    assert not (tmp_path / "home").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_run_id_is_32_hex_characters():
+    from cohort.tracking import checkpoint_run_id
+
+    run_id = "0123456789abcdef" * 2
+    assert checkpoint_run_id(f"runs:/{run_id}/weights/teacher.pt", "here") == run_id
+    for bad in ("runs:/../../etc/x", f"runs:/{run_id}x/weights/t.pt", f"runs:/{run_id.upper()}/weights/t.pt", "runs:/"):
+        with pytest.raises(CohortError) as raised:
+            checkpoint_run_id(bad, "peers.t.checkpoint")
+        assert raised.value.where == "peers.t.checkpoint"

@@ -1,0 +1,153 @@
+"""Joining a token-protected Ray cluster by HOST:PORT (`ray start --head` on this machine), as
+`--address auto` does: the decisions without Ray, then the real thing in subprocesses."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cohort.run import auth_refused_message, join_auth_env, token_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- the decisions
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    folder = tmp_path / "home"
+    folder.mkdir()
+    return folder
+
+
+def with_default_token(home: Path, token: str = "ab" * 32) -> Path:
+    (home / ".ray").mkdir(exist_ok=True)
+    path = home / ".ray" / "auth_token"
+    path.write_text(token)
+    return path
+
+
+def test_the_token_is_found_where_ray_looks_for_it(home, tmp_path):
+    assert token_source({}, home) is None
+    with_default_token(home)
+    assert token_source({}, home) == "~/.ray/auth_token"
+    assert token_source({"RAY_AUTH_TOKEN": "x"}, home) == "$RAY_AUTH_TOKEN"
+    assert token_source({"RAY_AUTH_TOKEN": " "}, home) == "~/.ray/auth_token"  # empty: Ray reads on
+    named = tmp_path / "token"
+    # A RAY_AUTH_TOKEN_PATH is the only file Ray reads: a missing or empty one means no token.
+    assert token_source({"RAY_AUTH_TOKEN_PATH": str(named)}, home) is None
+    named.write_text("")
+    assert token_source({"RAY_AUTH_TOKEN_PATH": str(named)}, home) is None
+    named.write_text("cd" * 32)
+    assert token_source({"RAY_AUTH_TOKEN_PATH": str(named)}, home) == f"$RAY_AUTH_TOKEN_PATH ({named})"
+
+
+def test_joining_host_port_turns_token_auth_on_when_a_token_is_at_hand(home):
+    assert join_auth_env("127.0.0.1:6390", {}, home) == {}  # no token: nothing to send
+    with_default_token(home)
+    assert join_auth_env("127.0.0.1:6390", {}, home) == {"RAY_AUTH_MODE": "token"}
+    assert join_auth_env("10.0.0.5:6379", {"RAY_AUTH_TOKEN": "x"}, home) == {"RAY_AUTH_MODE": "token"}
+    # An explicit mode is the user's; auto, ray:// and a Ray started here are Ray's business.
+    assert join_auth_env("127.0.0.1:6390", {"RAY_AUTH_MODE": "disabled"}, home) == {}
+    assert join_auth_env("127.0.0.1:6390", {"RAY_AUTH_MODE": "token"}, home) == {}
+    for address in ("auto", None, "", "ray://10.0.0.5:10001"):
+        assert join_auth_env(address, {}, home) == {}
+
+
+def test_a_refused_token_says_what_to_set_and_where_the_token_lives(home, tmp_path):
+    none = auth_refused_message("127.0.0.1:6390", {}, home)
+    assert none.startswith("the cluster at 127.0.0.1:6390 requires a Ray auth token: none found in "
+                           "$RAY_AUTH_TOKEN or ~/.ray/auth_token (copy the head node's ~/.ray/auth_token")
+    missing = auth_refused_message("h:1", {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "t")}, home)
+    assert f"$RAY_AUTH_TOKEN_PATH ({tmp_path / 't'}: missing or empty)" in missing
+    wrong = auth_refused_message("h:1", {"RAY_AUTH_TOKEN": "garbage", "RAY_AUTH_MODE": "token"}, home)
+    assert wrong.startswith("the cluster at h:1 refused the Ray auth token from $RAY_AUTH_TOKEN: it is not the "
+                            "cluster's (copy the head node's ~/.ray/auth_token")
+    with_default_token(home)
+    assert "refused the Ray auth token from ~/.ray/auth_token" in auth_refused_message("h:1", {}, home)
+    disabled = auth_refused_message("h:1", {"RAY_AUTH_MODE": "disabled"}, home)
+    assert "RAY_AUTH_MODE=disabled here: unset RAY_AUTH_MODE" in disabled
+    for message in (none, missing, wrong, disabled):
+        assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- a real `ray start`
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This checkout's cohort, a HOME of the test's own, and no auth settings but ``extra``."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory):
+    """`ray start --head` as a new user runs it, with a token in ~/.ray/auth_token (here a HOME of
+    the test's own): Ray turns token authentication on for it. Always stopped."""
+    home = tmp_path_factory.mktemp("head-home")
+    with_default_token(home, os.urandom(32).hex())
+    port = free_port()
+    env = clean_env(home)
+    try:
+        subprocess.run(["ray", "start", "--head", "--port", str(port),
+                        "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}", home
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def cohort_run(address: str, tmp_path: Path, env: dict[str, str], timeout: float = 180):
+    return subprocess.run(
+        [sys.executable, "-m", "cohort.run", str(REPO / "topologies" / "three_peers.yaml"), "--address", address,
+         "--set", "train.epochs=1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--storage", str(tmp_path / "ray")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.ray
+def test_a_cohort_joins_a_token_cluster_by_host_and_port(token_cluster, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    address, home = token_cluster
+    started = time.perf_counter()
+    done = cohort_run(address, tmp_path, clean_env(home))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("three-peers").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["cohort/batches_identical"] == 1.0
+    assert 0 < runs[0].data.metrics["teacher/acc"] <= 1
+    print(f"joined and trained in {time.perf_counter() - started:.1f}s")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", ["wrong", "missing"])
+def test_a_wrong_or_missing_token_is_one_line(token_cluster, tmp_path, case):
+    address, _ = token_cluster
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    env = clean_env(empty_home, **({"RAY_AUTH_TOKEN": "garbage"} if case == "wrong" else {}))
+    started = time.perf_counter()
+    done = cohort_run(address, tmp_path, env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    expected = ("refused the Ray auth token from $RAY_AUTH_TOKEN" if case == "wrong"
+                else "requires a Ray auth token: none found in $RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    assert lines[0].startswith(f"the cluster at {address} "), lines
+    assert expected in lines[0] and "~/.ray/auth_token" in lines[0], lines
+    assert time.perf_counter() - started < 60  # refused at once, not after Ray's retries
