@@ -10,11 +10,19 @@ import torch.nn as nn
 from cohort.models import register_model
 
 
-def _mlp(in_features: int, hidden: int, num_classes: int) -> nn.Module:
+def _dropout(p: float) -> list[nn.Module]:
+    """Dropout before the classifier (none at 0: the layer names stay those of the plain network)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), not {p!r}")
+    return [nn.Dropout(p)] if p else []
+
+
+def _mlp(in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, hidden),
         nn.ReLU(inplace=True),
+        *_dropout(dropout),
         nn.Linear(hidden, num_classes),
     )
 
@@ -23,7 +31,7 @@ def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
-def _cnn(in_channels: int, widths: tuple[int, int], num_classes: int) -> nn.Module:
+def _cnn(in_channels: int, widths: tuple[int, int], num_classes: int, dropout: float = 0.0) -> nn.Module:
     # Global average pooling keeps these nets independent of the input's spatial size.
     first, second = widths
     return nn.Sequential(
@@ -34,26 +42,27 @@ def _cnn(in_channels: int, widths: tuple[int, int], num_classes: int) -> nn.Modu
         *_conv_block(second, second),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
+        *_dropout(dropout),
         nn.Linear(second, num_classes),
     )
 
 
 # The MLPs flatten an 8x8 image; on larger inputs use the CNNs.
 @register_model("mlp_tiny")
-def mlp_tiny(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return _mlp(in_channels * 64, 32, num_classes)
+def mlp_tiny(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+    return _mlp(in_channels * 64, 32, num_classes, dropout)
 
 
 @register_model("mlp")
-def mlp(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return _mlp(in_channels * 64, 128, num_classes)
+def mlp(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+    return _mlp(in_channels * 64, 128, num_classes, dropout)
 
 
 @register_model("cnn_small")
-def cnn_small(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return _cnn(in_channels, (16, 32), num_classes)
+def cnn_small(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+    return _cnn(in_channels, (16, 32), num_classes, dropout)
 
 
 @register_model("cnn_medium")
-def cnn_medium(num_classes: int, in_channels: int = 1) -> nn.Module:
-    return _cnn(in_channels, (32, 64), num_classes)
+def cnn_medium(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+    return _cnn(in_channels, (32, 64), num_classes, dropout)
