@@ -76,9 +76,10 @@ def find_mismatch(records: list[dict[str, Any]], replicas: int = 1) -> str | Non
             by_value.setdefault(record[key], []).append(name(record))
         if len(by_value) == 1:
             return None
-        # The smallest group first: usually the odd one out.
         parts = sorted(by_value.values(), key=len)
-        return f"{', '.join(parts[0])} saw other data than {', '.join(w for part in parts[1:] for w in part)}"
+        if len(parts[0]) < len(parts[1]):  # one smallest group: the odd one out
+            return f"{', '.join(parts[0])} saw other data than {', '.join(w for part in parts[1:] for w in part)}"
+        return f"{' / '.join(', '.join(part) for part in parts)} saw different data"
 
     problem = disagreement("batch", records)
     if problem or replicas == 1:

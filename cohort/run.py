@@ -155,6 +155,9 @@ def _ranges(classes: list[int]) -> str:
 
 def describe_plan(plan: Plan) -> str:
     topology, info = plan.topology, plan.info
+    # Columns as wide as their longest name, and a space after it: long names never run together.
+    width = max(14, max(len(peer) for peer in topology.peer_names) + 1)
+    model_width = max(16, max(len(config.model) for config in topology.peers.values()) + 1)
     lines = [
         f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
@@ -163,14 +166,15 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         "",
-        f"  {'rank':<5}{'peer':<14}{'model':<16}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
+        f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]
     for rank, peer in enumerate(topology.peer_names):
         config = topology.peers[peer]
         optimizer = topology.optimizer_for(peer)
         training = "frozen, from " + str(config.checkpoint) if config.frozen else (
             f"{optimizer.name} lr={optimizer.lr:g} wd={optimizer.weight_decay:g}")
-        lines.append(f"  {rank:<5}{peer:<14}{config.model:<16}{plan.parameters[peer]:>10,}{plan.compute[peer] / 1e9:>9.3f}"
+        lines.append(f"  {rank:<5}{peer:<{width}}{config.model:<{model_width}}{plan.parameters[peer]:>10,}"
+                     f"{plan.compute[peer] / 1e9:>9.3f}"
                      f"{plan.threads[peer]:>9}  {training}")
     lines += ["", "  edges (receiver <- sender: loss, weight, parameters)"]
     if not topology.edges:

@@ -166,6 +166,9 @@ def test_dry_run_shows_the_grid_and_the_backend(capsys, monkeypatch):
     assert "worker grid: 2 replicas per peer" in out
     for slot in worker_grid(topology.peer_names, 2):
         assert f"    {slot.rank:<6}{slot.peer:<14}{slot.shard:<15}" in out
+    assert "  batch norm: teacher: synchronized over its 2 replicas; student: synchronized over its 2 replicas" in out
+    assert main(["topologies/replicas_gpu_example.yaml", "--dry-run", "--set", "peers.student.sync_batchnorm=false"]) == 0
+    assert "student: per-shard statistics (sync_batchnorm: false)" in capsys.readouterr().out
     assert main(["topologies/replicas_gpu_example.yaml", "--dry-run", "--set", "resources.gpus_per_peer=1"]) == 0
     assert "exchange: nccl (every worker has a GPU of its own)" in capsys.readouterr().out
 

@@ -23,10 +23,16 @@ def test_the_odd_peer_is_named():
     assert find_mismatch([record("a"), record("b", batch=2), record("c")]) == "b saw other data than a, c"
 
 
+def test_without_an_odd_one_out_every_side_is_named():
+    assert find_mismatch([record("a"), record("b", batch=2)]) == "a / b saw different data"
+    assert find_mismatch([record("a"), record("b", batch=2), record("c", batch=2), record("d")]) == \
+        "a, d / b, c saw different data"
+
+
 def test_replicas_are_named_and_shards_compared_within_their_group():
     grid = [record("a", 0, shard=5, bounds=(0, 5, 9)), record("b", 0, shard=7, bounds=(0, 5, 9)),
             record("a", 1, shard=6, bounds=(5, 9, 9)), record("b", 1, shard=6, bounds=(5, 9, 9))]
-    assert find_mismatch(grid, replicas=2) == "in shard 0, a (replica 0) saw other data than b (replica 0)"
+    assert find_mismatch(grid, replicas=2) == "in shard 0, a (replica 0) / b (replica 0) saw different data"
 
 
 def test_replicas_must_split_the_batch_into_disjoint_shards():
@@ -51,7 +57,7 @@ def test_a_mismatch_stops_with_one_line_naming_the_peers_and_the_step():
     guard.see(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), 0, 2)
     with pytest.raises(CohortError) as error:
         guard.check(epoch=1)
-    assert str(error.value) == ("the training batches differ at step 1 (epoch 1): a saw other data than b; "
+    assert str(error.value) == ("the training batches differ at step 1 (epoch 1): a / b saw different data; "
                                 "every peer must load the same data")
     assert "\n" not in str(error.value)
 

@@ -64,9 +64,19 @@ def test_shipped_topologies_dry_run(capsys, path, monkeypatch):
     assert main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     topology = load_topology(path)
-    for peer in topology.peer_names:
-        assert peer in out
-    assert "resolved topology:" in out
+    header = out.splitlines()[0]
+    peers = f"{len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''}"
+    assert header.startswith(f"{topology.name}: {peers} on {topology.data.dataset} "), header
+    assert f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}" in header
+    for peer in topology.peer_names:  # one plan row per peer: its model
+        assert any(line.split()[1:3] == [peer, topology.peers[peer].model] for line in out.splitlines()
+                   if line.startswith("  ") and len(line.split()) > 3), peer
+    for edge in topology.edges:  # one line per edge and sender
+        for sender in edge.senders if len(edge.senders) == 1 else ["+".join(edge.senders)]:
+            assert f"    {edge.to} <- {sender}: {edge.loss}, weight {edge.weight:g}" in out, edge.label
+    # The resolved topology it prints is the file's, every default filled in.
+    resolved = yaml.safe_load(textwrap.dedent(out.split("resolved topology:\n", 1)[1]))
+    assert resolved == topology.with_absolute_paths(ROOT).to_dict()  # relative paths: from the working folder
 
 
 @pytest.mark.parametrize("path", sorted(SECOND_STEPS), ids=[p.name for p in sorted(SECOND_STEPS)])
