@@ -1,7 +1,8 @@
 """The logit exchange: every peer's logits, for every peer, in peer order.
 
-This is the only place that talks to the collective: the exchange over a shard's group, and the
-process groups of the worker grid (``cohort.grid``).
+The collectives of the cohort live here: the exchange over a shard's group, the process groups of
+the worker grid (``cohort.grid``), object gathers, and batch statistics over a peer's replicas;
+batch norm's all-reduce is in ``cohort.syncbn``.
 """
 from __future__ import annotations
 
