@@ -1,6 +1,6 @@
 """The topology file: which peers train together, and which edges carry knowledge between them.
 
-``load_topology`` reads a YAML file with a safe loader that also refuses duplicate keys, applies
+``load_topology`` reads a YAML file with a safe loader that also refuses duplicate keys, anchors and aliases, applies
 dotted ``--set`` overrides, and validates everything into an immutable, typed ``Topology``.
 Every problem becomes a ``CohortError`` whose text is one line naming the file and the key.
 """
@@ -396,7 +396,8 @@ class Topology(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved topology as YAML without anchors, so ``read_yaml`` reads it back."""
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys to values (``edges.0.temperature``): MLflow's params, and ``--set``'s keys."""
@@ -406,8 +407,32 @@ class Topology(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+class _PlainDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes a value used twice out twice, never as an anchor and alias."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    """An anchor or alias in a strictly read file: refused before anything is expanded."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses any anchor or alias as it meets it, before anything is
+    expanded (nested aliases grow exponentially: "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasRefused(None, None, "YAML anchors and aliases (&name / *name) are not allowed: "
+                                "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _UniqueKeyLoader(_NoAliasLoader):
+    """The strict loader of files: no anchors or aliases, and no key given twice in one mapping
+    (plain YAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -424,7 +449,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file safely, with one-line errors that name the file and the line."""
     path = Path(path)
-    where = path.name
     if not path.exists():
         raise CohortError("no such file", str(path))
     if path.is_dir():
@@ -433,15 +457,25 @@ def read_yaml(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise CohortError(f"cannot read: {error}", str(path)) from None
+    return read_yaml_text(text, path.name)
+
+
+def read_yaml_text(text: str, where: str) -> Any:
+    """``read_yaml`` for text already read; ``where`` names it in errors."""
     if not text.strip():
         raise CohortError("the file is empty", where)
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise CohortError(f"{line}YAML error: {problem}", where) from None
+        raise CohortError(_yaml_problem(error), where) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as ``line N: problem``, one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    return f"{line}{problem}" if isinstance(error, _AliasRefused) else f"{line}YAML error: {problem}"
 
 
 def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
@@ -485,7 +519,9 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise CohortError(f"--set {text!r}: expected key=value, for example edges.0.temperature=2")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else None  # noqa: S506
+    except _AliasRefused as error:
+        raise CohortError(f"--set {key.strip()}: {_yaml_problem(error)}") from None
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed

@@ -297,3 +297,81 @@ def test_command_line_prints_no_traceback(tmp_path):
 def test_cohort_error_has_no_location_when_none_applies():
     assert str(CohortError("plain")) == "plain"
     assert str(CohortError("msg", "f.yaml")) == "f.yaml: msg"
+
+
+# --------------------------------------------------------------------------- hostile YAML
+
+
+def laughs(depth: int) -> str:
+    """A topology whose ``seed:`` is a ``depth``-level nested alias ("billion laughs")."""
+    anchors = ["  - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, depth)]
+    return "name: t\nanchors:\n" + "\n".join(anchors) + f"\nseed: *l{depth - 1}\npeers:\n  a: {{model: mlp}}\n"
+
+
+def test_nested_aliases_are_refused_at_parse_time(capsys, tmp_path):
+    import time
+    import tracemalloc
+
+    path = write(tmp_path, laughs(9))
+    tracemalloc.start()
+    started = time.perf_counter()
+    line = dry_run_error(capsys, path)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert line == "bad.yaml: line 3: YAML anchors and aliases (&name / *name) are not allowed: write the value out"
+    assert elapsed < 1.0 and peak < 10_000_000
+
+
+@pytest.mark.parametrize("text, line", [
+    ("name: &n t\npeers:\n  a: {model: mlp}\n", 1),
+    ("name: t\npeers:\n  a: &m {model: mlp}\n  b: *m\n", 3),
+    ("name: t\nbase: &b {model: mlp}\npeers:\n  a:\n    <<: *b\n", 2),
+])
+def test_any_anchor_or_alias_is_refused(capsys, tmp_path, text, line):
+    assert dry_run_error(capsys, write(tmp_path, text)).startswith(f"bad.yaml: line {line}: YAML anchors and aliases")
+
+
+def test_nested_aliases_on_the_command_line_are_one_line(tmp_path):
+    bad = write(tmp_path, laughs(9))
+    done = subprocess.run([sys.executable, "-m", "cohort.run", str(bad), "--dry-run"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("bad.yaml: line 3: YAML anchors and aliases (&name / *name) are not allowed")
+
+
+def test_set_value_with_aliases_is_refused():
+    with pytest.raises(CohortError, match=r"--set seed: line 1: YAML anchors and aliases"):
+        topology_from_dict(BASE, "t.yaml", ["seed=[&a [1, 1], *a]"])
+
+
+def test_strict_text_loader_refuses_duplicate_keys_and_aliases():
+    from cohort.topology import read_yaml_text
+
+    with pytest.raises(CohortError, match=r"^topology.yaml: line 2: YAML error: duplicate key 'name' \(first on line 1\)$"):
+        read_yaml_text("name: a\nname: b\n", "topology.yaml")
+    with pytest.raises(CohortError, match=r"^topology.yaml: line 1: YAML anchors and aliases"):
+        read_yaml_text("seed: &s 1\nother: *s\n", "topology.yaml")
+    assert read_yaml_text("name: a\n", "topology.yaml") == {"name": "a"}
+
+
+def test_resume_reads_the_stored_topology_strictly():
+    # resume needs Ray and MLflow; this checks it reads topology.yaml with the strict loader.
+    import inspect
+
+    from cohort import run
+
+    source = inspect.getsource(run.resume)
+    assert "read_yaml(" in source and "safe_load" not in source
+
+
+def test_resolved_topology_is_written_without_aliases(monkeypatch):
+    from cohort.topology import Topology, read_yaml_text
+
+    topology = topology_from_dict(BASE)
+    shared = topology.to_dict()
+    shared["peers"]["student"]["model_args"] = shared["peers"]["teacher"]["model_args"]  # one object used twice
+    monkeypatch.setattr(Topology, "to_dict", lambda self: shared)
+    assert read_yaml_text(topology.to_yaml(), "topology.yaml") == shared
