@@ -375,3 +375,88 @@ def test_resolved_topology_is_written_without_aliases(monkeypatch):
     shared["peers"]["student"]["model_args"] = shared["peers"]["teacher"]["model_args"]  # one object used twice
     monkeypatch.setattr(Topology, "to_dict", lambda self: shared)
     assert read_yaml_text(topology.to_yaml(), "topology.yaml") == shared
+
+
+# --------------------------------------------------------------------------- huge values in errors
+
+
+def deep(levels: int) -> dict:
+    tree: dict = {"leaf": list(range(1000))}
+    for level in range(levels):
+        tree = {f"k{level}": tree, "wide": list(range(1000)), "text": "x" * 10_000}
+    return tree
+
+
+HUGE = "y" * 1_000_000
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.update({"seed": list(range(100_000))}),
+    lambda t: t.update({"seed": deep(50)}),
+    lambda t: t.update({"seed": HUGE}),
+    lambda t: t.update({"name": list(range(100_000))}),
+    lambda t: t.update({HUGE: 1}),
+    lambda t: t["peers"].update({"1" + HUGE: {"model": "mlp"}}),
+    lambda t: t["peers"]["student"].update({"model": HUGE}),
+    lambda t: t["peers"]["student"].update({"model_args": {HUGE: 1}}),
+    lambda t: t["peers"]["student"].update({"replicas": deep(50)}),
+    lambda t: t["edges"][0].update({"from": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"from": HUGE}),
+    lambda t: t["edges"][0].update({"to": HUGE}),
+    lambda t: t["edges"][0].update({"loss": HUGE}),
+    lambda t: t["edges"][0].update({"reduce": HUGE}),
+    lambda t: t["edges"][0].update({"temperature": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"temperature": deep(50)}),
+    lambda t: t["edges"][0].update({"temperature": 10 ** 4000}),
+    lambda t: t.update({"train": {"precision": deep(50)}}),
+    lambda t: t.update({"data": {"dataset": HUGE}}),
+], ids=lambda _: "case")
+def test_huge_values_make_short_errors(change):
+    from cohort.models import known_models
+
+    with pytest.raises(CohortError) as raised:
+        topology_from_dict(with_change(change), "t.yaml")
+    message = str(raised.value).replace(", ".join(known_models()), "...")  # the list of model names is no value
+    assert len(message) < 300, message[:400]
+
+
+def test_huge_set_values_and_keys_make_short_errors():
+    for override in [f"seed={list(range(100_000))}", f"{HUGE}=1", f"peers.{HUGE}=1", f"x{HUGE}"]:
+        with pytest.raises(CohortError) as raised:
+            topology_from_dict(BASE, "t.yaml", [override])
+        assert len(str(raised.value)) < 300, str(raised.value)[:400]
+
+
+def test_huge_number_in_a_file_is_one_short_line(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, "name: t\nseed: " + "9" * 5000 + "\n"))
+    assert line.startswith("bad.yaml: line 2: YAML error: the number '999") and len(line) < 200
+
+
+@pytest.mark.parametrize("space", [
+    {"metric": "a/acc", "mode": "max", "space": {HUGE: {"uniform": [0, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"seed": {HUGE: [0, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"seed": {"uniform": [10 ** 4000, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"edges.0.loss": {"choice": [HUGE]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"edges.0.temperature": {"choice": [list(range(10_000))]}}},
+    {"metric": HUGE + " +", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "a/acc + '" + HUGE + "'", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "a/acc", "mode": deep(5), "space": {"seed": {"randint": [0, 3]}}},
+], ids=lambda _: "case")
+def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
+    # Also: a 4000-digit bound is refused (not an OverflowError), a long metric word parses in linear time.
+    from cohort.search_space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, width=10 ** 9))
+    with pytest.raises(CohortError) as raised:
+        load_space(path, topology_from_dict(BASE))
+    assert len(str(raised.value)) < 300, str(raised.value)[:400]
+
+
+def test_quoted_is_repr_for_short_values():
+    from cohort.errors import named, quoted
+
+    for value in ["ghost", 3, 2.5, True, None, [1, 2], {"a": 1}]:
+        assert quoted(value) == repr(value)
+    assert len(quoted("x" * 10 ** 6)) <= 60 and len(quoted(list(range(10 ** 5)))) < 60
+    assert named("peers.a") == "peers.a" and len(named("k" * 10 ** 6)) == 59
