@@ -63,3 +63,16 @@ def test_diverging_batches_stop_every_peer():
     with pytest.raises(CohortError, match=r"batches diverged by epoch 2, step 49 \(fingerprints: \{'a': 7, 'b': 8\}\)"):
         check_same_batches(exchange, 7, 2, 49)
     check_same_batches(lambda tensor: {"a": tensor, "b": tensor.clone()}, 7, 2, 49)
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "", "\xff\xfe", "[1, 2]", "null", '{"sha256": "ab"}', '{"bytes": 10}',
+    '{"bytes": "10", "sha256": "ab"}', '{"bytes": true, "sha256": "ab"}', '{"bytes": 10, "sha256": 5}',
+])
+def test_malformed_manifest_is_one_line_naming_it(tmp_path, content):
+    save_peer_state(tmp_path, "student", a_state())
+    manifest_path(tmp_path, "student").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CohortError) as raised:
+        load_peer_state(tmp_path, "student")
+    message = str(raised.value)
+    assert str(manifest_path(tmp_path, "student")) in message and len(message.splitlines()) == 1
