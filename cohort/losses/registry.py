@@ -3,7 +3,8 @@
 A loss is registered by one line, ``@register_loss("name")``. Its signature says everything the
 trainer needs: the first two positional parameters are ``receiver`` and ``sender`` (logits), the
 names in ``CONTEXT_NAMES`` are supplied per batch by the trainer, and every other parameter is a
-tunable edge parameter whose default is read from the signature.
+tunable edge parameter whose default is read from the signature (its name must not be one of
+``EDGE_FIELD_NAMES``, the edge's own keys).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Callable
 from torch import Tensor
 
 CONTEXT_NAMES = ("target", "groups")
+# The keys and python names of an edge (cohort.topology.Edge): a loss parameter named like one
+# would be read as the edge's own setting, never reach the loss. Checked against Edge in the tests.
+EDGE_FIELD_NAMES = ("from", "to", "loss", "weight", "reduce", "warmup", "source")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
         has_default = p.default is not inspect.Parameter.empty
+        if p.name in EDGE_FIELD_NAMES:
+            raise ValueError(f"{where}: parameter {p.name!r} is named like an edge field "
+                             f"({', '.join(EDGE_FIELD_NAMES)}): rename it")
         if p.name in CONTEXT_NAMES:
             # The trainer always supplies context; a default would hide a missing value.
             if has_default:
