@@ -185,7 +185,8 @@ def load_space(path: str | Path, topology: Topology) -> SearchSpace:
 # --------------------------------------------------------------------------- metric expressions
 
 
-_KEY = re.compile(r"(?<![\w.-])[A-Za-z_][\w.-]*/[\w.-]+")  # starts a word: linear time on long words
+_KEY = re.compile(r"(?<![\w.])[A-Za-z_][\w.-]*/[\w.-]+")  # not inside a word: no restart at each letter
+METRIC_MAX_CHARS = 1000
 _FUNCTIONS = {"min": min, "max": max, "abs": abs}
 
 
@@ -196,6 +197,8 @@ class MetricExpression:
     def __init__(self, text: str):
         self.text = text.strip()
         self.keys: list[str] = []
+        if len(self.text) > METRIC_MAX_CHARS:
+            raise ValueError(f"{quoted(self.text)} is longer than {METRIC_MAX_CHARS} characters")
 
         def placeholder(match: re.Match) -> str:
             if match.group(0) not in self.keys:

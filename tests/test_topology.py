@@ -441,6 +441,7 @@ def test_huge_number_in_a_file_is_one_short_line(capsys, tmp_path):
     {"metric": HUGE + " +", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
     {"metric": "a/acc + '" + HUGE + "'", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
     {"metric": "a/acc", "mode": deep(5), "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "-a/acc" + "-y" * 500_000, "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
 ], ids=lambda _: "case")
 def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
     # Also: a 4000-digit bound is refused (not an OverflowError), a long metric word parses in linear time.
@@ -460,3 +461,11 @@ def test_quoted_is_repr_for_short_values():
         assert quoted(value) == repr(value)
     assert len(quoted("x" * 10 ** 6)) <= 60 and len(quoted(list(range(10 ** 5)))) < 60
     assert named("peers.a") == "peers.a" and len(named("k" * 10 ** 6)) == 59
+
+
+def test_metric_keys_after_a_minus_sign():
+    from cohort.search_space import MetricExpression
+
+    expression = MetricExpression("-student/ece - 0.5*-teacher/nll")
+    assert expression.keys == ["student/ece", "teacher/nll"]
+    assert expression({"student/ece": 0.25, "teacher/nll": 2.0}) == -0.25 + 1.0
