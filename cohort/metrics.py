@@ -6,9 +6,11 @@ as Python floats, per-class/per-group results as small float64 tensors.
 
 Binning conventions, shared by every calibration metric and by ``reliability_bins``:
 
-* Equal-width bins use the edges ``linspace(0, 1, n_bins + 1)`` in the dtype of the
-  confidences and are right-closed, ``(lo, hi]``; a confidence of exactly 0 goes to the
-  first bin. (torchmetrics uses left-closed ``[lo, hi)`` bins instead, so the two only agree
+* Equal-width bins use the edges ``k / n_bins`` computed in float64 (the closest double to
+  each edge, as Python's ``k / n_bins``), compare the confidences in float64, and are
+  right-closed, ``(lo, hi]``; a confidence of exactly 0 goes to the first bin. A float32
+  confidence is thus binned by its exact value (float32 edges would put e.g. float32(3/15),
+  which is above 3/15, into the bin below, but float32(9/15) into the bin above). (torchmetrics uses left-closed ``[lo, hi)`` bins instead, so the two only agree
   when no confidence lies exactly on an edge.)
 * Equal-mass bins (AdaECE) sort the confidences ascending (stable sort, so ties keep sample
   order) and cut the sorted order into ``n_bins`` chunks by rank, as ``torch.tensor_split`` /
@@ -96,10 +98,11 @@ def _from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- binning core
 
 
-def _edges(n_bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _edges(n_bins: int, device: torch.device) -> torch.Tensor:
+    """The float64 edges ``k / n_bins``, each correctly rounded (``linspace`` may be one ulp off)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=dtype, device=device)
+    return torch.arange(n_bins + 1, dtype=torch.float64, device=device) / n_bins
 
 
 def _equal_width_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -109,8 +112,8 @@ def _equal_width_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
     is exactly the (lo, hi] convention and, unlike ceil(conf * n_bins) - 1, has no float error
     for confidences sitting on an edge.
     """
-    interior = _edges(n_bins, conf.dtype, conf.device)[1:-1]
-    return torch.bucketize(conf, interior, right=False)
+    interior = _edges(n_bins, conf.device)[1:-1]
+    return torch.bucketize(conf.to(torch.float64), interior, right=False)
 
 
 def _equal_mass_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -369,7 +372,7 @@ class ReliabilityBins:
 def _reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> ReliabilityBins:
     conf, correct = _top1(probs, labels)
     counts, hits, confs = _bin_sums(conf, correct, _equal_width_bins(conf, n_bins), n_bins)
-    edges = _edges(n_bins, conf.dtype, conf.device).to(torch.float64)
+    edges = _edges(n_bins, conf.device)
     return ReliabilityBins(edges=edges, counts=counts, accuracy=hits / counts, confidence=confs / counts)
 
 

@@ -509,3 +509,54 @@ def test_shape_errors():
         M.ece(torch.randn(5), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         M.ece(torch.randn(5, 3), torch.zeros(4, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- confidences on the bin edges
+
+
+def edge_confidences(dtype: torch.dtype) -> list[float]:
+    """For each interior edge k/15: the closest value of ``dtype`` to k/15 and its two neighbours."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    values = []
+    for k in range(1, 15):
+        on = np_dtype(k / 15)
+        values += [float(np.nextafter(on, np_dtype(0))), float(on), float(np.nextafter(on, np_dtype(1)))]
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_confidences_on_bin_edges_are_binned_by_their_value(dtype):
+    # The spec's bins are (k/15, (k+1)/15]. The reference compares each confidence, as the exact
+    # double it is, with the double k/15 (ref_bin); for a float32 confidence that is also the exact
+    # comparison with the rational k/15 (checked with Fraction), e.g. float32(3/15) > 3/15 goes
+    # above the edge, and a float64 confidence equal to the double 9/15 is on the edge, below it.
+    from fractions import Fraction
+
+    confs = edge_confidences(dtype)
+    c = 16
+    probs = torch.tensor([[conf] + [(1 - conf) / (c - 1)] * (c - 1) for conf in confs], dtype=dtype)
+    labels = torch.tensor([i % 2 for i in range(len(confs))])  # correct (class 0) for every other sample
+    expected = [ref_bin(conf, 15) for conf in confs]
+    if dtype == torch.float32:
+        assert expected == [sum(Fraction(conf) > Fraction(j, 15) for j in range(1, 15)) for conf in confs]
+    assert float(probs.max(dim=1).values.double().sub(torch.tensor(confs, dtype=torch.float64)).abs().max()) == 0
+
+    bins = M.reliability_bins_probs(probs, labels)
+    assert bins.counts.tolist() == [float(expected.count(b)) for b in range(15)]
+    assert M._equal_width_bins(probs.max(dim=1).values, 15).tolist() == expected
+    corrects = [i % 2 == 0 for i in range(len(confs))]
+    assert M.evaluate_probs(probs, labels)["ece"] == pytest.approx(ref_binned_error(confs, corrects, expected),
+                                                                   abs=1e-12)
+    assert bins.edges.tolist() == [k / 15 for k in range(16)]
+
+
+def test_classwise_ece_bins_edge_confidences_by_their_value():
+    confs = edge_confidences(torch.float32)
+    probs = torch.tensor([[conf, 1 - conf] for conf in confs], dtype=torch.float32)
+    labels = torch.tensor([i % 3 == 0 for i in range(len(confs))], dtype=torch.long)
+    per_class = []
+    for cls in range(2):
+        p = [float(v) for v in probs[:, cls]]
+        hits = [int(label) == cls for label in labels]
+        per_class.append(ref_binned_error(p, hits, [ref_bin(v, 15) for v in p]))
+    assert M.evaluate_probs(probs, labels)["cwece"] == pytest.approx(sum(per_class) / 2, abs=1e-12)
