@@ -406,7 +406,7 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
     PNG diagram (runs from before the bins were logged), else None (a sweep trial logs neither)."""
     import torch
 
-    from cohort.metrics import ReliabilityBins
+    from cohort.reliability import ReliabilityBins
 
     logged = {Path(item.path).name for item in client.list_artifacts(run.run_id, "reliability")}
     for suffix in (".json", ".png"):

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cohort import compare
-from cohort.metrics import ReliabilityBins, reliability_diagram
+from cohort.reliability import ReliabilityBins, reliability_diagram
 from cohort.run import main as run_main
 
 mlflow = pytest.importorskip("mlflow")
