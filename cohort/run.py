@@ -324,14 +324,19 @@ def token_accepted(address: str, send_token: bool, timeout: float = 5.0) -> bool
 
 def prepare_join(address: str) -> None:
     """Set this driver up to join HOST:PORT as Ray sets it up for ``auto``; refuse, in one line, a
-    token the cluster does not accept."""
-    updates = join_auth_env(address, dict(os.environ), Path.home())
-    if updates:
+    token the cluster does not accept. A cluster that asks for no token is joined as it is: the
+    driver's auth mode (and Ray's cached config) change only for one that does."""
+    if os.environ.get(AUTH_MODE, "").lower() != "token":
+        if token_accepted(address, send_token=False) is not False:
+            return  # no token asked for (or an answer not about auth, which ray.init reports)
+        updates = join_auth_env(address, dict(os.environ), Path.home())
+        if not updates:
+            raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
         os.environ.update(updates)
         from ray._raylet import Config
 
         Config.initialize("")  # Ray caches its config: let it see the mode, as Ray itself does
-    if token_accepted(address, os.environ.get(AUTH_MODE, "").lower() == "token") is False:
+    if token_accepted(address, send_token=True) is False:
         raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
 
 
