@@ -322,7 +322,7 @@ def test_ltkd_rebalancing_of_a_single_sample_is_uniform(batch):
     assert out.item() == pytest.approx(expected, rel=1e-9)
 
 
-# ---------------------------------------------------------------- spec identities
+# ---------------------------------------------------------------- identities (docs/losses.md)
 
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 4.0, 20.0])
