@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, first_line
 
 
 def state_path(folder: str | Path, peer: str) -> Path:
@@ -43,11 +43,25 @@ def load_peer_state(folder: str | Path, peer: str) -> dict[str, Any]:
     target, manifest_file = state_path(folder, peer), manifest_path(folder, peer)
     if not manifest_file.exists() or not target.exists():
         raise CohortError(f"checkpoint {folder} has no complete state for peer {peer!r}")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_manifest(manifest_file)
     if target.stat().st_size != manifest["bytes"] or _sha256(target) != manifest["sha256"]:
         raise CohortError(f"checkpoint file {target} is truncated or altered (size or SHA-256 differs from its "
                           "manifest)")
     return load_tensors(target)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest's content, checked: a dict with an int ``bytes`` and a str ``sha256``."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CohortError(f"checkpoint manifest {path} is unreadable: {first_line(error, 200)}") from None
+    if not isinstance(manifest, dict):
+        raise CohortError(f"checkpoint manifest {path} is not a JSON object")
+    for key, kind in (("bytes", int), ("sha256", str)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise CohortError(f"checkpoint manifest {path} has no {kind.__name__} {key!r}")
+    return manifest
 
 
 def load_tensors(path: str | Path) -> Any:

@@ -1,5 +1,12 @@
 """The one exception type the command line turns into a one-line message."""
 
+import reprlib
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = 60
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = _QUOTE.maxfrozenset = 6
+_QUOTE.maxlevel = 3
+
 
 class CohortError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback.
@@ -14,6 +21,18 @@ class CohortError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def quoted(value: object) -> str:
+    """``repr(value)`` cut short, for quoting a user's value in an error (a 1 MB string or a long
+    list must not make a 1 MB message); at most 100 characters, however the value nests."""
+    return named(_QUOTE.repr(value), 100)
+
+
+def named(text: object, limit: int = 60) -> str:
+    """A key or path as an error names it (unquoted): as is, or its ends around ``...`` when long."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:(limit - 3) // 2]}...{text[len(text) - (limit - 3) // 2:]}"
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -6,9 +6,11 @@ as Python floats, per-class/per-group results as small float64 tensors.
 
 Binning conventions, shared by every calibration metric and by ``reliability_bins``:
 
-* Equal-width bins use the edges ``linspace(0, 1, n_bins + 1)`` in the dtype of the
-  confidences and are right-closed, ``(lo, hi]``; a confidence of exactly 0 goes to the
-  first bin. (torchmetrics uses left-closed ``[lo, hi)`` bins instead, so the two only agree
+* Equal-width bins use the edges ``k / n_bins`` computed in float64 (the closest double to
+  each edge, as Python's ``k / n_bins``), compare the confidences in float64, and are
+  right-closed, ``(lo, hi]``; a confidence of exactly 0 goes to the first bin. A float32
+  confidence is thus binned by its exact value (float32 edges would put e.g. float32(3/15),
+  which is above 3/15, into the bin below, but float32(9/15) into the bin above). (torchmetrics uses left-closed ``[lo, hi)`` bins instead, so the two only agree
   when no confidence lies exactly on an edge.)
 * Equal-mass bins (AdaECE) sort the confidences ascending (stable sort, so ties keep sample
   order) and cut the sorted order into ``n_bins`` chunks by rank, as ``torch.tensor_split`` /
@@ -26,15 +28,12 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "ReliabilityBins",
     "accuracy",
     "adaptive_ece",
     "brier",
@@ -47,9 +46,13 @@ __all__ = [
     "nll",
     "per_class_accuracy",
     "per_group_accuracy",
-    "reliability_bins",
-    "reliability_bins_probs",
-    "reliability_diagram",
+    "bin_edges",
+    "bin_sums",
+    "check_scores",
+    "equal_width_bins",
+    "from_logits",
+    "from_probs",
+    "top1",
 ]
 
 GROUP_NAMES = {"thirds": ("head", "medium", "tail"), "shots": ("many", "medium", "few")}
@@ -96,10 +99,11 @@ def _from_probs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- binning core
 
 
-def _edges(n_bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _edges(n_bins: int, device: torch.device) -> torch.Tensor:
+    """The float64 edges ``k / n_bins``, each correctly rounded (``linspace`` may be one ulp off)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=dtype, device=device)
+    return torch.arange(n_bins + 1, dtype=torch.float64, device=device) / n_bins
 
 
 def _equal_width_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -109,8 +113,8 @@ def _equal_width_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
     is exactly the (lo, hi] convention and, unlike ceil(conf * n_bins) - 1, has no float error
     for confidences sitting on an edge.
     """
-    interior = _edges(n_bins, conf.dtype, conf.device)[1:-1]
-    return torch.bucketize(conf, interior, right=False)
+    interior = _edges(n_bins, conf.device)[1:-1]
+    return torch.bucketize(conf.to(torch.float64), interior, right=False)
 
 
 def _equal_mass_bins(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -326,65 +330,6 @@ def _shots(counts: np.ndarray) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(groups), [GROUP_NAMES["shots"][g] for g in present]
 
 
-# --------------------------------------------------------------------------- reliability bins
-
-
-@dataclass
-class ReliabilityBins:
-    """Per-bin statistics of the ``ece`` binning (float64 tensors, bins ``(lo, hi]``).
-
-    Small enough to send from a worker instead of its logits; ``merge`` pools several.
-    ``accuracy`` and ``confidence`` are NaN for empty bins.
-    """
-
-    edges: torch.Tensor  # [n_bins + 1]
-    counts: torch.Tensor  # [n_bins]
-    accuracy: torch.Tensor  # [n_bins]
-    confidence: torch.Tensor  # [n_bins]
-
-    @property
-    def n_bins(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def ece(self) -> float:
-        occupied = self.counts > 0
-        share = self.counts[occupied] / self.counts.sum()
-        return float((share * (self.accuracy[occupied] - self.confidence[occupied]).abs()).sum())
-
-    @classmethod
-    def merge(cls, parts: Sequence["ReliabilityBins"]) -> "ReliabilityBins":
-        """Pool bins computed on disjoint shards of the data (same edges required)."""
-        if not parts:
-            raise ValueError("nothing to merge")
-        edges = parts[0].edges
-        if any(p.edges.shape != edges.shape or not torch.equal(p.edges, edges) for p in parts):
-            raise ValueError("cannot merge reliability bins with different edges")
-        counts = sum(p.counts for p in parts)
-        hits = sum(torch.nan_to_num(p.accuracy) * p.counts for p in parts)
-        confs = sum(torch.nan_to_num(p.confidence) * p.counts for p in parts)
-        return cls(edges=edges.clone(), counts=counts, accuracy=hits / counts, confidence=confs / counts)
-
-
-def _reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> ReliabilityBins:
-    conf, correct = _top1(probs, labels)
-    counts, hits, confs = _bin_sums(conf, correct, _equal_width_bins(conf, n_bins), n_bins)
-    edges = _edges(n_bins, conf.dtype, conf.device).to(torch.float64)
-    return ReliabilityBins(edges=edges, counts=counts, accuracy=hits / counts, confidence=confs / counts)
-
-
-def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
-    """Per-bin counts, accuracy and mean confidence of the max softmax probability."""
-    _check(logits, labels)
-    return _reliability(_from_logits(logits)[0], labels, n_bins)
-
-
-def reliability_bins_probs(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
-    """``reliability_bins`` for probabilities (e.g. a cohort ensemble's mean of probabilities)."""
-    _check(probs, labels)
-    return _reliability(_from_probs(probs)[0], labels, n_bins)
-
-
 # --------------------------------------------------------------------------- summary
 
 
@@ -448,55 +393,13 @@ def evaluate_probs(
     return _summary(probs, log_probs, labels, groups, group_names, n_bins)
 
 
-# --------------------------------------------------------------------------- diagram
+# --------------------------------------------------------------------------- for cohort.reliability
 
-
-def reliability_diagram(bins: ReliabilityBins, path: str | Path, title: str = "") -> Path:
-    """Write a PNG reliability diagram and return its path.
-
-    Top: per-bin accuracy bars against confidence, the gap to the diagonal shaded, the
-    diagonal, ECE in the title. Beneath: the share of samples per confidence bin.
-    Uses Figure + FigureCanvasAgg so no global pyplot state or backend is touched.
-    """
-    # Imported here: matplotlib costs every worker and driver half a second of start-up otherwise.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    edges = bins.edges.cpu().numpy()
-    lefts, widths = edges[:-1], np.diff(edges)
-    centers = lefts + widths / 2
-    occupied = bins.counts.cpu().numpy() > 0
-    acc = np.where(occupied, np.nan_to_num(bins.accuracy.cpu().numpy()), 0.0)
-    conf = np.where(occupied, np.nan_to_num(bins.confidence.cpu().numpy()), centers)
-    share = bins.counts.cpu().numpy() / max(float(bins.counts.sum()), 1.0)
-
-    fig = Figure(figsize=(5.0, 6.0))
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
-    top = fig.add_subplot(grid[0])
-    bottom = fig.add_subplot(grid[1], sharex=top)
-
-    top.bar(lefts, acc, width=widths, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
-    # Gap between the bin's accuracy and its mean confidence (the diagonal at that confidence).
-    gap_low = np.minimum(acc, conf)
-    gap = np.where(occupied, np.abs(conf - acc), 0.0)
-    top.bar(lefts, gap, bottom=gap_low, width=widths, align="edge", color="tab:red", alpha=0.3,
-            edgecolor="tab:red", hatch="//", label="gap")
-    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.legend(loc="upper left")
-    heading = f"ECE = {bins.ece:.4f}"
-    top.set_title(f"{title}\n{heading}" if title else heading)
-    top.tick_params(labelbottom=False)
-
-    bottom.bar(lefts, share, width=widths, align="edge", color="tab:gray", edgecolor="black")
-    bottom.set_xlabel("confidence")
-    bottom.set_ylabel("share")
-    bottom.set_ylim(0, max(float(share.max()), 1e-12) * 1.1)
-
-    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    return path
+# The checks and the ``ece`` binning, public: reliability bins are binned by these very functions.
+check_scores = _check
+from_logits = _from_logits
+from_probs = _from_probs
+bin_edges = _edges
+equal_width_bins = _equal_width_bins
+bin_sums = _bin_sums
+top1 = _top1

@@ -605,7 +605,7 @@ def cluster_node_labels() -> list[dict[str, str]]:
 
 def resume(args: argparse.Namespace) -> int:
     """Continue a stopped run from its last checkpoint, in the same MLflow run."""
-    from cohort.topology import topology_from_dict
+    from cohort.topology import read_yaml, topology_from_dict
     from cohort.tracking import resolve_uri
 
     if args.topology or args.overrides or args.dry_run:
@@ -630,9 +630,7 @@ def resume(args: argparse.Namespace) -> int:
     if not storage or ("://" not in storage and not (Path(storage) / run_name).is_dir()):
         raise CohortError(f"--resume {args.resume}: the run's checkpoints ({storage}/{run_name}) are gone")
     topology_file = client.download_artifacts(run_id, "topology.yaml")
-    import yaml
-
-    topology = topology_from_dict(yaml.safe_load(Path(topology_file).read_text()), "topology.yaml")
+    topology = topology_from_dict(read_yaml(topology_file), "topology.yaml")
     history = client.get_metric_history(run_id, f"{topology.peer_names[0]}/acc")
     logged = max((metric.step for metric in history), default=0)
     plan, tracker, cluster, marks = plan_while_ray_starts(args, topology, tracking_uri)

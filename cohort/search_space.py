@@ -22,8 +22,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cohort.errors import CohortError
-from cohort.topology import Topology, _describe_generic, read_yaml, topology_from_dict
+from cohort.errors import CohortError, named, quoted
+from cohort.topology import Topology, _describe_generic, finite_number, read_yaml, topology_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
@@ -108,28 +108,28 @@ class SearchSpace(_Strict):
 
 
 def check_distribution(key: str, spec: Any) -> None:
-    where = f"space.{key}"
+    where = f"space.{named(key)}"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ValueError(f"{where}: must be one distribution, e.g. {{uniform: [0.5, 2.0]}} (one of {', '.join(DISTRIBUTIONS)})")
     kind, args = next(iter(spec.items()))
     if kind not in DISTRIBUTIONS:
-        raise ValueError(f"{where}: unknown distribution {kind!r} (one of {', '.join(DISTRIBUTIONS)})")
+        raise ValueError(f"{where}: unknown distribution {quoted(kind)} (one of {', '.join(DISTRIBUTIONS)})")
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ValueError(f"{where}: {kind} takes a non-empty list of values")
         return
     size = 3 if kind == "quniform" else 2
     if (not isinstance(args, list) or len(args) != size
-            or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)):
+            or not all(finite_number(a) for a in args)):
         shape = "[low, high, step]" if kind == "quniform" else "[low, high]"
         raise ValueError(f"{where}: {kind} takes {shape} as numbers")
     low, high = args[0], args[1]
     if low >= high:
-        raise ValueError(f"{where}: {kind} needs low < high, got [{low}, {high}]")
+        raise ValueError(f"{where}: {kind} needs low < high, got [{quoted(low)}, {quoted(high)}]")
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"{where}: loguniform needs low > 0, got {low}")
+        raise ValueError(f"{where}: loguniform needs low > 0, got {quoted(low)}")
     if kind == "quniform" and args[2] <= 0:
-        raise ValueError(f"{where}: quniform needs a step > 0, got {args[2]}")
+        raise ValueError(f"{where}: quniform needs a step > 0, got {quoted(args[2])}")
     if kind == "randint" and not all(isinstance(a, int) for a in args):
         raise ValueError(f"{where}: randint takes whole numbers")
 
@@ -164,7 +164,7 @@ def load_space(path: str | Path, topology: Topology) -> SearchSpace:
     flat = topology.flatten()
     for key, spec in space.space.items():
         if key not in flat:
-            raise CohortError(f"space.{key}: not a path of topology {topology.name!r} "
+            raise CohortError(f"space.{named(key)}: not a path of topology {quoted(topology.name)} "
                               "(the keys are those of cohort.run --set, e.g. edges.0.temperature)", where)
         # One sampled value of each kind must make a valid topology: catches e.g. a loss name typo.
         kind, args = next(iter(spec.items()))
@@ -173,7 +173,7 @@ def load_space(path: str | Path, topology: Topology) -> SearchSpace:
                 try:
                     topology_from_dict(topology.to_dict(), "topology", {key: value})
                 except CohortError as error:
-                    raise CohortError(f"space.{key}: value {value!r} makes the topology invalid ({error.message})",
+                    raise CohortError(f"space.{named(key)}: value {quoted(value)} makes the topology invalid ({error.message})",
                                       where) from None
     try:
         space.parsed_metric()
@@ -185,7 +185,8 @@ def load_space(path: str | Path, topology: Topology) -> SearchSpace:
 # --------------------------------------------------------------------------- metric expressions
 
 
-_KEY = re.compile(r"[A-Za-z_][\w.-]*/[\w.-]+")
+_KEY = re.compile(r"(?<![\w.])[A-Za-z_][\w.-]*/[\w.-]+")  # not inside a word: no restart at each letter
+METRIC_MAX_CHARS = 1000
 _FUNCTIONS = {"min": min, "max": max, "abs": abs}
 
 
@@ -196,6 +197,8 @@ class MetricExpression:
     def __init__(self, text: str):
         self.text = text.strip()
         self.keys: list[str] = []
+        if len(self.text) > METRIC_MAX_CHARS:
+            raise ValueError(f"{quoted(self.text)} is longer than {METRIC_MAX_CHARS} characters")
 
         def placeholder(match: re.Match) -> str:
             if match.group(0) not in self.keys:
@@ -206,10 +209,10 @@ class MetricExpression:
         try:
             self.tree = ast.parse(source, mode="eval").body
         except SyntaxError:
-            raise ValueError(f"cannot read {self.text!r} (a metric key, or + - * / over keys and numbers)") from None
+            raise ValueError(f"cannot read {quoted(self.text)} (a metric key, or + - * / over keys and numbers)") from None
         self._check(self.tree)
         if not self.keys:
-            raise ValueError(f"{self.text!r} names no metric (keys look like student/acc)")
+            raise ValueError(f"{quoted(self.text)} names no metric (keys look like student/acc)")
 
     @property
     def is_plain_key(self) -> bool:
@@ -220,13 +223,13 @@ class MetricExpression:
                    ast.USub, ast.UAdd, ast.Load)
         for child in ast.walk(node):
             if not isinstance(child, allowed):
-                raise ValueError(f"{self.text!r}: only + - * / min max abs, numbers and metric keys are allowed")
+                raise ValueError(f"{quoted(self.text)}: only + - * / min max abs, numbers and metric keys are allowed")
             if isinstance(child, ast.Constant) and not isinstance(child.value, (int, float)):
-                raise ValueError(f"{self.text!r}: {child.value!r} is not a number")
+                raise ValueError(f"{quoted(self.text)}: {quoted(child.value)} is not a number")
             if isinstance(child, ast.Name) and not (child.id.startswith("_k") or child.id in _FUNCTIONS):
-                raise ValueError(f"{self.text!r}: {child.id!r} is not a metric key (keys look like student/acc)")
+                raise ValueError(f"{quoted(self.text)}: {quoted(child.id)} is not a metric key (keys look like student/acc)")
             if isinstance(child, ast.Call) and not (isinstance(child.func, ast.Name) and child.func.id in _FUNCTIONS):
-                raise ValueError(f"{self.text!r}: only min, max and abs can be called")
+                raise ValueError(f"{quoted(self.text)}: only min, max and abs can be called")
 
     def missing(self, report: Mapping[str, Any]) -> list[str]:
         return [key for key in self.keys if key not in report]
@@ -235,7 +238,7 @@ class MetricExpression:
         missing = self.missing(report)
         if missing:
             available = ", ".join(sorted(k for k in report if "/" in k and isinstance(report[k], (int, float))))
-            raise KeyError(f"metric {missing[0]!r} is not reported (available: {available})")
+            raise KeyError(f"metric {quoted(missing[0])} is not reported (available: {available})")
         values = {f"_k{i}": float(report[key]) for i, key in enumerate(self.keys)}
         return float(self._evaluate(self.tree, values))
 

@@ -1,6 +1,6 @@
 """The topology file: which peers train together, and which edges carry knowledge between them.
 
-``load_topology`` reads a YAML file with a safe loader that also refuses duplicate keys, applies
+``load_topology`` reads a YAML file with a safe loader that also refuses duplicate keys, anchors and aliases, applies
 dotted ``--set`` overrides, and validates everything into an immutable, typed ``Topology``.
 Every problem becomes a ``CohortError`` whose text is one line naming the file and the key.
 """
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from cohort.data import DATASETS
-from cohort.errors import CohortError
+from cohort.errors import CohortError, named, quoted
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
 
@@ -70,7 +70,7 @@ class DataConfig(_Strict):
     @classmethod
     def _known_dataset(cls, name: str) -> str:
         if name not in DATASETS:
-            raise _problem(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
+            raise _problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
         return name
 
 
@@ -148,7 +148,7 @@ class PeerConfig(_Strict):
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise _problem(f"unknown model {name!r} (known: {', '.join(known_models())})")
+            raise _problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
         return name
 
     @model_validator(mode="after")
@@ -158,7 +158,7 @@ class PeerConfig(_Strict):
             return self
         for key in self.model_args:
             if key not in options:
-                raise _problem(f"not an option of model {self.model!r}{_did_you_mean(key, options)}"
+                raise _problem(f"not an option of model {quoted(self.model)}{_did_you_mean(key, options)}"
                                f" (it takes: {', '.join(options) or 'none'})", f"model_args.{key}")
         return self
 
@@ -173,7 +173,8 @@ class EnsembleSource(_Strict):
     ensemble: tuple[str, ...] = Field(min_length=1)
 
 
-EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")
+EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")  # no loss parameter may be named so:
+# the registry refuses those in its EDGE_FIELD_NAMES, which a test checks covers every field of Edge
 
 
 class Edge(BaseModel):
@@ -197,14 +198,14 @@ class Edge(BaseModel):
     @classmethod
     def _peer_or_ensemble(cls, source: Any) -> Any:
         if not isinstance(source, (str, dict)):
-            raise _problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {source!r}")
+            raise _problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {quoted(source)}")
         return source
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, name: str) -> str:
         if name not in LOSSES:
-            raise _problem(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
+            raise _problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
         return name
 
     @field_validator("weight")
@@ -222,7 +223,7 @@ class Edge(BaseModel):
         for key, value in given.items():
             if key not in spec.params:
                 allowed = list(EDGE_FIELDS) + list(spec.params)
-                raise _problem(f"not a parameter of loss {self.loss!r}{_did_you_mean(key, allowed)}"
+                raise _problem(f"not a parameter of loss {quoted(self.loss)}{_did_you_mean(key, allowed)}"
                                f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
         for key, default in spec.params.items():
             resolved[key] = _loss_parameter(key, given.get(key, default), default)
@@ -248,17 +249,27 @@ class Edge(BaseModel):
 def _loss_parameter(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise _problem(f"must be true or false, not {value!r}", key)
+            raise _problem(f"must be true or false, not {quoted(value)}", key)
         return value
     if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _problem(f"must be a number, not {value!r}", key)
+        if not finite_number(value):
+            raise _problem(f"must be a number, not {quoted(value)}", key)
         if key == "temperature" and value <= 0:
-            raise _problem(f"must be > 0, not {value}", key)
+            raise _problem(f"must be > 0, not {quoted(value)}", key)
         if value < 0:
-            raise _problem(f"must be >= 0, not {value}", key)
+            raise _problem(f"must be >= 0, not {quoted(value)}", key)
         return float(value)
     return value
+
+
+def finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool) that fits a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
 
 
 # --------------------------------------------------------------------------- the rest
@@ -312,23 +323,23 @@ class Topology(_Strict):
         if isinstance(peers, dict):
             for name in peers:
                 if not isinstance(name, str) or not PEER_NAME.match(name):
-                    raise _problem(f"peer name {name!r} must start with a letter and hold only letters, digits, _ and -")
+                    raise _problem(f"peer name {quoted(name)} must start with a letter and hold only letters, digits, _ and -")
                 if name in RESERVED_PEER_NAMES:
-                    raise _problem(f"peer name {name!r} is reserved")
+                    raise _problem(f"peer name {quoted(name)} is reserved")
         return peers
 
     @model_validator(mode="after")
     def _edges_connect_peers(self) -> "Topology":
         for index, edge in enumerate(self.edges):
             if edge.to not in self.peers:
-                raise _problem(f"unknown peer {edge.to!r} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
+                raise _problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
             for sender in edge.senders:
                 if sender not in self.peers:
-                    raise _problem(f"unknown peer {sender!r} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
+                    raise _problem(f"unknown peer {quoted(sender)} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
             if edge.senders == (edge.to,):
-                raise _problem(f"a peer cannot distill from itself ({edge.to!r})", f"edges[{index}]")
+                raise _problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
-                raise _problem(f"peer {edge.to!r} is frozen and cannot receive an edge", f"edges[{index}].to")
+                raise _problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
         return self
 
     @model_validator(mode="after")
@@ -337,8 +348,8 @@ class Topology(_Strict):
         first, *others = self.peer_names
         for name in others:
             if self.peers[name].replicas != self.peers[first].replicas:
-                raise _problem(f"every peer needs the same number of replicas ({first!r} has "
-                               f"{self.peers[first].replicas}, {name!r} has {self.peers[name].replicas})",
+                raise _problem(f"every peer needs the same number of replicas ({quoted(first)} has "
+                               f"{self.peers[first].replicas}, {quoted(name)} has {self.peers[name].replicas})",
                                f"peers.{name}.replicas")
         if self.data.batch_size < self.replicas:
             raise _problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
@@ -398,7 +409,8 @@ class Topology(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved topology as YAML without anchors, so ``read_yaml`` reads it back."""
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys to values (``edges.0.temperature``): MLflow's params, and ``--set``'s keys."""
@@ -408,8 +420,42 @@ class Topology(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+class _PlainDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes a value used twice out twice, never as an anchor and alias."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    """An anchor or alias in a strictly read file: refused before anything is expanded."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses any anchor or alias as it meets it, before anything is
+    expanded (nested aliases grow exponentially: "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasRefused(None, None, "YAML anchors and aliases (&name / *name) are not allowed: "
+                                "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to read an integer of more than 4300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the number {quoted(node.value)} is too long", node.start_mark) from None
+
+
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
+
+
+class _UniqueKeyLoader(_NoAliasLoader):
+    """The strict loader of files: no anchors or aliases, and no key given twice in one mapping
+    (plain YAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -417,7 +463,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+                    None, None, f"duplicate key {quoted(key)} (first on line {seen[key] + 1})", key_node.start_mark
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
@@ -426,7 +472,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file safely, with one-line errors that name the file and the line."""
     path = Path(path)
-    where = path.name
     if not path.exists():
         raise CohortError("no such file", str(path))
     if path.is_dir():
@@ -435,15 +480,25 @@ def read_yaml(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise CohortError(f"cannot read: {error}", str(path)) from None
+    return read_yaml_text(text, path.name)
+
+
+def read_yaml_text(text: str, where: str) -> Any:
+    """``read_yaml`` for text already read; ``where`` names it in errors."""
     if not text.strip():
         raise CohortError("the file is empty", where)
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise CohortError(f"{line}YAML error: {problem}", where) from None
+        raise CohortError(_yaml_problem(error), where) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as ``line N: problem``, one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    return f"{line}{problem}" if isinstance(error, _AliasRefused) else f"{line}YAML error: {problem}"
 
 
 def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
@@ -485,9 +540,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """``"edges.0.temperature=2"`` → ``("edges.0.temperature", 2.0)``; the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise CohortError(f"--set {text!r}: expected key=value, for example edges.0.temperature=2")
+        raise CohortError(f"--set {quoted(text)}: expected key=value, for example edges.0.temperature=2")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else None  # noqa: S506
+    except _AliasRefused as error:
+        raise CohortError(f"--set {named(key.strip())}: {_yaml_problem(error)}") from None
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -503,20 +560,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str = "topolog
         if isinstance(node, dict):
             if part not in node:
                 hint = _did_you_mean(part, [str(k) for k in node])
-                raise CohortError(f"--set {key}: unknown key {so_far!r}{hint}", where)
+                raise CohortError(f"--set {named(key)}: unknown key {quoted(so_far)}{hint}", where)
             if last:
                 node[part] = value
             else:
                 node = node[part]
         elif isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise CohortError(f"--set {key}: {so_far!r} is not an index below {len(node)}", where)
+                raise CohortError(f"--set {named(key)}: {quoted(so_far)} is not an index below {len(node)}", where)
             if last:
                 node[int(part)] = value
             else:
                 node = node[int(part)]
         else:
-            raise CohortError(f"--set {key}: {'.'.join(parts[:depth])!r} is a value, not a section", where)
+            raise CohortError(f"--set {named(key)}: {quoted('.'.join(parts[:depth]))} is a value, not a section", where)
 
 
 def _validate(raw: dict[str, Any], where: str) -> Topology:
@@ -548,15 +605,15 @@ def _describe(error: Mapping[str, Any], root: type[BaseModel] | None = None) -> 
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"{path}: must be a mapping, not a {_kind(value)}"
     if kind == "literal_error":
-        return f"{path}: {value!r} is not one of {ctx.get('expected')}"
+        return f"{path}: {quoted(value)} is not one of {ctx.get('expected')}"
     if kind in ("value_error", "assertion_error"):
         message = error["msg"].split(", ", 1)[1] if ", " in error["msg"] else error["msg"]
         return message if not path or message.startswith(path) else f"{path}: {message}"
     if kind.startswith(("greater_than", "less_than")):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {value!r}"
+        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
     if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
                 "int_from_float", "tuple_type", "too_short"):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {value!r}"
+        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
     return f"{path}: {error['msg']}"
 
 
@@ -593,8 +650,8 @@ def _model_in(annotation: Any) -> Any:
 def _loc_text(loc: list) -> str:
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
+        text += f"[{part}]" if isinstance(part, int) else (f".{named(part)}" if text else named(part))
+    return named(text, 200)
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from cohort.errors import CohortError, run_command
+from cohort.errors import CohortError, quoted, run_command
 
 OBJECTIVE = "objective"
 # The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     available = report_keys(topology, info)
     missing = expression.missing(dict.fromkeys(available, 0.0))
     if missing:
-        raise CohortError(f"metric: {missing[0]!r} is not reported (available: {', '.join(available)})",
+        raise CohortError(f"metric: {quoted(missing[0])} is not reported (available: {', '.join(available)})",
                           Path(args.space).name)
     check_pbt(space, topology, Path(args.space).name)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 
-from cohort import metrics
+from cohort import metrics, reliability
 from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
 from cohort.data import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
@@ -535,11 +535,11 @@ def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, l
     """The peer's weights and reliability diagram (PNG, and its bins as JSON for later comparisons);
     rank 0 adds the ensemble's."""
     torch.save({key: value.cpu() for key, value in model.state_dict().items()}, os.path.join(folder, f"{peer}.pt"))
-    diagrams = [(peer, metrics.reliability_bins(logits, labels))]
+    diagrams = [(peer, reliability.reliability_bins(logits, labels))]
     if ensemble_probs is not None:
-        diagrams.append(("ensemble", metrics.reliability_bins_probs(ensemble_probs, labels)))
+        diagrams.append(("ensemble", reliability.reliability_bins_probs(ensemble_probs, labels)))
     for name, bins in diagrams:
-        metrics.reliability_diagram(bins, os.path.join(folder, f"reliability_{name}.png"), title=name)
+        reliability.reliability_diagram(bins, os.path.join(folder, f"reliability_{name}.png"), title=name)
         with open(os.path.join(folder, f"reliability_{name}.json"), "w") as file:
             json.dump({field: getattr(bins, field).tolist() for field in ("edges", "counts", "accuracy", "confidence")},
                       file)

@@ -52,3 +52,16 @@ def test_pickle_payload_is_refused_even_with_a_valid_manifest(tmp_path):
     save_peer_state(tmp_path, "student", {"epoch": 1, "model": {"w": Payload()}})
     with pytest.raises(CohortError, match="as weights only"):
         load_peer_state(tmp_path, "student")
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "", "\xff\xfe", "[1, 2]", "null", '{"sha256": "ab"}', '{"bytes": 10}',
+    '{"bytes": "10", "sha256": "ab"}', '{"bytes": true, "sha256": "ab"}', '{"bytes": 10, "sha256": 5}',
+])
+def test_malformed_manifest_is_one_line_naming_it(tmp_path, content):
+    save_peer_state(tmp_path, "student", a_state())
+    manifest_path(tmp_path, "student").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CohortError) as raised:
+        load_peer_state(tmp_path, "student")
+    message = str(raised.value)
+    assert str(manifest_path(tmp_path, "student")) in message and len(message.splitlines()) == 1

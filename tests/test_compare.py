@@ -13,7 +13,10 @@ import torch
 import yaml
 
 from cohort import compare
-from cohort.metrics import ReliabilityBins, reliability_diagram
+from cohort.comparison.figures import reliability_source
+from cohort.comparison.queries import load_runs
+from cohort.comparison.runs import CohortRun, gap_of, method_of
+from cohort.reliability import ReliabilityBins, reliability_diagram
 from cohort.run import main as run_main
 
 mlflow = pytest.importorskip("mlflow")
@@ -260,12 +263,12 @@ def test_method_and_gap_rules():
               "edges.1.from.ensemble": "['t', 'a']", "edges.1.to": "b", "edges.1.loss": "kd",
               "edges.2.from": "a", "edges.2.to": "b", "edges.2.loss": "reverse_kd"}
     metrics = {"t/acc": 0.7, "a/acc": 0.75, "b/acc": 0.6, "ensemble/acc": 0.8}
-    run = compare.CohortRun("0" * 32, "x", ("t", "a", "b"), params, metrics, True)
-    assert [compare.method_of(params, peer) for peer in ("t", "a", "b", "ensemble")] == ["frozen", "kd", "kd+reverse_kd", ""]
+    run = CohortRun("0" * 32, "x", ("t", "a", "b"), params, metrics, True)
+    assert [method_of(params, peer) for peer in ("t", "a", "b", "ensemble")] == ["frozen", "kd", "kd+reverse_kd", ""]
     # b's best sender is a, a member of the ensemble sender; the ensemble's own accuracy is not a sender's.
-    assert compare.gap_of(run, "b") == pytest.approx(15.0)
-    assert compare.gap_of(run, "a") == pytest.approx(-5.0)
-    assert compare.gap_of(run, "t") is None and compare.gap_of(run, "ensemble") is None
+    assert gap_of(run, "b") == pytest.approx(15.0)
+    assert gap_of(run, "a") == pytest.approx(-5.0)
+    assert gap_of(run, "t") is None and gap_of(run, "ensemble") is None
 
 
 # --------------------------------------------------------------------------- figures
@@ -313,15 +316,15 @@ def test_reliability_figure_of_one_peer(store, capsys, tmp_path):
 
 @pytest.mark.ray
 def test_reliability_sources(store, tmp_path):
-    runs, _ = compare.load_runs(store.client, [store.run_of(name) for name in ("cmp-bdkd", "cmp-legacy", "cmp-sweep")])
+    runs, _ = load_runs(store.client, [store.run_of(name) for name in ("cmp-bdkd", "cmp-legacy", "cmp-sweep")])
     bdkd, legacy, sweep = runs
-    bins = compare.reliability_source(store.client, bdkd, "student", tmp_path)
+    bins = reliability_source(store.client, bdkd, "student", tmp_path)
     assert isinstance(bins, ReliabilityBins)
     # The logged bins are the final epoch's: they give back the logged ECE.
     assert bins.ece == pytest.approx(bdkd.metrics["student/ece"], abs=1e-9)
     assert int(bins.counts.sum()) == 360  # the digits test split
-    assert compare.reliability_source(store.client, legacy, "solo", tmp_path).suffix == ".png"
-    assert compare.reliability_source(store.client, sweep, "small", tmp_path) is None
+    assert reliability_source(store.client, legacy, "solo", tmp_path).suffix == ".png"
+    assert reliability_source(store.client, sweep, "small", tmp_path) is None
 
 
 # --------------------------------------------------------------------------- bad input

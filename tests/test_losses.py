@@ -186,12 +186,12 @@ def test_registry_contents():
 
 
 def test_register_reads_signature(clean_registry):
-    def custom(receiver, sender, groups, target, weight=2.0, *, flag=False):
+    def custom(receiver, sender, groups, target, scale=2.0, *, flag=False):
         return receiver.sum(-1)
 
     assert register_loss("custom")(custom) is custom
     spec = get_loss("custom")
-    assert spec.params == {"weight": 2.0, "flag": False}
+    assert spec.params == {"scale": 2.0, "flag": False}
     assert spec.context == ("groups", "target")
 
 
@@ -546,3 +546,30 @@ def test_a_batch_parameter_must_default_to_the_whole_batch(clean_registry):
         @register_loss("bad_batch")
         def bad_batch(receiver, sender, batch=None):
             return receiver.sum(dim=-1)
+
+
+@pytest.mark.parametrize("name", ["weight", "to", "loss", "reduce", "warmup", "source"])
+def test_register_rejects_a_parameter_named_like_an_edge_field(clean_registry, name):
+    import inspect
+
+    def fn(receiver, sender, **params):
+        return receiver.sum(-1)
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature([inspect.Parameter("receiver", positional),
+                                          inspect.Parameter("sender", positional),
+                                          inspect.Parameter(name, positional, default=1.0)])
+    before = dict(LOSSES)
+    with pytest.raises(ValueError, match=f"parameter '{name}' is named like an edge field"):
+        register_loss("shadowed")(fn)
+    assert LOSSES == before
+
+
+def test_reserved_names_cover_every_edge_field():
+    from cohort.losses.registry import EDGE_FIELD_NAMES
+    from cohort.topology import EDGE_FIELDS, Edge
+
+    names = set(Edge.model_fields) | {field.alias for field in Edge.model_fields.values() if field.alias}
+    assert names | set(EDGE_FIELDS) <= set(EDGE_FIELD_NAMES)
+    for spec in LOSSES.values():
+        assert not set(spec.params) & set(EDGE_FIELD_NAMES)

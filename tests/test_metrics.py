@@ -13,6 +13,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from cohort import metrics as M
+from cohort import reliability as R
 
 
 # --------------------------------------------------------------------------- references (numpy loops)
@@ -194,7 +195,7 @@ def test_edge_confidence_lands_in_lower_bin_in_ece():
     # (lo, hi] with 4 bins: A in (0.25, 0.5], B in (0.5, 0.75] -> separate bins.
     expected = 0.5 * abs(1.0 - 0.5) + 0.5 * abs(0.0 - 0.6)
     assert M.evaluate_probs(probs, labels, n_bins=4)["ece"] == pytest.approx(expected, abs=1e-7)
-    bins = M.reliability_bins_probs(probs, labels, n_bins=4)
+    bins = R.reliability_bins_probs(probs, labels, n_bins=4)
     assert bins.counts.tolist() == [0.0, 1.0, 1.0, 0.0]
     # torchmetrics bins [lo, hi): both samples share (0.5, 0.75) there -> a different number.
     tm = float(multiclass_calibration_error(probs, labels, num_classes=3, n_bins=4, norm="l1"))
@@ -390,7 +391,7 @@ def test_unknown_rule_rejected():
 
 def test_reliability_bins_match_reference_and_ece():
     logits, labels = random_case(n=1000, c=8, seed=5)
-    bins = M.reliability_bins(logits, labels)
+    bins = R.reliability_bins(logits, labels)
     confs, corrects = ref_top1(np_softmax(logits), labels.numpy())
     bin_of = [ref_bin(c, 15) for c in confs]
     assert bins.edges.shape == (16,) and bins.n_bins == 15
@@ -407,9 +408,9 @@ def test_reliability_bins_match_reference_and_ece():
 
 def test_reliability_bins_merge_equals_whole():
     logits, labels = random_case(n=1000, c=8, seed=6)
-    whole = M.reliability_bins(logits, labels)
-    merged = M.ReliabilityBins.merge(
-        [M.reliability_bins(logits[:400], labels[:400]), M.reliability_bins(logits[400:], labels[400:])]
+    whole = R.reliability_bins(logits, labels)
+    merged = R.ReliabilityBins.merge(
+        [R.reliability_bins(logits[:400], labels[:400]), R.reliability_bins(logits[400:], labels[400:])]
     )
     assert torch.equal(merged.counts, whole.counts)
     occupied = whole.counts > 0
@@ -417,12 +418,12 @@ def test_reliability_bins_merge_equals_whole():
     assert torch.allclose(merged.confidence[occupied], whole.confidence[occupied], atol=1e-12)
     assert merged.ece == pytest.approx(whole.ece, abs=1e-12)
     with pytest.raises(ValueError):
-        M.ReliabilityBins.merge([whole, M.reliability_bins(logits, labels, n_bins=10)])
+        R.ReliabilityBins.merge([whole, R.reliability_bins(logits, labels, n_bins=10)])
 
 
 def test_reliability_diagram_writes_png(tmp_path):
     logits, labels = random_case(n=500, c=10, seed=2)
-    out = M.reliability_diagram(M.reliability_bins(logits, labels), tmp_path / "sub" / "rel.png", "peer 0")
+    out = R.reliability_diagram(R.reliability_bins(logits, labels), tmp_path / "sub" / "rel.png", "peer 0")
     assert out == tmp_path / "sub" / "rel.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(out)
@@ -433,9 +434,9 @@ def test_reliability_diagram_does_not_touch_pyplot(tmp_path):
     # In a fresh interpreter: drawing must not import pyplot (which would select a global backend).
     code = (
         "import sys, torch\n"
-        "from cohort import metrics as M\n"
+        "from cohort import reliability as R\n"
         "l = torch.randn(50, 4); y = torch.randint(0, 4, (50,))\n"
-        f"M.reliability_diagram(M.reliability_bins(l, y), {str(tmp_path / 'x.png')!r}, 't')\n"
+        f"R.reliability_diagram(R.reliability_bins(l, y), {str(tmp_path / 'x.png')!r}, 't')\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -509,3 +510,54 @@ def test_shape_errors():
         M.ece(torch.randn(5), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         M.ece(torch.randn(5, 3), torch.zeros(4, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- confidences on the bin edges
+
+
+def edge_confidences(dtype: torch.dtype) -> list[float]:
+    """For each interior edge k/15: the closest value of ``dtype`` to k/15 and its two neighbours."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    values = []
+    for k in range(1, 15):
+        on = np_dtype(k / 15)
+        values += [float(np.nextafter(on, np_dtype(0))), float(on), float(np.nextafter(on, np_dtype(1)))]
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_confidences_on_bin_edges_are_binned_by_their_value(dtype):
+    # The spec's bins are (k/15, (k+1)/15]. The reference compares each confidence, as the exact
+    # double it is, with the double k/15 (ref_bin); for a float32 confidence that is also the exact
+    # comparison with the rational k/15 (checked with Fraction), e.g. float32(3/15) > 3/15 goes
+    # above the edge, and a float64 confidence equal to the double 9/15 is on the edge, below it.
+    from fractions import Fraction
+
+    confs = edge_confidences(dtype)
+    c = 16
+    probs = torch.tensor([[conf] + [(1 - conf) / (c - 1)] * (c - 1) for conf in confs], dtype=dtype)
+    labels = torch.tensor([i % 2 for i in range(len(confs))])  # correct (class 0) for every other sample
+    expected = [ref_bin(conf, 15) for conf in confs]
+    if dtype == torch.float32:
+        assert expected == [sum(Fraction(conf) > Fraction(j, 15) for j in range(1, 15)) for conf in confs]
+    assert float(probs.max(dim=1).values.double().sub(torch.tensor(confs, dtype=torch.float64)).abs().max()) == 0
+
+    bins = R.reliability_bins_probs(probs, labels)
+    assert bins.counts.tolist() == [float(expected.count(b)) for b in range(15)]
+    assert M._equal_width_bins(probs.max(dim=1).values, 15).tolist() == expected
+    corrects = [i % 2 == 0 for i in range(len(confs))]
+    assert M.evaluate_probs(probs, labels)["ece"] == pytest.approx(ref_binned_error(confs, corrects, expected),
+                                                                   abs=1e-12)
+    assert bins.edges.tolist() == [k / 15 for k in range(16)]
+
+
+def test_classwise_ece_bins_edge_confidences_by_their_value():
+    confs = edge_confidences(torch.float32)
+    probs = torch.tensor([[conf, 1 - conf] for conf in confs], dtype=torch.float32)
+    labels = torch.tensor([i % 3 == 0 for i in range(len(confs))], dtype=torch.long)
+    per_class = []
+    for cls in range(2):
+        p = [float(v) for v in probs[:, cls]]
+        hits = [int(label) == cls for label in labels]
+        per_class.append(ref_binned_error(p, hits, [ref_bin(v, 15) for v in p]))
+    assert M.evaluate_probs(probs, labels)["cwece"] == pytest.approx(sum(per_class) / 2, abs=1e-12)

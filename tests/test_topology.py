@@ -335,3 +335,175 @@ def test_a_run_id_is_32_hex_characters():
         with pytest.raises(CohortError) as raised:
             checkpoint_run_id(bad, "peers.t.checkpoint")
         assert raised.value.where == "peers.t.checkpoint"
+
+
+# --------------------------------------------------------------------------- hostile YAML
+
+
+def laughs(depth: int) -> str:
+    """A topology whose ``seed:`` is a ``depth``-level nested alias ("billion laughs")."""
+    anchors = ["  - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, depth)]
+    return "name: t\nanchors:\n" + "\n".join(anchors) + f"\nseed: *l{depth - 1}\npeers:\n  a: {{model: mlp}}\n"
+
+
+def test_nested_aliases_are_refused_at_parse_time(capsys, tmp_path):
+    import time
+    import tracemalloc
+
+    path = write(tmp_path, laughs(9))
+    tracemalloc.start()
+    started = time.perf_counter()
+    line = dry_run_error(capsys, path)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert line == "bad.yaml: line 3: YAML anchors and aliases (&name / *name) are not allowed: write the value out"
+    assert elapsed < 1.0 and peak < 10_000_000
+
+
+@pytest.mark.parametrize("text, line", [
+    ("name: &n t\npeers:\n  a: {model: mlp}\n", 1),
+    ("name: t\npeers:\n  a: &m {model: mlp}\n  b: *m\n", 3),
+    ("name: t\nbase: &b {model: mlp}\npeers:\n  a:\n    <<: *b\n", 2),
+])
+def test_any_anchor_or_alias_is_refused(capsys, tmp_path, text, line):
+    assert dry_run_error(capsys, write(tmp_path, text)).startswith(f"bad.yaml: line {line}: YAML anchors and aliases")
+
+
+def test_nested_aliases_on_the_command_line_are_one_line(tmp_path):
+    bad = write(tmp_path, laughs(9))
+    done = subprocess.run([sys.executable, "-m", "cohort.run", str(bad), "--dry-run"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("bad.yaml: line 3: YAML anchors and aliases (&name / *name) are not allowed")
+
+
+def test_set_value_with_aliases_is_refused():
+    with pytest.raises(CohortError, match=r"--set seed: line 1: YAML anchors and aliases"):
+        topology_from_dict(BASE, "t.yaml", ["seed=[&a [1, 1], *a]"])
+
+
+def test_strict_text_loader_refuses_duplicate_keys_and_aliases():
+    from cohort.topology import read_yaml_text
+
+    with pytest.raises(CohortError, match=r"^topology.yaml: line 2: YAML error: duplicate key 'name' \(first on line 1\)$"):
+        read_yaml_text("name: a\nname: b\n", "topology.yaml")
+    with pytest.raises(CohortError, match=r"^topology.yaml: line 1: YAML anchors and aliases"):
+        read_yaml_text("seed: &s 1\nother: *s\n", "topology.yaml")
+    assert read_yaml_text("name: a\n", "topology.yaml") == {"name": "a"}
+
+
+def test_resume_reads_the_stored_topology_strictly():
+    # resume needs Ray and MLflow; this checks it reads topology.yaml with the strict loader.
+    import inspect
+
+    from cohort import run
+
+    source = inspect.getsource(run.resume)
+    assert "read_yaml(" in source and "safe_load" not in source
+
+
+def test_resolved_topology_is_written_without_aliases(monkeypatch):
+    from cohort.topology import Topology, read_yaml_text
+
+    topology = topology_from_dict(BASE)
+    shared = topology.to_dict()
+    shared["peers"]["student"]["model_args"] = shared["peers"]["teacher"]["model_args"]  # one object used twice
+    monkeypatch.setattr(Topology, "to_dict", lambda self: shared)
+    assert read_yaml_text(topology.to_yaml(), "topology.yaml") == shared
+
+
+# --------------------------------------------------------------------------- huge values in errors
+
+
+def deep(levels: int) -> dict:
+    tree: dict = {"leaf": list(range(1000))}
+    for level in range(levels):
+        tree = {f"k{level}": tree, "wide": list(range(1000)), "text": "x" * 10_000}
+    return tree
+
+
+HUGE = "y" * 1_000_000
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.update({"seed": list(range(100_000))}),
+    lambda t: t.update({"seed": deep(50)}),
+    lambda t: t.update({"seed": HUGE}),
+    lambda t: t.update({"name": list(range(100_000))}),
+    lambda t: t.update({HUGE: 1}),
+    lambda t: t["peers"].update({"1" + HUGE: {"model": "mlp"}}),
+    lambda t: t["peers"]["student"].update({"model": HUGE}),
+    lambda t: t["peers"]["student"].update({"model_args": {HUGE: 1}}),
+    lambda t: t["peers"]["student"].update({"replicas": deep(50)}),
+    lambda t: t["edges"][0].update({"from": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"from": HUGE}),
+    lambda t: t["edges"][0].update({"to": HUGE}),
+    lambda t: t["edges"][0].update({"loss": HUGE}),
+    lambda t: t["edges"][0].update({"reduce": HUGE}),
+    lambda t: t["edges"][0].update({"temperature": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"temperature": deep(50)}),
+    lambda t: t["edges"][0].update({"temperature": 10 ** 4000}),
+    lambda t: t.update({"train": {"precision": deep(50)}}),
+    lambda t: t.update({"data": {"dataset": HUGE}}),
+], ids=lambda _: "case")
+def test_huge_values_make_short_errors(change):
+    from cohort.models import known_models
+
+    with pytest.raises(CohortError) as raised:
+        topology_from_dict(with_change(change), "t.yaml")
+    message = str(raised.value).replace(", ".join(known_models()), "...")  # the list of model names is no value
+    assert len(message) < 300, message[:400]
+
+
+def test_huge_set_values_and_keys_make_short_errors():
+    for override in [f"seed={list(range(100_000))}", f"{HUGE}=1", f"peers.{HUGE}=1", f"x{HUGE}"]:
+        with pytest.raises(CohortError) as raised:
+            topology_from_dict(BASE, "t.yaml", [override])
+        assert len(str(raised.value)) < 300, str(raised.value)[:400]
+
+
+def test_huge_number_in_a_file_is_one_short_line(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, "name: t\nseed: " + "9" * 5000 + "\n"))
+    assert line.startswith("bad.yaml: line 2: YAML error: the number '999") and len(line) < 200
+
+
+@pytest.mark.parametrize("space", [
+    {"metric": "a/acc", "mode": "max", "space": {HUGE: {"uniform": [0, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"seed": {HUGE: [0, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"seed": {"uniform": [10 ** 4000, 1]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"edges.0.loss": {"choice": [HUGE]}}},
+    {"metric": "a/acc", "mode": "max", "space": {"edges.0.temperature": {"choice": [list(range(10_000))]}}},
+    {"metric": HUGE + " +", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "a/acc + '" + HUGE + "'", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "a/acc", "mode": deep(5), "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "-a/acc" + "-y" * 500_000, "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+], ids=lambda _: "case")
+def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
+    # Also: a 4000-digit bound is refused (not an OverflowError), a long metric word parses in linear time.
+    from cohort.search_space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space, width=10 ** 9))
+    with pytest.raises(CohortError) as raised:
+        load_space(path, topology_from_dict(BASE))
+    assert len(str(raised.value)) < 300, str(raised.value)[:400]
+
+
+def test_quoted_is_repr_for_short_values():
+    from cohort.errors import named, quoted
+
+    for value in ["ghost", 3, 2.5, True, None, [1, 2], {"a": 1}]:
+        assert quoted(value) == repr(value)
+    assert len(quoted("x" * 10 ** 6)) <= 60 and len(quoted(list(range(10 ** 5)))) < 60
+    assert named("peers.a") == "peers.a" and len(named("k" * 10 ** 6)) == 59
+
+
+def test_metric_keys_after_a_minus_sign():
+    from cohort.search_space import MetricExpression
+
+    expression = MetricExpression("-student/ece - 0.5*-teacher/nll")
+    assert expression.keys == ["student/ece", "teacher/nll"]
+    assert expression({"student/ece": 0.25, "teacher/nll": 2.0}) == -0.25 + 1.0

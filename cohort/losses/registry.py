@@ -4,7 +4,8 @@ A loss is registered by one line, ``@register_loss("name")``. Its signature says
 trainer needs: the first two positional parameters are ``receiver`` and ``sender`` (logits), the
 names in ``CONTEXT_NAMES`` are supplied per batch by the trainer, a parameter ``batch`` (default
 ``WHOLE_BATCH``) marks a loss that takes statistics over the batch (``cohort.losses.batch``), and
-every other parameter is a tunable edge parameter whose default is read from the signature.
+every other parameter is a tunable edge parameter whose default is read from the signature (its
+name must not be one of ``EDGE_FIELD_NAMES``, the edge's own keys).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from .batch import WHOLE_BATCH
 
 CONTEXT_NAMES = ("target", "groups")
 BATCH_NAME = "batch"
+# The keys and python names of an edge (cohort.topology.Edge): a loss parameter named like one
+# would be read as the edge's own setting, never reach the loss. Checked against Edge in the tests.
+EDGE_FIELD_NAMES = ("from", "to", "loss", "weight", "reduce", "warmup", "source")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
         has_default = p.default is not inspect.Parameter.empty
+        if p.name in EDGE_FIELD_NAMES:
+            raise ValueError(f"{where}: parameter {p.name!r} is named like an edge field "
+                             f"({', '.join(EDGE_FIELD_NAMES)}): rename it")
         if p.name == BATCH_NAME:
             if p.default is not WHOLE_BATCH:
                 raise ValueError(f"{where}: parameter {BATCH_NAME!r} must default to WHOLE_BATCH "
