@@ -1,7 +1,7 @@
-"""The distillation losses against independent computations and the identities of the spec.
+"""The distillation losses against independent computations and the identities of docs/losses.md.
 
 The references below are plain-Python float64 loops over classes (``math``, no torch), so they
-share nothing with the implementation except the formulas of the spec.
+share nothing with the implementation except the formulas of docs/losses.md.
 """
 
 from __future__ import annotations
