@@ -528,9 +528,10 @@ def edge_confidences(dtype: torch.dtype) -> list[float]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_confidences_on_bin_edges_are_binned_by_their_value(dtype):
     # cohort's ECE bins (docs/metrics.md) are (k/15, (k+1)/15]. The reference compares each
-    # confidence, as the exact double it is, with the double k/15 (ref_bin); for a float32 confidence that is also the exact
-    # comparison with the rational k/15 (checked with Fraction), e.g. float32(3/15) > 3/15 goes
-    # above the edge, and a float64 confidence equal to the double 9/15 is on the edge, below it.
+    # confidence, as the exact double it is, with the double k/15 (ref_bin); for a float32
+    # confidence that is also the exact comparison with the rational k/15 (checked with Fraction),
+    # e.g. float32(3/15) > 3/15 goes above the edge, and a float64 confidence equal to the double
+    # 9/15 is on the edge, below it.
     from fractions import Fraction
 
     confs = edge_confidences(dtype)
