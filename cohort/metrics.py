@@ -1,4 +1,4 @@
-"""Accuracy and calibration metrics (contract: spec "Calibration metrics").
+"""Accuracy and calibration metrics (their definitions: docs/metrics.md).
 
 Every function is a pure function of torch tensors: ``logits`` ``[N, C]`` (float),
 ``probs`` ``[N, C]`` (rows summing to one) and ``labels`` ``[N]`` (long). Scalars come back

@@ -12,6 +12,7 @@ import yaml
 from cohort.run import main
 
 mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.ray
 
 LABEL = {"cohort-pool": "cpu"}
 PAIR = {

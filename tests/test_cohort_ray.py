@@ -22,15 +22,6 @@ from cohort.worker import build_peer
 mlflow = pytest.importorskip("mlflow")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def write_topology(folder: Path, topology: dict) -> Path:
     path = folder / f"{topology['name']}.yaml"
     path.write_text(yaml.safe_dump(topology, sort_keys=False))
@@ -71,6 +62,7 @@ def expected_fingerprint(topology) -> int:
     return running
 
 
+@pytest.mark.ray
 def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_topology(tmp_path, THREE_PEERS)
@@ -188,6 +180,7 @@ def reference_training(config: dict) -> dict[str, dict[str, torch.Tensor]]:
     return {peer: model.state_dict() for peer, model in models.items()}
 
 
+@pytest.mark.ray
 def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_topology(tmp_path, EQUIVALENCE)
@@ -206,6 +199,7 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
         assert moved, f"{peer} did not train"
 
 
+@pytest.mark.ray
 def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     """cohort.run sends the dataset its plan loaded through the object store: the workers never
     open ``data.root`` (here a table that does not exist; on a cluster, a file only the driver has)."""
@@ -227,6 +221,7 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     assert 0 < report["a/acc"] <= 1 and report["a/acc"] * 360 == pytest.approx(round(report["a/acc"] * 360))
 
 
+@pytest.mark.ray
 def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
     """The plan reads every peer checkpoint once (a file here; an MLflow reference the same way)
     and cohort.run sends the weights through the object store: the workers never open the path
@@ -261,6 +256,7 @@ def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.ray
 def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # NaN injection: an absurd learning rate on one peer.
@@ -277,6 +273,7 @@ def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys)
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.ray
 def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     topology = {**THREE_PEERS, "name": "too-big", "resources": {"cpus_per_peer": 4}}
     code = main([str(write_topology(tmp_path, topology)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
@@ -291,6 +288,7 @@ def test_unreachable_address(tmp_path, capsys):
     assert code == 2 and err.startswith("--address '127.0.0.1:9': no Ray cluster reachable there"), err
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("uri,expected", [
     ("sqlite:////nonexistent-folder/mlflow.db", "folder '/nonexistent-folder' does not exist"),
     ("http://127.0.0.1:9", "is not usable"),
@@ -309,6 +307,7 @@ def test_unreachable_tracking_uri(tmp_path, capsys, uri, expected):
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} is absent (it ships beside the repo, not in it)")
 def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
     import pyarrow as pa
@@ -338,6 +337,7 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
         assert 0.0 <= run.data.metrics[f"{peer}/ece"] <= 1.0
 
 
+@pytest.mark.ray
 def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
     """Step 1 trains a teacher alone; step 2 loads it frozen through `mlflow:EXPERIMENT/PEER` and
     distills it with LTKD into a student on a long-tailed training set."""

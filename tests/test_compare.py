@@ -59,15 +59,6 @@ MODELS = {"teacher": "mlp", "student": "mlp_tiny", "net_a": "mlp", "net_b": "mlp
 COLUMN_METRICS = {"top-1": "acc", "ECE": "ece", "AdaECE": "adaece", "NLL": "nll", "Brier": "brier"}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 class Store:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -171,6 +162,7 @@ BOTH = ("--experiment", "cmp-bdkd", "--experiment", "cmp-dml")
 # --------------------------------------------------------------------------- the table
 
 
+@pytest.mark.ray
 def test_table_matches_the_logged_metrics(store, capsys):
     code, out, err = compare_main(store, capsys, *BOTH, "--no-figures")
     assert code == 0, err
@@ -179,6 +171,7 @@ def test_table_matches_the_logged_metrics(store, capsys):
     assert store.run_of("cmp-bdkd").data.metrics["teacher/acc"] > 0.3
 
 
+@pytest.mark.ray
 def test_csv_and_markdown_parse_back_to_the_same_values(store, capsys):
     _, table, _ = compare_main(store, capsys, *BOTH, "--no-figures")
     _, text, _ = compare_main(store, capsys, *BOTH, "--no-figures", "--format", "csv")
@@ -202,6 +195,7 @@ def test_csv_and_markdown_parse_back_to_the_same_values(store, capsys):
     assert [dict(zip(cells[0], line)) for line in cells[2:]] == expected
 
 
+@pytest.mark.ray
 def test_peer_filter(store, capsys):
     code, out, _ = compare_main(store, capsys, *BOTH, "--no-figures", "--peer", "student")
     assert code == 0
@@ -211,6 +205,7 @@ def test_peer_filter(store, capsys):
                                                                               ("cmp-dml", "ensemble")]
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("column, key, descending", [("top-1", "top-1", True), ("acc", "top-1", True),
                                                      ("ece", "ECE", False), ("gap", "gap", False),
                                                      ("model", "model", False)])
@@ -227,6 +222,7 @@ def test_sort(store, capsys, column, key, descending):
     assert [row[key] for row in rows][len(filled):] == [""] * (len(rows) - len(filled))
 
 
+@pytest.mark.ray
 def test_extra_metric_columns(store, capsys):
     code, out, _ = compare_main(store, capsys, *BOTH, "--no-figures", "--metric", "acc_top5", "--metric", "entropy",
                                 "--metric", "acc_head")
@@ -243,6 +239,7 @@ def test_extra_metric_columns(store, capsys):
     assert {row["experiment"] for row in rows if row["acc_head"]} == {"cmp-bdkd"}
 
 
+@pytest.mark.ray
 def test_runs_by_id_and_by_short_id(store, capsys):
     run_id = store.run_of("cmp-dml").info.run_id
     _, by_id, _ = compare_main(store, capsys, "--runs", run_id, "--no-figures")
@@ -250,6 +247,7 @@ def test_runs_by_id_and_by_short_id(store, capsys):
     assert parse_table(by_id) == parse_table(by_prefix) == expected_rows(store, "cmp-dml")
 
 
+@pytest.mark.ray
 def test_sweep_trial_takes_its_topology_from_the_parent(store, capsys):
     code, out, err = compare_main(store, capsys, "--experiment", "cmp-sweep", "--no-figures")
     assert code == 0
@@ -289,6 +287,7 @@ def logged(store: Store, experiment: str) -> set[str]:
     return {Path(item.path).name for item in store.client.list_artifacts(store.run_of(experiment).info.run_id, "compare")}
 
 
+@pytest.mark.ray
 def test_figures_are_written_and_logged(store, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = compare_main(store, capsys, *BOTH, "--experiment", "cmp-legacy", "--experiment", "cmp-sweep")
@@ -306,6 +305,7 @@ def test_figures_are_written_and_logged(store, capsys, tmp_path, monkeypatch):
         assert logged(store, experiment) >= names | {"reliability.png"}
 
 
+@pytest.mark.ray
 def test_reliability_figure_of_one_peer(store, capsys, tmp_path):
     code, _, err = compare_main(store, capsys, *BOTH, "--peer", "student", "--out", str(tmp_path))
     assert code == 0, err
@@ -314,6 +314,7 @@ def test_reliability_figure_of_one_peer(store, capsys, tmp_path):
     assert "reliability_student.png" not in logged(store, "cmp-dml")  # it has no peer 'student'
 
 
+@pytest.mark.ray
 def test_reliability_sources(store, tmp_path):
     runs, _ = load_runs(store.client, [store.run_of(name) for name in ("cmp-bdkd", "cmp-legacy", "cmp-sweep")])
     bdkd, legacy, sweep = runs
@@ -329,6 +330,7 @@ def test_reliability_sources(store, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.ray
 def test_no_runs_is_not_an_error(store, capsys):
     code, out, _ = compare_main(store, capsys, "--experiment", "cmp-empty")
     assert code == 0 and out.startswith("no runs with peer metrics in experiment 'cmp-empty'")
@@ -350,6 +352,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input(store, capsys, case):
     args, message = BAD_INPUT[case]
@@ -360,6 +363,7 @@ def test_bad_input(store, capsys, case):
         assert "cmp-bdkd" in err and "cmp-dml" in err
 
 
+@pytest.mark.ray
 def test_unwritable_out(store, capsys, tmp_path):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")

@@ -16,7 +16,8 @@ import yaml
 from cohort.run import main
 
 mlflow = pytest.importorskip("mlflow")
-pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes through /proc")
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes through /proc")]
 
 TOPOLOGY = {
     "name": "faults",
@@ -31,15 +32,6 @@ TOPOLOGY = {
               {"from": "student", "to": "teacher", "loss": "reverse_kd"}],
 }
 COMPARED = ("teacher/acc", "teacher/nll", "student/acc", "student/nll", "student/ece", "ensemble/brier")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

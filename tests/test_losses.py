@@ -1,7 +1,7 @@
-"""The distillation losses against independent computations and the identities of the spec.
+"""The distillation losses against independent computations and the identities of docs/losses.md.
 
 The references below are plain-Python float64 loops over classes (``math``, no torch), so they
-share nothing with the implementation except the formulas of the spec.
+share nothing with the implementation except the formulas of docs/losses.md.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def test_ltkd_rebalancing_of_a_single_sample_is_uniform(batch):
     assert out.item() == pytest.approx(expected, rel=1e-9)
 
 
-# ---------------------------------------------------------------- spec identities
+# ---------------------------------------------------------------- identities (docs/losses.md)
 
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 4.0, 20.0])

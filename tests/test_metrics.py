@@ -220,10 +220,10 @@ def test_exact_zero_class_probability_goes_to_first_bin_in_classwise_ece():
 def test_ece_agrees_with_torchmetrics_off_the_edges():
     # torchmetrics (read from the installed source) bins with
     #   bucketize(conf, linspace(0, 1, n_bins + 1), right=True) - 1,
-    # i.e. left-closed [lo, hi) bins plus a separate bin for conf == 1.0, while the spec is
-    # right-closed (lo, hi]. The two only coincide when no confidence equals an edge, so the
-    # data are checked for that before comparing (see test_edge_confidence_lands_in_lower_bin_in_ece
-    # for a case where they differ).
+    # i.e. left-closed [lo, hi) bins plus a separate bin for conf == 1.0, while cohort's ECE
+    # (docs/metrics.md) is right-closed (lo, hi]. The two only coincide when no confidence equals
+    # an edge, so the data are checked for that before comparing
+    # (see test_edge_confidence_lands_in_lower_bin_in_ece for a case where they differ).
     logits, labels = random_case(n=5000, c=10, scale=2.0, seed=3)
     probs = torch.softmax(logits, dim=1)
     conf = probs.max(dim=1).values
@@ -527,10 +527,11 @@ def edge_confidences(dtype: torch.dtype) -> list[float]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_confidences_on_bin_edges_are_binned_by_their_value(dtype):
-    # The spec's bins are (k/15, (k+1)/15]. The reference compares each confidence, as the exact
-    # double it is, with the double k/15 (ref_bin); for a float32 confidence that is also the exact
-    # comparison with the rational k/15 (checked with Fraction), e.g. float32(3/15) > 3/15 goes
-    # above the edge, and a float64 confidence equal to the double 9/15 is on the edge, below it.
+    # cohort's ECE bins (docs/metrics.md) are (k/15, (k+1)/15]. The reference compares each
+    # confidence, as the exact double it is, with the double k/15 (ref_bin); for a float32
+    # confidence that is also the exact comparison with the rational k/15 (checked with Fraction),
+    # e.g. float32(3/15) > 3/15 goes above the edge, and a float64 confidence equal to the double
+    # 9/15 is on the edge, below it.
     from fractions import Fraction
 
     confs = edge_confidences(dtype)

@@ -13,6 +13,7 @@ import yaml
 from cohort.run import main
 
 mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.ray
 
 # Batch 100 leaves a last batch of 37 (1,437 digits), split 19 / 18: uneven shards.
 # Few steps (30): float rounding differs between one batch and two averaged shards, and many
@@ -29,15 +30,6 @@ PAIR = {
 }
 COMPARED = ("teacher/acc", "teacher/nll", "teacher/train_loss", "student/acc", "student/ece", "student/train_acc",
             "ensemble/brier")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 # BatchNorm in every layer of both peers, and an ltkd edge with rebalance (group masses averaged

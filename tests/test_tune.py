@@ -185,6 +185,7 @@ def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
 # --------------------------------------------------------------------------- a sweep through Ray Tune
 
 
+@pytest.mark.ray
 def test_interrupted_sweep_resumes_without_running_finished_trials_again(tmp_path):
     import re
     import signal
@@ -243,6 +244,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
     import mlflow
 
@@ -293,6 +295,7 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
     assert parents[0].data.metrics["best_objective"] == pytest.approx(max(r.data.metrics["objective"] for r in finished))
 
 
+@pytest.mark.ray
 def test_small_pbt_sweep_copies_the_better_trial(ray_cluster, tmp_path, capsys):
     import mlflow
 

@@ -1,4 +1,4 @@
-"""Distillation losses: pure per-sample functions, registered by name (see the losses spec)."""
+"""Distillation losses: pure per-sample functions, registered by name (formulas and provenance: docs/losses.md)."""
 
 from .registry import LOSSES, LossSpec, get_loss, register_loss
 from .kd import kd
