@@ -605,7 +605,8 @@ def cluster_node_labels() -> list[dict[str, str]]:
 
 def resume(args: argparse.Namespace) -> int:
     """Continue a stopped run from its last checkpoint, in the same MLflow run."""
-    from cohort.topology import read_yaml, topology_from_dict
+    from cohort.config.loader import read_yaml
+    from cohort.topology import topology_from_dict
     from cohort.tracking import resolve_uri
 
     if args.topology or args.overrides or args.dry_run:

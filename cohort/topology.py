@@ -6,18 +6,19 @@ Every problem becomes a ``CohortError`` whose text is one line naming the file a
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from cohort.config.errors import describe, did_you_mean, kind_of
+from cohort.config.loader import dump_yaml, read_yaml
+from cohort.config.overrides import parse_assignment, set_dotted
 from cohort.data import DATASETS
-from cohort.errors import CohortError, named, quoted
+from cohort.errors import CohortError, quoted
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
 
@@ -158,7 +159,7 @@ class PeerConfig(_Strict):
             return self
         for key in self.model_args:
             if key not in options:
-                raise _problem(f"not an option of model {quoted(self.model)}{_did_you_mean(key, options)}"
+                raise _problem(f"not an option of model {quoted(self.model)}{did_you_mean(key, options)}"
                                f" (it takes: {', '.join(options) or 'none'})", f"model_args.{key}")
         return self
 
@@ -223,7 +224,7 @@ class Edge(BaseModel):
         for key, value in given.items():
             if key not in spec.params:
                 allowed = list(EDGE_FIELDS) + list(spec.params)
-                raise _problem(f"not a parameter of loss {quoted(self.loss)}{_did_you_mean(key, allowed)}"
+                raise _problem(f"not a parameter of loss {quoted(self.loss)}{did_you_mean(key, allowed)}"
                                f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
         for key, default in spec.params.items():
             resolved[key] = _loss_parameter(key, given.get(key, default), default)
@@ -410,7 +411,7 @@ class Topology(_Strict):
 
     def to_yaml(self) -> str:
         """The resolved topology as YAML without anchors, so ``read_yaml`` reads it back."""
-        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
+        return dump_yaml(self.to_dict())
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys to values (``edges.0.temperature``): MLflow's params, and ``--set``'s keys."""
@@ -418,87 +419,6 @@ class Topology(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-class _PlainDumper(yaml.SafeDumper):
-    """``yaml.SafeDumper`` that writes a value used twice out twice, never as an anchor and alias."""
-
-    def ignore_aliases(self, data):
-        return True
-
-
-class _AliasRefused(yaml.MarkedYAMLError):
-    """An anchor or alias in a strictly read file: refused before anything is expanded."""
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses any anchor or alias as it meets it, before anything is
-    expanded (nested aliases grow exponentially: "billion laughs")."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _AliasRefused(None, None, "YAML anchors and aliases (&name / *name) are not allowed: "
-                                "write the value out", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_yaml_int(self, node):
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # Python refuses to read an integer of more than 4300 digits
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the number {quoted(node.value)} is too long", node.start_mark) from None
-
-
-_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
-
-
-class _UniqueKeyLoader(_NoAliasLoader):
-    """The strict loader of files: no anchors or aliases, and no key given twice in one mapping
-    (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {quoted(key)} (first on line {seen[key] + 1})", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely, with one-line errors that name the file and the line."""
-    path = Path(path)
-    if not path.exists():
-        raise CohortError("no such file", str(path))
-    if path.is_dir():
-        raise CohortError("is a directory, not a YAML file", str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CohortError(f"cannot read: {error}", str(path)) from None
-    return read_yaml_text(text, path.name)
-
-
-def read_yaml_text(text: str, where: str) -> Any:
-    """``read_yaml`` for text already read; ``where`` names it in errors."""
-    if not text.strip():
-        raise CohortError("the file is empty", where)
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        raise CohortError(_yaml_problem(error), where) from None
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """A YAML error as ``line N: problem``, one line."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    line = f"line {mark.line + 1}: " if mark is not None else ""
-    return f"{line}{problem}" if isinstance(error, _AliasRefused) else f"{line}YAML error: {problem}"
 
 
 def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
@@ -511,7 +431,7 @@ def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[st
     if raw is None:
         raise CohortError("the file is empty", where)
     if not isinstance(raw, dict):
-        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {_kind(raw)}", where)
+        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {kind_of(raw)}", where)
     topology = _validate(raw, where)
     pairs = overrides.items() if isinstance(overrides, Mapping) else [parse_assignment(item) for item in overrides]
     pairs = list(pairs)
@@ -536,46 +456,6 @@ def _drop_foreign_parameters(resolved: dict[str, Any], key: str) -> None:
         del edge[name]
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"edges.0.temperature=2"`` → ``("edges.0.temperature", 2.0)``; the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise CohortError(f"--set {quoted(text)}: expected key=value, for example edges.0.temperature=2")
-    try:
-        parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else None  # noqa: S506
-    except _AliasRefused as error:
-        raise CohortError(f"--set {named(key.strip())}: {_yaml_problem(error)}") from None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str = "topology") -> None:
-    """Set ``tree[a][b][0][c] = value`` for ``key = "a.b.0.c"``; every step must already exist."""
-    node: Any = tree
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        so_far = ".".join(parts[: depth + 1])
-        if isinstance(node, dict):
-            if part not in node:
-                hint = _did_you_mean(part, [str(k) for k in node])
-                raise CohortError(f"--set {named(key)}: unknown key {quoted(so_far)}{hint}", where)
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-        elif isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise CohortError(f"--set {named(key)}: {quoted(so_far)} is not an index below {len(node)}", where)
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        else:
-            raise CohortError(f"--set {named(key)}: {quoted('.'.join(parts[:depth]))} is a value, not a section", where)
-
-
 def _validate(raw: dict[str, Any], where: str) -> Topology:
     try:
         return Topology.model_validate(raw)
@@ -583,85 +463,7 @@ def _validate(raw: dict[str, Any], where: str) -> Topology:
         errors = error.errors()
         # For `from: {ensemble: ...}` pydantic also reports that it is not a string: skip that one.
         relevant = [e for e in errors if "str" not in e["loc"]] or errors
-        raise CohortError(_describe(relevant[0]), where) from None
-
-
-def _describe(error: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
-    """One pydantic error as ``location: message``, in the file's own words."""
-    loc = [part for part in error["loc"] if not (isinstance(part, str) and part in ("str", "EnsembleSource"))]
-    ctx = error.get("ctx") or {}
-    if ctx.get("key"):
-        loc.extend(ctx["key"].split("."))
-    path = _loc_text(loc)
-    kind = error["type"]
-    value = error.get("input")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1], root or Topology)
-        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), allowed)}"
-    if kind == "missing":
-        return f"{path}: missing (required)"
-    if kind == "cohort":
-        return f"{path}: {ctx['message']}" if path else ctx["message"]
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"{path}: must be a mapping, not a {_kind(value)}"
-    if kind == "literal_error":
-        return f"{path}: {quoted(value)} is not one of {ctx.get('expected')}"
-    if kind in ("value_error", "assertion_error"):
-        message = error["msg"].split(", ", 1)[1] if ", " in error["msg"] else error["msg"]
-        return message if not path or message.startswith(path) else f"{path}: {message}"
-    if kind.startswith(("greater_than", "less_than")):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
-    if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
-                "int_from_float", "tuple_type", "too_short"):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
-    return f"{path}: {error['msg']}"
-
-
-def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
-    """The keys the section at ``loc`` accepts, for 'did you mean' hints."""
-    model: Any = root
-    for part in loc:
-        if isinstance(part, int):
-            continue  # an item of a list keeps the list's item model
-        fields = {field.alias or name: field for name, field in model.model_fields.items()}
-        if part in fields:
-            model = _model_in(fields[part].annotation)
-            if model is None:
-                return []
-        # any other part is a mapping key, such as a peer's name: the value model stays
-    return [field.alias or name for name, field in model.model_fields.items()]
-
-
-def _describe_generic(error: Mapping[str, Any], root: type[BaseModel]) -> str:
-    """``_describe`` for another file format validated by pydantic (search spaces)."""
-    return _describe(error, root)
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _loc_text(loc: list) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{named(part)}" if text else named(part))
-    return named(text, 200)
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _kind(value: Any) -> str:
-    return {list: "list", dict: "mapping", str: "string", int: "number", float: "number", bool: "boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+        raise CohortError(describe(relevant[0], Topology), where) from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
