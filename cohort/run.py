@@ -98,7 +98,7 @@ def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
 
 
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
-    from cohort.data import describe_dataset, load_dataset
+    from cohort.datasets import describe_dataset, load_dataset
     from cohort.models import count_parameters
     from cohort.placement import peer_threads, step_flops
     from cohort.tracking import resolve_uri

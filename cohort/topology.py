@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 from cohort.config.errors import describe, did_you_mean, kind_of
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
-from cohort.data import DATASETS
+from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.errors import CohortError, quoted
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
@@ -51,20 +51,18 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
-    image_size: int | None = Field(None, ge=8, description="parquet and imagefolder: resize (crop) images to this size")
+    image_size: int | None = Field(None, ge=8, description="resize (crop) images to this size (datasets that take it)")
     long_tail: LongTailConfig | None = None
     groups: Literal["thirds", "shots"] | None = Field(
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> "DataConfig":
-        if self.dataset == "digits" and (self.root is not None or self.download):
-            raise _problem("digits are embedded in scikit-learn: they take no root or download",
-                           "root" if self.root is not None else "download")
-        if self.image_size is not None and self.dataset not in ("parquet", "imagefolder"):
-            raise _problem(f"only parquet and imagefolder datasets are resized, not {self.dataset}", "image_size")
-        if self.download and self.dataset not in ("cifar10", "cifar100"):
-            raise _problem(f"only cifar10 and cifar100 can be downloaded, not {self.dataset}", "download")
+        # The dataset's loader declares the settings it takes (cohort.datasets.registry).
+        refused = refused_setting(self.dataset, {name: getattr(self, name) for name in DATASET_SETTINGS})
+        if refused is not None:
+            setting, reason = refused
+            raise _problem(reason, setting)
         return self
 
     @field_validator("dataset")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cohort.data import ImageArrays, batch_seed, load_dataset
+from cohort.datasets import ImageArrays, batch_seed, load_dataset
 from cohort.errors import CohortError
 from cohort.topology import DataConfig
 
@@ -249,7 +249,7 @@ def test_cifar100_from_torchvision_files(tmp_path, monkeypatch):
     (100, 500, {10: 19573, 50: 12608, 100: 10847}),   # CIFAR-100-LT
 ])
 def test_long_tail_counts_match_the_literature(classes, per_class, expected):
-    from cohort.data import long_tail_counts
+    from cohort.datasets import long_tail_counts
 
     for imbalance, total in expected.items():
         counts = long_tail_counts(per_class, classes, imbalance, "exponential")

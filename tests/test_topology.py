@@ -255,7 +255,7 @@ def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
 
 
 def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
-    from cohort.data import load_dataset
+    from cohort.datasets import load_dataset
     from cohort.topology import DataConfig
     from cohort.worker import build_peer
 
