@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cohort.errors import CohortError, named, quoted
 from cohort.config.errors import describe
 from cohort.config.loader import read_yaml
-from cohort.topology import Topology, finite_number, topology_from_dict
+from cohort.edges import finite_number
+from cohort.topology import Topology, topology_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 

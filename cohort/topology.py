@@ -6,18 +6,18 @@ Every problem becomes a ``CohortError`` whose text is one line naming the file a
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cohort.config.errors import describe, did_you_mean, kind_of
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
+from cohort.config.schema import Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
+from cohort.edges import EDGE_FIELDS, Edge
 from cohort.errors import CohortError, quoted
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
@@ -27,24 +27,15 @@ RESERVED_PEER_NAMES = {"ensemble", "cohort"}
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _problem(message: str, key: str | None = None) -> PydanticCustomError:
-    """A validation error whose ``key`` (a path below the validated object) joins the location."""
-    return PydanticCustomError("cohort", "{message}", {"message": message, "key": key or ""})
-
-
 # --------------------------------------------------------------------------- data
 
 
-class LongTailConfig(_Strict):
+class LongTailConfig(Strict):
     imbalance: float = Field(ge=1, description="n_max / n_min of the training set")
     profile: Literal["exponential", "step"] = "exponential"
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     dataset: str = "digits"
     root: str | None = None
     download: bool = False
@@ -62,21 +53,21 @@ class DataConfig(_Strict):
         refused = refused_setting(self.dataset, {name: getattr(self, name) for name in DATASET_SETTINGS})
         if refused is not None:
             setting, reason = refused
-            raise _problem(reason, setting)
+            raise problem(reason, setting)
         return self
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
         if name not in DATASETS:
-            raise _problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
+            raise problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
         return name
 
 
 # --------------------------------------------------------------------------- training
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -84,7 +75,7 @@ class OptimizerConfig(_Strict):
     nesterov: bool = False
 
 
-class OptimizerOverride(_Strict):
+class OptimizerOverride(Strict):
     """A peer's changes to the cohort's optimizer; unset fields keep the cohort's value."""
 
     name: Literal["sgd", "adam", "adamw"] | None = None
@@ -94,7 +85,7 @@ class OptimizerOverride(_Strict):
     nesterov: bool | None = None
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     name: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: tuple[int, ...] = ()
     gamma: float = Field(0.1, gt=0, le=1)
@@ -109,15 +100,15 @@ class ScheduleConfig(_Strict):
     def _milestones_fit(self) -> "ScheduleConfig":
         if self.name == "multistep":
             if not self.milestones:
-                raise _problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
+                raise problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
             if list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
-                raise _problem("must be increasing epoch numbers >= 1", "milestones")
+                raise problem("must be increasing epoch numbers >= 1", "milestones")
         elif self.milestones:
-            raise _problem(f"only a multistep schedule takes milestones, not {self.name}", "milestones")
+            raise problem(f"only a multistep schedule takes milestones, not {self.name}", "milestones")
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -133,7 +124,7 @@ class TrainConfig(_Strict):
 # --------------------------------------------------------------------------- peers and edges
 
 
-class PeerConfig(_Strict):
+class PeerConfig(Strict):
     model: str
     model_args: dict[str, Union[bool, int, float, str]] = {}
     optimizer: OptimizerOverride = OptimizerOverride()
@@ -147,7 +138,7 @@ class PeerConfig(_Strict):
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise _problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
+            raise problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
         return name
 
     @model_validator(mode="after")
@@ -157,129 +148,26 @@ class PeerConfig(_Strict):
             return self
         for key in self.model_args:
             if key not in options:
-                raise _problem(f"not an option of model {quoted(self.model)}{did_you_mean(key, options)}"
+                raise problem(f"not an option of model {quoted(self.model)}{did_you_mean(key, options)}"
                                f" (it takes: {', '.join(options) or 'none'})", f"model_args.{key}")
         return self
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> "PeerConfig":
         if self.frozen and not self.checkpoint:
-            raise _problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
+            raise problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
         return self
-
-
-class EnsembleSource(_Strict):
-    ensemble: tuple[str, ...] = Field(min_length=1)
-
-
-EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")  # no loss parameter may be named so:
-# the registry refuses those in its EDGE_FIELD_NAMES, which a test checks covers every field of Edge
-
-
-class Edge(BaseModel):
-    """A directed edge: ``to`` learns from ``from`` through ``loss``.
-
-    Keys other than the edge fields are the loss function's parameters (``temperature``,
-    ``delta_high``, ...); validation fills in the defaults of those not given, so the resolved
-    topology shows every value a run used.
-    """
-
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
-
-    source: Union[str, EnsembleSource] = Field(alias="from")
-    to: str
-    loss: str
-    weight: float = Field(1.0, ge=0)
-    reduce: Literal["mean", "sum"] = "mean"
-    warmup: int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _peer_or_ensemble(cls, source: Any) -> Any:
-        if not isinstance(source, (str, dict)):
-            raise _problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {quoted(source)}")
-        return source
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, name: str) -> str:
-        if name not in LOSSES:
-            raise _problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
-        return name
-
-    @field_validator("weight")
-    @classmethod
-    def _finite_weight(cls, weight: float) -> float:
-        if not math.isfinite(weight):
-            raise _problem("must be a finite number")
-        return weight
-
-    @model_validator(mode="after")
-    def _loss_parameters(self) -> "Edge":
-        spec = LOSSES[self.loss]
-        given = dict(self.__pydantic_extra__ or {})
-        resolved: dict[str, Any] = {}
-        for key, value in given.items():
-            if key not in spec.params:
-                allowed = list(EDGE_FIELDS) + list(spec.params)
-                raise _problem(f"not a parameter of loss {quoted(self.loss)}{did_you_mean(key, allowed)}"
-                               f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
-        for key, default in spec.params.items():
-            resolved[key] = _loss_parameter(key, given.get(key, default), default)
-        self.__pydantic_extra__.clear()
-        self.__pydantic_extra__.update(resolved)
-        return self
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The loss function's keyword arguments for this edge."""
-        return dict(self.__pydantic_extra__ or {})
-
-    @property
-    def senders(self) -> tuple[str, ...]:
-        return self.source.ensemble if isinstance(self.source, EnsembleSource) else (self.source,)
-
-    @property
-    def label(self) -> str:
-        source = "+".join(self.senders)
-        return f"{source}->{self.to}:{self.loss}"
-
-
-def _loss_parameter(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise _problem(f"must be true or false, not {quoted(value)}", key)
-        return value
-    if isinstance(default, (int, float)):
-        if not finite_number(value):
-            raise _problem(f"must be a number, not {quoted(value)}", key)
-        if key == "temperature" and value <= 0:
-            raise _problem(f"must be > 0, not {quoted(value)}", key)
-        if value < 0:
-            raise _problem(f"must be >= 0, not {quoted(value)}", key)
-        return float(value)
-    return value
-
-
-def finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool) that fits a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False
 
 
 # --------------------------------------------------------------------------- the rest
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="default: the topology's name")
     uri: str | None = Field(None, description=f"default: {DEFAULT_TRACKING_URI} in the working directory")
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the workers, at most 1 each")
     use_gpu: bool = False
     gpus_per_peer: float | None = Field(
@@ -291,7 +179,7 @@ class ResourcesConfig(_Strict):
     def _gpu_settings_need_gpus(self) -> "ResourcesConfig":
         for key in ("gpus_per_peer", "accelerator_type"):
             if getattr(self, key) is not None and not self.use_gpu:
-                raise _problem("applies to GPUs only: set resources.use_gpu: true", key)
+                raise problem("applies to GPUs only: set resources.use_gpu: true", key)
         return self
 
     @property
@@ -302,7 +190,7 @@ class ResourcesConfig(_Strict):
         return 1.0 if self.gpus_per_peer is None else self.gpus_per_peer
 
 
-class Topology(_Strict):
+class Topology(Strict):
     name: str = Field(min_length=1)
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -316,29 +204,29 @@ class Topology(_Strict):
     @classmethod
     def _peers_mapping(cls, peers: Any) -> Any:
         if isinstance(peers, list):
-            raise _problem("must be a mapping from peer name to its settings, not a list")
+            raise problem("must be a mapping from peer name to its settings, not a list")
         if isinstance(peers, dict) and not peers:
-            raise _problem("a cohort needs at least one peer")
+            raise problem("a cohort needs at least one peer")
         if isinstance(peers, dict):
             for name in peers:
                 if not isinstance(name, str) or not PEER_NAME.match(name):
-                    raise _problem(f"peer name {quoted(name)} must start with a letter and hold only letters, digits, _ and -")
+                    raise problem(f"peer name {quoted(name)} must start with a letter and hold only letters, digits, _ and -")
                 if name in RESERVED_PEER_NAMES:
-                    raise _problem(f"peer name {quoted(name)} is reserved")
+                    raise problem(f"peer name {quoted(name)} is reserved")
         return peers
 
     @model_validator(mode="after")
     def _edges_connect_peers(self) -> "Topology":
         for index, edge in enumerate(self.edges):
             if edge.to not in self.peers:
-                raise _problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
+                raise problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
             for sender in edge.senders:
                 if sender not in self.peers:
-                    raise _problem(f"unknown peer {quoted(sender)} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
+                    raise problem(f"unknown peer {quoted(sender)} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
             if edge.senders == (edge.to,):
-                raise _problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
+                raise problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
-                raise _problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
+                raise problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
         return self
 
     @model_validator(mode="after")
@@ -347,18 +235,18 @@ class Topology(_Strict):
         first, *others = self.peer_names
         for name in others:
             if self.peers[name].replicas != self.peers[first].replicas:
-                raise _problem(f"every peer needs the same number of replicas ({quoted(first)} has "
+                raise problem(f"every peer needs the same number of replicas ({quoted(first)} has "
                                f"{self.peers[first].replicas}, {quoted(name)} has {self.peers[name].replicas})",
                                f"peers.{name}.replicas")
         if self.data.batch_size < self.replicas:
-            raise _problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
+            raise problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
                            "data.batch_size")
         return self
 
     @model_validator(mode="after")
     def _precision_fits_the_device(self) -> "Topology":
         if self.train.precision == "fp16" and not self.resources.use_gpu:
-            raise _problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
+            raise problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
         return self
 
     # ---------------------------------------------------------------- views the trainer uses
