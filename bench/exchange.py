@@ -132,7 +132,7 @@ def load_seconds(topology, table: Path) -> float:
     worker with one thread does."""
     import torch
 
-    from cohort.data import load_dataset
+    from cohort.datasets import load_dataset
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -157,7 +157,7 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
     """
     import torch
 
-    from cohort.data import load_dataset
+    from cohort.datasets import load_dataset
     from cohort.losses.combine import peer_objective
     from cohort.worker import build_optimizer, build_peer
 

@@ -98,7 +98,7 @@ def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
 
 
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
-    from cohort.data import describe_dataset, load_dataset
+    from cohort.datasets import describe_dataset, load_dataset
     from cohort.models import count_parameters
     from cohort.placement import peer_threads, step_flops
     from cohort.tracking import resolve_uri
@@ -610,7 +610,8 @@ def cluster_node_labels() -> list[dict[str, str]]:
 
 def resume(args: argparse.Namespace) -> int:
     """Continue a stopped run from its last checkpoint, in the same MLflow run."""
-    from cohort.topology import read_yaml, topology_from_dict
+    from cohort.config.loader import read_yaml
+    from cohort.topology import topology_from_dict
     from cohort.tracking import resolve_uri
 
     if args.topology or args.overrides or args.dry_run:

@@ -23,7 +23,10 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cohort.errors import CohortError, named, quoted
-from cohort.topology import Topology, _describe_generic, finite_number, read_yaml, topology_from_dict
+from cohort.config.errors import describe
+from cohort.config.loader import read_yaml
+from cohort.edges import finite_number
+from cohort.topology import Topology, topology_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
@@ -160,7 +163,7 @@ def load_space(path: str | Path, topology: Topology) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as error:
-        raise CohortError(_describe_generic(error.errors()[0], SearchSpace), where) from None
+        raise CohortError(describe(error.errors()[0], SearchSpace), where) from None
     flat = topology.flatten()
     for key, spec in space.space.items():
         if key not in flat:

@@ -6,18 +6,19 @@ Every problem becomes a ``CohortError`` whose text is one line naming the file a
 """
 from __future__ import annotations
 
-import difflib
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cohort.data import DATASETS
-from cohort.errors import CohortError, named, quoted
+from cohort.config.errors import describe, did_you_mean, kind_of
+from cohort.config.loader import dump_yaml, read_yaml
+from cohort.config.overrides import parse_assignment, set_dotted
+from cohort.config.schema import Strict, problem
+from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
+from cohort.edges import EDGE_FIELDS, Edge
+from cohort.errors import CohortError, quoted
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
 
@@ -26,58 +27,47 @@ RESERVED_PEER_NAMES = {"ensemble", "cohort"}
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _problem(message: str, key: str | None = None) -> PydanticCustomError:
-    """A validation error whose ``key`` (a path below the validated object) joins the location."""
-    return PydanticCustomError("cohort", "{message}", {"message": message, "key": key or ""})
-
-
 # --------------------------------------------------------------------------- data
 
 
-class LongTailConfig(_Strict):
+class LongTailConfig(Strict):
     imbalance: float = Field(ge=1, description="n_max / n_min of the training set")
     profile: Literal["exponential", "step"] = "exponential"
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     dataset: str = "digits"
     root: str | None = None
     download: bool = False
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
-    image_size: int | None = Field(None, ge=8, description="parquet and imagefolder: resize (crop) images to this size")
+    image_size: int | None = Field(None, ge=8, description="resize (crop) images to this size (datasets that take it)")
     long_tail: LongTailConfig | None = None
     groups: Literal["thirds", "shots"] | None = Field(
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> "DataConfig":
-        if self.dataset == "digits" and (self.root is not None or self.download):
-            raise _problem("digits are embedded in scikit-learn: they take no root or download",
-                           "root" if self.root is not None else "download")
-        if self.image_size is not None and self.dataset not in ("parquet", "imagefolder"):
-            raise _problem(f"only parquet and imagefolder datasets are resized, not {self.dataset}", "image_size")
-        if self.download and self.dataset not in ("cifar10", "cifar100"):
-            raise _problem(f"only cifar10 and cifar100 can be downloaded, not {self.dataset}", "download")
+        # The dataset's loader declares the settings it takes (cohort.datasets.registry).
+        refused = refused_setting(self.dataset, {name: getattr(self, name) for name in DATASET_SETTINGS})
+        if refused is not None:
+            setting, reason = refused
+            raise problem(reason, setting)
         return self
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
         if name not in DATASETS:
-            raise _problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
+            raise problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
         return name
 
 
 # --------------------------------------------------------------------------- training
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -85,7 +75,7 @@ class OptimizerConfig(_Strict):
     nesterov: bool = False
 
 
-class OptimizerOverride(_Strict):
+class OptimizerOverride(Strict):
     """A peer's changes to the cohort's optimizer; unset fields keep the cohort's value."""
 
     name: Literal["sgd", "adam", "adamw"] | None = None
@@ -95,7 +85,7 @@ class OptimizerOverride(_Strict):
     nesterov: bool | None = None
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     name: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: tuple[int, ...] = ()
     gamma: float = Field(0.1, gt=0, le=1)
@@ -110,15 +100,15 @@ class ScheduleConfig(_Strict):
     def _milestones_fit(self) -> "ScheduleConfig":
         if self.name == "multistep":
             if not self.milestones:
-                raise _problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
+                raise problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
             if list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
-                raise _problem("must be increasing epoch numbers >= 1", "milestones")
+                raise problem("must be increasing epoch numbers >= 1", "milestones")
         elif self.milestones:
-            raise _problem(f"only a multistep schedule takes milestones, not {self.name}", "milestones")
+            raise problem(f"only a multistep schedule takes milestones, not {self.name}", "milestones")
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -134,7 +124,7 @@ class TrainConfig(_Strict):
 # --------------------------------------------------------------------------- peers and edges
 
 
-class PeerConfig(_Strict):
+class PeerConfig(Strict):
     model: str
     model_args: dict[str, Union[bool, int, float, str]] = {}
     optimizer: OptimizerOverride = OptimizerOverride()
@@ -148,7 +138,7 @@ class PeerConfig(_Strict):
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise _problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
+            raise problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
         return name
 
     @model_validator(mode="after")
@@ -158,129 +148,26 @@ class PeerConfig(_Strict):
             return self
         for key in self.model_args:
             if key not in options:
-                raise _problem(f"not an option of model {quoted(self.model)}{_did_you_mean(key, options)}"
+                raise problem(f"not an option of model {quoted(self.model)}{did_you_mean(key, options)}"
                                f" (it takes: {', '.join(options) or 'none'})", f"model_args.{key}")
         return self
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> "PeerConfig":
         if self.frozen and not self.checkpoint:
-            raise _problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
+            raise problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
         return self
-
-
-class EnsembleSource(_Strict):
-    ensemble: tuple[str, ...] = Field(min_length=1)
-
-
-EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")  # no loss parameter may be named so:
-# the registry refuses those in its EDGE_FIELD_NAMES, which a test checks covers every field of Edge
-
-
-class Edge(BaseModel):
-    """A directed edge: ``to`` learns from ``from`` through ``loss``.
-
-    Keys other than the edge fields are the loss function's parameters (``temperature``,
-    ``delta_high``, ...); validation fills in the defaults of those not given, so the resolved
-    topology shows every value a run used.
-    """
-
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
-
-    source: Union[str, EnsembleSource] = Field(alias="from")
-    to: str
-    loss: str
-    weight: float = Field(1.0, ge=0)
-    reduce: Literal["mean", "sum"] = "mean"
-    warmup: int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _peer_or_ensemble(cls, source: Any) -> Any:
-        if not isinstance(source, (str, dict)):
-            raise _problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {quoted(source)}")
-        return source
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, name: str) -> str:
-        if name not in LOSSES:
-            raise _problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
-        return name
-
-    @field_validator("weight")
-    @classmethod
-    def _finite_weight(cls, weight: float) -> float:
-        if not math.isfinite(weight):
-            raise _problem("must be a finite number")
-        return weight
-
-    @model_validator(mode="after")
-    def _loss_parameters(self) -> "Edge":
-        spec = LOSSES[self.loss]
-        given = dict(self.__pydantic_extra__ or {})
-        resolved: dict[str, Any] = {}
-        for key, value in given.items():
-            if key not in spec.params:
-                allowed = list(EDGE_FIELDS) + list(spec.params)
-                raise _problem(f"not a parameter of loss {quoted(self.loss)}{_did_you_mean(key, allowed)}"
-                               f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
-        for key, default in spec.params.items():
-            resolved[key] = _loss_parameter(key, given.get(key, default), default)
-        self.__pydantic_extra__.clear()
-        self.__pydantic_extra__.update(resolved)
-        return self
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The loss function's keyword arguments for this edge."""
-        return dict(self.__pydantic_extra__ or {})
-
-    @property
-    def senders(self) -> tuple[str, ...]:
-        return self.source.ensemble if isinstance(self.source, EnsembleSource) else (self.source,)
-
-    @property
-    def label(self) -> str:
-        source = "+".join(self.senders)
-        return f"{source}->{self.to}:{self.loss}"
-
-
-def _loss_parameter(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise _problem(f"must be true or false, not {quoted(value)}", key)
-        return value
-    if isinstance(default, (int, float)):
-        if not finite_number(value):
-            raise _problem(f"must be a number, not {quoted(value)}", key)
-        if key == "temperature" and value <= 0:
-            raise _problem(f"must be > 0, not {quoted(value)}", key)
-        if value < 0:
-            raise _problem(f"must be >= 0, not {quoted(value)}", key)
-        return float(value)
-    return value
-
-
-def finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool) that fits a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False
 
 
 # --------------------------------------------------------------------------- the rest
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="default: the topology's name")
     uri: str | None = Field(None, description=f"default: {DEFAULT_TRACKING_URI} in the working directory")
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the workers, at most 1 each")
     use_gpu: bool = False
     gpus_per_peer: float | None = Field(
@@ -292,7 +179,7 @@ class ResourcesConfig(_Strict):
     def _gpu_settings_need_gpus(self) -> "ResourcesConfig":
         for key in ("gpus_per_peer", "accelerator_type"):
             if getattr(self, key) is not None and not self.use_gpu:
-                raise _problem("applies to GPUs only: set resources.use_gpu: true", key)
+                raise problem("applies to GPUs only: set resources.use_gpu: true", key)
         return self
 
     @property
@@ -303,7 +190,7 @@ class ResourcesConfig(_Strict):
         return 1.0 if self.gpus_per_peer is None else self.gpus_per_peer
 
 
-class Topology(_Strict):
+class Topology(Strict):
     name: str = Field(min_length=1)
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
@@ -317,29 +204,29 @@ class Topology(_Strict):
     @classmethod
     def _peers_mapping(cls, peers: Any) -> Any:
         if isinstance(peers, list):
-            raise _problem("must be a mapping from peer name to its settings, not a list")
+            raise problem("must be a mapping from peer name to its settings, not a list")
         if isinstance(peers, dict) and not peers:
-            raise _problem("a cohort needs at least one peer")
+            raise problem("a cohort needs at least one peer")
         if isinstance(peers, dict):
             for name in peers:
                 if not isinstance(name, str) or not PEER_NAME.match(name):
-                    raise _problem(f"peer name {quoted(name)} must start with a letter and hold only letters, digits, _ and -")
+                    raise problem(f"peer name {quoted(name)} must start with a letter and hold only letters, digits, _ and -")
                 if name in RESERVED_PEER_NAMES:
-                    raise _problem(f"peer name {quoted(name)} is reserved")
+                    raise problem(f"peer name {quoted(name)} is reserved")
         return peers
 
     @model_validator(mode="after")
     def _edges_connect_peers(self) -> "Topology":
         for index, edge in enumerate(self.edges):
             if edge.to not in self.peers:
-                raise _problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
+                raise problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
             for sender in edge.senders:
                 if sender not in self.peers:
-                    raise _problem(f"unknown peer {quoted(sender)} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
+                    raise problem(f"unknown peer {quoted(sender)} (peers: {', '.join(self.peers)})", f"edges[{index}].from")
             if edge.senders == (edge.to,):
-                raise _problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
+                raise problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
-                raise _problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
+                raise problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
         return self
 
     @model_validator(mode="after")
@@ -348,18 +235,18 @@ class Topology(_Strict):
         first, *others = self.peer_names
         for name in others:
             if self.peers[name].replicas != self.peers[first].replicas:
-                raise _problem(f"every peer needs the same number of replicas ({quoted(first)} has "
+                raise problem(f"every peer needs the same number of replicas ({quoted(first)} has "
                                f"{self.peers[first].replicas}, {quoted(name)} has {self.peers[name].replicas})",
                                f"peers.{name}.replicas")
         if self.data.batch_size < self.replicas:
-            raise _problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
+            raise problem(f"a batch of {self.data.batch_size} cannot be split into {self.replicas} replicas' shards",
                            "data.batch_size")
         return self
 
     @model_validator(mode="after")
     def _precision_fits_the_device(self) -> "Topology":
         if self.train.precision == "fp16" and not self.resources.use_gpu:
-            raise _problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
+            raise problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
         return self
 
     # ---------------------------------------------------------------- views the trainer uses
@@ -410,7 +297,7 @@ class Topology(_Strict):
 
     def to_yaml(self) -> str:
         """The resolved topology as YAML without anchors, so ``read_yaml`` reads it back."""
-        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
+        return dump_yaml(self.to_dict())
 
     def flatten(self) -> dict[str, Any]:
         """Dotted keys to values (``edges.0.temperature``): MLflow's params, and ``--set``'s keys."""
@@ -418,87 +305,6 @@ class Topology(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-class _PlainDumper(yaml.SafeDumper):
-    """``yaml.SafeDumper`` that writes a value used twice out twice, never as an anchor and alias."""
-
-    def ignore_aliases(self, data):
-        return True
-
-
-class _AliasRefused(yaml.MarkedYAMLError):
-    """An anchor or alias in a strictly read file: refused before anything is expanded."""
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses any anchor or alias as it meets it, before anything is
-    expanded (nested aliases grow exponentially: "billion laughs")."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _AliasRefused(None, None, "YAML anchors and aliases (&name / *name) are not allowed: "
-                                "write the value out", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_yaml_int(self, node):
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # Python refuses to read an integer of more than 4300 digits
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the number {quoted(node.value)} is too long", node.start_mark) from None
-
-
-_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
-
-
-class _UniqueKeyLoader(_NoAliasLoader):
-    """The strict loader of files: no anchors or aliases, and no key given twice in one mapping
-    (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {quoted(key)} (first on line {seen[key] + 1})", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely, with one-line errors that name the file and the line."""
-    path = Path(path)
-    if not path.exists():
-        raise CohortError("no such file", str(path))
-    if path.is_dir():
-        raise CohortError("is a directory, not a YAML file", str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CohortError(f"cannot read: {error}", str(path)) from None
-    return read_yaml_text(text, path.name)
-
-
-def read_yaml_text(text: str, where: str) -> Any:
-    """``read_yaml`` for text already read; ``where`` names it in errors."""
-    if not text.strip():
-        raise CohortError("the file is empty", where)
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        raise CohortError(_yaml_problem(error), where) from None
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """A YAML error as ``line N: problem``, one line."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    line = f"line {mark.line + 1}: " if mark is not None else ""
-    return f"{line}{problem}" if isinstance(error, _AliasRefused) else f"{line}YAML error: {problem}"
 
 
 def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
@@ -511,7 +317,7 @@ def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[st
     if raw is None:
         raise CohortError("the file is empty", where)
     if not isinstance(raw, dict):
-        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {_kind(raw)}", where)
+        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {kind_of(raw)}", where)
     topology = _validate(raw, where)
     pairs = overrides.items() if isinstance(overrides, Mapping) else [parse_assignment(item) for item in overrides]
     pairs = list(pairs)
@@ -536,46 +342,6 @@ def _drop_foreign_parameters(resolved: dict[str, Any], key: str) -> None:
         del edge[name]
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"edges.0.temperature=2"`` → ``("edges.0.temperature", 2.0)``; the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise CohortError(f"--set {quoted(text)}: expected key=value, for example edges.0.temperature=2")
-    try:
-        parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else None  # noqa: S506
-    except _AliasRefused as error:
-        raise CohortError(f"--set {named(key.strip())}: {_yaml_problem(error)}") from None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str = "topology") -> None:
-    """Set ``tree[a][b][0][c] = value`` for ``key = "a.b.0.c"``; every step must already exist."""
-    node: Any = tree
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        so_far = ".".join(parts[: depth + 1])
-        if isinstance(node, dict):
-            if part not in node:
-                hint = _did_you_mean(part, [str(k) for k in node])
-                raise CohortError(f"--set {named(key)}: unknown key {quoted(so_far)}{hint}", where)
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-        elif isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise CohortError(f"--set {named(key)}: {quoted(so_far)} is not an index below {len(node)}", where)
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        else:
-            raise CohortError(f"--set {named(key)}: {quoted('.'.join(parts[:depth]))} is a value, not a section", where)
-
-
 def _validate(raw: dict[str, Any], where: str) -> Topology:
     try:
         return Topology.model_validate(raw)
@@ -583,85 +349,7 @@ def _validate(raw: dict[str, Any], where: str) -> Topology:
         errors = error.errors()
         # For `from: {ensemble: ...}` pydantic also reports that it is not a string: skip that one.
         relevant = [e for e in errors if "str" not in e["loc"]] or errors
-        raise CohortError(_describe(relevant[0]), where) from None
-
-
-def _describe(error: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
-    """One pydantic error as ``location: message``, in the file's own words."""
-    loc = [part for part in error["loc"] if not (isinstance(part, str) and part in ("str", "EnsembleSource"))]
-    ctx = error.get("ctx") or {}
-    if ctx.get("key"):
-        loc.extend(ctx["key"].split("."))
-    path = _loc_text(loc)
-    kind = error["type"]
-    value = error.get("input")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1], root or Topology)
-        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), allowed)}"
-    if kind == "missing":
-        return f"{path}: missing (required)"
-    if kind == "cohort":
-        return f"{path}: {ctx['message']}" if path else ctx["message"]
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"{path}: must be a mapping, not a {_kind(value)}"
-    if kind == "literal_error":
-        return f"{path}: {quoted(value)} is not one of {ctx.get('expected')}"
-    if kind in ("value_error", "assertion_error"):
-        message = error["msg"].split(", ", 1)[1] if ", " in error["msg"] else error["msg"]
-        return message if not path or message.startswith(path) else f"{path}: {message}"
-    if kind.startswith(("greater_than", "less_than")):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
-    if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
-                "int_from_float", "tuple_type", "too_short"):
-        return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
-    return f"{path}: {error['msg']}"
-
-
-def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
-    """The keys the section at ``loc`` accepts, for 'did you mean' hints."""
-    model: Any = root
-    for part in loc:
-        if isinstance(part, int):
-            continue  # an item of a list keeps the list's item model
-        fields = {field.alias or name: field for name, field in model.model_fields.items()}
-        if part in fields:
-            model = _model_in(fields[part].annotation)
-            if model is None:
-                return []
-        # any other part is a mapping key, such as a peer's name: the value model stays
-    return [field.alias or name for name, field in model.model_fields.items()]
-
-
-def _describe_generic(error: Mapping[str, Any], root: type[BaseModel]) -> str:
-    """``_describe`` for another file format validated by pydantic (search spaces)."""
-    return _describe(error, root)
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _loc_text(loc: list) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{named(part)}" if text else named(part))
-    return named(text, 200)
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _kind(value: Any) -> str:
-    return {list: "list", dict: "mapping", str: "string", int: "number", float: "number", bool: "boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+        raise CohortError(describe(relevant[0], Topology), where) from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:

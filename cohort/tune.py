@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     samples = args.num_samples or space.num_samples
     expression = space.parsed_metric()
 
-    from cohort.data import describe_dataset
+    from cohort.datasets import describe_dataset
 
     info = describe_dataset(topology.data)
     available = report_keys(topology, info)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from cohort import metrics, reliability
 from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
-from cohort.data import CohortDataset, DatasetInfo, load_dataset
+from cohort.datasets import CohortDataset, DatasetInfo, load_dataset
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
 from cohort.guard import BatchGuard

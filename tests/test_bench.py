@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench.exchange import TEST_IMAGES, bench_topology, EQUAL, main, ratio, summarize, write_slice
-from cohort.data import load_dataset
+from cohort.datasets import load_dataset
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"
 

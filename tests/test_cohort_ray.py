@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from cohort import losses
-from cohort.data import load_dataset
+from cohort.datasets import load_dataset
 from cohort.topology import DataConfig
 from cohort.run import main
 from cohort.topology import topology_from_dict

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cohort.data import ImageArrays, batch_seed, load_dataset
+from cohort.datasets import ImageArrays, batch_seed, load_dataset
 from cohort.errors import CohortError
 from cohort.topology import DataConfig
 
@@ -249,7 +249,7 @@ def test_cifar100_from_torchvision_files(tmp_path, monkeypatch):
     (100, 500, {10: 19573, 50: 12608, 100: 10847}),   # CIFAR-100-LT
 ])
 def test_long_tail_counts_match_the_literature(classes, per_class, expected):
-    from cohort.data import long_tail_counts
+    from cohort.datasets import long_tail_counts
 
     for imbalance, total in expected.items():
         counts = long_tail_counts(per_class, classes, imbalance, "exponential")
@@ -282,3 +282,88 @@ def test_long_tail_settings_are_validated():
         topology_from_dict({**base, "data": {"long_tail": {"imbalance": 0.5}}}, "t.yaml")
     with pytest.raises(CohortError, match=r"data.long_tail.profile: 'linear' is not one of"):
         topology_from_dict({**base, "data": {"long_tail": {"imbalance": 10, "profile": "linear"}}}, "t.yaml")
+
+
+# --------------------------------------------------------------------------- adding a dataset
+
+
+@pytest.fixture
+def tiny_dataset():
+    """A dataset registered as a new file in cohort/datasets/ would register it: by the decorator."""
+    from cohort.datasets import DATASETS, TensorSplits, register_dataset
+
+    seen = {}
+
+    @register_dataset("tiny")
+    def load_tiny(root: str | None = None, dataset: str = "") -> TensorSplits:
+        seen.update(root=root, dataset=dataset)
+        images, labels = torch.randn(12, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+        return TensorSplits(dataset, (images[:9], labels[:9]), (images[9:], labels[9:]), num_classes=3)
+
+    yield seen
+    del DATASETS["tiny"]
+
+
+def test_a_registered_dataset_validates_and_loads(tiny_dataset):
+    from cohort.topology import topology_from_dict
+
+    topology = topology_from_dict({"name": "t", "peers": {"a": {"model": "mlp"}},
+                                   "data": {"dataset": "tiny", "root": "somewhere", "batch_size": 4}}, "t.yaml")
+    dataset = load_dataset(topology.data)
+    assert tiny_dataset == {"root": "somewhere", "dataset": "tiny"}
+    assert (dataset.info.name, dataset.info.num_classes, dataset.info.train_size, dataset.info.test_size) == \
+        ("tiny", 3, 9, 3)
+    assert sum(len(y) for _, y in dataset.train_batches(4, seed=0, epoch=1)) == 9
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("image_size", 32, "t.yaml: data.image_size: only parquet and imagefolder datasets are resized, not tiny"),
+    ("download", True, "t.yaml: data.download: only cifar10 and cifar100 can be downloaded, not tiny"),
+])
+def test_a_setting_the_dataset_does_not_declare_is_refused(tiny_dataset, setting, value, message):
+    from cohort.topology import topology_from_dict
+
+    with pytest.raises(CohortError) as error:
+        topology_from_dict({"name": "t", "peers": {"a": {"model": "mlp"}},
+                            "data": {"dataset": "tiny", setting: value}}, "t.yaml")
+    assert str(error.value) == message
+
+
+def test_a_dataset_without_root_says_so():
+    from cohort.datasets import DATASETS, TensorSplits, register_dataset
+    from cohort.topology import topology_from_dict
+
+    register_dataset("rootless")(lambda: TensorSplits("rootless", (torch.zeros(2, 1, 2, 2), torch.zeros(2).long()),
+                                                      (torch.zeros(1, 1, 2, 2), torch.zeros(1).long()), 1))
+    try:
+        with pytest.raises(CohortError) as error:
+            topology_from_dict({"name": "t", "peers": {"a": {"model": "mlp"}},
+                                "data": {"dataset": "rootless", "root": "x"}}, "t.yaml")
+        assert str(error.value) == "t.yaml: data.root: rootless takes no root"
+    finally:
+        del DATASETS["rootless"]
+
+
+def test_a_loader_declares_only_data_settings_with_defaults():
+    from cohort.datasets import DATASETS, register_dataset
+
+    with pytest.raises(ValueError, match=r"parameter 'colour' is not a data setting"):
+        register_dataset("bad")(lambda colour="red": None)
+    with pytest.raises(ValueError, match=r"setting 'root' needs a default"):
+        register_dataset("bad")(lambda root: None)
+    with pytest.raises(ValueError, match=r"dataset 'digits' is registered twice"):
+        register_dataset("digits")(lambda: None)
+    assert "bad" not in DATASETS
+
+
+def test_dataset_settings_are_data_config_fields_and_every_dataset_file_is_imported():
+    import pkgutil
+    import sys
+
+    import cohort.datasets
+    from cohort.datasets import DATASET_SETTINGS
+
+    for name, unset in DATASET_SETTINGS.items():
+        assert DataConfig.model_fields[name].default == unset
+    for module in pkgutil.iter_modules(cohort.datasets.__path__):
+        assert f"cohort.datasets.{module.name}" in sys.modules

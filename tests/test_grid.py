@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cohort.data import batch_indices, load_dataset
+from cohort.datasets import batch_indices, load_dataset
 from cohort.errors import CohortError
 from cohort.grid import (exchange_backend, exchange_group_ranks, peer_group_ranks, shard_bounds, shard_loss_scale,
                          slot_of, worker_grid)

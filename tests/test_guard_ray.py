@@ -27,7 +27,7 @@ TOPOLOGY = {
 
 def swap_a_batch_on_rank_1() -> None:
     """Worker set-up hook: rank 1 (peer b) trains on a flipped copy of its 5th batch of epoch 1."""
-    from cohort.data import CohortDataset
+    from cohort.datasets import CohortDataset
 
     original = CohortDataset.train_batches
 

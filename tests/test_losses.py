@@ -567,7 +567,7 @@ def test_register_rejects_a_parameter_named_like_an_edge_field(clean_registry, n
 
 def test_reserved_names_cover_every_edge_field():
     from cohort.losses.registry import EDGE_FIELD_NAMES
-    from cohort.topology import EDGE_FIELDS, Edge
+    from cohort.edges import EDGE_FIELDS, Edge
 
     names = set(Edge.model_fields) | {field.alias for field in Edge.model_fields.values() if field.alias}
     assert names | set(EDGE_FIELDS) <= set(EDGE_FIELD_NAMES)

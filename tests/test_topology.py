@@ -255,7 +255,7 @@ def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
 
 
 def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
-    from cohort.data import load_dataset
+    from cohort.datasets import load_dataset
     from cohort.topology import DataConfig
     from cohort.worker import build_peer
 
@@ -386,7 +386,7 @@ def test_set_value_with_aliases_is_refused():
 
 
 def test_strict_text_loader_refuses_duplicate_keys_and_aliases():
-    from cohort.topology import read_yaml_text
+    from cohort.config.loader import read_yaml_text
 
     with pytest.raises(CohortError, match=r"^topology.yaml: line 2: YAML error: duplicate key 'name' \(first on line 1\)$"):
         read_yaml_text("name: a\nname: b\n", "topology.yaml")
@@ -406,7 +406,8 @@ def test_resume_reads_the_stored_topology_strictly():
 
 
 def test_resolved_topology_is_written_without_aliases(monkeypatch):
-    from cohort.topology import Topology, read_yaml_text
+    from cohort.config.loader import read_yaml_text
+    from cohort.topology import Topology
 
     topology = topology_from_dict(BASE)
     shared = topology.to_dict()

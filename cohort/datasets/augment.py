@@ -1,0 +1,50 @@
+"""Small images in memory with the CIFAR training augmentation (cifar10, cifar100, parquet)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, class_counts
+
+
+class ImageArrays(CohortDataset):
+    """Small images as uint8 ``[N, 3, H, W]`` in memory, with the CIFAR training augmentation:
+    a random crop of the image padded by 4 pixels with zeros, and a horizontal flip."""
+
+    def __init__(self, name: str, train: Batch, test: Batch, num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], class_names: Sequence[str] = (), notes: Sequence[str] = (), padding: int = 4):
+        self.train_images, self.train_labels = train
+        self.test_images, self.test_labels = test
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.padding = padding
+        self.info = DatasetInfo(name, num_classes, self.train_images.shape[1], len(self.train_labels),
+                                len(self.test_labels), class_counts(self.train_labels, num_classes),
+                                tuple(class_names), tuple(notes), tuple(self.train_images.shape[1:]))
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.train_labels
+
+    def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
+        if not train:
+            return self._normalize(self.test_images[indices]), self.test_labels[indices]
+        return self._normalize(self._augment(self.train_images[indices], seed)), self.train_labels[indices]
+
+    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        count, _, height, width = images.shape
+        pad = self.padding
+        padded = F.pad(images, (pad, pad, pad, pad))
+        offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
+        flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+        crops = []
+        for image, (top, left), flip in zip(padded, offsets, flips):
+            crop = image[:, top:top + height, left:left + width]
+            crops.append(crop.flip(-1) if flip else crop)
+        return torch.stack(crops)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float().div_(255) - self.mean) / self.std

@@ -1,0 +1,137 @@
+"""The batch protocol: a dataset serves batches that are identical on every peer.
+
+Every peer builds the same dataset and draws its batches in an order, and with an augmentation,
+that are functions of ``(seed, epoch, batch number)`` alone: all peers see the same samples, the
+same crops and the same flips without any coordination, whatever ``num_workers`` is (and without
+sharding: peers are different networks, not replicas).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from cohort.errors import CohortError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    train_size: int
+    test_size: int
+    train_class_counts: tuple[int, ...]
+    class_names: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the user should know about the data (skipped rows, ...)
+    input_size: tuple[int, ...] = ()  # one input's shape, (C, H, W): the plan estimates each peer's compute from it
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a function of ``(seed, epoch)`` only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def batch_indices(order: torch.Tensor, batch_size: int, shards: int = 1) -> list[torch.Tensor]:
+    batches = list(torch.split(order, batch_size))
+    # A final batch of one sample breaks batch normalization in training mode, and one smaller
+    # than the number of replicas' shards would leave a replica without data: fold it in.
+    if len(batches) > 1 and len(batches[-1]) < max(2, shards):
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """The augmentation seed of one training batch."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class CohortDataset:
+    """A train and a test split, served as batches.
+
+    Subclasses implement ``make_batch(indices, train, seed)``, a pure function of its arguments,
+    so that batches can be built in DataLoader worker processes in any order.
+    """
+
+    info: DatasetInfo
+
+    def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
+        raise NotImplementedError
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """Every training sample's label, in index order."""
+        raise NotImplementedError
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
+                      shards: int = 1) -> Iterator[Batch]:
+        """The epoch's whole batches (``shards``: how many replicas will split each of them)."""
+        order = epoch_order(self.info.train_size, seed, epoch)
+        plan = [(index, True, batch_seed(seed, epoch, number))
+                for number, index in enumerate(batch_indices(order, batch_size, shards))]
+        return self._serve(plan, num_workers)
+
+    def test_batches(self, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
+        plan = [(index, False, 0) for index in torch.arange(self.info.test_size).split(batch_size)]
+        return self._serve(plan, num_workers)
+
+    def _serve(self, plan: list, num_workers: int) -> Iterator[Batch]:
+        if num_workers == 0:
+            return (self.make_batch(*item) for item in plan)
+        # Worker processes build whole batches ahead of training; the order is kept.
+        loader = torch.utils.data.DataLoader(_Plan(self, plan), batch_size=None, shuffle=False,
+                                             num_workers=num_workers, prefetch_factor=2)
+        return iter(loader)
+
+
+class _Plan(torch.utils.data.Dataset):
+    def __init__(self, dataset: CohortDataset, plan: list):
+        self.dataset, self.plan = dataset, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, number: int) -> Batch:
+        return self.dataset.make_batch(*self.plan[number])
+
+
+class TensorSplits(CohortDataset):
+    """Float inputs ``[N, C, H, W]`` held in memory, without augmentation (digits)."""
+
+    def __init__(self, name: str, train: Batch, test: Batch, num_classes: int):
+        self.train_x, self.train_y = train
+        self.test_x, self.test_y = test
+        self.info = DatasetInfo(name, num_classes, self.train_x.shape[1], len(self.train_y), len(self.test_y),
+                                class_counts(self.train_y, num_classes), input_size=tuple(self.train_x.shape[1:]))
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        return self.train_y
+
+    def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
+        if train:
+            return self.train_x[indices], self.train_y[indices]
+        return self.test_x[indices], self.test_y[indices]
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> tuple[int, ...]:
+    """How many of ``labels`` each class has."""
+    return tuple(int(c) for c in torch.bincount(labels, minlength=num_classes))
+
+
+def need_root(dataset: str, root: str | None, download: bool, what: str) -> Path:
+    """The dataset's ``root`` as a path; ``what``: what it should be, for the errors."""
+    if root is None:
+        raise CohortError(f"dataset {dataset!r} needs a root: {what}", "data.root")
+    path = Path(root).expanduser()
+    if not path.exists() and not download:
+        raise CohortError(f"{str(path)!r} does not exist ({what})", "data.root")
+    return path

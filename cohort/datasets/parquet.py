@@ -1,0 +1,109 @@
+"""Image tables in parquet files: encoded images with their labels and splits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cohort.datasets.augment import ImageArrays
+from cohort.datasets.base import CohortDataset, need_root
+from cohort.datasets.registry import register_dataset
+from cohort.errors import CohortError
+
+PARQUET_COLUMNS = ("image", "label", "split")
+
+
+@register_dataset("parquet")
+def load_parquet(root: str | None = None, image_size: int | None = None) -> CohortDataset:
+    """An image table: ``image`` (encoded bytes: JPEG, PNG, ...), ``label`` (int), ``split``
+    (``train`` / ``test``). ``root`` is a ``.parquet`` file or a folder of them.
+
+    Rows whose bytes do not decode are skipped, counted, and reported in the plan. Normalization
+    uses the training split's per-channel mean and std; the classes' names come from the schema
+    metadata key ``classes`` (comma-separated) when present.
+    """
+    path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
+    table, class_names = _read_tables(path)
+    splits = [str(s) for s in table.column("split").to_pylist()]
+    unknown = sorted(set(splits) - {"train", "test"})
+    if unknown:
+        raise CohortError(f"column split holds {unknown[:3]}; expected 'train' and 'test'", "data.root")
+    labels = torch.tensor(table.column("label").to_numpy(zero_copy_only=False).astype("int64"))
+    if len(labels) and int(labels.min()) < 0:
+        raise CohortError("column label holds negative values", "data.root")
+    images, good = _decode_all(table.column("image").to_pylist(), image_size)
+    if not good:
+        raise CohortError(f"none of the {len(labels)} images in {str(path)!r} could be decoded", "data.root")
+    notes = []
+    skipped = len(labels) - len(good)
+    if skipped:
+        bad_rows = sorted(set(range(len(labels))) - set(good))
+        notes.append(f"skipped {skipped} undecodable image(s) in {path.name} (rows {', '.join(map(str, bad_rows[:5]))}"
+                     f"{', ...' if skipped > 5 else ''})")
+    kept = torch.tensor(good)
+    labels = labels[kept]
+    is_train = torch.tensor([splits[i] == "train" for i in good])
+    num_classes = max(int(labels.max()) + 1, len(class_names))
+    train_images = images[is_train]
+    if not len(train_images) or is_train.all():
+        raise CohortError("the table needs rows of both splits, train and test", "data.root")
+    pixels = train_images.float().div(255)
+    mean = pixels.mean(dim=(0, 2, 3)).tolist()
+    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+    return ImageArrays("parquet", (train_images, labels[is_train]), (images[~is_train], labels[~is_train]),
+                       num_classes, mean, std, class_names, notes)
+
+
+def _read_tables(root: Path) -> tuple[Any, tuple[str, ...]]:
+    """The image columns of every ``.parquet`` file at ``root``, and the classes' names if a file has them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
+    if not files:
+        raise CohortError(f"no .parquet files in {str(root)!r}", "data.root")
+    tables, class_names = [], ()
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise CohortError(f"{file.name}: not a readable parquet file ({error})", "data.root") from None
+        missing = [column for column in PARQUET_COLUMNS if column not in schema.names]
+        if missing:
+            raise CohortError(f"{file.name}: missing column(s) {', '.join(missing)} (an image table needs "
+                              f"{', '.join(PARQUET_COLUMNS)})", "data.root")
+        if schema.metadata and b"classes" in schema.metadata:
+            class_names = tuple(schema.metadata[b"classes"].decode().split(","))
+        tables.append(pq.read_table(file, columns=list(PARQUET_COLUMNS)))
+    return pa.concat_tables(tables), class_names
+
+
+def _decode_all(blobs: list, image_size: int | None) -> tuple[torch.Tensor, list[int]]:
+    """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded."""
+    import warnings
+
+    import torchvision.io
+    from torchvision.transforms.functional import resize
+
+    decoded, good, shape = [], [], None
+    for row, blob in enumerate(blobs):
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 announces a move of its decoders to torchcodec; they still work and
+                # are several times faster than PIL here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = torchvision.io.decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+                                                    mode=torchvision.io.ImageReadMode.RGB)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if image_size is not None:
+            image = resize(image, [image_size, image_size], antialias=True)
+        if shape is None:
+            shape = image.shape
+        elif image.shape != shape:
+            raise CohortError(f"row {row}: image of size {tuple(image.shape[1:])}, earlier ones are "
+                              f"{tuple(shape[1:])} (set data.image_size to resize them all)", "data.root")
+        decoded.append(image)
+        good.append(row)
+    return (torch.stack(decoded) if decoded else torch.empty(0)), good

@@ -1,0 +1,130 @@
+"""A decorator registry of datasets, in the style of ``cohort.losses``.
+
+A dataset is one file in ``cohort/datasets/`` with a loader registered by
+``@register_dataset("name")``. The loader's signature is its schema: its parameters are the data
+settings it takes (names of ``DATASET_SETTINGS``, each with a default, used when the topology leaves
+the setting unset), and a parameter ``dataset`` receives the registered name (one loader can serve
+several names). A topology that gives a dataset a setting its loader does not take is refused.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from cohort.datasets.base import CohortDataset, DatasetInfo
+from cohort.datasets.long_tail import LongTailed, long_tail_counts
+from cohort.errors import CohortError
+
+# The data section's settings that depend on the dataset (fields of cohort.topology.DataConfig),
+# each with its unset value, in the order they are checked.
+DATASET_SETTINGS: dict[str, Any] = {"root": None, "download": False, "image_size": None}
+# Where the data comes from: a dataset's `refusal` (why it takes neither) speaks for these.
+SOURCE_SETTINGS = ("root", "download")
+NAME_PARAMETER = "dataset"
+_REFUSALS = {
+    "root": "{dataset} takes no root",
+    "download": "only {takers} can be downloaded, not {dataset}",
+    "image_size": "only {takers} datasets are resized, not {dataset}",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    loader: Callable[..., CohortDataset]
+    settings: dict[str, Any]  # setting -> the loader's default
+    wants_name: bool
+    refusal: Optional[str] = None
+    preview: Optional[Callable[..., Optional[DatasetInfo]]] = None
+
+    def arguments(self, config: Any) -> dict[str, Any]:
+        """The loader's keyword arguments for a topology's data section."""
+        arguments = {}
+        for setting, default in self.settings.items():
+            value = getattr(config, setting)
+            arguments[setting] = default if value == DATASET_SETTINGS[setting] else value
+        if self.wants_name:
+            arguments[NAME_PARAMETER] = self.name
+        return arguments
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def _settings_from_signature(name: str, loader: Callable[..., CohortDataset]) -> tuple[dict[str, Any], bool]:
+    where = f"dataset {name!r} ({getattr(loader, '__qualname__', loader)})"
+    settings, wants_name = {}, False
+    for parameter in inspect.signature(loader).parameters.values():
+        if parameter.name == NAME_PARAMETER:
+            wants_name = True
+        elif parameter.name not in DATASET_SETTINGS:
+            raise ValueError(f"{where}: parameter {parameter.name!r} is not a data setting "
+                             f"({', '.join(DATASET_SETTINGS)}) or {NAME_PARAMETER!r}")
+        elif parameter.default is inspect.Parameter.empty:
+            raise ValueError(f"{where}: setting {parameter.name!r} needs a default (used when it is unset)")
+        else:
+            settings[parameter.name] = parameter.default
+    return settings, wants_name
+
+
+def register_dataset(name: str, *, refusal: str | None = None,
+                     preview: Callable[..., Optional[DatasetInfo]] | None = None):
+    """Register a loader under ``name``; the loader is returned unchanged.
+
+    ``refusal``: the one-line reason given when the topology sets a source setting (root, download)
+    the loader does not take. ``preview(**arguments)``: the dataset's ``DatasetInfo`` without
+    loading it (for ``--dry-run``), or None to load it.
+    """
+    def decorator(loader: Callable[..., CohortDataset]) -> Callable[..., CohortDataset]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        settings, wants_name = _settings_from_signature(name, loader)
+        DATASETS[name] = DatasetSpec(name, loader, settings, wants_name, refusal, preview)
+        return loader
+
+    return decorator
+
+
+def refused_setting(dataset: str, values: dict[str, Any]) -> tuple[str, str] | None:
+    """The first setting given a value (``values``: setting -> value) that ``dataset`` does not
+    take, and the one-line reason; None when the dataset takes them all."""
+    spec = DATASETS.get(dataset)
+    if spec is None:
+        return None
+    for setting, unset in DATASET_SETTINGS.items():
+        if values.get(setting, unset) == unset or setting in spec.settings:
+            continue
+        if spec.refusal and setting in SOURCE_SETTINGS:
+            return setting, spec.refusal
+        takers = [other.name for other in DATASETS.values() if setting in other.settings]
+        return setting, _REFUSALS[setting].format(dataset=dataset, takers=_and(takers))
+    return None
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def load_dataset(config: Any) -> CohortDataset:
+    """The dataset of a topology's data section (``cohort.topology.DataConfig``)."""
+    if config.dataset not in DATASETS:
+        raise CohortError(f"unknown dataset {config.dataset!r} (known: {', '.join(sorted(DATASETS))})", "data.dataset")
+    spec = DATASETS[config.dataset]
+    dataset = spec.loader(**spec.arguments(config))
+    if config.long_tail is not None:
+        dataset = LongTailed(dataset, config.long_tail.imbalance, config.long_tail.profile)
+    return dataset
+
+
+def describe_dataset(config: Any) -> DatasetInfo:
+    """The dataset's sizes and classes, without downloading anything (for ``--dry-run``)."""
+    spec = DATASETS.get(config.dataset)
+    info = spec.preview(**spec.arguments(config)) if spec is not None and spec.preview is not None else None
+    if info is None:
+        return load_dataset(config).info
+    if config.long_tail is not None:
+        counts = long_tail_counts(max(info.train_class_counts), info.num_classes, config.long_tail.imbalance,
+                                  config.long_tail.profile)
+        info = replace(info, train_size=sum(counts), train_class_counts=tuple(counts))
+    return info

@@ -1,0 +1,116 @@
+"""The edges of a topology: a receiver learns from a sender (a peer or an ensemble of peers)
+through a registered loss, whose parameters the edge carries."""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cohort.config.errors import did_you_mean
+from cohort.config.schema import Strict, problem
+from cohort.errors import quoted
+from cohort.losses import LOSSES
+
+
+class EnsembleSource(Strict):
+    ensemble: tuple[str, ...] = Field(min_length=1)
+
+
+EDGE_FIELDS = ("from", "to", "loss", "weight", "reduce", "warmup")  # no loss parameter may be named so:
+# the registry refuses those in its EDGE_FIELD_NAMES, which a test checks covers every field of Edge
+
+
+class Edge(BaseModel):
+    """A directed edge: ``to`` learns from ``from`` through ``loss``.
+
+    Keys other than the edge fields are the loss function's parameters (``temperature``,
+    ``delta_high``, ...); validation fills in the defaults of those not given, so the resolved
+    topology shows every value a run used.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    source: Union[str, EnsembleSource] = Field(alias="from")
+    to: str
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    reduce: Literal["mean", "sum"] = "mean"
+    warmup: int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _peer_or_ensemble(cls, source: Any) -> Any:
+        if not isinstance(source, (str, dict)):
+            raise problem(f"must be a peer name or {{ensemble: [peer, ...]}}, not {quoted(source)}")
+        return source
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        if name not in LOSSES:
+            raise problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
+        return name
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, weight: float) -> float:
+        if not math.isfinite(weight):
+            raise problem("must be a finite number")
+        return weight
+
+    @model_validator(mode="after")
+    def _loss_parameters(self) -> "Edge":
+        spec = LOSSES[self.loss]
+        given = dict(self.__pydantic_extra__ or {})
+        resolved: dict[str, Any] = {}
+        for key, value in given.items():
+            if key not in spec.params:
+                allowed = list(EDGE_FIELDS) + list(spec.params)
+                raise problem(f"not a parameter of loss {quoted(self.loss)}{did_you_mean(key, allowed)}"
+                               f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
+        for key, default in spec.params.items():
+            resolved[key] = loss_parameter(key, given.get(key, default), default)
+        self.__pydantic_extra__.clear()
+        self.__pydantic_extra__.update(resolved)
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The loss function's keyword arguments for this edge."""
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        return self.source.ensemble if isinstance(self.source, EnsembleSource) else (self.source,)
+
+    @property
+    def label(self) -> str:
+        source = "+".join(self.senders)
+        return f"{source}->{self.to}:{self.loss}"
+
+
+def loss_parameter(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise problem(f"must be true or false, not {quoted(value)}", key)
+        return value
+    if isinstance(default, (int, float)):
+        if not finite_number(value):
+            raise problem(f"must be a number, not {quoted(value)}", key)
+        if key == "temperature" and value <= 0:
+            raise problem(f"must be > 0, not {quoted(value)}", key)
+        if value < 0:
+            raise problem(f"must be >= 0, not {quoted(value)}", key)
+        return float(value)
+    return value
+
+
+def finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool) that fits a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
