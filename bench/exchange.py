@@ -3,7 +3,7 @@
 One run measures, side by side and on the same models, batches and losses:
 
 - the cohort: ``python -m cohort.run`` itself (a fresh process, so its time to the first step is
-  the user's), then further cohorts through ``cohort.run.make_trainer`` in this process: Ray Train
+  the user's), then further cohorts through ``cohort.launch.make_trainer`` in this process: Ray Train
   workers running ``cohort.worker``, which reports each epoch's median step and exchange time;
 - the one-process baselines: one process training all the networks in turn (the DML / KD_Lib way)
   with one thread and with all the machine's threads, and the slowest peer alone on one thread
@@ -159,7 +159,7 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
 
     from cohort.data import load_dataset
     from cohort.losses.combine import peer_objective
-    from cohort.worker import build_optimizer, build_peer
+    from cohort.peer import build_optimizer, build_peer
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -284,10 +284,10 @@ def cohort_command(topology, folder: Path) -> dict[str, Any]:
 
 
 def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[dict[str, Any]]:
-    """Fit the cohort through ``cohort.run.make_trainer`` on the running Ray; rank 0's epoch reports."""
+    """Fit the cohort through ``cohort.launch.make_trainer`` on the running Ray; rank 0's epoch reports."""
     from ray.util.queue import Queue
 
-    from cohort.run import make_trainer
+    from cohort.launch import make_trainer
 
     progress = Queue()
     trainer = make_trainer(topology, 1.0, threads, str(folder / "ray"), f"{topology.name}-{time.time_ns()}",
@@ -295,7 +295,7 @@ def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[d
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - the failure's reason, in one line
-        from cohort.run import failure_reason
+        from cohort.launch import failure_reason
 
         raise CohortError(f"the {topology.name} cohort failed: {failure_reason(error)}") from None
     reports = []
@@ -356,7 +356,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     import torch
 
     from cohort.placement import peer_threads
-    from cohort.run import make_plan, start_ray
+    from cohort.cluster import start_ray
+    from cohort.launch import make_plan
 
     cores = os.cpu_count() or 1
     epochs = args.repeats + 1

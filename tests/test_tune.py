@@ -12,7 +12,7 @@ from cohort.errors import CohortError
 from cohort.search_space import MetricExpression, load_space
 from cohort.topology import load_topology, topology_from_dict
 from cohort.tune import main as tune_main
-from cohort.tune import plan_resources
+from cohort.sweep import plan_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
     import torch
 
     from cohort.topology import OptimizerConfig
-    from cohort.worker import apply_optimizer_settings
+    from cohort.peer import apply_optimizer_settings
 
     def optimizer_and_schedule(lr):
         model = torch.nn.Linear(3, 2)
