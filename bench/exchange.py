@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cohort.errors import CohortError, run_command
+from cohort.report import cohort_key, metric_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
@@ -308,8 +309,8 @@ def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """The cohort's step time per measured epoch: its slowest peer's median step; and each peer's
     CPU seconds per step (all of its process's threads)."""
     measured = reports[1:]
-    return {**summarize([max(report[f"{peer}/step_seconds"] for peer in topology.peer_names) for report in measured]),
-            "cpu_seconds": {peer: summarize([report[f"{peer}/step_cpu_seconds"] for report in measured])
+    return {**summarize([max(report[metric_key(peer, "step_seconds")] for peer in topology.peer_names) for report in measured]),
+            "cpu_seconds": {peer: summarize([report[metric_key(peer, "step_cpu_seconds")] for report in measured])
                             for peer in topology.peer_names}}
 
 
@@ -381,7 +382,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         alone_equal = bracketed(alone_before, alone_after)
         cohort_equal = cohort_steps(equal, command["reports"])
         startup = {key.split("/")[-1][:-2]: value for key, value in command["reports"][0].items()
-                   if key.startswith("cohort/startup/")}
+                   if key.startswith(cohort_key("startup/"))}
         if not startup:
             raise CohortError("python -m cohort.run reported no start-up breakdown")
 
@@ -413,7 +414,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
     cohort_unequal, cohort_extra = cohort_steps(unequal, unequal_reports), cohort_steps(unequal, extra_reports)
     last = command["reports"][-1]
-    in_step_exchange = summarize([min(report[f"{peer}/exchange_seconds"] for peer in equal.peer_names)
+    in_step_exchange = summarize([min(report[metric_key(peer, "exchange_seconds")] for peer in equal.peer_names)
                                   for report in command["reports"][1:]])
     exchange = {}
     for batch, classes in EXCHANGE_SHAPES:
@@ -450,8 +451,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "load_whole_table_s": whole_table,
         "exchange": exchange,
         "exchange_in_step_s": in_step_exchange,
-        "peak_rss_mb": {peer: last[f"{peer}/peak_rss_mb"] for peer in equal.peer_names},
-        "peak_rss_mb_unequal": {peer: unequal_reports[-1][f"{peer}/peak_rss_mb"] for peer in unequal.peer_names},
+        "peak_rss_mb": {peer: last[metric_key(peer, "peak_rss_mb")] for peer in equal.peer_names},
+        "peak_rss_mb_unequal": {peer: unequal_reports[-1][metric_key(peer, "peak_rss_mb")] for peer in unequal.peer_names},
         "step_seconds": {
             "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
             f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,

@@ -5,6 +5,8 @@ One place for the convention of its keys: ``<peer>/<metric>`` for each peer, ``e
 for the mean of the peers' probabilities, ``cohort/<name>`` for the run as a whole, ``objective``
 for a sweep's metric, and ``epoch``. ``ensemble`` and ``cohort`` are reserved: no peer takes them
 (cohort.topology refuses them).
+
+Light to import (torch and the metrics load where a report is made): the command lines use its names.
 """
 from __future__ import annotations
 
@@ -12,14 +14,13 @@ import os
 import resource
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from cohort import metrics
-from cohort.data import DatasetInfo
-from cohort.peer import cohort_groups
-from cohort.topology import Topology
+    from cohort.data import DatasetInfo
+    from cohort.topology import Topology
 
 ENSEMBLE = "ensemble"  # the mean of the peers' probabilities
 COHORT = "cohort"  # the run as a whole
@@ -107,12 +108,19 @@ def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Te
                        fingerprint: int, groups: torch.Tensor | None = None,
                        group_names: list[str] | None = None) -> dict[str, float]:
     """What one peer contributes to an epoch's report."""
+    from cohort import metrics
+
     return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
             "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
 
 
 def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
     """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
+    import torch
+
+    from cohort import metrics
+    from cohort.peer import cohort_groups
+
     groups = metric_groups(topology, cohort_groups(topology, info))
     logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
     peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *groups)
