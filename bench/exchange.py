@@ -3,7 +3,7 @@
 One run measures, side by side and on the same models, batches and losses:
 
 - the cohort: ``python -m cohort.run`` itself (a fresh process, so its time to the first step is
-  the user's), then further cohorts through ``cohort.run.make_trainer`` in this process: Ray Train
+  the user's), then further cohorts through ``cohort.launch.make_trainer`` in this process: Ray Train
   workers running ``cohort.worker``, which reports each epoch's median step and exchange time;
 - the one-process baselines: one process training all the networks in turn (the DML / KD_Lib way)
   with one thread and with all the machine's threads, and the slowest peer alone on one thread
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cohort.errors import CohortError, run_command
+from cohort.report import cohort_key, metric_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
@@ -159,7 +160,7 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
 
     from cohort.datasets import load_dataset
     from cohort.losses.combine import peer_objective
-    from cohort.worker import build_optimizer, build_peer
+    from cohort.peer import build_optimizer, build_peer
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -284,10 +285,10 @@ def cohort_command(topology, folder: Path) -> dict[str, Any]:
 
 
 def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[dict[str, Any]]:
-    """Fit the cohort through ``cohort.run.make_trainer`` on the running Ray; rank 0's epoch reports."""
+    """Fit the cohort through ``cohort.launch.make_trainer`` on the running Ray; rank 0's epoch reports."""
     from ray.util.queue import Queue
 
-    from cohort.run import make_trainer
+    from cohort.launch import make_trainer
 
     progress = Queue()
     trainer = make_trainer(topology, 1.0, threads, str(folder / "ray"), f"{topology.name}-{time.time_ns()}",
@@ -295,7 +296,7 @@ def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[d
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - the failure's reason, in one line
-        from cohort.run import failure_reason
+        from cohort.launch import failure_reason
 
         raise CohortError(f"the {topology.name} cohort failed: {failure_reason(error)}") from None
     reports = []
@@ -308,8 +309,8 @@ def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """The cohort's step time per measured epoch: its slowest peer's median step; and each peer's
     CPU seconds per step (all of its process's threads)."""
     measured = reports[1:]
-    return {**summarize([max(report[f"{peer}/step_seconds"] for peer in topology.peer_names) for report in measured]),
-            "cpu_seconds": {peer: summarize([report[f"{peer}/step_cpu_seconds"] for report in measured])
+    return {**summarize([max(report[metric_key(peer, "step_seconds")] for peer in topology.peer_names) for report in measured]),
+            "cpu_seconds": {peer: summarize([report[metric_key(peer, "step_cpu_seconds")] for report in measured])
                             for peer in topology.peer_names}}
 
 
@@ -356,7 +357,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     import torch
 
     from cohort.placement import peer_threads
-    from cohort.run import make_plan, start_ray
+    from cohort.cluster import start_ray
+    from cohort.launch import make_plan
 
     cores = os.cpu_count() or 1
     epochs = args.repeats + 1
@@ -380,7 +382,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         alone_equal = bracketed(alone_before, alone_after)
         cohort_equal = cohort_steps(equal, command["reports"])
         startup = {key.split("/")[-1][:-2]: value for key, value in command["reports"][0].items()
-                   if key.startswith("cohort/startup/")}
+                   if key.startswith(cohort_key("startup/"))}
         if not startup:
             raise CohortError("python -m cohort.run reported no start-up breakdown")
 
@@ -412,7 +414,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
     cohort_unequal, cohort_extra = cohort_steps(unequal, unequal_reports), cohort_steps(unequal, extra_reports)
     last = command["reports"][-1]
-    in_step_exchange = summarize([min(report[f"{peer}/exchange_seconds"] for peer in equal.peer_names)
+    in_step_exchange = summarize([min(report[metric_key(peer, "exchange_seconds")] for peer in equal.peer_names)
                                   for report in command["reports"][1:]])
     exchange = {}
     for batch, classes in EXCHANGE_SHAPES:
@@ -449,8 +451,8 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "load_whole_table_s": whole_table,
         "exchange": exchange,
         "exchange_in_step_s": in_step_exchange,
-        "peak_rss_mb": {peer: last[f"{peer}/peak_rss_mb"] for peer in equal.peer_names},
-        "peak_rss_mb_unequal": {peer: unequal_reports[-1][f"{peer}/peak_rss_mb"] for peer in unequal.peer_names},
+        "peak_rss_mb": {peer: last[metric_key(peer, "peak_rss_mb")] for peer in equal.peer_names},
+        "peak_rss_mb_unequal": {peer: unequal_reports[-1][metric_key(peer, "peak_rss_mb")] for peer in unequal.peer_names},
         "step_seconds": {
             "cohort_equal": cohort_equal, "one_process_1_thread": loop_equal_1,
             f"one_process_{cores}_threads": loop_equal_all, "slowest_peer_alone_1_thread": alone_equal,

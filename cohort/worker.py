@@ -1,15 +1,14 @@
 """The per-peer loop, run by every Ray Train worker: worker k trains peer k of the topology
 (with replicas, a worker trains one replica of a peer on one shard of each batch: cohort.grid).
 
-Each step, read top to bottom: batch → own logits → exchange → own loss → backward → step.
-Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report.
+``train_cohort`` reads top to bottom: set up → restore → epochs → report.
+Each step: batch → own logits → exchange → own loss → backward → step.
+Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report (and checkpoint).
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,193 +19,24 @@ import torch.distributed
 import torch.nn as nn
 
 from cohort import metrics, reliability
-from cohort.checkpoint import load_peer_state, load_tensors, restore_rng, rng_state, save_peer_state
-from cohort.datasets import CohortDataset, DatasetInfo, load_dataset
+from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
+from cohort.datasets import CohortDataset, load_dataset
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
 from cohort.guard import BatchGuard
 from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
-from cohort.losses import LOSSES
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import peer_objective
-from cohort.models import build_model
+from cohort.peer import apply_optimizer_settings, build_optimizer, build_peer, cohort_groups
 from cohort.precision import autocast, grad_scaler
+from cohort.report import (ENSEMBLE, OBJECTIVE, EpochStats, cohort_key, cohort_report, metric_groups,
+                           peer_epoch_metrics)
 from cohort.syncbn import sync_batch_norm
 from cohort.search_space import MetricExpression
-from cohort.topology import OptimizerConfig, Topology, topology_from_dict
-
-
-# --------------------------------------------------------------------------- building a peer
-
-
-def peer_seed(topology: Topology, peer: str) -> int:
-    """The seed of a peer's initial weights: differs across peers, fixed by the topology's seed."""
-    return topology.seed * 10_007 + topology.peer_names.index(peer)
-
-
-def build_peer(topology: Topology, peer: str, info: DatasetInfo,
-               weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The peer's network, initialized from its seed, or given its checkpoint's weights if it has
-    one: ``weights``, the state_dict the driver read from the checkpoint (and sent through Ray's
-    object store), else read here from the checkpoint's path. Either way checked against the model."""
-    torch.manual_seed(peer_seed(topology, peer))
-    config = topology.peers[peer]
-    try:
-        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                            **config.model_args)
-    except (TypeError, ValueError) as error:
-        raise CohortError(f"cannot build {config.model!r}: {error}", f"peers.{peer}.model") from None
-    if config.checkpoint:
-        where = f"peers.{peer}.checkpoint"
-        state = read_weights(config.checkpoint, where) if weights is None else weights
-        model.load_state_dict(check_weights(state, model, config.checkpoint, where))
-    return model
-
-
-def read_weights(path: str, where: str, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The state_dict in the file ``path`` (tensors only: ``weights_only=True``); ``name``: what to
-    call it in messages (the checkpoint as the topology gives it), default the path."""
-    name = name or path
-    if not os.path.isfile(path):
-        raise CohortError(f"checkpoint {name!r} does not exist", where)
-    try:
-        state = load_tensors(path)
-    except CohortError as error:
-        raise CohortError(f"cannot load checkpoint {name!r}: {error.message}", where) from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CohortError(f"checkpoint {name!r} is not a state_dict of tensors", where)
-    return state
-
-
-def check_weights(state: dict[str, torch.Tensor], model: nn.Module, name: str, where: str) -> dict[str, torch.Tensor]:
-    """``state`` (from checkpoint ``name``) if it fits ``model``: the same keys and shapes."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CohortError(f"checkpoint {name!r} is not a state_dict of tensors", where)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CohortError(f"checkpoint {name!r} does not fit the model ({detail})", where)
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CohortError(
-                f"checkpoint {name!r} does not fit the model: {key} is {tuple(tensor.shape)}, "
-                f"the model's is {tuple(expected[key].shape)} (a different model or number of classes?)",
-                where,
-            )
-    return state
-
-
-def load_weights(path: str, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
-    """A state_dict from ``path`` (tensors only: ``weights_only=True``), checked against ``model``."""
-    return check_weights(read_weights(path, where), model, path, where)
-
-
-def build_optimizer(model: nn.Module, config: OptimizerConfig, topology: Topology):
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if config.name == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
-    elif config.name == "adam":
-        optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = topology.train.schedule
-    # Schedules step once per epoch, as in the KD literature's recipes.
-    if schedule.name == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=topology.train.epochs)
-    elif schedule.name == "multistep":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
-                                                         gamma=schedule.gamma)
-    else:
-        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return optimizer, scheduler
-
-
-def apply_optimizer_settings(optimizer, scheduler, config: OptimizerConfig) -> None:
-    """Give a restored optimizer the topology's settings, which PBT may have changed since the
-    checkpoint: the schedule's progress is kept, rescaled to the new base learning rate."""
-    for group in optimizer.param_groups:
-        if group.get("initial_lr") != config.lr:
-            ratio = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
-            group["initial_lr"], group["lr"] = config.lr, config.lr * ratio
-        group["weight_decay"] = config.weight_decay
-        if "momentum" in group:
-            group["momentum"] = config.momentum
-    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-
-
-SHOT_GROUPS = ("many", "medium", "few")
-
-
-def cohort_groups(topology: Topology, info: DatasetInfo) -> tuple[torch.Tensor, list[str]] | None:
-    """The class groups of ``data.groups`` (thirds by default for a long-tailed set) from the
-    training counts, for ``ltkd`` edges and per-group metrics; None when neither needs them."""
-    rule = topology.data.groups or ("thirds" if topology.data.long_tail else None)
-    ltkd = [edge for edge in topology.edges if "groups" in LOSSES[edge.loss].context]
-    if rule is None and not ltkd:
-        return None
-    try:
-        groups, names = metrics.class_groups(torch.tensor(info.train_class_counts), rule or "thirds")
-    except ValueError as error:
-        raise CohortError(f"cannot form {rule or 'thirds'} groups: {error}", "data.groups") from None
-    if ltkd and rule == "shots" and len(names) < len(SHOT_GROUPS):
-        empty = [name for name in SHOT_GROUPS if name not in names]
-        raise CohortError(f"shots leaves group(s) {', '.join(map(repr, empty))} empty on this training set "
-                          f"(class counts {min(info.train_class_counts)}-{max(info.train_class_counts)}); "
-                          f"the ltkd edge {ltkd[0].label} needs every group: use groups: thirds", "data.groups")
-    return groups, names
+from cohort.topology import Topology, topology_from_dict
 
 
 # --------------------------------------------------------------------------- one peer's training
-
-
-@dataclass
-class EpochStats:
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    steps: int = 0
-    # Wall-clock seconds of each step (batch included) and of its exchange, which includes waiting
-    # for the slower peers: where a cohort's time goes, for a few clock reads per step.
-    step_seconds: list[float] = field(default_factory=list)
-    exchange_seconds: list[float] = field(default_factory=list)
-    # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
-    step_cpu_seconds: list[float] = field(default_factory=list)
-    first_step_at: float | None = None  # time.time() when the epoch's first step ended
-
-    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += loss * len(labels)
-        self.correct += int((logits.argmax(dim=1) == labels).sum())
-        self.seen += len(labels)
-        self.steps += 1
-
-    def summary(self) -> dict[str, float]:
-        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
-                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
-                "step_cpu_seconds": _median(self.step_cpu_seconds)}
-
-    @classmethod
-    def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
-        """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
-        first = replicas[0]
-        return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
-                   sum(r.seen for r in replicas), max(r.steps for r in replicas), first.step_seconds,
-                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at)
-
-
-def _median(values: list[float]) -> float:
-    # The median leaves out the first steps' warm-up and the odd step slowed by other processes.
-    return statistics.median(values) if values else float("nan")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -333,7 +163,6 @@ def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: in
                             if part[kind][batch].numel()])
                  for kind in range(3))
 
-
 # --------------------------------------------------------------------------- the Ray Train entry point
 
 
@@ -342,42 +171,86 @@ def train_cohort(config: dict[str, Any]) -> None:
 
     ``config`` holds the resolved topology (as plain data), the torch thread count, the queue
     through which rank 0 sends each epoch's cohort metrics to the driver (``cohort.run``), and
-    the metric expression rank 0 reports as ``objective`` (``cohort.tune``).
+    the metric expression rank 0 reports as ``objective`` (``cohort.sweep``).
     """
     # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
     startup = {"worker_start": time.time()}
     import ray.train
+
+    worker = setup_worker(config, startup)
+    # A restart (after a worker died) or a resumed run continues after the run's last checkpoint;
+    # a Tune trial may start from one Tune hands it (PBT's exploit, a resumed sweep).
+    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
+    if checkpoint is not None:
+        restore(worker, checkpoint)
+    run = peer_step(worker)
+    for epoch in range(worker.first_epoch, worker.topology.train.epochs + 1):
+        report, evaluation = run_epoch(worker, run, epoch)
+        end_epoch(worker, epoch, report, evaluation)
+
+
+@dataclass
+class WorkerState:
+    """What one worker holds from its set-up to its last epoch."""
+
+    topology: Topology
+    rank: int
+    peer: str
+    shard: int
+    device: torch.device
+    data: CohortDataset
+    net: nn.Module  # the peer's own network (never wrapped in DDP)
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    exchange: LogitExchange
+    guard: BatchGuard
+    peer_group: Any  # the peer's replicas' process group, or None
+    groups: torch.Tensor | None  # class groups on the device, for ltkd edges
+    metric_groups: tuple[Any, Any]  # (groups, names) of the per-group metrics, or (None, None)
+    host_copies: bool
+    workers: list[dict[str, Any]]  # every worker's placement (rank 0 reports them)
+    progress: Any = None  # the driver's queue (cohort.run), or None
+    objective: MetricExpression | None = None
+    startup: dict[str, float] | None = None  # sent once, with the first epoch this worker runs
+    history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports so far, kept in its checkpoints
+    first_epoch: int = 1
+
+    @property
+    def frozen(self) -> bool:
+        return self.topology.peers[self.peer].frozen
+
+    @property
+    def replicas_train(self) -> bool:
+        return self.peer_group is not None and not self.frozen
+
+
+def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerState:
+    """This worker's peer built, with its optimizer, exchange and batch guard, and its data loaded."""
+    import ray
+    import ray.train
     import ray.train.torch
 
     topology = topology_from_dict(config["topology"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     slot = slot_of(rank, topology.peer_names)
-    peer, shard, shards = slot.peer, slot.shard, topology.replicas
+    peer, shards = slot.peer, topology.replicas
     threads = config["threads"]
     torch.set_num_threads(threads[peer] if isinstance(threads, dict) else threads)
-    progress = config.get("progress")
-    objective = MetricExpression(config["objective"]) if config.get("objective") else None
-
     # The driver's copy through the object store when it sent one (cohort.run), else loaded here.
     data = ray.get(config["dataset"]) if config.get("dataset") is not None else load_dataset(topology.data)
     startup["data_loaded"] = time.time()
-    info = data.info
-    grouping = cohort_groups(topology, info)
-    # Per-group metrics where the topology asks for groups (not for an ltkd edge's sake alone).
-    metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
+    grouping = cohort_groups(topology, data.info)
     device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
     placement = worker_placement(rank, slot, device)
     # A checkpoint's weights as the driver read them, through the object store: the workers never
     # open the checkpoint's path (on a cluster, a file only the driver has).
     sent = (config.get("weights") or {}).get(peer)
-    net = build_peer(topology, peer, info, ray.get(sent) if sent is not None else None).to(device)
-    groups = grouping[0].to(device) if grouping else None
+    net = build_peer(topology, peer, data.info, ray.get(sent) if sent is not None else None).to(device)
     frozen = topology.peers[peer].frozen
     backend = exchange_backend(topology.resources.use_gpu, topology.resources.gpus_per_worker)
     exchange_group, peer_group = grid_groups(topology.peer_names, shards, rank)
-    replicas_train = peer_group is not None and not frozen
-    if replicas_train and topology.peers[peer].sync_batchnorm:
+    if peer_group is not None and not frozen and topology.peers[peer].sync_batchnorm:
         # Before the optimizer: the synchronized layers are new modules (with the same parameters' values).
         sync_batch_norm(net, peer_group, device.type, backend.host_copies)
     if frozen:
@@ -387,94 +260,122 @@ def train_cohort(config: dict[str, Any]) -> None:
     scaler = None if frozen else grad_scaler(topology.train.precision, device)
     exchange = LogitExchange(topology.peer_names, exchange_group, host_copies=backend.host_copies)
     workers = gather_in_group(placement, torch.distributed.group.WORLD)  # rank 0 reports them
-    guard = BatchGuard(peer, shard, shards, topology.train.check_batches_every,
+    guard = BatchGuard(peer, slot.shard, shards, topology.train.check_batches_every,
                        lambda record: gather_in_group(record, torch.distributed.group.WORLD))
     startup["model_built"] = time.time()
+    return WorkerState(
+        topology, rank, peer, slot.shard, device, data, net, optimizer, scheduler, scaler, exchange, guard,
+        peer_group, grouping[0].to(device) if grouping else None, metric_groups(topology, grouping),
+        backend.host_copies, workers, config.get("progress"),
+        MetricExpression(config["objective"]) if config.get("objective") else None, startup)
 
-    first_epoch = 1
-    history: list[dict[str, Any]] = []  # rank 0's reports so far, kept in its checkpoints
-    # A restart (after a worker died) or a resumed run continues after the run's last checkpoint;
-    # a Tune trial may start from one Tune hands it (PBT's exploit, a resumed sweep).
-    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
-    if checkpoint is not None:
-        # Every replica of a peer reads the peer's one state.
-        with checkpoint.as_directory() as folder:
-            state = load_peer_state(folder, peer)
-        net.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            apply_optimizer_settings(optimizer, scheduler, topology.optimizer_for(peer))
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], device)
-        first_epoch = int(state["epoch"]) + 1
-        restore_guard(guard, state, shards)
-        history = list(state.get("history", []))
-        if progress is not None:
-            # The driver may have stopped before logging the epochs this checkpoint covers: send
-            # them again; it logs each epoch once.
-            for report in history:
-                progress.put(report)
-    model = net
-    if replicas_train:
+
+def restore(worker: WorkerState, checkpoint) -> None:
+    """Continue from ``checkpoint``: the peer's weights, optimizer, schedule, scaler, RNG, batch guard
+    and rank 0's reports so far (sent to the driver again)."""
+    # Every replica of a peer reads the peer's one state.
+    with checkpoint.as_directory() as folder:
+        state = load_peer_state(folder, worker.peer)
+    worker.net.load_state_dict(state["model"])
+    if worker.optimizer is not None:
+        worker.optimizer.load_state_dict(state["optimizer"])
+        worker.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(worker.optimizer, worker.scheduler, worker.topology.optimizer_for(worker.peer))
+    if worker.scaler is not None and state.get("scaler"):
+        worker.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], worker.device)
+    worker.first_epoch = int(state["epoch"]) + 1
+    restore_guard(worker.guard, state, worker.topology.replicas)
+    worker.history = list(state.get("history", []))
+    if worker.progress is not None:
+        # The driver may have stopped before logging the epochs this checkpoint covers: send
+        # them again; it logs each epoch once.
+        for report in worker.history:
+            worker.progress.put(report)
+
+
+def peer_step(worker: WorkerState) -> PeerStep:
+    """The training step's parts; the network in DDP over the peer's replicas where they train."""
+    model, device = worker.net, worker.device
+    if worker.replicas_train:
         # Data parallelism within the peer's own replicas only: peers are different networks.
-        model = nn.parallel.DistributedDataParallel(net, process_group=peer_group,
+        model = nn.parallel.DistributedDataParallel(worker.net, process_group=worker.peer_group,
                                                     device_ids=[device.index] if device.type == "cuda" else None)
-    run = PeerStep(topology, peer, model, optimizer, exchange, guard, groups, device, shard, scaler,
-                   ReplicaBatch(peer_group, backend.host_copies) if replicas_train else WHOLE_BATCH)
+    return PeerStep(worker.topology, worker.peer, model, worker.optimizer, worker.exchange, worker.guard,
+                    worker.groups, device, worker.shard, worker.scaler,
+                    ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH)
 
-    for epoch in range(first_epoch, topology.train.epochs + 1):
-        started = time.perf_counter()
-        try:
-            stats = train_epoch(run, data, epoch)
-        except NonFiniteLoss as error:
-            raise CohortError(str(error)) from None
-        if scheduler is not None:
-            scheduler.step()
-        train_seconds = time.perf_counter() - started
-        stats = EpochStats.merged(gather_in_group(stats, peer_group))
-        own_logits, ensemble_probs, test_labels = evaluate(net, data, exchange, topology.data.eval_batch_size,
-                                                           topology.data.num_workers, device,
-                                                           topology.train.precision, shard, shards, peer_group)
-        contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, guard.fingerprint,
-                                          *metric_groups)
-        if startup is not None:
-            contribution["startup"] = {**startup, "first_step": stats.first_step_at}
-            startup = None  # sent once, with the first epoch this worker runs
-        everyone = exchange.gather_objects(contribution)
 
-        report: dict[str, Any] = {}
-        if rank == 0:
-            report = cohort_report(topology, epoch, everyone,
-                                   metrics.evaluate_probs(ensemble_probs, test_labels, *metric_groups))
-            report["cohort/workers"] = workers
-            if objective is not None:
-                try:
-                    report["objective"] = objective(report)
-                except KeyError as error:
-                    raise CohortError(f"metric: {error.args[0]}") from None
-            history.append(report)
-            if progress is not None:
-                progress.put(report)
-        last = epoch == topology.train.epochs
-        # One state per peer, written by its first replica (the replicas' weights are equal).
-        if shard == 0 and (last or epoch % topology.train.checkpoint_every == 0):
-            with tempfile.TemporaryDirectory() as folder:
-                save_peer_state(folder, peer, {
-                    "epoch": epoch, "fingerprint": guard.fingerprint, "step": guard.step,
-                    "shard_fingerprint": guard.shard_fingerprint, "rng": rng_state(device),
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict() if optimizer is not None else {},
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "history": history,
-                })
-                if last:
-                    save_final(folder, peer, net, own_logits, test_labels, ensemble_probs if rank == 0 else None)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(report)
+def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:
+    """Train and evaluate one epoch; rank 0's report of the cohort (empty on the other ranks), and
+    this worker's evaluation: (own test logits, the ensemble's probabilities, the test labels)."""
+    topology = worker.topology
+    started = time.perf_counter()
+    try:
+        stats = train_epoch(run, worker.data, epoch)
+    except NonFiniteLoss as error:
+        raise CohortError(str(error)) from None
+    if worker.scheduler is not None:
+        worker.scheduler.step()
+    train_seconds = time.perf_counter() - started
+    stats = EpochStats.merged(gather_in_group(stats, worker.peer_group))
+    evaluation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
+                          topology.data.num_workers, worker.device, topology.train.precision, worker.shard,
+                          topology.replicas, worker.peer_group)
+    own_logits, ensemble_probs, test_labels = evaluation
+    contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, worker.guard.fingerprint,
+                                      *worker.metric_groups)
+    if worker.startup is not None:
+        contribution["startup"] = {**worker.startup, "first_step": stats.first_step_at}
+        worker.startup = None  # sent once, with the first epoch this worker runs
+    everyone = worker.exchange.gather_objects(contribution)
+    report: dict[str, Any] = {}
+    if worker.rank == 0:
+        report = cohort_report(topology, epoch, everyone,
+                               metrics.evaluate_probs(ensemble_probs, test_labels, *worker.metric_groups))
+        report[cohort_key("workers")] = worker.workers
+        if worker.objective is not None:
+            try:
+                report[OBJECTIVE] = worker.objective(report)
+            except KeyError as error:
+                raise CohortError(f"metric: {error.args[0]}") from None
+        worker.history.append(report)
+        if worker.progress is not None:
+            worker.progress.put(report)
+    return report, evaluation
+
+
+def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluation: tuple) -> None:
+    """Report the epoch to Ray Train, with the peer's checkpoint when one is due."""
+    import ray.train
+
+    train = worker.topology.train
+    last = epoch == train.epochs
+    # One state per peer, written by its first replica (the replicas' weights are equal).
+    if worker.shard == 0 and (last or epoch % train.checkpoint_every == 0):
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(worker, folder, epoch)
+            if last:
+                own_logits, ensemble_probs, test_labels = evaluation
+                save_final(folder, worker.peer, worker.net, own_logits, test_labels,
+                           ensemble_probs if worker.rank == 0 else None)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(report)
+
+
+def save_checkpoint(worker: WorkerState, folder: str, epoch: int) -> None:
+    """The peer's training state after ``epoch``, in ``folder`` (cohort.checkpoint)."""
+    guard, optimizer, scheduler, scaler = worker.guard, worker.optimizer, worker.scheduler, worker.scaler
+    save_peer_state(folder, worker.peer, {
+        "epoch": epoch, "fingerprint": guard.fingerprint, "step": guard.step,
+        "shard_fingerprint": guard.shard_fingerprint, "rng": rng_state(worker.device),
+        "model": worker.net.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "history": worker.history,
+    })
 
 
 def restore_guard(guard: BatchGuard, state: dict[str, Any], replicas: int) -> None:
@@ -493,43 +394,6 @@ def worker_placement(rank: int, slot, device: torch.device) -> dict[str, Any]:
             "node_ip": ray.util.get_node_ip_address(), "device": str(device)}
 
 
-def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
-                       fingerprint: int, groups: torch.Tensor | None = None,
-                       group_names: list[str] | None = None) -> dict[str, float]:
-    """What one peer contributes to an epoch's report."""
-    return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
-            "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
-
-
-def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
-    """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
-    grouping = cohort_groups(topology, info)
-    metric_groups = grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
-    logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
-    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *metric_groups)
-    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers),
-                           metrics.evaluate_probs(logits.softmax(dim=1), labels, *metric_groups))
-    return sorted(key for key, value in report.items() if isinstance(value, float))
-
-
-def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float]],
-                  ensemble: dict[str, float]) -> dict[str, Any]:
-    """One epoch's metrics of the whole cohort, keyed ``<peer>/<metric>`` and ``ensemble/<metric>``."""
-    report: dict[str, Any] = {"epoch": epoch}
-    fingerprints = {}
-    for peer, peer_metrics in zip(topology.peer_names, everyone):
-        for key, value in peer_metrics.items():
-            if key == "fingerprint":
-                fingerprints[peer] = value
-            else:
-                report[f"{peer}/{key}"] = value
-    for key, value in ensemble.items():
-        report[f"ensemble/{key}"] = value
-    report["cohort/batches_identical"] = float(len(set(fingerprints.values())) == 1)
-    report["cohort/fingerprints"] = fingerprints
-    return report
-
-
 def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
                ensemble_probs: torch.Tensor | None) -> None:
     """The peer's weights and reliability diagram (PNG, and its bins as JSON for later comparisons);
@@ -537,7 +401,7 @@ def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, l
     torch.save({key: value.cpu() for key, value in model.state_dict().items()}, os.path.join(folder, f"{peer}.pt"))
     diagrams = [(peer, reliability.reliability_bins(logits, labels))]
     if ensemble_probs is not None:
-        diagrams.append(("ensemble", reliability.reliability_bins_probs(ensemble_probs, labels)))
+        diagrams.append((ENSEMBLE, reliability.reliability_bins_probs(ensemble_probs, labels)))
     for name, bins in diagrams:
         reliability.reliability_diagram(bins, os.path.join(folder, f"reliability_{name}.png"), title=name)
         with open(os.path.join(folder, f"reliability_{name}.json"), "w") as file:

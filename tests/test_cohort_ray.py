@@ -17,7 +17,7 @@ from cohort.datasets import load_dataset
 from cohort.topology import DataConfig
 from cohort.run import main
 from cohort.topology import topology_from_dict
-from cohort.worker import build_peer
+from cohort.peer import build_peer
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -205,7 +205,7 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     open ``data.root`` (here a table that does not exist; on a cluster, a file only the driver has)."""
     from ray.util.queue import Queue
 
-    from cohort.run import make_trainer
+    from cohort.launch import make_trainer
 
     topology = topology_from_dict({
         "name": "driver-data", "data": {"dataset": "parquet", "root": str(tmp_path / "absent.parquet"),
@@ -228,7 +228,7 @@ def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
     (here deleted once the plan is made; on a cluster, a file only the driver has)."""
     from ray.util.queue import Queue
 
-    from cohort.run import make_plan, make_trainer
+    from cohort.launch import make_plan, make_trainer
 
     spec = {"name": "driver-weights", "data": {"batch_size": 256}, "train": {"epochs": 1},
             "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},

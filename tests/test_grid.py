@@ -13,7 +13,8 @@ from cohort.errors import CohortError
 from cohort.grid import (exchange_backend, exchange_group_ranks, peer_group_ranks, shard_bounds, shard_loss_scale,
                          slot_of, worker_grid)
 from cohort.losses.combine import peer_objective
-from cohort.run import fit_cluster, main, make_plan
+from cohort.launch import fit_cluster, make_plan
+from cohort.run import main
 from cohort.topology import DataConfig, load_topology, topology_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_accelerator_type_and_node_labels_must_exist_in_the_cluster():
 
 
 def test_scaling_config_carries_the_grid_the_gpus_and_the_placement(tmp_path):
-    from cohort.run import make_trainer
+    from cohort.launch import make_trainer
 
     topology = topology_from_dict({"name": "s", "peers": {n: {"model": "mlp", "replicas": 2} for n in "ab"},
                                    "resources": {"use_gpu": True, "gpus_per_peer": 0.25, "accelerator_type": "L4",
@@ -189,7 +190,8 @@ class OnePeerExchange:
 
 def test_bf16_trains_on_the_cpu_with_fp32_logits():
     from cohort.guard import BatchGuard
-    from cohort.worker import PeerStep, build_optimizer, build_peer, train_epoch
+    from cohort.peer import build_optimizer, build_peer
+    from cohort.worker import PeerStep, train_epoch
 
     topology = topology_from_dict({"name": "p", "data": {"batch_size": 128}, "train": {"epochs": 1, "precision": "bf16"},
                                    "peers": {"solo": {"model": "cnn_small"}}})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cohort.run import auth_refused_message, join_auth_env, token_source
+from cohort.cluster import auth_refused_message, join_auth_env, token_source
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from cohort.models import build_model
 from cohort.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
-from cohort.run import describe_plan, fit_cluster, make_plan
+from cohort.launch import fit_cluster, make_plan
+from cohort.run import describe_plan
 from cohort.startup import describe_startup, startup_breakdown
 from cohort.topology import topology_from_dict
 
@@ -115,7 +116,7 @@ def start_parts(monkeypatch):
     import threading
     import types
 
-    import cohort.run
+    import cohort.launch
     import cohort.tracking
 
     parts = {"ray": FakeRay(running=False), "ray_started": threading.Event(), "plan_saw_ray_starting": None,
@@ -137,8 +138,8 @@ def start_parts(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", parts["ray"])
     for name in ("ray.train", "ray.train.torch"):  # imported ahead by the plan's thread
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(cohort.run, "timed_start_ray", fake_start)
-    monkeypatch.setattr(cohort.run, "make_plan", fake_plan)
+    monkeypatch.setattr(cohort.launch, "timed_start_ray", fake_start)
+    monkeypatch.setattr(cohort.launch, "make_plan", fake_plan)
     monkeypatch.setattr(cohort.tracking, "Tracker", lambda uri, experiment: ("tracker", uri, experiment))
     parts["args"] = argparse.Namespace(address=None, verbose=False, dashboard=False)
     parts["topology"] = type("T", (), {"experiment": "exp"})()
@@ -146,7 +147,7 @@ def start_parts(monkeypatch):
 
 
 def test_the_plan_is_made_while_ray_starts(start_parts):
-    from cohort.run import plan_while_ray_starts
+    from cohort.launch import plan_while_ray_starts
 
     plan, tracker, cluster, marks = plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
     assert start_parts["plan_saw_ray_starting"] is True
@@ -157,7 +158,7 @@ def test_the_plan_is_made_while_ray_starts(start_parts):
 
 def test_a_failed_plan_stops_the_ray_started_for_it(start_parts):
     from cohort.errors import CohortError
-    from cohort.run import plan_while_ray_starts
+    from cohort.launch import plan_while_ray_starts
 
     start_parts["plan_error"] = CohortError("checkpoint 'a.pt' does not fit the model", "peers.a.checkpoint")
     with pytest.raises(CohortError, match="does not fit the model"):
@@ -167,7 +168,7 @@ def test_a_failed_plan_stops_the_ray_started_for_it(start_parts):
 
 def test_a_failed_plan_leaves_a_ray_that_was_already_running(start_parts):
     from cohort.errors import CohortError
-    from cohort.run import plan_while_ray_starts
+    from cohort.launch import plan_while_ray_starts
 
     start_parts["ray"].running = True
     start_parts["plan_error"] = CohortError("bad data", "data.root")
@@ -178,7 +179,7 @@ def test_a_failed_plan_leaves_a_ray_that_was_already_running(start_parts):
 
 def test_when_both_fail_the_input_error_is_reported(start_parts):
     from cohort.errors import CohortError
-    from cohort.run import plan_while_ray_starts
+    from cohort.launch import plan_while_ray_starts
 
     start_parts["ray_error"] = CohortError("--address '127.0.0.1:9': no Ray cluster reachable there")
     with pytest.raises(CohortError, match="no Ray cluster reachable"):

@@ -257,7 +257,7 @@ def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
 def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
     from cohort.datasets import load_dataset
     from cohort.topology import DataConfig
-    from cohort.worker import build_peer
+    from cohort.peer import build_peer
 
     topology = topology_from_dict(BASE)
     model = build_peer(topology, "teacher", load_dataset(DataConfig()).info)

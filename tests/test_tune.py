@@ -12,7 +12,7 @@ from cohort.errors import CohortError
 from cohort.search_space import MetricExpression, load_space
 from cohort.topology import load_topology, topology_from_dict
 from cohort.tune import main as tune_main
-from cohort.tune import plan_resources
+from cohort.sweep import plan_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,11 +144,48 @@ def test_pbt_that_cannot_perturb_stops_before_ray(tmp_path, capsys, settings, ex
     assert capsys.readouterr().err.strip().startswith(f"space.yaml: {expected}")
 
 
+def test_each_trial_run_logs_its_resolved_topology(tmp_path):
+    """The sweep's callback gives every trial's MLflow run the trial's topology, sampled values
+    applied, as topology.yaml; PBT's new values rewrite it; an invalid sample logs none."""
+    import types
+
+    import mlflow
+
+    from cohort.sweep import SweepCallback
+    from cohort.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = Tracker(uri, "sweep-me").start(topology_from_dict(TOPOLOGY), "sweep")
+    callback = SweepCallback(uri, "sweep-me", parent, 2, "student/acc", tmp_path / "children.json",
+                             base=topology_from_dict(TOPOLOGY).to_dict())
+    client = mlflow.tracking.MlflowClient(uri)
+
+    def logged(trial) -> dict:
+        path = client.download_artifacts(callback.children[trial.trial_id], "topology.yaml", str(tmp_path / trial.trial_id))
+        return yaml.safe_load(Path(path).read_text())
+
+    trial = types.SimpleNamespace(trial_id="t1", config={"edges.0.temperature": 3.25, "train.optimizer.lr": 0.125})
+    callback.on_trial_start(0, [], trial)
+    topology = topology_from_dict(logged(trial), "topology.yaml")
+    assert topology.edges[0].temperature == 3.25 and topology.train.optimizer.lr == 0.125
+    assert topology.peer_names == ["teacher", "student"] and topology.edges[1].loss == "reverse_kd"
+
+    trial.config = {"edges.0.temperature": 1.5, "train.optimizer.lr": 0.125}  # PBT's exploit and explore
+    callback.on_trial_start(0, [], trial)
+    assert topology_from_dict(logged(trial), "topology.yaml").edges[0].temperature == 1.5
+
+    invalid = types.SimpleNamespace(trial_id="t2", config={"edges.0.temperature": -1.0})
+    callback.on_trial_start(0, [], invalid)
+    run_id = callback.children["t2"]
+    assert client.get_run(run_id).data.params["edges.0.temperature"] == "-1.0"
+    assert [artifact.path for artifact in client.list_artifacts(run_id)] == []
+
+
 def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
     import torch
 
     from cohort.topology import OptimizerConfig
-    from cohort.worker import apply_optimizer_settings
+    from cohort.peer import apply_optimizer_settings
 
     def optimizer_and_schedule(lr):
         model = torch.nn.Linear(3, 2)
@@ -286,6 +323,11 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
         history = client.get_metric_history(run.info.run_id, "objective")
         assert [m.step for m in history] in ([1], [1, 2])
         assert "train.optimizer.lr" in run.data.params
+        # Every trial's run holds its resolved topology, the sampled values applied, as cohort.run's runs do.
+        logged = client.download_artifacts(run.info.run_id, "topology.yaml", str(tmp_path))
+        trial_topology = topology_from_dict(yaml.safe_load(Path(logged).read_text()), "topology.yaml")
+        assert trial_topology.train.optimizer.lr == float(run.data.params["train.optimizer.lr"])
+        assert trial_topology.edges[0].temperature == pytest.approx(float(run.data.params["edges.0.temperature"]))
 
     best = tmp_path / "best_sweep-me.yaml"
     assert best.exists()

@@ -142,7 +142,8 @@ def logged_edges(client, run_id: str) -> tuple[Edge, ...] | None:
 
 def logged_topology(client, run_id: str):
     """The run's ``topology.yaml`` artifact as a ``cohort.topology.Topology``, or None."""
-    from cohort.topology import read_yaml, topology_from_dict
+    from cohort.config.loader import read_yaml
+    from cohort.topology import topology_from_dict
 
     with tempfile.TemporaryDirectory(prefix="cohort-compare-") as scratch:
         try:

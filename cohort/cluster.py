@@ -1,0 +1,179 @@
+"""Ray for a cohort driver: start Ray here or join a running cluster (HOST:PORT, ``auto``), with Ray's
+token authentication handled as Ray handles it for ``auto``; the cluster's resources and node labels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from cohort.errors import CohortError, first_line
+
+
+def check_address(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (Ray itself would wait and retry for a long time)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CohortError(f"--address {address!r}: expected 'auto' or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise CohortError(f"--address {address!r}: no Ray cluster reachable there ({error.strerror or error})") from None
+
+
+# Ray's token authentication. A driver sends the cluster's token only in RAY_AUTH_MODE=token, which
+# Ray turns on by itself for a new local cluster and for `--address auto` when a token is at hand,
+# but never for an explicit HOST:PORT: cohort does the same for HOST:PORT as Ray does for auto.
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path(".ray") / "auth_token"
+COPY_TOKEN = ("copy the head node's ~/.ray/auth_token to ~/.ray/auth_token here, "
+              "or set RAY_AUTH_TOKEN to its contents")
+
+
+def token_source(env: dict[str, str], home: Path) -> str | None:
+    """Where Ray's driver takes its auth token from, in Ray's order: $RAY_AUTH_TOKEN, else the
+    file $RAY_AUTH_TOKEN_PATH (when set, the only file Ray reads), else ~/.ray/auth_token; None
+    when there is no token."""
+    if env.get(AUTH_TOKEN, "").strip():
+        return "$RAY_AUTH_TOKEN"
+    named = env.get(AUTH_TOKEN_PATH)
+    path = Path(os.path.expanduser(named)) if named else home / DEFAULT_TOKEN_FILE
+    try:
+        found = path.is_file() and bool(path.read_text().strip())
+    except OSError:
+        found = False
+    return (f"$RAY_AUTH_TOKEN_PATH ({named})" if named else "~/.ray/auth_token") if found else None
+
+
+def joins_by_host_port(address: str | None) -> bool:
+    return bool(address) and address != "auto" and not address.startswith("ray://")
+
+
+def join_auth_env(address: str | None, env: dict[str, str], home: Path) -> dict[str, str]:
+    """The environment the driver needs to join ``address``: RAY_AUTH_MODE=token when it joins a
+    HOST:PORT, a token is at hand and the mode is not set (an explicit mode is respected)."""
+    if not joins_by_host_port(address) or AUTH_MODE in env or token_source(env, home) is None:
+        return {}
+    return {AUTH_MODE: "token"}
+
+
+def auth_refused_message(address: str, env: dict[str, str], home: Path) -> str:
+    """One line for a cluster that refused this driver for its auth token (or its lack of one)."""
+    source = token_source(env, home)
+    if env.get(AUTH_MODE, "token").lower() != "token":
+        return (f"the cluster at {address} requires a Ray auth token, and RAY_AUTH_MODE={env[AUTH_MODE]} here: "
+                f"unset RAY_AUTH_MODE (or set it to token) and {COPY_TOKEN}")
+    if source is None:
+        named = env.get(AUTH_TOKEN_PATH)
+        where = (f"$RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH ({named}: missing or empty)" if named
+                 else "$RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        return f"the cluster at {address} requires a Ray auth token: none found in {where} ({COPY_TOKEN})"
+    return (f"the cluster at {address} refused the Ray auth token from {source}: it is not the cluster's "
+            f"({COPY_TOKEN})")
+
+
+def token_accepted(address: str, send_token: bool, timeout: float = 5.0) -> bool | None:
+    """Whether the cluster's GCS at ``address`` accepts what ray.init will send it: this machine's
+    auth token, or none. One gRPC call, where ray.init retries for 20 s and then says only 'Failed
+    to connect'. None when the answer is not about authentication."""
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = ()
+    if send_token:
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()
+        try:
+            metadata = tuple(loader.get_token_for_http_header(ignore_auth_mode=True).items())
+        except Exception:  # noqa: BLE001 - e.g. RAY_AUTH_TOKEN_PATH names a missing file: no token
+            pass
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            return False if error.code() == grpc.StatusCode.UNAUTHENTICATED else None
+    return True
+
+
+def prepare_join(address: str) -> None:
+    """Set this driver up to join HOST:PORT as Ray sets it up for ``auto``; refuse, in one line, a
+    token the cluster does not accept. A cluster that asks for no token is joined as it is: the
+    driver's auth mode (and Ray's cached config) change only for one that does."""
+    if os.environ.get(AUTH_MODE, "").lower() != "token":
+        if token_accepted(address, send_token=False) is not False:
+            return  # no token asked for (or an answer not about auth, which ray.init reports)
+        updates = join_auth_env(address, dict(os.environ), Path.home())
+        if not updates:
+            raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
+        os.environ.update(updates)
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config: let it see the mode, as Ray itself does
+    if token_accepted(address, send_token=True) is False:
+        raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
+
+
+def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> dict[str, float]:
+    """Start or join Ray quietly; return the cluster's resources.
+
+    A Ray started here keeps its dashboard off unless asked for, and then binds it to 127.0.0.1;
+    Ray's token authentication (on by default for a new local cluster) is left as it is. A cluster
+    joined by HOST:PORT gets this machine's token as ``auto`` does (``prepare_join``).
+    """
+    import logging
+
+    import ray
+
+    # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if not address:
+        # A Ray started here runs its workers at nice 15, below every other process: next to any
+        # other load (even Ray's own agents and this driver) the peers then stepped at half speed
+        # on 2 cores. The peers are the computation: they run at a plain training script's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        # Two of Ray Train's helper processes serve nothing on a Ray of one machine: the watcher of
+        # cloud nodes' preemption notices, and the per-worker metrics for a dashboard (off unless
+        # asked for). Every Ray worker process wakes 100 times a second; on a small machine their
+        # start-up and wake-ups come out of the peers' cores (README, Performance).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if not dashboard:
+            os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        if address:
+            check_address(address)
+            if joins_by_host_port(address):
+                prepare_join(address)
+            ray.init(address=address, **quiet)
+        elif not ray.is_initialized():
+            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+    except CohortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
+        raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {first_line(error)}") from None
+    return ray.cluster_resources()
+
+
+
+def timed_start_ray(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """``start_ray``, and the driver's start-up marks (cohort.startup)."""
+    from cohort.startup import driver_marks, process_started
+
+    ray_start = time.time()
+    cluster = start_ray(args.address, args.verbose, args.dashboard)
+    return cluster, driver_marks(process_started(), ray_start, time.time())
+
+
+
+def cluster_node_labels() -> list[dict[str, str]]:
+    """The labels of the Ray cluster's live nodes."""
+    import ray
+
+    return [dict(node.get("Labels") or {}) for node in ray.nodes() if node.get("Alive")]
+

@@ -1,0 +1,280 @@
+"""The cohort driver's library: the plan (checked before anything starts), the checkpoints it reads
+once for the workers, the ``TorchTrainer`` of a cohort, fitting it in the background, and why a fit
+failed. ``cohort.run`` (one run) and ``cohort.sweep`` (Tune trials) drive cohorts with it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from cohort.cluster import timed_start_ray
+from cohort.errors import CohortError
+from cohort.grid import exchange_backend, gpus_needed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, checked before anything starts."""
+
+    topology: Any
+    info: Any
+    groups: Any  # (class -> group tensor, group names), or None
+    parameters: dict[str, int]
+    cpus_per_peer: float
+    compute: dict[str, float]  # FLOPs of one training step per sample, per peer (cohort.placement)
+    threads: dict[str, int]  # torch threads per peer, in proportion to its compute
+    tracking_uri: str
+    # The loaded dataset, handed to every worker through Ray's object store (None for --dry-run).
+    dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # The peers' checkpoints as read here, {peer: state_dict}, sent to the workers the same way.
+    weights: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def fetch_checkpoints(topology, tracking_uri: str):
+    """The topology with each ``mlflow:EXPERIMENT/PEER`` checkpoint pinned to the run it means
+    (``runs:/RUN_ID/weights/PEER.pt``), and every ``runs:/`` reference checked. Nothing is
+    downloaded: ``load_checkpoints`` reads the weights, once, for the workers."""
+    from cohort.tracking import is_mlflow_checkpoint, resolve_checkpoint
+
+    peers = {}
+    for name, peer in topology.peers.items():
+        if is_mlflow_checkpoint(peer.checkpoint):
+            reference = resolve_checkpoint(peer.checkpoint, tracking_uri, f"peers.{name}.checkpoint")
+            peer = peer.model_copy(update={"checkpoint": reference})
+        peers[name] = peer
+    return topology.model_copy(update={"peers": peers})
+
+
+def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
+    """Every peer checkpoint's state_dict (``weights_only``), read here once: files from their
+    path, MLflow references through a temporary download. The workers receive these through Ray's
+    object store and never open a checkpoint path, which on a cluster only the driver may have."""
+    import tempfile
+
+    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
+    from cohort.peer import read_weights
+
+    weights = {}
+    with tempfile.TemporaryDirectory(prefix="cohort-checkpoints-") as folder:
+        for name, peer in topology.peers.items():
+            if not peer.checkpoint:
+                continue
+            where = f"peers.{name}.checkpoint"
+            path = (fetch_checkpoint(peer.checkpoint, tracking_uri, where, folder)
+                    if is_mlflow_checkpoint(peer.checkpoint) else peer.checkpoint)
+            weights[name] = read_weights(path, where, name=peer.checkpoint)
+    return weights
+
+
+def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
+    from cohort.datasets import describe_dataset, load_dataset
+    from cohort.models import count_parameters
+    from cohort.placement import peer_threads, step_flops
+    from cohort.tracking import resolve_uri
+    from cohort.peer import build_peer, cohort_groups
+
+    uri = resolve_uri(tracking_uri or topology.tracking.uri)
+    dataset = load_dataset(topology.data) if download else None
+    info = dataset.info if dataset is not None else describe_dataset(topology.data)
+    weights = load_checkpoints(topology, uri)
+    # Building every peer here catches unknown models, bad checkpoints and class-count mismatches
+    # before any worker starts.
+    models = {peer: build_peer(topology, peer, info, weights.get(peer)) for peer in topology.peer_names}
+    parameters = {peer: count_parameters(model) for peer, model in models.items()}
+    compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
+               else float(parameters[peer]) for peer, model in models.items()}
+    cpus = cpus_per_peer(topology, available_cpus)
+    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
+                uri, dataset, weights)
+
+
+def cpus_per_peer(topology, available_cpus: float) -> float:
+    """CPUs per worker: the topology's setting, else the CPUs shared by the workers, at most one each."""
+    if topology.resources.cpus_per_peer is not None:
+        return topology.resources.cpus_per_peer
+    return max(0.01, min(1.0, int(available_cpus / topology.num_workers * 100) / 100))
+
+
+
+DEFAULT_STORAGE = "~/ray_results/cohort"
+RUN_FILE = "cohort_run.json"
+
+
+def storage_location(storage: str | None) -> str:
+    """An absolute path (runs and trials change directories), or a URI (``s3://…``) as given."""
+    storage = storage or DEFAULT_STORAGE
+    return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+
+
+def fit_cluster(plan: Plan, cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None) -> Plan:
+    """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small, or
+    has no GPUs of the type or no node with the labels the topology asks for (``node_labels``:
+    every node's labels, where known)."""
+    from cohort.placement import peer_threads
+
+    topology = plan.topology
+    resources = topology.resources
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    shared = cpus_per_peer(topology, cpus)
+    plan = dataclasses.replace(plan, cpus_per_peer=shared, threads=peer_threads(plan.compute, shared))
+    workers = workers_text(topology)
+    needed = plan.cpus_per_peer * topology.num_workers
+    if needed > cpus + 1e-9:
+        raise CohortError(f"the cohort needs {needed:g} CPUs ({workers} x {plan.cpus_per_peer:g}), "
+                          f"the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
+    needed_gpus = gpus_needed(topology.num_workers, resources.gpus_per_worker)
+    if resources.use_gpu and needed_gpus > gpus + 1e-9:
+        each = "one each" if resources.gpus_per_worker >= 1 else f"{resources.gpus_per_worker:g} each"
+        raise CohortError(f"the cohort needs {needed_gpus:g} GPUs ({workers}, {each}), the Ray cluster has "
+                          f"{gpus:g} (--set resources.use_gpu=false to train on CPUs)",
+                          "resources.gpus_per_peer" if resources.gpus_per_peer is not None else "resources.use_gpu")
+    if resources.accelerator_type and f"accelerator_type:{resources.accelerator_type}" not in cluster:
+        known = sorted(key.split(":", 1)[1] for key in cluster if key.startswith("accelerator_type:"))
+        raise CohortError(f"no {resources.accelerator_type!r} GPUs in the Ray cluster "
+                          f"(it has: {', '.join(known) or 'none'})", "resources.accelerator_type")
+    wanted = dict(resources.node_labels)
+    if wanted and node_labels is not None and not any(wanted.items() <= labels.items() for labels in node_labels):
+        raise CohortError(f"no node of the Ray cluster has the labels {wanted}", "resources.node_labels")
+    return plan
+
+
+def workers_text(topology) -> str:
+    peers = f"{len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''}"
+    return f"{peers} x {topology.replicas} replicas" if topology.replicas > 1 else peers
+
+
+
+def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str):
+    """The plan and the MLflow store, made in a thread while Ray starts (or is joined) in this one.
+
+    Both take seconds: the plan imports torch, loads the data and builds every peer on one core,
+    the MLflow store opens (or creates) its database, while Ray's own processes start on the
+    others. A plan that fails (bad data, a checkpoint that does not fit) stops the Ray started
+    for it, so that bad input still ends with one line and nothing left running.
+    Returns (plan, tracker, cluster resources, start-up marks).
+    """
+    import ray
+
+    from cohort.tracking import Tracker
+
+    prepared: dict[str, Any] = {}
+
+    def prepare() -> None:
+        try:
+            plan = make_plan(topology, tracking_uri, os.cpu_count() or 1)
+            prepared["tracker"] = Tracker(plan.tracking_uri, topology.experiment)
+            prepared["plan"] = plan
+            import ray.train.torch  # noqa: F401 - needed next; imported here while Ray starts
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, raised there
+            prepared["error"] = error
+
+    already_running = ray.is_initialized()
+    thread = threading.Thread(target=prepare, name="cohort-plan", daemon=True)
+    thread.start()
+    try:
+        cluster, marks = timed_start_ray(args)
+    except CohortError as error:
+        prepared.setdefault("ray_error", error)
+    thread.join()
+    if "error" in prepared:  # the input's error first: it is the one to fix
+        if not already_running and "ray_error" not in prepared:
+            ray.shutdown()
+        raise prepared["error"]
+    if "ray_error" in prepared:
+        raise prepared["ray_error"]
+    return prepared["plan"], prepared["tracker"], cluster, marks
+
+
+
+def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
+                 progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
+                 dataset=None, weights: dict[str, Any] | None = None):
+    """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
+    every worker (identical data for all, decoded once); without it each worker loads its own.
+    ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
+    object store for that peer's workers; a peer without them reads its checkpoint's path."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cohort.worker import train_cohort
+
+    storage_path = storage_location(storage)
+    resources = topology.resources
+    gpus = resources.gpus_per_worker
+    return TorchTrainer(
+        train_cohort,
+        train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
+                           "objective": objective, "initial_checkpoint": initial_checkpoint,
+                           "dataset": ray.put(dataset) if dataset is not None else None,
+                           "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
+        # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
+        # replicas in DDP; nothing here does (peers are different networks).
+        scaling_config=ScalingConfig(
+            num_workers=topology.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": cpus_per_peer, **({"GPU": gpus} if gpus else {})},
+            accelerator_type=resources.accelerator_type,
+            label_selector=dict(resources.node_labels) or None,
+        ),
+        torch_config=TorchConfig(backend=exchange_backend(resources.use_gpu, gpus).name),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            # Restart the worker group from the last checkpoint when a worker dies; an infeasible
+            # resource request would otherwise wait forever (controller_failure_limit=0).
+            failure_config=FailureConfig(max_failures=topology.train.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=topology.train.keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="cohort-fit", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def failure_reason(error: BaseException) -> str:
+    """The most useful line of a failed fit: a worker's CohortError if there is one."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CohortError):
+            return str(current)
+        cause = getattr(current, "cause", None)
+        if isinstance(current, BaseException) and hasattr(current, "as_instanceof_cause"):
+            try:
+                pending.append(current.as_instanceof_cause())
+            except Exception:  # noqa: BLE001
+                pass
+        for nested in (current.__cause__, current.__context__, cause):
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+        for value in (getattr(current, "worker_failures", None) or {}).values():
+            if isinstance(value, BaseException):
+                pending.append(value)
+    text = str(error)
+    for line in text.splitlines():
+        if "CohortError:" in line:
+            return line.split("CohortError:", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+

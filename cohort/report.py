@@ -1,0 +1,147 @@
+"""An epoch's report: what every peer contributes, and the cohort's report that rank 0 sends the
+driver, MLflow and Tune.
+
+One place for the convention of its keys: ``<peer>/<metric>`` for each peer, ``ensemble/<metric>``
+for the mean of the peers' probabilities, ``cohort/<name>`` for the run as a whole, ``objective``
+for a sweep's metric, and ``epoch``. ``ensemble`` and ``cohort`` are reserved: no peer takes them
+(cohort.topology refuses them).
+
+Light to import (torch and the metrics load where a report is made): the command lines use its names.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from cohort.datasets import DatasetInfo
+    from cohort.topology import Topology
+
+ENSEMBLE = "ensemble"  # the mean of the peers' probabilities
+COHORT = "cohort"  # the run as a whole
+RESERVED = (ENSEMBLE, COHORT)
+OBJECTIVE = "objective"  # a sweep's metric, as rank 0 computes it (cohort.sweep)
+EPOCH = "epoch"
+
+
+def metric_key(owner: str, metric: str) -> str:
+    """The report's key of ``metric`` of ``owner``: a peer, ``ensemble`` or ``cohort``."""
+    return f"{owner}/{metric}"
+
+
+def cohort_key(name: str) -> str:
+    return metric_key(COHORT, name)
+
+
+def ensemble_key(metric: str) -> str:
+    return metric_key(ENSEMBLE, metric)
+
+
+def evaluated(topology: Topology) -> list[str]:
+    """Whose test metrics a report holds: every peer, then the ensemble."""
+    return [*topology.peer_names, ENSEMBLE]
+
+
+def is_metric(key: str) -> bool:
+    """Whether a report's key is a metric of a peer, the ensemble or the cohort (not ``epoch``,
+    ``objective`` or what Tune adds)."""
+    return "/" in key
+
+
+def metric_groups(topology: Topology, grouping) -> tuple[Any, Any]:
+    """The class groups of the per-group metrics, (groups, names), where the topology asks for
+    groups (not for an ltkd edge's sake alone); else (None, None)."""
+    return grouping if grouping and (topology.data.groups or topology.data.long_tail) else (None, None)
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+    # Wall-clock seconds of each step (batch included) and of its exchange, which includes waiting
+    # for the slower peers: where a cohort's time goes, for a few clock reads per step.
+    step_seconds: list[float] = field(default_factory=list)
+    exchange_seconds: list[float] = field(default_factory=list)
+    # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
+    step_cpu_seconds: list[float] = field(default_factory=list)
+    first_step_at: float | None = None  # time.time() when the epoch's first step ended
+
+    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss * len(labels)
+        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        self.seen += len(labels)
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
+                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
+                "step_cpu_seconds": _median(self.step_cpu_seconds)}
+
+    @classmethod
+    def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
+        """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
+        first = replicas[0]
+        return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
+                   sum(r.seen for r in replicas), max(r.steps for r in replicas), first.step_seconds,
+                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at)
+
+
+def _median(values: list[float]) -> float:
+    # The median leaves out the first steps' warm-up and the odd step slowed by other processes.
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
+
+
+def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
+                       fingerprint: int, groups: torch.Tensor | None = None,
+                       group_names: list[str] | None = None) -> dict[str, float]:
+    """What one peer contributes to an epoch's report."""
+    from cohort import metrics
+
+    return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
+
+
+def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
+    """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
+    import torch
+
+    from cohort import metrics
+    from cohort.peer import cohort_groups
+
+    groups = metric_groups(topology, cohort_groups(topology, info))
+    logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
+    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *groups)
+    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers),
+                           metrics.evaluate_probs(logits.softmax(dim=1), labels, *groups))
+    return sorted(key for key, value in report.items() if isinstance(value, float))
+
+
+def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float]],
+                  ensemble: dict[str, float]) -> dict[str, Any]:
+    """One epoch's metrics of the whole cohort, keyed ``<peer>/<metric>`` and ``ensemble/<metric>``."""
+    report: dict[str, Any] = {EPOCH: epoch}
+    fingerprints = {}
+    for peer, peer_metrics in zip(topology.peer_names, everyone):
+        for key, value in peer_metrics.items():
+            if key == "fingerprint":
+                fingerprints[peer] = value
+            else:
+                report[metric_key(peer, key)] = value
+    for key, value in ensemble.items():
+        report[ensemble_key(key)] = value
+    report[cohort_key("batches_identical")] = float(len(set(fingerprints.values())) == 1)
+    report[cohort_key("fingerprints")] = fingerprints
+    return report

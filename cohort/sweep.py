@@ -1,0 +1,332 @@
+"""The library of ``python -m cohort.tune``: Tune's trial function (one whole cohort per trial), the
+callback through which the driver, the one MLflow writer, keeps a child run per trial, the
+scheduler and search algorithm of a space file, and the sweep's resources and ranking.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+from ray.tune import Callback
+
+from cohort.errors import CohortError
+from cohort.report import OBJECTIVE, is_metric
+
+# The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
+# refuses a trial with no resources at all.)
+TRIAL_CPU = 0.01
+
+
+def trial_topology(base: dict[str, Any], sampled: dict[str, Any]):
+    """A trial's resolved topology: ``base`` with the sampled values applied (CohortError if invalid)."""
+    from cohort.topology import topology_from_dict
+
+    return topology_from_dict(base, "sampled topology", sampled)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+class ForwardReports(UserCallback):
+    """Ray Train callback (it runs in the trainer's controller): hands every epoch's report, with
+    the checkpoint Train has just persisted, to the trial's own process.
+
+    Ray's ``TuneReportCallback`` forwards the metrics alone; PBT copies a better trial's
+    checkpoint into a worse one, and a resumed sweep continues unfinished trials from theirs, so
+    Tune must receive the checkpoints too.
+    """
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.reports.put((metrics[0], checkpoint))
+
+
+def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
+                 storage: str, weights: dict[str, Any] | None = None) -> None:
+    """Tune's function trainable: one whole cohort with the sampled values applied.
+
+    The cohort starts from Tune's checkpoint when there is one (PBT's exploit, or a resumed
+    sweep), with this trial's values, and reports each epoch with its checkpoint to Tune.
+    """
+    import queue
+    import uuid
+
+    import ray.tune
+    from ray.util.queue import Queue
+
+    from cohort.launch import fit_in_background, make_trainer
+
+    # An invalid sample fails this trial with the reason; the sweep goes on.
+    topology = trial_topology(base, sampled)
+    # The workers may have to wait until the previous trial's have released their CPUs (Ray Train
+    # passes this process's setting on to the trainer it starts).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    trial = ray.tune.get_context().get_trial_id()
+    # One report at a time: like TuneReportCallback, Train waits while Tune decides on the last.
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # A fresh Train run each time: Train would otherwise resume the run of that name from its own
+    # last checkpoint instead of starting from the one Tune hands this trial.
+    trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
+                           objective=objective, callbacks=(ForwardReports(reports),),
+                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights)
+    thread, outcome = fit_in_background(trainer)
+    while thread.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint = reports.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if checkpoint is not None:
+            checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        ray.tune.report(metrics, checkpoint=checkpoint)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+# --------------------------------------------------------------------------- MLflow and the trial lines
+
+
+class SweepCallback(Callback):
+    """Tune callback (runs in the driver): child MLflow runs, and one line per trial event.
+
+    Tune saves it with the sweep; it keeps only plain data, so a resumed sweep gets it back.
+    Every child run holds the trial's resolved topology as ``topology.yaml``, as ``cohort.run``'s
+    runs do (``base``: the sweep's topology as plain data; PBT's new values rewrite the file).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, epochs: int, metric: str,
+                 state_file: Path, base: dict[str, Any] | None = None):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.base = base
+        self.parent_run_id = parent_run_id
+        self.epochs = epochs
+        self.metric = metric
+        self.state_file = Path(state_file)
+        self.last_epoch: dict[str, int] = {}
+        self.configs: dict[str, dict[str, Any]] = {}  # each trial's values as last started (PBT changes them)
+        self.changes: dict[str, dict[str, Any]] = {}  # values PBT changed, to log with the trial's next epoch
+        self._tracker = None
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "_tracker"} | {"_tracker": None}
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from cohort.tracking import Tracker
+
+            self._tracker = Tracker(self.tracking_uri, self.experiment)
+        return self._tracker
+
+    @property
+    def children(self) -> dict[str, str]:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def _child(self, trial) -> str:
+        """The trial's MLflow run (created on first sight; kept in a file so a resumed sweep finds it)."""
+        children = self.children
+        if trial.trial_id not in children:
+            run = self.tracker.client.create_run(
+                self.tracker.experiment_id, run_name=f"trial-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "cohort.trial_id": trial.trial_id})
+            children[trial.trial_id] = run.info.run_id
+            self.state_file.write_text(json.dumps(children))
+            self.tracker.run_id = run.info.run_id
+            self.tracker.log_params(dict(trial.config))
+            self.log_topology(trial.config)
+        self.tracker.run_id = children[trial.trial_id]
+        if trial.trial_id not in self.last_epoch:
+            # A resumed sweep: the epochs its run already holds in MLflow are done.
+            history = self.tracker.client.get_metric_history(self.tracker.run_id, OBJECTIVE)
+            self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
+        return self.tracker.run_id
+
+    def log_topology(self, config: dict[str, Any]) -> None:
+        """The trial's topology, with these sampled values, as its run's ``topology.yaml``."""
+        if self.base is None:
+            return
+        try:
+            topology = trial_topology(self.base, dict(config))
+        except CohortError:
+            return  # an invalid sample: the trial fails, and its run says why (cohort.error)
+        self.tracker.log_text(topology.to_yaml(), "topology.yaml")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._child(trial)
+        config = dict(trial.config)
+        before = self.configs.setdefault(trial.trial_id, config)
+        if config != before:
+            # PBT restarts this trial from a better trial's checkpoint with perturbed values.
+            self.changes[trial.trial_id] = {key: value for key, value in config.items() if before.get(key) != value}
+            self.configs[trial.trial_id] = config
+            self.log_topology(config)
+        print(f"trial {trial.trial_id} started: {sampled_text(trial.config)}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._child(trial)
+        epoch = int(result.get("epoch", 0))
+        changed = self.changes.pop(trial.trial_id, None)
+        if changed:
+            self.tracker.client.set_tag(self.tracker.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
+            print(f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch {epoch} with "
+                  f"{sampled_text(changed)}", flush=True)
+            self.last_epoch[trial.trial_id] = epoch - 1  # the trial's history goes on from the copied epoch
+        # A resumed trial trains again the epochs after its last checkpoint: log each epoch once.
+        if epoch > self.last_epoch.get(trial.trial_id, 0):
+            self.tracker.log_epoch({**{k: v for k, v in result.items() if is_metric(k) or k == OBJECTIVE}, "epoch": epoch})
+        self.last_epoch[trial.trial_id] = epoch
+        print(f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {result.get(OBJECTIVE, math.nan):.4f}",
+              flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._child(trial)
+        epoch = self.last_epoch.get(trial.trial_id, 0)
+        early = epoch < self.epochs
+        self.tracker.client.set_tag(self.tracker.run_id, "cohort.stopped_early", str(early).lower())
+        self.tracker.finish("FINISHED")
+        if early:
+            print(f"trial {trial.trial_id} stopped early by the scheduler after epoch {epoch}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._child(trial)
+        reason = trial_failure(trial)
+        self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
+        self.tracker.finish("FAILED")
+        print(f"trial {trial.trial_id} failed: {reason}", flush=True)
+
+
+def trial_failure(trial) -> str:
+    """The one line that says why a trial failed."""
+    from cohort.launch import failure_reason
+
+    path = getattr(trial, "error_file", None) or ""
+    text = Path(path).read_text() if path and Path(path).exists() else str(getattr(trial, "error_msg", "") or "")
+    for marker in ("CohortError:",):
+        for line in text.splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    return failure_reason(RuntimeError(text)) if text else "unknown error"
+
+
+def sampled_text(config: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={short_value(value)}" for key, value in config.items())
+
+
+def short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def make_scheduler(space, topology):
+    """Tune's scheduler for the space file's ``scheduler`` section; every one counts in epochs."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    from cohort.search_space import tune_distribution
+
+    settings = space.scheduler
+    if settings.name == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=topology.train.epochs, grace_period=settings.grace_period,
+                             reduction_factor=settings.reduction_factor)
+    if settings.name == "pbt":
+        class CohortPBT(PopulationBasedTraining):
+            """PBT that leaves a trial's last epoch alone: exploiting then would restart a cohort
+            with nothing left to train and hand it the better trial's result as its own."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                if result.get("epoch", 0) >= topology.train.epochs:
+                    return self.CONTINUE
+                return super().on_trial_result(tune_controller, trial, result)
+
+        return CohortPBT(
+            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations={key: tune_distribution(spec) for key, spec in space.mutations().items()},
+            quantile_fraction=settings.quantile_fraction, resample_probability=settings.resample_probability,
+            synch=settings.synch)
+    return FIFOScheduler()
+
+
+def check_pbt(space, topology, where: str) -> None:
+    """PBT copies checkpoints at its perturbation epochs: there must be some, inside the run."""
+    if space.scheduler.name != "pbt":
+        return
+    interval, epochs = space.scheduler.perturbation_interval, topology.train.epochs
+    if interval >= epochs:
+        raise CohortError(f"scheduler.perturbation_interval: {interval} epochs leaves no perturbation in a run of "
+                          f"{epochs} epochs (train.epochs)", where)
+    every = topology.train.checkpoint_every
+    if interval % every:
+        raise CohortError(f"scheduler.perturbation_interval: {interval} is not a multiple of train.checkpoint_every "
+                          f"({every}): PBT copies the checkpoint of the epoch it perturbs at", where)
+
+
+def plan_resources(num_peers: int, samples: int, cpus: float, max_concurrent: int | None,
+                   cpus_per_peer: float | None) -> tuple[int, float]:
+    """How many trials run at once, and each peer's CPUs: a whole CPU per peer where the cluster
+    has enough, and at least two trials at once where it has two CPUs (peers then share them);
+    never more CPUs than the cluster has (a trial waiting for CPUs would wait forever)."""
+    concurrent = max_concurrent or min(samples, max(1, int(cpus // num_peers), min(int(cpus), 2)))
+    if cpus_per_peer is None:
+        cpus_per_peer = min(1.0, math.floor((cpus - concurrent * TRIAL_CPU) / (concurrent * num_peers) * 100) / 100)
+        if cpus_per_peer < 0.01:
+            raise CohortError(f"{concurrent} trials of {num_peers} peers do not fit on {cpus:g} CPUs "
+                              "(lower max_concurrent)", "max_concurrent")
+    needed = cpus_per_peer * num_peers + TRIAL_CPU
+    if needed > cpus + 1e-9:
+        raise CohortError(f"one trial needs {needed:g} CPUs ({num_peers} peers x {cpus_per_peer:g}, and the trial "
+                          f"itself {TRIAL_CPU:g}), the Ray cluster has {cpus:g}", "resources.cpus_per_peer")
+    concurrent = min(concurrent, max(1, int((cpus + 1e-9) // needed)))
+    return concurrent, cpus_per_peer
+
+
+
+def ranked_trials(results, mode: str) -> list[dict[str, Any]]:
+    """Every trial with its last reported objective, best first; failed trials last."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        value = metrics.get(OBJECTIVE)
+        rows.append({
+            "trial": metrics.get("trial_id") or Path(str(result.path)).name,
+            "config": result.config or {},
+            "value": value if isinstance(value, (int, float)) and math.isfinite(value) else None,
+            "epochs": int(metrics.get("epoch", 0)),
+            "error": result.error is not None,
+        })
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda row: (row["value"] is None, sign * row["value"] if row["value"] is not None else 0))
+    return rows
+
+
+
+def make_search(space, topology, concurrent: int):
+    """Tune's search algorithm for the space file's ``search``."""
+    if space.search.name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=topology.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    # Seeded by the topology, so a sweep samples the same values when run again.
+    return BasicVariantGenerator(random_state=topology.seed, max_concurrent=concurrent)
+
+
+def expected_trials(space, samples: int) -> int:
+    """The trials of a sweep: each sample runs every combination of the grid values."""
+    return samples * math.prod(len(spec["grid"]) for spec in space.space.values() if "grid" in spec)
+
+
+def unfinished_trials(sweep_dir: Path, expected: int) -> int:
+    """Trials Tune never created, and those its saved state (which --resume reads) leaves to run:
+    after Ctrl-C Tune saves the running trials as pending and returns normally."""
+    import ray.tune
+
+    saved = ray.tune.ExperimentAnalysis(str(sweep_dir)).trials
+    return expected - len(saved) + sum(1 for trial in saved if trial.status not in ("TERMINATED", "ERROR"))
