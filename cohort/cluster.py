@@ -140,7 +140,7 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
         # Two of Ray Train's helper processes serve nothing on a Ray of one machine: the watcher of
         # cloud nodes' preemption notices, and the per-worker metrics for a dashboard (off unless
         # asked for). Every Ray worker process wakes 100 times a second; on a small machine their
-        # start-up and wake-ups come out of the peers' cores (README, Performance).
+        # start-up and wake-ups come out of the peers' cores (docs/performance.md).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if not dashboard:
             os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._divergence import _check_temperature, _entropy, _kl, _log_probs
+from .divergence import check_temperature, entropy, kl, log_probs
 from .registry import register_loss
 
 
@@ -22,17 +22,17 @@ def bdkd(
     ``(w_f, w_r) = (delta_high, delta_low)`` where ``H(p_r) < H(p_s)`` (over-confident receiver:
     forward KL dominates), else ``(delta_low, delta_high)`` (reverse KL dominates).
     """
-    _check_temperature(temperature)
-    log_p_s = _log_probs(sender.detach(), temperature)
-    log_p_r = _log_probs(receiver, temperature)
+    check_temperature(temperature)
+    log_p_s = log_probs(sender.detach(), temperature)
+    log_p_r = log_probs(receiver, temperature)
 
     # The weights are constants for back-propagation.
-    receiver_more_confident = _entropy(log_p_r.detach()) < _entropy(log_p_s)
+    receiver_more_confident = entropy(log_p_r.detach()) < entropy(log_p_s)
     high = torch.full_like(receiver_more_confident, delta_high, dtype=log_p_r.dtype)
     low = torch.full_like(high, delta_low)
     w_forward = torch.where(receiver_more_confident, high, low)
     w_reverse = torch.where(receiver_more_confident, low, high)
 
-    forward = _kl(log_p_s, log_p_r)
-    reverse = _kl(log_p_r, log_p_s)
+    forward = kl(log_p_s, log_p_r)
+    reverse = kl(log_p_r, log_p_s)
     return temperature**2 * (w_forward * forward + w_reverse * reverse)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._divergence import _check_temperature, _kl, _log_probs
+from .divergence import check_temperature, kl, log_probs
 from .registry import register_loss
 
 
@@ -35,17 +35,17 @@ def dkd(
     ``TCKD = T² · KL(b_s ‖ b_r)`` with ``b = [p_t, 1 − p_t]`` at temperature T;
     ``NCKD = T² · KL(n_s ‖ n_r)`` with ``n = softmax(z / T − 1000 · gt)`` (reference DKD code).
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     sender = sender.detach()
     gt = F.one_hot(target, num_classes=receiver.shape[-1]).bool()
 
-    log_p_s = _log_probs(sender, temperature)
-    log_p_r = _log_probs(receiver, temperature)
-    tckd = _kl(_binary_log_probs(log_p_s, target, gt), _binary_log_probs(log_p_r, target, gt))
+    log_p_s = log_probs(sender, temperature)
+    log_p_r = log_probs(receiver, temperature)
+    tckd = kl(_binary_log_probs(log_p_s, target, gt), _binary_log_probs(log_p_r, target, gt))
 
     mask = 1000.0 * gt.to(receiver.dtype)
     log_n_s = torch.log_softmax(sender / temperature - mask, dim=-1)
     log_n_r = torch.log_softmax(receiver / temperature - mask, dim=-1)
-    nckd = _kl(log_n_s, log_n_r)
+    nckd = kl(log_n_s, log_n_r)
 
     return temperature**2 * (alpha * tckd + beta * nckd)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._divergence import _check_temperature, _kl, _log_probs
+from .divergence import check_temperature, kl, log_probs
 from .batch import WHOLE_BATCH, WholeBatch
 from .registry import register_loss
 
@@ -50,11 +50,11 @@ def ltkd(
     - ``L_intra = Σ_G u_G · KL(p̃_{s,G} ‖ p̃_{r,G})`` with ``u_G = 1 / G`` (``u_G = b_{s,G}``
       without ``uniform``).
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     num_groups = _check_groups(groups, receiver.shape[-1])
     groups = groups.to(receiver.device)
-    log_p_s = _log_probs(sender.detach(), temperature)
-    log_p_r = _log_probs(receiver, temperature)
+    log_p_s = log_probs(sender.detach(), temperature)
+    log_p_r = log_probs(receiver, temperature)
 
     members = [groups == g for g in range(num_groups)]
     log_b_s = torch.stack([log_p_s[:, m].logsumexp(dim=-1) for m in members], dim=-1)
@@ -67,13 +67,13 @@ def ltkd(
         log_target_b = torch.log_softmax(log_w + log_b_s, dim=-1)
     else:
         log_target_b = log_b_s
-    inter = _kl(log_target_b, log_b_r)
+    inter = kl(log_target_b, log_b_r)
 
     intra = torch.zeros_like(inter)
     for g, m in enumerate(members):
         within_s = log_p_s[:, m] - log_b_s[:, g : g + 1]
         within_r = log_p_r[:, m] - log_b_r[:, g : g + 1]
         u = 1.0 / num_groups if uniform else log_b_s[:, g].exp()
-        intra = intra + u * _kl(within_s, within_r)
+        intra = intra + u * kl(within_s, within_r)
 
     return temperature**2 * (alpha * inter + beta * intra)

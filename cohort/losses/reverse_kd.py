@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._divergence import _check_temperature, _kl, _log_probs
+from .divergence import check_temperature, kl, log_probs
 from .registry import register_loss
 
 
 @register_loss("reverse_kd")
 def reverse_kd(receiver: Tensor, sender: Tensor, temperature: float = 4.0) -> Tensor:
     """``T² · KL(p_receiver^T ‖ p_sender^T)`` per sample, shape ``[B]``."""
-    _check_temperature(temperature)
-    log_p_s = _log_probs(sender.detach(), temperature)
-    log_p_r = _log_probs(receiver, temperature)
-    return temperature**2 * _kl(log_p_r, log_p_s)
+    check_temperature(temperature)
+    log_p_s = log_probs(sender.detach(), temperature)
+    log_p_r = log_probs(receiver, temperature)
+    return temperature**2 * kl(log_p_r, log_p_s)
