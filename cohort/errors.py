@@ -1,6 +1,9 @@
 """The one exception type the command line turns into a one-line message."""
 
+import contextlib
 import reprlib
+import signal
+import threading
 
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = 60
@@ -55,3 +58,20 @@ def run_command(command, args) -> int:
         return 130
     except BrokenPipeError:  # the output was piped into a command that stopped reading
         return 0
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets the yielded event instead of raising wherever the main thread is: a
+    KeyboardInterrupt in the middle of an MLflow write left SQLite locked, and the run could then
+    not be marked KILLED. The caller checks the event between writes. Outside the main thread
+    (where no signal handler can be set) the event is never set and Ctrl-C behaves as usual."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)

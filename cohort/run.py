@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cohort.cluster import cluster_node_labels
-from cohort.errors import CohortError, run_command
+from cohort.errors import CohortError, deferred_interrupt, run_command
 from cohort.grid import exchange_backend, worker_grid
 from cohort.launch import (RUN_FILE, Plan, failure_reason, fetch_checkpoints, fit_cluster, fit_in_background,
                            make_plan, make_trainer, plan_while_ray_starts, storage_location)
@@ -289,8 +289,9 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     started = last = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
-    try:
-        while thread.is_alive() or not progress.empty():
+    # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.errors).
+    with deferred_interrupt() as interrupted:
+        while (thread.is_alive() or not progress.empty()) and not interrupted.is_set():
             try:
                 report = progress.get(timeout=0.5)
             except queue.Empty:
@@ -311,11 +312,11 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
             print(epoch_line(topology, report, now - last), flush=True)
             last = now
             tracker.log_epoch(report)
-        thread.join()
-    except KeyboardInterrupt:
+    if interrupted.is_set():
         tracker.finish("KILLED")
         print(f"interrupted: continue with python -m cohort.run --resume {tracker.run_id}", file=sys.stderr)
-        raise
+        raise KeyboardInterrupt
+    thread.join()
     if "error" in outcome:
         tracker.finish("FAILED")
         raise CohortError(f"training failed: {failure_reason(outcome['error'])} "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cohort.models import init_weights, register_model
+from cohort.models.registry import init_weights, register_model
 
 EXPANSION = 6
 # (expansion, output channels at width 1, blocks, stride of the first block) for each stage.

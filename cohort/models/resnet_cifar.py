@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cohort.models import init_weights, register_model
+from cohort.models.registry import init_weights, register_model
 
 # Stem width followed by the three stage widths.
 NARROW = (16, 16, 32, 64)

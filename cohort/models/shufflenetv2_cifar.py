@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cohort.models import register_model
+from cohort.models.registry import register_model
 
 # Stage widths and the width of the final 1x1 convolution, per the paper's Table 5. For 2x the
 # reference CIFAR code has 224 in the first stage, a slip for the paper's 244 (which torchvision

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from cohort.models import register_model
+from cohort.models.registry import register_model
 
 
 def _dropout(p: float) -> list[nn.Module]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cohort.models import init_weights, register_model
+from cohort.models.registry import init_weights, register_model
 
 # Output channels of the convolutions in each of the five stages.
 STAGES = {

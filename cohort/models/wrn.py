@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cohort.models import init_weights, register_model
+from cohort.models.registry import init_weights, register_model
 
 
 class WideBlock(nn.Module):
