@@ -1,4 +1,7 @@
-"""Distillation losses: pure per-sample functions, registered by name (formulas and provenance: docs/losses.md)."""
+"""Distillation losses: pure per-sample functions, registered by name (formulas and provenance:
+docs/losses.md). Every module of this package is imported with it, so a new loss is one new file."""
+import importlib
+import pkgutil
 
 from .registry import LOSSES, LossSpec, get_loss, register_loss
 from .kd import kd
@@ -6,6 +9,9 @@ from .reverse_kd import reverse_kd
 from .bdkd import bdkd
 from .dkd import dkd
 from .ltkd import ltkd
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "kd",
