@@ -4,6 +4,8 @@ the plan (cohort.launch); each worker builds its own (cohort.worker).
 """
 from __future__ import annotations
 
+import hashlib
+
 import os
 
 import torch
@@ -19,8 +21,14 @@ from cohort.topology import OptimizerConfig, Topology
 
 
 def peer_seed(topology: Topology, peer: str) -> int:
-    """The seed of a peer's initial weights: differs across peers, fixed by the topology's seed."""
-    return topology.seed * 10_007 + topology.peer_names.index(peer)
+    """The seed of a peer's initial weights, from the topology's seed and the peer's key: its
+    ``init_seed`` if it has one, else its name; never its rank. So a peer starts from the same
+    weights in every topology that gives it the same name (or key), model and seed, wherever it
+    stands among the peers, and peers that share an ``init_seed`` and a model start identical."""
+    config = topology.peers[peer]
+    key = peer if config.init_seed is None else f"init_seed:{config.init_seed}"
+    digest = hashlib.sha256(f"{topology.seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes up to 2**64 - 1
 
 
 def build_peer(topology: Topology, peer: str, info: DatasetInfo,

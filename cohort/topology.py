@@ -133,6 +133,8 @@ class PeerConfig(Strict):
     replicas: int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
     sync_batchnorm: bool = Field(True, description="with replicas, BatchNorm statistics over the whole batch "
                                                    "(all-reduced within the peer's replicas); false: per shard")
+    init_seed: Union[int, str, None] = Field(None, description="the key of the peer's initial weights (default: "
+                                                               "its name): same key, model and seed, same weights")
 
     @field_validator("model")
     @classmethod
