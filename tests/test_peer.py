@@ -62,3 +62,18 @@ def test_an_init_seed_is_a_name_or_an_integer(value):
 
     with pytest.raises(CohortError, match=r"peers\.a\.init_seed"):
         topology({"a": {"model": "mlp", "init_seed": value}, "b": {"model": "mlp"}})
+
+
+def test_the_shipped_arena_starts_its_students_from_identical_weights():
+    from pathlib import Path
+
+    from cohort.topology import load_topology
+
+    arena = load_topology(Path(__file__).resolve().parents[1] / "topologies" / "arena_digits.yaml")
+    students = [peer for peer in arena.peer_names if arena.peers[peer].init_seed == "student"]
+    assert students == ["labels_only", "kd", "bdkd", "dkd"]
+    first = weights(arena, students[0])
+    assert all(same(first, weights(arena, student)) for student in students[1:])
+    assert not same(first, weights(arena, "teacher"))
+    # Each student is taught by another method (the baseline by none).
+    assert {edge.to: edge.loss for edge in arena.edges} == {"kd": "kd", "bdkd": "bdkd", "dkd": "dkd"}
