@@ -267,8 +267,10 @@ def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys)
     assert code == 2
     # The first peer to see a non-finite value names itself, the step and the term: student_a's
     # own loss or gradient, or a loss that receives student_a's exploding logits.
-    assert len(err) == 1 and re.match(r"training failed: peer '\w+': non-finite (loss|gradient) at epoch 1, step \d+ "
-                                      r"\(terms?: .*student_a.*\)", err[0]), err
+    found = re.match(r"training failed: peer '(\w+)': non-finite (loss|gradient) at epoch 1, step \d+ "
+                     r"\(terms?: (.+)\) \(MLflow run \w+ marked FAILED\)$", err[0])
+    assert len(err) == 1 and found, err
+    assert found.group(1) == "student_a" or "student_a" in found.group(3), err
     _, run = finished_run(uri, "diverges")
     assert run.info.status == "FAILED"
 
