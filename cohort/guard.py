@@ -42,7 +42,9 @@ class BatchGuard:
         """Record one whole batch and this worker's ``[start, stop)`` of it; True when a check is due."""
         self.step += 1
         self.fingerprint = batch_fingerprint(self.fingerprint, inputs, labels)
-        self.shard_fingerprint = batch_fingerprint(self.shard_fingerprint, inputs[start:stop], labels[start:stop])
+        # Without replicas the shard is the whole batch: one CRC per step, not two.
+        self.shard_fingerprint = self.fingerprint if self.replicas == 1 else batch_fingerprint(
+            self.shard_fingerprint, inputs[start:stop], labels[start:stop])
         self.bounds = (start, stop, len(labels))
         return bool(self.every) and self.step % self.every == 0
 

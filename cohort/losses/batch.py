@@ -19,10 +19,6 @@ from torch import Tensor
 class WholeBatch:
     """The batch a loss is given is the whole batch."""
 
-    def mean(self, values: Tensor) -> Tensor:
-        """The mean over the batch (dim 0)."""
-        return values.detach().mean(dim=0)
-
     def logmeanexp(self, log_values: Tensor) -> Tensor:
         """``log(mean over the batch of exp(log_values))``, stably."""
         return log_values.detach().logsumexp(dim=0) - math.log(log_values.shape[0])
