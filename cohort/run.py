@@ -333,21 +333,12 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
 
 
 def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
-    from cohort.tracking import flat_metrics
+    from cohort.tracking import flat_metrics, log_checkpoint_artifacts
 
     tracker.log_json({"epoch": final.get("epoch"), **flat_metrics(final)}, "final_metrics.json")
     if final.get(cohort_key("workers")):
         tracker.log_json(final[cohort_key("workers")], "workers.json")  # rank -> peer, replica, node, device
-    if result.checkpoint is None:
-        return
-    with result.checkpoint.as_directory() as folder:
-        for path in sorted(Path(folder).iterdir()):
-            if path.name.endswith((".state.pt", ".manifest.json")):
-                continue  # training state for restarts, not results
-            if path.suffix == ".pt":
-                tracker.log_file(path, "weights")
-            elif path.suffix in (".png", ".json"):
-                tracker.log_file(path, "reliability")
+    log_checkpoint_artifacts(tracker, result.checkpoint)
 
 
 

@@ -126,6 +126,20 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
+def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
+    """A finished run's results from its last Ray checkpoint: the peers' weights (``weights/``) and
+    reliability diagrams, PNG and bins (``reliability/``); the training state for restarts stays out."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        for path in sorted(Path(folder).iterdir()):
+            if path.name.endswith((".state.pt", ".manifest.json")):
+                continue
+            if path.suffix == ".pt":
+                tracker.log_file(path, "weights")
+            elif path.suffix in (".png", ".json"):
+                tracker.log_file(path, "reliability")
+
 
 def existing_store_client(uri: str, what: str):
     """A client for reading a store that must exist already (never creates an empty one)."""

@@ -34,6 +34,7 @@ __all__ = [
     "format_difference",
     "format_mean_std",
     "format_p_value",
+    "mean_half_width",
     "paired_difference",
     "present",
     "summarize",
@@ -131,3 +132,11 @@ def format_difference(diff: PairedDifference, scale: float = 1.0, digits: int = 
         return mean
     return (f"{mean} [{diff.ci_low * scale:+.{digits}f}, {diff.ci_high * scale:+.{digits}f}] "
             f"{format_p_value(diff.p_value)}")
+
+
+def mean_half_width(summary: Summary, confidence: float = 0.95) -> float:
+    """Half the width of the Student-t confidence interval of the mean, ``t_{(1+c)/2, n-1} · s/√n``
+    (NaN below two values): the error bar of a study's figures."""
+    if summary.n < 2:
+        return NAN
+    return float(stats.t.ppf((1 + confidence) / 2, summary.n - 1)) * summary.std / math.sqrt(summary.n)

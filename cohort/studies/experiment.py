@@ -1,0 +1,172 @@
+"""A study as one Ray Tune experiment: a FIFO grid over (arm, seed), every trial one whole cohort
+(``cohort.sweep.cohort_trial``), and the driver's callback that keeps MLflow (a child run per
+(arm, seed) under the study's parent run) and prints one line per finished run with the count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from cohort.report import OBJECTIVE, is_metric, metric_key
+
+ARM_TAG, SEED_TAG, STUDY_TAG = "cohort.study.arm", "cohort.study.seed", "cohort.study"
+
+
+def run_label(arm: str, seed: int) -> str:
+    return f"{arm}/seed-{seed}"
+
+
+def study_trial(config: dict[str, Any], arms: dict[str, dict[str, Any]], objectives: dict[str, str],
+                cpus_per_peer: float, threads: int, storage: str, weights: dict[str, dict[str, Any]]) -> None:
+    """Tune's trainable of a study: the arm's topology with the run's seed, as one cohort."""
+    from cohort.sweep import cohort_trial
+
+    arm, seed = config["run"]["arm"], int(config["run"]["seed"])
+    cohort_trial({"seed": seed}, arms[arm], objectives[arm], cpus_per_peer, threads, storage, weights.get(arm))
+
+
+def grid(runs: list[tuple[str, int]]) -> dict[str, Any]:
+    """Tune's param space: one grid entry per (arm, seed), in the study's order (seed by seed)."""
+    import ray.tune
+
+    return {"run": ray.tune.grid_search([{"arm": arm, "seed": seed} for arm, seed in runs])}
+
+
+def estimate_left(elapsed: float, done: int, total: int) -> float:
+    """Seconds left if the runs still to go take as long, on average, as the finished ones (NaN
+    before the first finishes). ``done`` counts only runs finished in this session."""
+    if done <= 0:
+        return math.nan
+    return elapsed / done * max(total - done, 0)
+
+
+def clock(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"``, ``"42s"``; ``"?"`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class StudyCallback(Callback):
+    """Tune callback (in the driver, the one MLflow writer): a child run per (arm, seed), its epochs,
+    its final artifacts (weights, reliability bins, final metrics: what ``cohort.run`` logs), and
+    the progress lines. Keeps only plain data, so a resumed study gets it back; the children's ids
+    live in ``state_file`` (arm/seed -> run id)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str,
+                 arms: dict[str, dict[str, Any]], roles: dict[str, dict[str, str]], total: int, state_file: Path,
+                 already_done: int = 0):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.parent_run_id, self.study_name = parent_run_id, study_name
+        self.arms = arms  # arm -> its resolved topology as plain data
+        self.roles = roles  # arm -> {role: peer}
+        self.total, self.already_done = total, already_done
+        self.state_file = Path(state_file)
+        self.finished_here = 0
+        self.started = time.perf_counter()
+        self.last_epoch: dict[str, int] = {}
+        self._tracker = None
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "_tracker"} | {"_tracker": None}
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from cohort.tracking import Tracker
+
+            self._tracker = Tracker(self.tracking_uri, self.experiment)
+        return self._tracker
+
+    def children(self) -> dict[str, str]:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def _child(self, trial) -> str:
+        """The (arm, seed)'s MLflow run: created on first sight, found again after --resume."""
+        from cohort.studies.file import with_seed
+        from cohort.topology import topology_from_dict
+
+        arm, seed = trial.config["run"]["arm"], int(trial.config["run"]["seed"])
+        label = run_label(arm, seed)
+        children = self.children()
+        if label not in children:
+            topology = with_seed(topology_from_dict(self.arms[arm], arm), seed)
+            run = self.tracker.client.create_run(self.tracker.experiment_id, run_name=f"{arm}-seed{seed}", tags={
+                "mlflow.parentRunId": self.parent_run_id, STUDY_TAG: self.study_name, ARM_TAG: arm,
+                SEED_TAG: str(seed), "cohort.topology": topology.name, "cohort.peers": ",".join(topology.peer_names),
+                "cohort.trial_id": trial.trial_id})
+            self.tracker.run_id = run.info.run_id
+            self.tracker.log_params(topology.flatten())
+            self.tracker.log_text(topology.to_yaml(), "topology.yaml")
+            children[label] = run.info.run_id
+            self.state_file.write_text(json.dumps(children))
+        self.tracker.run_id = children[label]
+        if trial.trial_id not in self.last_epoch:
+            # After --resume the epochs the run already holds in MLflow are done.
+            history = self.tracker.client.get_metric_history(self.tracker.run_id, OBJECTIVE)
+            self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
+        return self.tracker.run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._child(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._child(trial)
+        epoch = int(result.get("epoch", 0))
+        if epoch > self.last_epoch.get(trial.trial_id, 0):
+            self.tracker.log_epoch({**{k: v for k, v in result.items() if is_metric(k) or k == OBJECTIVE},
+                                    "epoch": epoch})
+        self.last_epoch[trial.trial_id] = epoch
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from cohort.tracking import flat_metrics, log_checkpoint_artifacts
+
+        self._child(trial)
+        result = trial.last_result or {}
+        self.tracker.log_json({"epoch": result.get("epoch"),
+                               **flat_metrics({k: v for k, v in result.items() if is_metric(k)})},
+                              "final_metrics.json")
+        log_checkpoint_artifacts(self.tracker, trial.checkpoint)
+        self.tracker.finish("FINISHED")
+        arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
+        self.progress(f"{run_label(arm, seed)} done: {accuracies(self.roles[arm], result)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from cohort.sweep import trial_failure
+
+        self._child(trial)
+        reason = trial_failure(trial)
+        self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
+        self.tracker.finish("FAILED")
+        self.progress(f"{run_label(trial.config['run']['arm'], trial.config['run']['seed'])} failed: {reason}")
+
+    def progress(self, event: str) -> None:
+        self.finished_here += 1
+        done = self.already_done + self.finished_here
+        elapsed = time.perf_counter() - self.started
+        left = estimate_left(elapsed, self.finished_here, self.total - self.already_done)
+        print(f"[{done}/{self.total} runs, {clock(elapsed)} so far, about {clock(left)} left] {event}", flush=True)
+
+
+def accuracies(roles: dict[str, str], result: dict[str, Any]) -> str:
+    """``"teacher 99.72%, student 99.44%"``: each role's final top-1."""
+    parts = []
+    for role, peer in roles.items():
+        value = result.get(metric_key(peer, "acc"))
+        parts.append(f"{role} {100 * value:.2f}%" if isinstance(value, (int, float)) else f"{role} -")
+    return ", ".join(parts)
+
+
+def objective_key(roles: dict[str, str]) -> str:
+    """The metric each run reports to Tune: the accuracy of the arm's first role."""
+    return metric_key(next(iter(roles.values())), "acc")
