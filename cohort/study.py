@@ -78,12 +78,15 @@ def resources_per_run(study) -> tuple[int, float]:
 
 
 def plan_concurrency(study, cpus: float, gpus: float) -> tuple[int, float]:
-    """How many runs at once, and each worker's CPUs (``cohort.sweep.plan_resources``), no more
-    runs at once than the GPUs hold."""
+    """How many runs at once, and each worker's CPUs (``cohort.sweep.plan_resources``; the arms'
+    own ``resources.cpus_per_peer`` where they set one), no more runs at once than the GPUs hold."""
     from cohort.sweep import plan_resources
 
     workers, gpus_per_run = resources_per_run(study)
-    concurrent, cpus_per_peer = plan_resources(workers, len(study.runs()), cpus, study.config.max_concurrent, None)
+    asked = [arm.topology.resources.cpus_per_peer for arm in study.arms.values()
+             if arm.topology.resources.cpus_per_peer is not None]
+    concurrent, cpus_per_peer = plan_resources(workers, len(study.runs()), cpus, study.config.max_concurrent,
+                                               max(asked) if asked else None)
     if gpus_per_run:
         if gpus + 1e-9 < gpus_per_run:
             raise CohortError(f"one run needs {gpus_per_run:g} GPUs, the Ray cluster has {gpus:g}")
@@ -94,7 +97,6 @@ def plan_concurrency(study, cpus: float, gpus: float) -> tuple[int, float]:
 def describe_plan(study, tracking_uri: str, cpus: float, gpus: float) -> str:
     from cohort.config.loader import dump_yaml
 
-    concurrent, cpus_per_peer = plan_concurrency(study, cpus, gpus)
     runs = len(study.runs())
     lines = [f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds "
              f"({', '.join(map(str, study.seeds))}) = {runs} runs; baseline {study.baseline}",
@@ -109,8 +111,13 @@ def describe_plan(study, tracking_uri: str, cpus: float, gpus: float) -> str:
             lines += ["  " + line for line in dump_yaml({"set": arm.differences}).splitlines()]
     workers, gpus_per_run = resources_per_run(study)
     gpu_text = f" and {gpus_per_run:g} GPUs" if gpus_per_run else ""
-    lines.append(f"\nresources: each run takes up to {workers} workers x {cpus_per_peer:g} CPU{gpu_text}; "
-                 f"{concurrent} run(s) at a time on {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else ""))
+    try:
+        concurrent, cpus_per_peer = plan_concurrency(study, cpus, gpus)
+        lines.append(f"\nresources: each run takes up to {workers} workers x {cpus_per_peer:g} CPU{gpu_text}; "
+                     f"{concurrent} run(s) at a time on {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else ""))
+    except CohortError as error:
+        lines.append(f"\nresources: each run takes up to {workers} workers{gpu_text}; not on this machine "
+                     f"({error.message}): join a cluster with --address")
     lines.append(f"MLflow: experiment {study.experiment!r} at {tracking_uri}: one parent run, {runs} child runs")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ def metric_figure(tables: list[RoleTable], outcomes: list[Outcome], metric: str,
         axis.set_title(table.role)
         axis.set_ylabel(column_name(metric) if index == 0 else "")
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"{column_name(metric)}: mean and 95% CI over seeds (dots: one seed each)")
+    figure.suptitle(f"{column_name(metric)}: mean and 95% CI over seeds (dots: one seed each)", y=1.03)
     return save(figure, path)
 
 
@@ -61,7 +61,7 @@ def reliability_figure(table: RoleTable, pooled: Callable[[str, str], object], p
         if index:
             top.set_ylabel("")
             bottom.set_ylabel("")
-    figure.suptitle(f"role {table.role}: reliability pooled over seeds")
+    figure.suptitle(f"role {table.role}: reliability pooled over seeds", y=1.0)
     return save(figure, path)
 
 

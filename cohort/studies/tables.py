@@ -139,6 +139,8 @@ def summary_grid(table: RoleTable, bold=None) -> list[list[str]]:
 
 def difference_grid(table: RoleTable) -> list[list[str]]:
     lines = [["arm", "metric", "pairs", f"difference to {table.baseline} [95% CI] (paired t-test)"]]
+    if not any(row.arm == table.baseline and row.peer is not None for row in table.rows):
+        return lines  # the baseline has no such role: nothing to pair with
     for row in table.rows:
         if row.differences is None or row.peer is None:
             continue
@@ -219,7 +221,7 @@ def render_latex(table: RoleTable) -> str:
     """booktabs: arm, n and mean ± std per metric in one cell, the best arm per column in bold; then
     the paired differences to the baseline."""
     def cell(text: str) -> str:
-        return latex_text(text).replace(" ± ", r" $\pm$ ").replace("—", "--")
+        return latex_text(text).replace(" ± ", r" $\pm$ ").replace("—", "--").replace("p<", "p$<$")
 
     grid = summary_grid(table, bold=lambda text: "\0" + text)
     head, *body = grid
