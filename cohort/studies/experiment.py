@@ -80,6 +80,12 @@ class StudyCallback(Callback):
     def __getstate__(self):
         return {key: value for key, value in self.__dict__.items() if key != "_tracker"} | {"_tracker": None}
 
+    def __setstate__(self, state):
+        # Tune gives a resumed study back the callback it saved: a new session, with its own clock;
+        # what finished before is counted from MLflow at its first event (``session_start``).
+        self.__dict__.update(state)
+        self.finished_here, self.started, self.already_done = 0, time.perf_counter(), None
+
     @property
     def tracker(self):
         if self._tracker is None:
@@ -87,6 +93,12 @@ class StudyCallback(Callback):
 
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
+
+    def session_start(self) -> None:
+        """After --resume: the runs that had finished (or failed) before this session."""
+        if self.already_done is None:
+            statuses = [self.tracker.client.get_run(run_id).info.status for run_id in self.children().values()]
+            self.already_done = sum(status in ("FINISHED", "FAILED") for status in statuses)
 
     def children(self) -> dict[str, str]:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
@@ -96,6 +108,7 @@ class StudyCallback(Callback):
         from cohort.studies.file import with_seed
         from cohort.topology import topology_from_dict
 
+        self.session_start()
         arm, seed = trial.config["run"]["arm"], int(trial.config["run"]["seed"])
         label = run_label(arm, seed)
         children = self.children()

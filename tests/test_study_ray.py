@@ -1,0 +1,86 @@
+"""A small study end to end: two arms x two seeds through Ray Tune, interrupted with Ctrl-C after
+its first run and resumed (that run is not run again), then re-reported from MLflow."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
+
+STUDY = {
+    "name": "tiny-study",
+    "seeds": [0, 1],
+    "baseline": "dml",
+    "metrics": ["acc", "ece"],
+    "max_concurrent": 1,
+    "set": {"train.epochs": 2},
+    "arms": {
+        "dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "roles": {"teacher": "net_a", "student": "net_b"}},
+        "bdkd": {"topology": str(TOPOLOGIES / "bdkd_pair.yaml")},
+    },
+}
+
+
+@pytest.mark.ray
+def test_study_interrupted_resumed_and_reported(tmp_path):
+    import mlflow
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, "-m", "cohort.study", str(path), "--tracking-uri", uri,
+               "--storage", str(tmp_path / "tune"), "--out", str(tmp_path / "figures")]
+    # Its own Ray in each command; one run at a time, so Ctrl-C lands in the second.
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if line.startswith("[1/4 runs"):
+            driver.send_signal(signal.SIGINT)
+            break
+    out, err = driver.communicate(timeout=180)
+    seen = "".join(seen) + out
+    assert driver.returncode == 2, seen + err
+    assert "--resume" in err, err
+    first = re.search(r"\] (\w+/seed-\d) done: teacher [\d.]+%, student [\d.]+%", seen).group(1)
+    assert first == "dml/seed-0", seen  # seed by seed, arms in the file's order
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"{first} done" not in resumed.stdout  # finished: not run again
+    assert "[4/4 runs" in resumed.stdout and "1 done before" in resumed.stdout, resumed.stdout
+    assert "role student: mean ± std over seeds (2 per arm)" in resumed.stdout
+    assert "difference to dml [95% CI] (paired t-test)" in resumed.stdout
+
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny-study").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted((run.data.tags["cohort.study.arm"], run.data.tags["cohort.study.seed"]) for run in children) == [
+        ("bdkd", "0"), ("bdkd", "1"), ("dml", "0"), ("dml", "1")]
+    assert all(run.info.status == "FINISHED" for run in children)
+    for run in children:  # each a complete cohort run: every epoch once, weights, reliability bins, topology
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "objective")] == [1, 2]
+        logged = {item.path for folder in ("", "weights", "reliability")
+                  for item in client.list_artifacts(run.info.run_id, folder or None)}
+        assert {"topology.yaml", "final_metrics.json"} <= logged
+        assert any(p.startswith("weights/") and p.endswith(".pt") for p in logged)
+        assert any(p.endswith(".json") and p.startswith("reliability/") for p in logged)
+    parent_files = {item.path for folder in ("", "tables", "figures")
+                    for item in client.list_artifacts(parents[0].info.run_id, folder or None)}
+    assert {"study.yaml", "tables/tables.csv", "tables/tables.tex", "figures/metric_acc.png",
+            "figures/reliability_student.png"} <= parent_files
+
+    report = subprocess.run(command[:4] + ["--tracking-uri", uri, "--report", "--format", "markdown",
+                                           "--out", str(tmp_path / "again")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "4 of 4 runs done" in report.stdout and "| dml | net_b | 2 |" in report.stdout
+    assert (tmp_path / "again" / "reliability_teacher.png").is_file()
