@@ -78,7 +78,7 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     from cohort.peer import build_peer, cohort_groups
 
     uri = resolve_uri(tracking_uri or topology.tracking.uri)
-    dataset = load_dataset(topology.data) if download else None
+    dataset = load_dataset(topology.data, topology.seed) if download else None
     info = dataset.info if dataset is not None else describe_dataset(topology.data)
     weights = load_checkpoints(topology, uri)
     # Building every peer here catches unknown models, bad checkpoints and class-count mismatches

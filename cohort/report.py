@@ -115,17 +115,22 @@ def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Te
 
 
 def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
-    """The keys of an epoch's report, computed with the real metric code on dummy predictions."""
+    """The keys of an epoch's report, computed with the real metric code on dummy predictions (the
+    last epoch's: with a validation split, the temperature-scaled metrics too)."""
     import torch
 
     from cohort import metrics
+    from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
     from cohort.peer import cohort_groups
 
     groups = metric_groups(topology, cohort_groups(topology, info))
     logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
     peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *groups)
-    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers),
-                           metrics.evaluate_probs(logits.softmax(dim=1), labels, *groups))
+    ensemble = metrics.evaluate_probs(logits.softmax(dim=1), labels, *groups)
+    if topology.data.val_fraction:
+        for scores, out in ((logits, peer_metrics), (log_probs_of(logits.softmax(dim=1)), ensemble)):
+            out.update({**validation_metrics(scores, labels), **scaled_metrics(scores, labels, scores, labels, *groups)})
+    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers), ensemble)
     return sorted(key for key, value in report.items() if isinstance(value, float))
 
 

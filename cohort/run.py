@@ -71,6 +71,16 @@ def _ranges(classes: list[int]) -> str:
     return ", ".join(parts)
 
 
+def describe_calibration(topology, info) -> str:
+    """What the plan says about the validation split and temperature scaling."""
+    if not info.val_size:
+        return "temperature scaling: off (no validation split; set data.val_fraction, e.g. 0.1)"
+    every = topology.train.calibrate_every
+    when = f"every {every} epochs and after the last" if every else "after the last epoch"
+    return (f"validation split: {info.val_size} training images held out (data.val_fraction "
+            f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
+
+
 def describe_plan(plan: Plan) -> str:
     topology, info = plan.topology, plan.info
     # Columns as wide as their longest name, and a space after it: long names never run together.
@@ -83,6 +93,7 @@ def describe_plan(plan: Plan) -> str:
         + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
+        f"  {describe_calibration(topology, info)}",
         "",
         f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]
@@ -166,13 +177,21 @@ def epoch_line(topology, report: dict[str, Any], seconds: float) -> str:
 
 
 def summary_table(plan: Plan, final: dict[str, Any]) -> str:
+    """The end of a run: each peer's final test metrics; with temperature scaling, the ECE and NLL
+    after it and the fitted temperature beside them."""
     topology = plan.topology
-    rows = [f"{'peer':<14}{'model':<16}{'params':>10}{'top-1':>9}{'ECE':>8}{'NLL':>8}{'Brier':>8}"]
+    scaled = any(metric_key(peer, "ece_ts") in final for peer in evaluated(topology))
+    header = f"{'peer':<14}{'model':<16}{'params':>10}{'top-1':>9}{'ECE':>8}{'NLL':>8}{'Brier':>8}"
+    rows = [header + (f"{'T':>7}{'ECE(TS)':>9}{'NLL(TS)':>9}" if scaled else "")]
     for peer in evaluated(topology):
         model = topology.peers[peer].model if peer != ENSEMBLE else "(mean of probs)"
         params = f"{plan.parameters[peer]:,}" if peer in plan.parameters else ""
         acc, ece, nll, brier = (final[metric_key(peer, metric)] for metric in ("acc", "ece", "nll", "brier"))
-        rows.append(f"{peer:<14}{model:<16}{params:>10}{100 * acc:>8.1f}%{ece:>8.4f}{nll:>8.4f}{brier:>8.4f}")
+        row = f"{peer:<14}{model:<16}{params:>10}{100 * acc:>8.1f}%{ece:>8.4f}{nll:>8.4f}{brier:>8.4f}"
+        if scaled:
+            values = [final.get(metric_key(peer, key), float("nan")) for key in ("ts_temperature", "ece_ts", "nll_ts")]
+            row += f"{values[0]:>7.2f}{values[1]:>9.4f}{values[2]:>9.4f}"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -224,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         run_folder.mkdir(parents=True, exist_ok=True)
         (run_folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
     tracker.log_json({"train_class_counts": list(plan.info.train_class_counts), "train_size": plan.info.train_size,
+                      "val_size": plan.info.val_size,
                       "test_size": plan.info.test_size, "notes": list(plan.info.notes),
                       "groups": {name: [c for c in range(plan.info.num_classes) if int(plan.groups[0][c]) == index]
                                  for index, name in enumerate(plan.groups[1])} if plan.groups else None},

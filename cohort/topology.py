@@ -46,6 +46,8 @@ class DataConfig(Strict):
     long_tail: LongTailConfig | None = None
     groups: Literal["thirds", "shots"] | None = Field(
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
+                                                              "the validation split (0: none)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> "DataConfig":
@@ -119,6 +121,8 @@ class TrainConfig(Strict):
     check_batches_every: int = Field(50, ge=0, description="steps between cross-peer batch fingerprint checks (0: off)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the forward pass's autocast type; logits, losses and the exchange stay fp32")
+    calibrate_every: int = Field(0, ge=0, description="epochs between temperature-scaling fits on the validation "
+                                                      "split (0: after the last epoch only)")
 
 
 # --------------------------------------------------------------------------- peers and edges

@@ -19,6 +19,7 @@ import torch.distributed
 import torch.nn as nn
 
 from cohort import metrics, reliability
+from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
 from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
 from cohort.datasets import CohortDataset, load_dataset
 from cohort.errors import CohortError
@@ -135,15 +136,16 @@ def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[f
 @torch.no_grad()
 def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: int, num_workers: int = 0,
              device: torch.device = torch.device("cpu"), precision: str = "fp32", shard: int = 0, shards: int = 1,
-             peer_group=None):
-    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU.
+             peer_group=None, batches=None):
+    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU
+    (``batches``: other batches than the test split's, e.g. the validation split's).
 
     With replicas, each evaluates its shard of every test batch and the peer's replicas share
     their parts, so every replica ends with the whole test split, in the order of one worker.
     """
     model.eval()
     own, ensemble, labels = [], [], []
-    for inputs, batch_labels in data.test_batches(batch_size, num_workers):
+    for inputs, batch_labels in (data.test_batches(batch_size, num_workers) if batches is None else batches):
         start, stop = shard_bounds(len(batch_labels), shards, shard)
         if start == stop:  # a test batch smaller than the shard count: the whole shard group skips it
             own.append(torch.empty(0))
@@ -238,7 +240,8 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
     threads = config["threads"]
     torch.set_num_threads(threads[peer] if isinstance(threads, dict) else threads)
     # The driver's copy through the object store when it sent one (cohort.run), else loaded here.
-    data = ray.get(config["dataset"]) if config.get("dataset") is not None else load_dataset(topology.data)
+    data = (ray.get(config["dataset"]) if config.get("dataset") is not None
+            else load_dataset(topology.data, topology.seed))
     startup["data_loaded"] = time.time()
     grouping = cohort_groups(topology, data.info)
     device = ray.train.torch.get_device() if topology.resources.use_gpu else torch.device("cpu")
@@ -325,14 +328,26 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
     own_logits, ensemble_probs, test_labels = evaluation
     contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, worker.guard.fingerprint,
                                       *worker.metric_groups)
+    validation = None
+    if worker.data.info.val_size:
+        # The validation split: its accuracy and NLL, and when due the temperature fitted on it (cohort.calibration).
+        validation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
+                              device=worker.device, precision=topology.train.precision, shard=worker.shard,
+                              shards=topology.replicas, peer_group=worker.peer_group,
+                              batches=worker.data.val_batches(topology.data.eval_batch_size))
+        contribution.update(calibration_metrics(validation[0], validation[2], own_logits, test_labels,
+                                                calibrating(topology, epoch), worker.metric_groups))
     if worker.startup is not None:
         contribution["startup"] = {**worker.startup, "first_step": stats.first_step_at}
         worker.startup = None  # sent once, with the first epoch this worker runs
     everyone = worker.exchange.gather_objects(contribution)
     report: dict[str, Any] = {}
     if worker.rank == 0:
-        report = cohort_report(topology, epoch, everyone,
-                               metrics.evaluate_probs(ensemble_probs, test_labels, *worker.metric_groups))
+        ensemble = metrics.evaluate_probs(ensemble_probs, test_labels, *worker.metric_groups)
+        if validation is not None:
+            ensemble.update(calibration_metrics(log_probs_of(validation[1]), validation[2], log_probs_of(ensemble_probs),
+                                                test_labels, calibrating(topology, epoch), worker.metric_groups))
+        report = cohort_report(topology, epoch, everyone, ensemble)
         report[cohort_key("workers")] = worker.workers
         if worker.objective is not None:
             try:
@@ -343,6 +358,21 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
         if worker.progress is not None:
             worker.progress.put(report)
     return report, evaluation
+
+
+def calibrating(topology: Topology, epoch: int) -> bool:
+    """Whether this epoch fits the temperatures: the last one, and every ``train.calibrate_every``."""
+    every = topology.train.calibrate_every
+    return epoch == topology.train.epochs or bool(every and epoch % every == 0)
+
+
+def calibration_metrics(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor,
+                        test_labels: torch.Tensor, fit: bool, groups: tuple[Any, Any]) -> dict[str, float]:
+    """``val_acc``, ``val_nll`` and, when ``fit``, the temperature and the test metrics after scaling."""
+    out = validation_metrics(val_logits, val_labels)
+    if fit:
+        out.update(scaled_metrics(val_logits, val_labels, test_logits, test_labels, *groups))
+    return out
 
 
 def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluation: tuple) -> None:

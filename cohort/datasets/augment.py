@@ -33,6 +33,9 @@ class ImageArrays(CohortDataset):
             return self._normalize(self.test_images[indices]), self.test_labels[indices]
         return self._normalize(self._augment(self.train_images[indices], seed)), self.train_labels[indices]
 
+    def plain_train_batch(self, indices: torch.Tensor) -> Batch:
+        return self._normalize(self.train_images[indices]), self.train_labels[indices]
+
     def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         count, _, height, width = images.shape

@@ -30,6 +30,7 @@ class DatasetInfo:
     class_names: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what the user should know about the data (skipped rows, ...)
     input_size: tuple[int, ...] = ()  # one input's shape, (C, H, W): the plan estimates each peer's compute from it
+    val_size: int = 0  # training images held out as the validation split (data.val_fraction)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -70,6 +71,14 @@ class CohortDataset:
     def train_targets(self) -> torch.Tensor:
         """Every training sample's label, in index order."""
         raise NotImplementedError
+
+    def plain_train_batch(self, indices: torch.Tensor) -> Batch:
+        """Training samples served as test samples are (no augmentation): a validation split's batches."""
+        raise NotImplementedError
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The validation split's batches (none without one: ``cohort.datasets.validation``)."""
+        return iter(())
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
                       shards: int = 1) -> Iterator[Batch]:
@@ -120,6 +129,9 @@ class TensorSplits(CohortDataset):
         if train:
             return self.train_x[indices], self.train_y[indices]
         return self.test_x[indices], self.test_y[indices]
+
+    def plain_train_batch(self, indices: torch.Tensor) -> Batch:
+        return self.train_x[indices], self.train_y[indices]
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> tuple[int, ...]:

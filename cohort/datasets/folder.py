@@ -52,6 +52,13 @@ class ImageFolderSplits(CohortDataset):
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         source, transform = (self.train, self.train_transform) if train else (self.test, self.test_transform)
+        return self._load(source, transform, indices, train, seed)
+
+    def plain_train_batch(self, indices: torch.Tensor) -> Batch:
+        return self._load(self.train, self.test_transform, indices, False, 0)
+
+    @staticmethod
+    def _load(source, transform, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         images, labels = [], []
         for position, index in enumerate(indices.tolist()):
             path, label = source.samples[index]

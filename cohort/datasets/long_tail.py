@@ -45,3 +45,6 @@ class LongTailed(CohortDataset):
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         return self.inner.make_batch(self.keep[indices] if train else indices, train, seed)
+
+    def plain_train_batch(self, indices: torch.Tensor) -> Batch:
+        return self.inner.plain_train_batch(self.keep[indices])

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from cohort.datasets.base import CohortDataset, DatasetInfo
 from cohort.datasets.long_tail import LongTailed, long_tail_counts
+from cohort.datasets.validation import ValidationSplit, split_info
 from cohort.errors import CohortError
 
 # The data section's settings that depend on the dataset (fields of cohort.topology.DataConfig),
@@ -106,14 +107,17 @@ def _and(names: list[str]) -> str:
     return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def load_dataset(config: Any) -> CohortDataset:
-    """The dataset of a topology's data section (``cohort.topology.DataConfig``)."""
+def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
+    """The dataset of a topology's data section (``cohort.topology.DataConfig``); ``seed`` (the
+    topology's) chooses the validation split's images."""
     if config.dataset not in DATASETS:
         raise CohortError(f"unknown dataset {config.dataset!r} (known: {', '.join(sorted(DATASETS))})", "data.dataset")
     spec = DATASETS[config.dataset]
     dataset = spec.loader(**spec.arguments(config))
     if config.long_tail is not None:
         dataset = LongTailed(dataset, config.long_tail.imbalance, config.long_tail.profile)
+    if getattr(config, "val_fraction", 0):
+        dataset = ValidationSplit(dataset, config.val_fraction, seed)
     return dataset
 
 
@@ -127,4 +131,6 @@ def describe_dataset(config: Any) -> DatasetInfo:
         counts = long_tail_counts(max(info.train_class_counts), info.num_classes, config.long_tail.imbalance,
                                   config.long_tail.profile)
         info = replace(info, train_size=sum(counts), train_class_counts=tuple(counts))
+    if getattr(config, "val_fraction", 0):
+        info = split_info(info, config.val_fraction)
     return info

@@ -1,0 +1,121 @@
+"""Temperature scaling and the validation split, without Ray: the fit against a brute-force
+search and on logits whose best temperature is known by construction; the split's sizes,
+stratification, seeding and its place after the long tail."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cohort.calibration import T_MAX, T_MIN, fit_temperature, nll_at, scaled_metrics, validation_metrics
+from cohort.datasets import describe_dataset, load_dataset
+from cohort.datasets.validation import validation_counts
+from cohort.topology import DataConfig, topology_from_dict
+
+
+def sampled(n: int, classes: int, scale: float, temperature: float, seed: int = 0):
+    """Labels drawn from softmax(z) and logits z · T: the NLL-optimal temperature is T (as n grows)."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, classes, generator=generator, dtype=torch.float64) * scale
+    labels = torch.multinomial(z.softmax(dim=1), 1, generator=generator).flatten()
+    return z * temperature, labels
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5, 4.0])
+def test_the_fit_finds_the_temperature_the_logits_were_made_with(temperature):
+    logits, labels = sampled(20000, 10, 2.0, temperature)
+    assert fit_temperature(logits, labels) == pytest.approx(temperature, rel=0.03)
+
+
+def test_the_fit_agrees_with_a_brute_force_grid():
+    """An independent search: the NLL on a fine grid of log T, refined once around its best point."""
+    logits, labels = sampled(3000, 7, 3.0, 1.7, seed=1)
+    grid = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 1001))
+    losses = [nll_at(logits, labels, t) for t in grid]
+    best = grid[int(np.argmin(losses))]
+    fine = np.linspace(best * 0.99, best * 1.01, 1001)
+    best = fine[int(np.argmin([nll_at(logits, labels, t) for t in fine]))]
+    fitted = fit_temperature(logits, labels)
+    assert fitted == pytest.approx(best, rel=1e-4)
+    assert nll_at(logits, labels, fitted) <= nll_at(logits, labels, best) + 1e-10
+
+
+def test_overconfident_logits_are_cooled_and_calibration_improves():
+    logits, labels = sampled(20000, 10, 1.5, 3.0, seed=2)  # 3x too confident
+    out = scaled_metrics(logits[:10000], labels[:10000], logits[10000:], labels[10000:])
+    from cohort import metrics
+
+    before = metrics.evaluate(logits[10000:], labels[10000:])
+    assert out["ts_temperature"] == pytest.approx(3.0, rel=0.05)
+    assert out["ece_ts"] < before["ece"] / 3 and out["nll_ts"] < before["nll"]
+    assert set(out) == {"ts_temperature", "ece_ts", "adaece_ts", "nll_ts", "brier_ts"}
+
+
+def test_the_fit_is_deterministic_and_bounded():
+    logits, labels = sampled(500, 5, 2.0, 1.3, seed=3)
+    assert fit_temperature(logits, labels) == fit_temperature(logits.clone(), labels.clone())
+    # Labels that always disagree with the arg max: the NLL falls as T grows, up to the bound.
+    wrong = (logits.argmax(dim=1) + 1) % 5
+    assert fit_temperature(logits, wrong) == pytest.approx(T_MAX, rel=1e-4)
+    with pytest.raises(ValueError, match="no validation samples"):
+        fit_temperature(logits[:0], labels[:0])
+
+
+def test_validation_metrics():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    out = validation_metrics(logits, labels)
+    assert out["val_acc"] == pytest.approx(2 / 3)
+    expected = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (math.e + 1))
+                 + math.log(1 / (math.exp(3) + 1))) / 3
+    assert out["val_nll"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- the validation split
+
+
+def test_validation_counts_by_hand():
+    assert validation_counts([100, 10, 5, 2, 1, 0], 0.1) == [10, 1, 1, 1, 0, 0]  # at least one where a class has two
+    assert validation_counts([3, 3], 0.9) == [2, 2]  # one always left for training
+    assert validation_counts([50, 7], 0.0) == [0, 0]
+
+
+def test_the_split_is_stratified_seeded_and_disjoint():
+    config = DataConfig(val_fraction=0.2)
+    data = load_dataset(config, seed=0)
+    whole = load_dataset(DataConfig())
+    assert data.info.val_size == sum(validation_counts(whole.info.train_class_counts, 0.2))
+    assert data.info.train_size + data.info.val_size == whole.info.train_size
+    assert describe_dataset(config) == data.info  # the plan's sizes are the loaded ones
+    assert set(data.keep.tolist()).isdisjoint(data.val.tolist())
+    counts = torch.bincount(data.val_targets, minlength=10).tolist()
+    assert counts == validation_counts(whole.info.train_class_counts, 0.2)
+    assert torch.equal(load_dataset(config, seed=0).val, data.val)  # the same images for the same seed
+    assert not torch.equal(load_dataset(config, seed=1).val, data.val)
+    # Validation batches are the held-out training images, unaugmented; training never serves them.
+    images, labels = next(data.val_batches(1000))
+    assert torch.equal(images, whole.train_x[data.val]) and torch.equal(labels, whole.train_y[data.val])
+    served = torch.cat([inputs for inputs, _ in data.train_batches(64, 0, 1)])
+    assert len(served) <= data.info.train_size
+
+
+def test_the_split_is_carved_after_the_long_tail():
+    config = DataConfig(dataset="digits", long_tail={"imbalance": 10}, val_fraction=0.1)
+    tail_only = load_dataset(DataConfig(dataset="digits", long_tail={"imbalance": 10}))
+    data = load_dataset(config, seed=0)
+    assert data.info.val_size == sum(validation_counts(tail_only.info.train_class_counts, 0.1))
+    assert set(data.val.tolist()) <= set(range(tail_only.info.train_size))
+    assert min(torch.bincount(data.val_targets, minlength=10).tolist()) >= 1
+
+
+def test_val_fraction_is_checked():
+    from cohort.errors import CohortError
+
+    base = {"name": "t", "peers": {"a": {"model": "mlp"}}, "edges": []}
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(CohortError, match="data.val_fraction"):
+            topology_from_dict({**base, "data": {"val_fraction": bad}})
+    with pytest.raises(CohortError, match="train.calibrate_every"):
+        topology_from_dict({**base, "train": {"calibrate_every": -1}})
