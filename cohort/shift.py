@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIDE = 32  # imagecorruptions refuses smaller images
 LIBRARY = "imagecorruptions-imaug"  # the distribution that provides the ``imagecorruptions`` module
 _TAKES_SEED = ("impulse_noise", "glass_blur")  # draw from their own generators, seeded by argument
+# Each dataset's clean test split and its fingerprint, computed once: an evaluation asks for many
+# settings of one dataset, and an image folder's test split is read from its files.
+_CLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- names and severities
@@ -222,12 +226,17 @@ def clean_test_split(dataset: CohortDataset) -> tuple[torch.Tensor, torch.Tensor
         base = base.inner
     if base.info.test_size != dataset.info.test_size:
         raise CohortError(f"{dataset.info.name}: the test split is not the wrapped dataset's; cannot corrupt it")
+    if base in _CLEAN:
+        return _CLEAN[base]
     if isinstance(base, ImageArrays):
-        return base.test_images, base.test_labels, base.mean.flatten(), base.std.flatten()
-    if isinstance(base, ImageFolderSplits):
-        return _folder_test_split(base)
-    raise CohortError(f"shifted data works on image datasets (cifar10, cifar100, parquet, imagefolder), "
-                      f"not on {dataset.info.name}")
+        split = base.test_images, base.test_labels, base.mean.flatten(), base.std.flatten()
+    elif isinstance(base, ImageFolderSplits):
+        split = _folder_test_split(base)
+    else:
+        raise CohortError(f"shifted data works on image datasets (cifar10, cifar100, parquet, imagefolder), "
+                          f"not on {dataset.info.name}")
+    _CLEAN[base] = split
+    return split
 
 
 def _folder_test_split(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

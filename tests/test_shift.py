@@ -276,3 +276,9 @@ def test_image_folders_are_corrupted_as_the_network_sees_them(tmp_path):
     shifted = shift.shifted_dataset(data, "brightness", 5, seed=0, cache_dir=tmp_path / "cache")
     (x, y), = batches(shifted.test_batches(8))
     assert torch.equal(y, y0) and float(x.mean()) > float(x0.mean())  # brighter
+
+    def unreadable(path):
+        raise AssertionError(f"read {path} again")
+
+    data.test.loader = unreadable  # the test images were read once, for the first setting
+    shift.shifted_dataset(data, "brightness", 4, seed=0, cache_dir=tmp_path / "cache")
