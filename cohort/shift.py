@@ -149,10 +149,11 @@ def corrupt_images(images: torch.Tensor, corruption: str, severity: int, seed: i
 
 
 def _library():
-    try:
-        from imagecorruptions import corrupt
-    except ImportError:
-        raise CohortError(f"shifted data needs the {LIBRARY} package: pip install 'cohort[shift]'") from None
+    # The original imagecorruptions (1.1.2) installs the same module but fails on numpy 2.
+    if library_version() == "unknown":
+        raise CohortError(f"shifted data needs the {LIBRARY} package: pip install 'cohort[shift]'")
+    from imagecorruptions import corrupt
+
     return corrupt
 
 

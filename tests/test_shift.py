@@ -282,3 +282,10 @@ def test_image_folders_are_corrupted_as_the_network_sees_them(tmp_path):
 
     data.test.loader = unreadable  # the test images were read once, for the first setting
     shift.shifted_dataset(data, "brightness", 4, seed=0, cache_dir=tmp_path / "cache")
+
+
+def test_without_the_library_one_line(monkeypatch):
+    monkeypatch.setattr(shift, "library_version", lambda: "unknown")
+    with pytest.raises(CohortError) as error:
+        shift.corrupt_images(synthetic(1), "fog", 1, seed=0)
+    assert str(error.value) == "shifted data needs the imagecorruptions-imaug package: pip install 'cohort[shift]'"
