@@ -155,8 +155,9 @@ def test_a_frozen_teacher_on_the_gpu(cpu_reference, tmp_path):
     loaded = torch.load(checkpoint, weights_only=True)
     kept = torch.load(gpu[2] / "teacher.pt", weights_only=True)
     assert all(torch.equal(kept[key].cpu(), value) for key, value in loaded.items())  # frozen: not one bit moved
-    # Evaluation alone: only the rounding of the forward pass differs.
-    assert gpu[1].data.metrics["teacher/nll"] == pytest.approx(cpu[1].data.metrics["teacher/nll"], rel=1e-5, abs=1e-6)
+    # Evaluation alone (no training step to amplify the forward pass's rounding): ten times tighter.
+    assert gpu[1].data.metrics["teacher/nll"] == pytest.approx(cpu[1].data.metrics["teacher/nll"], rel=RTOL / 10,
+                                                               abs=ATOL / 10)
     assert gpu[1].data.metrics["teacher/acc"] == pytest.approx(cpu[1].data.metrics["teacher/acc"],
                                                                abs=1.01 / TEST_IMAGES)
     assert_like_cpu(cpu, gpu, peers=("student",))
