@@ -15,6 +15,8 @@ One run measures, side by side and on the same models, batches and losses:
 Every figure is the median of ``--repeats`` epochs of ``--steps`` steps, after one warm-up epoch;
 each epoch's value is the median of its steps. The results go to ``bench/results/exchange.json``
 and a markdown table to stdout.
+
+``--device cuda`` runs the GPU benchmark instead (``bench.exchange_cuda``, its own options).
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ UNEQUAL = {"peers": {"teacher": {"model": "resnet20"}, "student": {"model": "res
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.exchange", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU benchmark, see `python -m bench.exchange --device cuda --help`")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the CIFAR-10 parquet table (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=12, help="measured steps per epoch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="measured epochs, after one warm-up epoch "
@@ -576,6 +580,13 @@ def main_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    if device.parse_known_args(argv)[0].device == "cuda":
+        from bench.exchange_cuda import main as cuda_main
+
+        return cuda_main(argv)
     return run_command(main_command, parse_args(argv))
 
 

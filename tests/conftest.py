@@ -1,10 +1,15 @@
-"""The Ray the test modules share, and the rule behind `python -m pytest -m "not ray"`.
+"""The Ray the test modules share, the rule behind `python -m pytest -m "not ray"`, and the GPU tests'
+skips (`python -m pytest -m gpu`).
 
 Every test that starts Ray — in this process, in a subprocess, or as a cluster (`ray start`,
 Ray's cluster utilities) — carries the `ray` marker (pyproject.toml), so that `-m "not ray"` runs
 the rest without Ray. Two checks keep the rule from rotting: a test that uses a fixture starting
 Ray without the marker stops the session at collection, and a test without the marker that leaves
 Ray running in this process fails.
+
+Tests that need CUDA carry the `gpu` marker (`gpu(devices=2)` for two GPUs or more). Where torch
+sees no GPU they are skipped, all with one reason, before any fixture runs: the normal suite only
+collects them.
 """
 from __future__ import annotations
 
@@ -27,7 +32,39 @@ def ray_cluster():
     ray.shutdown()
 
 
+NO_CUDA = "needs CUDA: torch sees no GPU here (run `python -m pytest -m gpu` on a machine with one)"
+
+
+def gpu_skip_reason(cuda_available: bool, gpus: int, needed: int) -> str | None:
+    """Why a `gpu` test cannot run here (None: it can)."""
+    if not cuda_available:
+        return NO_CUDA
+    if gpus < needed:
+        return f"needs {needed} GPUs, torch sees {gpus}"
+    return None
+
+
+def cuda_devices() -> tuple[bool, int]:
+    import torch
+
+    available = torch.cuda.is_available()
+    return available, torch.cuda.device_count() if available else 0
+
+
+def skip_gpu_tests(items) -> None:
+    marked = [(item, item.get_closest_marker("gpu")) for item in items]
+    marked = [(item, marker) for item, marker in marked if marker is not None]
+    if not marked:
+        return
+    available, gpus = cuda_devices()
+    for item, marker in marked:
+        reason = gpu_skip_reason(available, gpus, int(marker.kwargs.get("devices", 1)))
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_collection_modifyitems(config, items):
+    skip_gpu_tests(items)
     unmarked = [item.nodeid for item in items
                 if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None]
     if unmarked:
