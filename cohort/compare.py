@@ -64,6 +64,9 @@ def compare(args: argparse.Namespace) -> int:
         return 0
     check_metrics(runs, args.metrics)
     check_peer(runs, args.peer)
+    # Runs with temperature scaling (data.val_fraction) show the ECE after it beside the ECE before.
+    if "ece_ts" not in columns and any(key.endswith("/ece_ts") for run in runs for key in run.metrics):
+        columns.insert(columns.index("ECE") + 1, "ece_ts")
 
     rows = sort_rows(build_rows(runs, columns, args.peer), order_by)
     print(render(rows, columns, args.format), flush=True)

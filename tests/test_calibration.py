@@ -119,3 +119,29 @@ def test_val_fraction_is_checked():
             topology_from_dict({**base, "data": {"val_fraction": bad}})
     with pytest.raises(CohortError, match="train.calibrate_every"):
         topology_from_dict({**base, "train": {"calibrate_every": -1}})
+
+
+# --------------------------------------------------------------------------- cohort.evaluate's arithmetic
+
+
+def test_evaluation_means_rows_and_mlflow_keys():
+    from cohort.evaluation import mean_over_corruptions, render, result_rows, shift_metric_items
+
+    def owners(acc):
+        return {"student": {"acc": acc, "ece": 1 - acc}, "ensemble": {"acc": acc + 0.01, "ece": 0.5}}
+
+    results = {("clean", 0): owners(0.9), ("fog", 1): owners(0.8), ("fog", 3): owners(0.6),
+               ("snow", 1): owners(0.7), ("snow", 3): owners(0.4)}
+    means = mean_over_corruptions(results)
+    assert list(means) == [1, 3]
+    assert means[1]["student"]["acc"] == pytest.approx(0.75) and means[3]["student"]["ece"] == pytest.approx(0.5)
+    results.update({("mean", severity): value for severity, value in means.items()})
+    rows = result_rows(results, "student")
+    assert [(row["data"], row["severity"]) for row in rows] == [
+        ("clean", 0), ("fog", 1), ("snow", 1), ("fog", 3), ("snow", 3), ("mean", 1), ("mean", 3)]
+    text = render(rows, "table")
+    assert text.splitlines()[0].split() == ["data", "severity", "peer", "top-1", "ece"]
+    assert "clean  -         student  90.00%  0.1000" in text
+    keys = {(key, step) for key, _, step in shift_metric_items(results)}
+    assert ("shift/fog/student/acc", 3) in keys and ("shift/mean/ensemble/ece", 1) in keys
+    assert not any(key.startswith("shift/clean") for key, _ in keys)

@@ -2,6 +2,8 @@
 plain one-process loop (the proof that the exchange is right)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import zlib
@@ -338,6 +340,26 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
         assert 0.15 < run.data.metrics[f"{peer}/acc"] <= 1.0  # above chance (0.1) after 2 short epochs
         assert 0.0 <= run.data.metrics[f"{peer}/ece"] <= 1.0
 
+    # Shifted data (cohort.evaluate): two corruptions at severity 3, logged into the run; again: no duplicates.
+    from cohort.evaluate import main as evaluate
+
+    command = [run.info.run_id, "--tracking-uri", uri, "--shift", "gaussian_noise,defocus_blur", "--severity", "3",
+               "--format", "csv", "--out", str(tmp_path / "shift")]
+    assert evaluate(command) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    settings = {(row["data"], row["severity"]) for row in rows}
+    assert settings == {("clean", "0"), ("gaussian_noise", "3"), ("defocus_blur", "3"), ("mean", "3")}
+    clean = {row["peer"]: float(row["acc"]) for row in rows if row["data"] == "clean"}
+    noisy = {row["peer"]: float(row["acc"]) for row in rows if row["data"] == "gaussian_noise"}
+    assert clean["teacher"] == pytest.approx(run.data.metrics["teacher/acc"])  # the run's own test split, again
+    assert noisy["teacher"] < clean["teacher"]
+    assert evaluate(command) == 0
+    capsys.readouterr()
+    client = mlflow.tracking.MlflowClient(uri)
+    history = client.get_metric_history(run.info.run_id, "shift/gaussian_noise/teacher/acc")
+    assert [(m.step, m.value) for m in history] == [(3, pytest.approx(noisy["teacher"]))]
+    assert "shift/mean/ensemble/ece" in client.get_run(run.info.run_id).data.metrics
+
 
 @pytest.mark.ray
 def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
@@ -376,3 +398,37 @@ def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
     assert data["train_size"] == sum(data["train_class_counts"]) < 1437
     assert data["train_class_counts"][0] > 10 * data["train_class_counts"][-1] * 0.9
     assert data["groups"] == {"head": [0, 1, 2, 3], "medium": [4, 5, 6], "tail": [7, 8, 9]}
+
+
+@pytest.mark.ray
+def test_validation_split_and_temperature_scaling(ray_cluster, tmp_path, capsys):
+    """data.val_fraction: val metrics each epoch, the fitted temperatures and the _ts metrics at the
+    end; cohort.evaluate on the run's own test split gives back its final metrics, before and after."""
+    from cohort.evaluate import main as evaluate
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    topology = {**THREE_PEERS, "name": "calibrated", "data": {"val_fraction": 0.1}}
+    assert main([str(write_topology(tmp_path, topology)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    out = capsys.readouterr().out
+    assert "validation split: 142 training images held out" in out and "ECE(TS)" in out
+    client, run = finished_run(uri, "calibrated")
+    metrics = run.data.metrics
+    for owner in ("teacher", "student_a", "student_b", "ensemble"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{owner}/val_acc")] == [1, 2]
+        assert 0.05 <= metrics[f"{owner}/ts_temperature"] <= 20
+        assert {f"{owner}/{m}_ts" for m in ("ece", "adaece", "nll", "brier")} <= set(metrics)
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--format", "csv"]) == 0
+    rows = {row["peer"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    for owner in ("teacher", "student_a", "student_b", "ensemble"):
+        for metric in ("acc", "ece", "nll", "brier", "ece_ts", "nll_ts"):
+            assert float(rows[owner][metric]) == pytest.approx(metrics[f"{owner}/{metric}"], rel=1e-4, abs=1e-6), (
+                owner, metric)
+    # Digits cannot be corrupted: one line, exit 2.
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog"]) == 2
+    assert capsys.readouterr().err.strip().startswith("--shift: shifted data needs images of at least 32x32")
+    assert evaluate(["0" * 32, "--tracking-uri", uri]) == 2
+    assert "no such MLflow run" in capsys.readouterr().err
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fgo"]) == 2
+    assert "unknown corruption 'fgo' (did you mean 'fog'?)" in capsys.readouterr().err
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog", "--severity", "6"]) == 2
+    assert "--severity" in capsys.readouterr().err

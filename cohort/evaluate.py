@@ -1,0 +1,134 @@
+"""``python -m cohort.evaluate RUN_ID``: evaluate a finished run's peers without training.
+
+On the run's own test split by default (it reproduces the run's final metrics), on another dataset
+with the same classes (``--data FILE`` or ``--set data.root=...``), or on corrupted test data
+(``--shift``, CIFAR-10-C style: ``cohort.shift``). Every peer and the ensemble, before and after
+the temperatures the run fitted (``data.val_fraction``). Shifted results are logged into the same
+MLflow run under ``shift/...`` (evaluating a setting again replaces its values).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from cohort.errors import CohortError, run_command
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cohort.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_id", help="the MLflow run to evaluate (a finished cohort run)")
+    parser.add_argument("--shift", help="corruptions to evaluate on: all, or names separated by commas "
+                                        "(gaussian_noise,defocus_blur,...)")
+    parser.add_argument("--severity", default="1-5", help="corruption severities: 3, 1-5 or 1,3,5 (default 1-5)")
+    parser.add_argument("--data", metavar="FILE", help="a topology file whose data section replaces the run's")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the run's data section, e.g. data.root=other/ (repeatable)")
+    parser.add_argument("--peer", help="show only this peer (or ensemble)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    parser.add_argument("--out", help="folder for the figure (default: evaluate-<run id prefix>)")
+    return parser.parse_args(argv)
+
+
+def evaluation_data(args: argparse.Namespace, finished):
+    """The data section to evaluate on: the run's, or ``--data`` / ``--set``'s (checked to have its classes)."""
+    from cohort.config.loader import read_yaml
+    from cohort.datasets import describe_dataset, load_dataset
+    from cohort.evaluation import check_classes
+    from cohort.topology import topology_from_dict
+
+    topology = finished.topology
+    if args.data or args.overrides:
+        raw = topology.to_dict()
+        where = "--set"
+        if args.data:
+            other = read_yaml(args.data)
+            if not isinstance(other, dict) or not isinstance(other.get("data"), dict):
+                raise CohortError("--data: expected a topology file with a data section", args.data)
+            raw["data"] = other["data"]
+            where = Path(args.data).name
+        for item in args.overrides:
+            if not item.partition("=")[0].strip().startswith("data."):
+                raise CohortError(f"--set {item.partition('=')[0]!r}: only data.* values can change for an evaluation")
+        topology = topology_from_dict(raw, where, args.overrides)
+        topology = topology.with_absolute_paths(os.getcwd())
+        check_classes(describe_dataset(finished.topology.data), describe_dataset(topology.data), where)
+    # The run's own test split: without its validation split (that only moved training images).
+    data_config = topology.data.model_copy(update={"val_fraction": 0.0})
+    return topology, load_dataset(data_config, topology.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cohort.comparison.queries import connect
+    from cohort.evaluation import (CLEAN, MEAN, build_models, evaluate_setting, load_finished_run, mean_over_corruptions,
+                                   peer_logits, render, result_rows, severity_figure, shift_metric_items)
+    from cohort.shift import parse_corruptions, parse_severities, shift_refusal, shifted_dataset
+    from cohort.tracking import resolve_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    corruptions = parse_corruptions(args.shift) if args.shift else []
+    severities = parse_severities(args.severity) if args.shift else []
+    uri = resolve_uri(args.tracking_uri)
+    client = connect(uri)
+    finished = load_finished_run(client, args.run_id)
+    topology, data = evaluation_data(args, finished)
+    owners = [*topology.peer_names, "ensemble"]
+    if args.peer is not None and args.peer not in owners:
+        raise CohortError(f"--peer {args.peer!r}: the run has {', '.join(owners)}")
+    if corruptions:
+        refusal = shift_refusal(data.info)
+        if refusal:
+            raise CohortError(f"--shift: {refusal}")
+    models = build_models(finished.topology, finished.weights, data.info)
+    batch = topology.data.eval_batch_size
+    settings = [(CLEAN, 0)] + [(name, severity) for name in corruptions for severity in severities]
+    print(f"evaluating run {finished.run_id} ({finished.topology.name}: {', '.join(topology.peer_names)}) on "
+          f"{data.info.name}, {data.info.test_size} test images: {len(settings)} setting(s)"
+          + ("" if finished.temperatures else "; no temperatures fitted (the run had no validation split)"),
+          file=sys.stderr, flush=True)
+    results = {}
+    for name, severity in settings:
+        shown = data if name == CLEAN else shifted_dataset(data, name, severity, topology.seed)
+        logits, labels = peer_logits(models, shown, batch)
+        results[(name, severity)] = evaluate_setting(logits, labels, finished.temperatures)
+        if name != CLEAN:
+            print(f"  {name} severity {severity}: done", file=sys.stderr, flush=True)
+    for severity, owners_ in mean_over_corruptions(results).items():
+        results[(MEAN, severity)] = owners_
+    print(render(result_rows(results, args.peer), args.format), flush=True)
+    if corruptions:
+        log_shift(client, finished.run_id, results, Path(args.out or f"evaluate-{finished.run_id[:8]}"))
+    return 0
+
+
+def log_shift(client, run_id: str, results, out: Path) -> None:
+    """The shifted results into the run (the same key, step and timestamp for a setting evaluated
+    again: MLflow keeps one value, never a duplicate), with the table and the figure."""
+    import json
+
+    from mlflow.entities import Metric
+
+    from cohort.evaluation import severity_figure, shift_metric_items
+
+    items = [Metric(key, value, severity, severity) for key, value, severity in shift_metric_items(results)]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+    figure = severity_figure(results, out / "shift_severity.png")
+    client.log_artifact(run_id, str(figure), "shift")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "shift_results.json"
+        path.write_text(json.dumps({f"{name}/{severity}": owners for (name, severity), owners in results.items()},
+                                   indent=2, sort_keys=True))
+        client.log_artifact(run_id, str(path), "shift")
+    print(f"\nlogged under shift/ in MLflow run {run_id}; figure: {figure}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
