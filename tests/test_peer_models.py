@@ -1,4 +1,4 @@
-"""Peers as MLflow models and ``--register``, without Ray: a finished run is
+"""Peers as MLflow models, the Model Registry and ``cohort.export``, without Ray: a finished run is
 made here the way the driver makes one (a Tracker, the weights, the final report, the models).
 The models logged by a real ``cohort.run`` are checked in tests/test_cohort_ray.py."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cohort import metrics
 from cohort.datasets import load_dataset
 from cohort.errors import CohortError
+from cohort.export import main as export_main
 from cohort.peer import build_peer
 from cohort.peer_models import incoming_methods, log_peer_models, model_uri, parse_registrations
 from cohort.topology import DataConfig, topology_from_dict
@@ -173,3 +174,145 @@ def test_a_peer_registered_twice_is_refused(finished):
         parse_registrations(["student_a=x", "student_a=y"], finished["topology"])
     assert parse_registrations(["student_a=x", "student_b=y"], finished["topology"]) == {"student_a": "x",
                                                                                            "student_b": "y"}
+
+
+def test_export_registers_the_peer_and_a_second_time_a_new_version(finished, capsys):
+    run_id, uri = finished["run_id"], finished["uri"]
+    assert export_main([run_id, "--peer", "student_a", "--register", "digits-student", "--tracking-uri", uri]) == 0
+    first = capsys.readouterr().out
+    assert "registered student_a as 'digits-student' version 1;" in first
+    assert export_main([run_id, "--peer", "student_a", "--register", "digits-student", "--tracking-uri", uri]) == 0
+    assert "version 2 (the name existed: a new version)" in capsys.readouterr().out
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("digits-student", "1")
+    report = finished["report"]
+    assert version.run_id == run_id
+    assert version.tags == {"cohort.topology": "export-run", "cohort.peer": "student_a", "cohort.model": "cnn_small",
+                            "cohort.method": "bdkd from teacher", "cohort.run_id": run_id,
+                            "cohort.top1": f"{report['student_a/acc']:.4f}", "cohort.ece": f"{report['student_a/ece']:.4f}"}
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/digits-student/1")
+    logits, labels = test_logits(loaded, finished["data"])
+    assert (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(report["student_a/acc"])
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def test_export_writes_an_onnx_file_that_onnx_runtime_runs(finished, tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "s.onnx"
+    assert export_main([finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out", str(out),
+                        "--tracking-uri", finished["uri"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"wrote {out} (ONNX opset 18, input 'images' [batch, 1, 8, 8], output 'logits' [batch, 10], "
+                        "dynamic batch size)")
+    assert lines[1].startswith("ONNX Runtime vs torch on 64 test images: largest logit difference ")
+    assert "(within 0.0001;" in lines[1]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    data = finished["data"]
+    (logits,) = session.run(["logits"], {"images": data.test_x[:101].numpy()})  # another batch size than the check's
+    reference = reference_model(finished["topology"], "student_a", finished["weights"]["student_a"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), reference(data.test_x[:101]), rtol=0, atol=1e-4)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_missing_extra_is_one_line(finished, tmp_path, capsys, monkeypatch):
+    from cohort import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTRA_MODULES", ("onnx", "cohort_test_absent_module"))
+    code = export_main([finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out",
+                        str(tmp_path / "s.onnx"), "--tracking-uri", finished["uri"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ['--format onnx: the ONNX export needs the optional extra "export": '
+                                 'pip install -e ".[export]" (cohort_test_absent_module not installed)']
+    assert not (tmp_path / "s.onnx").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def run_without_weights(finished):
+    tracker = Tracker(finished["uri"], "export-run")
+    run_id = tracker.start(finished["topology"])
+    tracker.finish("FINISHED")
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(finished):
+    tracker = Tracker(finished["uri"], "export-run")
+    return tracker.start(finished["topology"])
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ("{run} --peer ghost --register x", "--peer: run {run} has no peer 'ghost' (peers: teacher, student_a, student_b)"),
+    ("{run} --peer teacher --register x", "--peer: peer 'teacher' of run {run} is frozen: the run did not train it"),
+    ("00000000000000000000000000000000 --peer student_a --register x",
+     "no MLflow run 00000000000000000000000000000000 in {uri} (give --tracking-uri where the run is)"),
+    ("not-a-run --peer student_a --register x", "'not-a-run' is not an MLflow run id (32 hex characters)"),
+    ("{no_weights} --peer student_a --register x",
+     "--peer: run {no_weights} has no weights for 'student_a' (weights/student_a.pt)"),
+    ("{unfinished} --peer student_a --register x", "run {unfinished} is RUNNING, not FINISHED: it has no final weights"),
+    ("{run} --peer student_a", "nothing to do: give --register NAME and/or --format onnx --out FILE"),
+    ("{run} --peer student_a --format onnx", "--out: --format and --out go together (--format onnx --out FILE)"),
+    ("{run} --peer student_a --register a:b",
+     "--register: 'a:b' is not a registered model name (not blank, no '/' or ':', at most 256 characters)"),
+    ("{run} --peer student_a --format onnx --out /nonexistent-folder/s.onnx",
+     "--out: folder '/nonexistent-folder' does not exist"),
+])
+def test_bad_input_is_one_line(finished, run_without_weights, unfinished_run, capsys, argv, expected):
+    if "--out" in argv:
+        pytest.importorskip("onnxruntime")  # without the extra, the missing extra is the first complaint
+    names = {"run": finished["run_id"], "uri": finished["uri"], "no_weights": run_without_weights,
+             "unfinished": unfinished_run}
+    code = export_main(argv.format(**names).split() + ["--tracking-uri", finished["uri"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [expected.format(**names)], err
+
+
+def test_a_missing_store_is_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/absent.db"
+    assert export_main(["0" * 32, "--peer", "a", "--register", "x", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == f"run {'0' * 32}: no MLflow store at {uri}"
+    assert not (tmp_path / "absent.db").exists()
+
+
+# --------------------------------------------------------------------------- every model of the zoo to ONNX
+
+
+def zoo_cases():
+    from cohort.models import MODELS
+
+    quick = {"mlp", "mlp_tiny", "cnn_small", "cnn_medium", "resnet8", "resnet14", "wrn_16_1", "vgg8"}
+    for name in sorted(MODELS):
+        marks = () if name in quick else (pytest.mark.slow,)
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(zoo_cases()))
+def test_every_zoo_model_exports_to_onnx(name, tmp_path):
+    """On random inputs, after a forward pass in training mode has given batch norm running
+    statistics of the data (a fresh deep network's logits are otherwise huge): ONNX Runtime agrees
+    with torch for another batch size than the export's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from cohort.models import build_model
+    from cohort.onnx_export import check_onnx, export_onnx
+
+    torch.manual_seed(0)
+    channels, size = (1, 8) if name in ("mlp", "mlp_tiny") else (3, 32)
+    model = build_model(name, num_classes=10, in_channels=channels)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the calibration pass
+    with torch.no_grad():
+        model.train()(torch.randn(32, channels, size, size))
+    export_onnx(model, torch.randn(2, channels, size, size), tmp_path / "m.onnx")
+    check = check_onnx(tmp_path / "m.onnx", model, torch.randn(5, channels, size, size))
+    assert check.images == 5 and check.max_difference <= 1e-4 * max(1.0, check.largest_logit), check
