@@ -197,6 +197,28 @@ def test_export_registers_the_peer_and_a_second_time_a_new_version(finished, cap
     assert (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(report["student_a/acc"])
 
 
+def test_export_logs_the_model_of_a_run_older_than_models_folder(finished, tmp_path, capsys):
+    """A run with weights but no models/<peer> (logged before cohort.run logged models): the
+    command logs the model from the weights, then registers it; an ``ece_ts`` (temperature
+    scaling, where a run has it) becomes a tag too."""
+    topology = finished["topology"]
+    tracker = Tracker(finished["uri"], topology.experiment)
+    run_id = tracker.start(topology)
+    tracker.log_file(finished["folder"] / "weights" / "student_b.pt", "weights")
+    tracker.log_epoch({**finished["report"], "student_b/ece_ts": 0.0123})
+    tracker.finish("FINISHED")
+    assert export_main([run_id, "--peer", "student_b", "--register", "older-run", "--tracking-uri",
+                        finished["uri"]]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"logged student_b as runs:/{run_id}/models/student_b (the run predates models/<peer>)"
+    client = mlflow.tracking.MlflowClient(finished["uri"], registry_uri=finished["uri"])
+    tags = client.get_model_version("older-run", "1").tags
+    assert tags["cohort.ece_ts"] == "0.0123" and tags["cohort.method"] == "kd from ensemble(teacher+student_a)"
+    loaded = mlflow.pytorch.load_model(model_uri(run_id, "student_b"))
+    logits, labels = test_logits(loaded, finished["data"])
+    assert (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(finished["report"]["student_b/acc"])
+
+
 # --------------------------------------------------------------------------- ONNX
 
 
