@@ -355,9 +355,11 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
         models = log_models(plan, tracker, result, final)
     finally:
         tracker.finish("FINISHED")  # the training is done and its weights logged, whatever happens to the models
-    registered = [registered_line(peer, name, *register_peer(plan.tracking_uri, tracker.run_id, peer, name,
-                                                             registry_tags(topology, peer, models[peer], tracker.run_id)))
-                  for peer, name in (registrations or {}).items()]
+    registered = []
+    for peer, name in (registrations or {}).items():
+        version, existed = register_peer(plan.tracking_uri, tracker.run_id, peer, name,
+                                         registry_tags(topology, peer, models[peer], tracker.run_id))
+        registered.append(registered_line(peer, name, version, existed))
     print(f"\ndone in {time.perf_counter() - started:.0f}s\n")
     print(summary_table(plan, final))
     print(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
