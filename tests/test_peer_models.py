@@ -176,6 +176,20 @@ def test_a_peer_registered_twice_is_refused(finished):
                                                                                            "student_b": "y"}
 
 
+def test_cohort_run_refuses_a_bad_registration_before_anything_starts(finished, tmp_path, capsys):
+    import yaml
+
+    from cohort.run import main as run_main
+
+    path = tmp_path / "export-run.yaml"
+    path.write_text(yaml.safe_dump(finished["topology"].to_dict(), sort_keys=False))
+    code = run_main([str(path), "--register", "teacher=digits-teacher", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["--register: 'teacher=digits-teacher': peer 'teacher' is frozen: a run logs only "
+                                 "the peers it trains"], err
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_export_registers_the_peer_and_a_second_time_a_new_version(finished, capsys):
     run_id, uri = finished["run_id"], finished["uri"]
     assert export_main([run_id, "--peer", "student_a", "--register", "digits-student", "--tracking-uri", uri]) == 0
