@@ -59,7 +59,7 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     weights = run_weights(client, run_id, topology, peer)
     if peer not in exported_peers(topology):
         raise CohortError(f"peer {peer!r} of run {run_id} is frozen: the run did not train it", "--peer")
-    dataset = load_dataset(topology.data)
+    dataset = load_dataset(topology.data, topology.seed)
     info = dataset.info
     model = trained_peer(topology, peer, info, weights)
     final = dict(run.data.metrics)  # each metric's last value: the final epoch's

@@ -146,6 +146,13 @@ def test_the_model_records_signature_preprocessing_and_test_metrics(finished, tm
     torch.testing.assert_close(prepared, finished["data"].test_x)
 
 
+def test_wrapped_datasets_keep_their_preprocessing():
+    """A long-tailed set and a validation split serve the same images, prepared the same way."""
+    plain = load_dataset(DataConfig()).preprocessing()
+    wrapped = load_dataset(DataConfig(long_tail={"imbalance": 10}, val_fraction=0.1), seed=3)
+    assert plain and wrapped.preprocessing() == plain
+
+
 def test_incoming_methods_name_every_edge_and_ensemble(finished):
     topology = finished["topology"]
     assert incoming_methods(topology, "student_b") == "kd from ensemble(teacher+student_a)"
