@@ -1,0 +1,100 @@
+"""``python -m cohort.export RUN_ID --peer NAME``: take a trained peer out of a finished run.
+
+``--register NAME`` registers the peer's MLflow model in the Model Registry (logging it first if
+the run is older than models/<peer>); ``--format onnx --out FILE`` writes it as ONNX, checked
+against ONNX Runtime on the run's test images.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cohort.errors import CohortError, run_command
+
+CHECK_IMAGES = 64  # test images of the ONNX check
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cohort.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id of a finished cohort run")
+    parser.add_argument("--peer", required=True, help="the peer to take out")
+    parser.add_argument("--register", metavar="NAME", help="register the peer in the MLflow Model Registry under NAME")
+    parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
+    parser.add_argument("--out", metavar="FILE", help="the file --format writes")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    return parser.parse_args(argv)
+
+
+def export(args: argparse.Namespace) -> int:
+    from cohort.onnx_export import require_onnx
+    from cohort.peer_models import check_registered_name
+    from cohort.tracking import existing_store_client, resolve_uri
+
+    if not args.register and not args.format:
+        raise CohortError("nothing to do: give --register NAME and/or --format onnx --out FILE")
+    if bool(args.format) != bool(args.out):
+        raise CohortError("--format and --out go together (--format onnx --out FILE)", "--out" if args.format else "--format")
+    if args.register:
+        check_registered_name(args.register, "--register")
+    out = None
+    if args.format:
+        require_onnx()
+        out = Path(args.out).expanduser().resolve()
+        if not out.parent.is_dir():
+            raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
+    uri = resolve_uri(args.tracking_uri)
+    client = existing_store_client(uri, f"run {args.run_id}")
+    return take_out(client, uri, args.run_id, args.peer, args.register, out)
+
+
+def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None) -> int:
+    from cohort.datasets import load_dataset
+    from cohort.peer import cohort_groups
+    from cohort.peer_models import (exported_peers, finished_run, has_model, log_peer_models, peer_test_metrics,
+                                    register_peer, registered_line, registry_tags, run_weights, test_metric_names,
+                                    trained_peer)
+
+    run, topology = finished_run(client, run_id, uri)
+    weights = run_weights(client, run_id, topology, peer)
+    if peer not in exported_peers(topology):
+        raise CohortError(f"peer {peer!r} of run {run_id} is frozen: the run did not train it", "--peer")
+    dataset = load_dataset(topology.data, topology.seed)
+    info = dataset.info
+    model = trained_peer(topology, peer, info, weights)
+    final = dict(run.data.metrics)  # each metric's last value: the final epoch's
+    metrics = peer_test_metrics(final, peer, test_metric_names(topology, info, cohort_groups(topology, info)))
+    if out is not None:
+        from cohort.onnx_export import OPSET, export_checked
+
+        images = next(iter(dataset.test_batches(CHECK_IMAGES)))[0].float()
+        check = export_checked(model, images, out)
+        print(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
+              f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
+        print(check.line())
+    if register:
+        if not has_model(client, run_id, peer):
+            log_peer_models(_Writer(client, run_id), topology, info, dataset, cohort_groups(topology, info),
+                            {peer: weights}, final, peers=[peer])
+            print(f"logged {peer} as runs:/{run_id}/models/{peer} (the run predates models/<peer>)")
+        version, existed = register_peer(uri, run_id, peer, register, registry_tags(topology, peer, metrics, run_id))
+        print(registered_line(peer, register, version, existed))
+    return 0
+
+
+class _Writer:
+    """The one method of cohort.tracking.Tracker that logging a model uses, on an existing run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_folder(self, folder, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(export, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
