@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id of a finished cohort run")
     parser.add_argument("--peer", required=True, help="the peer to take out")
     parser.add_argument("--register", metavar="NAME", help="register the peer in the MLflow Model Registry under NAME")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="with --register: register the peer with its logits divided by the temperature its run "
+                             "fitted (data.val_fraction), so served probabilities are the calibrated ones")
     parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
     parser.add_argument("--out", metavar="FILE", help="the file --format writes")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
@@ -35,6 +38,8 @@ def export(args: argparse.Namespace) -> int:
         raise CohortError("nothing to do: give --register NAME and/or --format onnx --out FILE")
     if bool(args.format) != bool(args.out):
         raise CohortError("--format and --out go together (--format onnx --out FILE)", "--out" if args.format else "--format")
+    if args.calibrated and not args.register:
+        raise CohortError("--calibrated applies to --register NAME")
     if args.register:
         check_registered_name(args.register, "--register")
     out = None
@@ -45,15 +50,16 @@ def export(args: argparse.Namespace) -> int:
             raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
     uri = resolve_uri(args.tracking_uri)
     client = existing_store_client(uri, f"run {args.run_id}")
-    return take_out(client, uri, args.run_id, args.peer, args.register, out)
+    return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated)
 
 
-def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None) -> int:
+def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None,
+             calibrated: bool = False) -> int:
     from cohort.datasets import load_dataset
     from cohort.peer import cohort_groups
-    from cohort.peer_models import (exported_peers, finished_run, has_model, log_peer_models, peer_test_metrics,
-                                    register_peer, registered_line, registry_tags, run_weights, test_metric_names,
-                                    trained_peer)
+    from cohort.peer_models import (CALIBRATED, exported_peers, finished_run, fitted_temperature, has_model,
+                                    log_peer_models, peer_test_metrics, register_peer, registered_line, registry_tags,
+                                    run_weights, test_metric_names, trained_peer)
 
     run, topology = finished_run(client, run_id, uri)
     weights = run_weights(client, run_id, topology, peer)
@@ -64,6 +70,7 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     model = trained_peer(topology, peer, info, weights)
     final = dict(run.data.metrics)  # each metric's last value: the final epoch's
     metrics = peer_test_metrics(final, peer, test_metric_names(topology, info, cohort_groups(topology, info)))
+    temperature = fitted_temperature(final, peer, run_id) if calibrated else None
     if out is not None:
         from cohort.onnx_export import OPSET, export_checked
 
@@ -72,6 +79,15 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
         print(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
               f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
         print(check.line())
+    if register and temperature is not None:
+        log_peer_models(_Writer(client, run_id), topology, info, dataset, cohort_groups(topology, info),
+                        {peer: weights}, final, peers=[peer], temperature=temperature)
+        tags = {**registry_tags(topology, peer, metrics, run_id), "cohort.temperature": f"{temperature:.6g}"}
+        version, existed = register_peer(uri, run_id, peer, register, tags, artifact=f"{peer}{CALIBRATED}")
+        print(f"logged {peer} divided by its fitted temperature {temperature:.4g} as "
+              f"runs:/{run_id}/models/{peer}{CALIBRATED}")
+        print(registered_line(peer, register, version, existed))
+        return 0
     if register:
         if not has_model(client, run_id, peer):
             log_peer_models(_Writer(client, run_id), topology, info, dataset, cohort_groups(topology, info),

@@ -23,8 +23,33 @@ EXAMPLE_SIZE = 4  # test images in a model's input example (more than one: the b
 REGISTRY_TAG = "cohort."  # prefix of the tags a registered version carries
 
 
+CALIBRATED = "_calibrated"  # models/<peer>_calibrated: the peer's logits divided by its fitted temperature
+
+
 def model_uri(run_id: str, peer: str) -> str:
     return f"runs:/{run_id}/{MODELS_FOLDER}/{peer}"
+
+
+class TemperatureScaled(torch.nn.Module):
+    """A peer whose logits are divided by the temperature its run fitted (``cohort.calibration``):
+    softmax of its output gives the calibrated probabilities; the arg max is the peer's."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) / self.temperature
+
+
+def fitted_temperature(final: Mapping[str, Any], peer: str, run_id: str) -> float:
+    """The temperature the run fitted for ``peer`` (refused when it fitted none)."""
+    value = final.get(f"{peer}/ts_temperature")
+    if value is None:
+        raise CohortError(f"run {run_id} fitted no temperature for {peer!r} (train with data.val_fraction > 0 to "
+                          "have one)", "--calibrated")
+    return float(value)
 
 
 def exported_peers(topology) -> list[str]:
@@ -111,9 +136,10 @@ def save_peer_model(model: torch.nn.Module, example: torch.Tensor, folder: str |
 
 
 def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[str, Mapping[str, torch.Tensor]],
-                    final: Mapping[str, Any], peers: list[str] | None = None) -> dict[str, str]:
+                    final: Mapping[str, Any], peers: list[str] | None = None,
+                    temperature: float | None = None) -> dict[str, str]:
     """Log every trained peer of a finished run (or those of ``peers``) as ``models/<peer>``:
-    {peer: model URI}.
+    {peer: model URI}. With ``temperature``: the calibrated variant, ``models/<peer>_calibrated``.
 
     ``weights``: each peer's final state_dict; ``final``: the run's last report (its test metrics);
     ``dataset``: the run's data (the input example: its first test images)."""
@@ -124,14 +150,18 @@ def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[s
         model = trained_peer(topology, peer, info, weights[peer])
         metadata = model_metadata(topology, peer, info, dataset.preprocessing(),
                                   peer_test_metrics(final, peer, names), tracker.run_id)
+        name = peer
+        if temperature is not None:  # the calibrated variant: logits / T
+            model, name = TemperatureScaled(model, temperature), f"{peer}{CALIBRATED}"
+            metadata["cohort"]["temperature"] = temperature
         with tempfile.TemporaryDirectory(prefix="cohort-model-") as folder:
             try:
-                save_peer_model(model, example, Path(folder) / peer, metadata)
+                save_peer_model(model, example, Path(folder) / name, metadata)
             except Exception as error:  # noqa: BLE001 - torch.export's and MLflow's failures alike
                 raise CohortError(f"peer {peer!r} ({topology.peers[peer].model}) could not be saved as an MLflow "
                                   f"model: {first_line(error)}") from None
-            tracker.log_folder(Path(folder) / peer, f"{MODELS_FOLDER}/{peer}")
-        logged[peer] = model_uri(tracker.run_id, peer)
+            tracker.log_folder(Path(folder) / name, f"{MODELS_FOLDER}/{name}")
+        logged[peer] = model_uri(tracker.run_id, name)
     return logged
 
 
@@ -173,8 +203,10 @@ def registry_tags(topology, peer: str, test_metrics: Mapping[str, float], run_id
     return {REGISTRY_TAG + key: value for key, value in tags.items()}
 
 
-def register_peer(uri: str, run_id: str, peer: str, name: str, tags: Mapping[str, str]) -> tuple[int, bool]:
-    """Register ``models/<peer>`` of the run under ``name``: (its version, whether the name existed)."""
+def register_peer(uri: str, run_id: str, peer: str, name: str, tags: Mapping[str, str],
+                  artifact: str | None = None) -> tuple[int, bool]:
+    """Register ``models/<peer>`` (or ``models/<artifact>``) of the run under ``name``: (its version,
+    whether the name existed)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -186,7 +218,7 @@ def register_peer(uri: str, run_id: str, peer: str, name: str, tags: Mapping[str
         except MlflowException:
             client.create_registered_model(name)
             existed = False
-        source = f"{client.get_run(run_id).info.artifact_uri}/{MODELS_FOLDER}/{peer}"
+        source = f"{client.get_run(run_id).info.artifact_uri}/{MODELS_FOLDER}/{artifact or peer}"
         version = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
     except MlflowException as error:
         raise CohortError(f"cannot register {peer!r} as {name!r} in {uri}: {first_line(error)}", "--register") from None

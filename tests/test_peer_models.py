@@ -359,3 +359,23 @@ def test_every_zoo_model_exports_to_onnx(name, tmp_path):
     export_onnx(model, torch.randn(2, channels, size, size), tmp_path / "m.onnx")
     check = check_onnx(tmp_path / "m.onnx", model, torch.randn(5, channels, size, size))
     assert check.images == 5 and check.max_difference <= 1e-4 * max(1.0, check.largest_logit), check
+
+
+def test_a_calibrated_registration_serves_logits_divided_by_the_fitted_temperature(finished, capsys):
+    run_id, uri = finished["run_id"], finished["uri"]
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+    client.log_metric(run_id, "student_b/ts_temperature", 2.5, step=1)
+    assert export_main([run_id, "--peer", "student_b", "--register", "calibrated-student", "--calibrated",
+                        "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"runs:/{run_id}/models/student_b_calibrated" in out and "temperature 2.5" in out
+    assert client.get_model_version("calibrated-student", "1").tags["cohort.temperature"] == "2.5"
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    logits, _ = test_logits(mlflow.pytorch.load_model("models:/calibrated-student/1"), finished["data"])
+    expected, _ = test_logits(reference_model(finished["topology"], "student_b", finished["weights"]["student_b"]),
+                              finished["data"])
+    torch.testing.assert_close(logits, expected / 2.5, rtol=1e-5, atol=1e-5)
+    # A peer its run fitted no temperature for: one line, exit 2.
+    assert export_main([run_id, "--peer", "student_a", "--register", "x", "--calibrated", "--tracking-uri", uri]) == 2
+    assert "fitted no temperature for 'student_a'" in capsys.readouterr().err
