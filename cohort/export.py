@@ -56,10 +56,8 @@ def export(args: argparse.Namespace) -> int:
 def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None,
              calibrated: bool = False) -> int:
     from cohort.datasets import load_dataset
-    from cohort.peer import cohort_groups
-    from cohort.peer_models import (CALIBRATED, exported_peers, finished_run, fitted_temperature, has_model,
-                                    log_peer_models, peer_test_metrics, register_peer, registered_line, registry_tags,
-                                    run_weights, test_metric_names, trained_peer)
+    from cohort.peer_models import (exported_peers, finished_run, fitted_temperature, register_finished_peer,
+                                    run_weights, trained_peer)
 
     run, topology = finished_run(client, run_id, uri)
     weights = run_weights(client, run_id, topology, peer)
@@ -68,9 +66,8 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     dataset = load_dataset(topology.data, topology.seed)
     info = dataset.info
     model = trained_peer(topology, peer, info, weights)
-    final = dict(run.data.metrics)  # each metric's last value: the final epoch's
-    metrics = peer_test_metrics(final, peer, test_metric_names(topology, info, cohort_groups(topology, info)))
-    temperature = fitted_temperature(final, peer, run_id) if calibrated else None
+    if calibrated:
+        fitted_temperature(dict(run.data.metrics), peer, run_id)  # refused before anything is written
     if out is not None:
         from cohort.onnx_export import OPSET, export_checked
 
@@ -79,33 +76,10 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
         print(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
               f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
         print(check.line())
-    if register and temperature is not None:
-        log_peer_models(_Writer(client, run_id), topology, info, dataset, cohort_groups(topology, info),
-                        {peer: weights}, final, peers=[peer], temperature=temperature)
-        tags = {**registry_tags(topology, peer, metrics, run_id), "cohort.temperature": f"{temperature:.6g}"}
-        version, existed = register_peer(uri, run_id, peer, register, tags, artifact=f"{peer}{CALIBRATED}")
-        print(f"logged {peer} divided by its fitted temperature {temperature:.4g} as "
-              f"runs:/{run_id}/models/{peer}{CALIBRATED}")
-        print(registered_line(peer, register, version, existed))
-        return 0
     if register:
-        if not has_model(client, run_id, peer):
-            log_peer_models(_Writer(client, run_id), topology, info, dataset, cohort_groups(topology, info),
-                            {peer: weights}, final, peers=[peer])
-            print(f"logged {peer} as runs:/{run_id}/models/{peer} (the run predates models/<peer>)")
-        version, existed = register_peer(uri, run_id, peer, register, registry_tags(topology, peer, metrics, run_id))
-        print(registered_line(peer, register, version, existed))
+        for line in register_finished_peer(client, uri, run_id, peer, register, calibrated):
+            print(line)
     return 0
-
-
-class _Writer:
-    """The one method of cohort.tracking.Tracker that logging a model uses, on an existing run."""
-
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-
-    def log_folder(self, folder, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
 def main(argv: list[str] | None = None) -> int:

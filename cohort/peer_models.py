@@ -277,3 +277,47 @@ def has_model(client, run_id: str, peer: str) -> bool:
         return any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, f"{MODELS_FOLDER}/{peer}"))
     except Exception:  # noqa: BLE001
         return False
+
+
+class RunWriter:
+    """The one method of cohort.tracking.Tracker that logging a model uses, on an existing run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_folder(self, folder, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str, calibrated: bool = False) -> list[str]:
+    """Register a finished run's trained ``peer`` under ``name``: its ``models/<peer>`` (logged first
+    from its weights where the run has none), or with ``calibrated`` the peer divided by its fitted
+    temperature (``models/<peer>_calibrated``). The lines to print."""
+    from cohort.datasets import load_dataset
+    from cohort.peer import cohort_groups
+
+    run, topology = finished_run(client, run_id, uri)
+    if peer not in exported_peers(topology):
+        raise CohortError(f"peer {peer!r} of run {run_id} is frozen or unknown: the run did not train it", "--peer")
+    final = dict(run.data.metrics)  # each metric's last value: the final epoch's
+    temperature = fitted_temperature(final, peer, run_id) if calibrated else None
+    weights = run_weights(client, run_id, topology, peer)
+    dataset = load_dataset(topology.data, topology.seed)
+    info = dataset.info
+    groups = cohort_groups(topology, info)
+    metrics = peer_test_metrics(final, peer, test_metric_names(topology, info, groups))
+    tags = registry_tags(topology, peer, metrics, run_id)
+    lines = []
+    if temperature is not None:
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final,
+                        peers=[peer], temperature=temperature)
+        tags[REGISTRY_TAG + "temperature"] = f"{temperature:.6g}"
+        lines.append(f"logged {peer} divided by its fitted temperature {temperature:.4g} as "
+                     f"runs:/{run_id}/{MODELS_FOLDER}/{peer}{CALIBRATED}")
+    elif not has_model(client, run_id, peer):
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final, peers=[peer])
+        lines.append(f"logged {peer} as {model_uri(run_id, peer)} (the run had no models/{peer})")
+    version, existed = register_peer(uri, run_id, peer, name, tags,
+                                     artifact=f"{peer}{CALIBRATED}" if temperature is not None else None)
+    lines.append(registered_line(peer, name, version, existed))
+    return lines
