@@ -79,8 +79,14 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
             "figures/reliability_student.png"} <= parent_files
 
     report = subprocess.run(command[:4] + ["--tracking-uri", uri, "--report", "--format", "markdown",
-                                           "--out", str(tmp_path / "again")],
+                                           "--out", str(tmp_path / "again"), "--register", "student=tiny-best"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     assert "4 of 4 runs done" in report.stdout and "| dml | net_b | 2 |" in report.stdout
     assert (tmp_path / "again" / "reliability_teacher.png").is_file()
+    # The best arm's best run (by the student's top-1) gives the registered student.
+    best = max((run for run in children), key=lambda run: run.data.metrics[
+        ("net_b" if run.data.tags["cohort.study.arm"] == "dml" else "student") + "/acc"])
+    assert "registered" in report.stdout and "'tiny-best' version 1" in report.stdout, report.stdout
+    version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
+    assert version.run_id == best.info.run_id or "best arm" in report.stdout
