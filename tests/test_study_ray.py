@@ -84,9 +84,15 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     assert report.returncode == 0, report.stderr
     assert "4 of 4 runs done" in report.stdout and "| dml | net_b | 2 |" in report.stdout
     assert (tmp_path / "again" / "reliability_teacher.png").is_file()
-    # The best arm's best run (by the student's top-1) gives the registered student.
-    best = max((run for run in children), key=lambda run: run.data.metrics[
-        ("net_b" if run.data.tags["cohort.study.arm"] == "dml" else "student") + "/acc"])
-    assert "registered" in report.stdout and "'tiny-best' version 1" in report.stdout, report.stdout
+    # The best arm (the student's mean top-1) and its best seed give the registered student.
+    def student_acc(run):
+        return run.data.metrics[("net_b" if run.data.tags["cohort.study.arm"] == "dml" else "student") + "/acc"]
+
+    by_arm = {}
+    for run in children:
+        by_arm.setdefault(run.data.tags["cohort.study.arm"], []).append(run)
+    arm = max(by_arm, key=lambda name: sum(map(student_acc, by_arm[name])) / len(by_arm[name]))
+    best = max(by_arm[arm], key=student_acc)
+    assert "'tiny-best' version 1" in report.stdout, report.stdout
     version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
-    assert version.run_id == best.info.run_id or "best arm" in report.stdout
+    assert version.run_id == best.info.run_id
