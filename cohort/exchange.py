@@ -84,6 +84,11 @@ class ReplicaBatch(WholeBatch):
         dist.all_reduce(local, op=op, group=self.group)
         return local.to(tensor.device)
 
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        count = torch.full((1,) + values.shape[1:], float(values.shape[0]), dtype=values.dtype, device=values.device)
+        sums = self._all_reduce(torch.cat([values.detach().sum(dim=0, keepdim=True), count]))
+        return sums[0] / sums[1]
+
     def logmeanexp(self, log_values: torch.Tensor) -> torch.Tensor:
         log_values = log_values.detach()
         top = self._all_reduce(log_values.max(dim=0).values, dist.ReduceOp.MAX)

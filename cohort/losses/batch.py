@@ -1,4 +1,5 @@
-"""Batch statistics for losses that look across the batch (``ltkd``'s group masses).
+"""Batch statistics for losses that look across the batch (``ltkd``'s group masses), and for gates
+(``switokd``'s batch means).
 
 A loss that takes a statistic over the batch declares a parameter ``batch`` (default
 ``WHOLE_BATCH``) and computes the statistic through it, never with ``.mean(dim=0)`` of its own
@@ -18,6 +19,10 @@ from torch import Tensor
 
 class WholeBatch:
     """The batch a loss is given is the whole batch."""
+
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean over the batch (dim 0); gates take their batch means so (cohort.gates)."""
+        return values.detach().mean(dim=0)
 
     def logmeanexp(self, log_values: Tensor) -> Tensor:
         """``log(mean over the batch of exp(log_values))``, stably."""

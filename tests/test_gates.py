@@ -1,0 +1,201 @@
+"""Gates: the registry, and switokd against an independent computation of docs/gates.md's formulas.
+
+The reference is a plain-Python float64 loop (``math``, no torch): it shares nothing with the
+implementation but the formulas of the contract (SwitOKD's switching rule).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cohort.gates import GATES, get_gate, register_gate, switokd
+from cohort.losses.batch import WHOLE_BATCH
+
+
+# ---------------------------------------------------------------- independent reference
+
+
+def softmax(z):
+    top = max(z)
+    e = [math.exp(x - top) for x in z]
+    total = sum(e)
+    return [x / total for x in e]
+
+
+def reference_quantities(teacher, student, target):
+    """(d_t, d_s, G, δ) of the spec, sample by sample, class by class."""
+    n = len(target)
+    d_t = d_s = gap = 0.0
+    for z_t, z_s, label in zip(teacher, student, target):
+        p_t, p_s = softmax(z_t), softmax(z_s)
+        y = [1.0 if c == label else 0.0 for c in range(len(z_t))]
+        d_t += sum(abs(a - b) for a, b in zip(p_t, y)) / n
+        d_s += sum(abs(a - b) for a, b in zip(p_s, y)) / n
+        gap += sum(abs(a - b) for a, b in zip(p_s, p_t)) / n
+    epsilon = math.exp(-d_t / (d_t + d_s)) if d_t + d_s > 0 else 1.0
+    return d_t, d_s, gap, d_s - epsilon * d_t
+
+
+def reference_expert(teacher, student, target) -> bool:
+    d_t, d_s, gap, delta = reference_quantities(teacher, student, target)
+    return gap > delta and d_t < d_s
+
+
+# ---------------------------------------------------------------- switokd
+
+
+def random_case(seed: int, batch: int = 16, classes: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    scale_t, scale_s = torch.rand(2, generator=generator) * 6
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    teacher = torch.randn(batch, classes, generator=generator) * scale_t
+    student = torch.randn(batch, classes, generator=generator) * scale_s
+    # Some of the teachers know the labels better: every branch of the rule appears.
+    teacher[torch.arange(batch), target] += torch.rand(1, generator=generator).item() * 8
+    return teacher, student, target
+
+
+def test_switokd_matches_the_reference_on_random_logits_and_meets_every_branch():
+    branches = {"expert": 0, "gap below threshold": 0, "teacher not ahead, gap above threshold": 0}
+    for seed in range(300):
+        teacher, student, target = random_case(seed)
+        expected = reference_expert(teacher.tolist(), student.tolist(), target.tolist())
+        assert switokd(teacher, student, target) is expected, seed
+        d_t, d_s, gap, delta = reference_quantities(teacher.tolist(), student.tolist(), target.tolist())
+        if expected:
+            branches["expert"] += 1
+        elif gap <= delta:
+            branches["gap below threshold"] += 1
+        elif d_t >= d_s:
+            branches["teacher not ahead, gap above threshold"] += 1
+    # The d_t >= d_s condition decides some cases on its own (G > δ there): dropping it would fail them.
+    assert all(count > 0 for count in branches.values()), branches
+
+
+def test_switokd_quantities_match_the_reference():
+    from cohort.gates.switokd import switching_quantities
+
+    teacher, student, target = random_case(7)
+    d_t, d_s, gap, _ = reference_quantities(teacher.tolist(), student.tolist(), target.tolist())
+    assert switching_quantities(teacher, student, target) == pytest.approx((d_t, d_s, gap), rel=1e-12)
+
+
+def test_switokd_ties_are_learning_mode():
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 5, (8,), generator=generator)
+    student = torch.randn(8, 5, generator=generator)
+    # d_t == d_s exactly (the same logits): not d_t < d_s, so learning mode (G = 0 anyway).
+    assert switokd(student.clone(), student, target) is False
+    # A teacher exactly on the labels (softmax underflows to one-hot in float64): d_t = 0, ε = 1,
+    # δ = d_s, and G = ‖p_s − y‖₁ = d_s: G == δ, and the strict G > δ keeps learning mode.
+    teacher = torch.full((8, 5), -1000.0)
+    teacher[torch.arange(8), target] = 1000.0
+    from cohort.gates.switokd import switching_quantities
+
+    d_t, d_s, gap = switching_quantities(teacher, student, target)
+    assert d_t == 0.0 and gap == d_s > 0
+    assert switokd(teacher, student, target) is False
+
+
+def test_switokd_decides_from_batch_means_not_per_sample():
+    # Sample 0: the teacher ahead but close (learning); sample 1: the teacher behind (learning).
+    # Their batch means put the teacher ahead and the gap above the threshold: expert mode.
+    target = torch.tensor([0, 1])
+    teacher = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0, 2.0], [0.0, 2.0, 0.0]])
+    per_sample = [switokd(teacher[i:i + 1], student[i:i + 1], target[i:i + 1]) for i in range(2)]
+    assert per_sample == [False, False]
+    assert switokd(teacher, student, target) is True
+    assert reference_expert(teacher.tolist(), student.tolist(), target.tolist()) is True
+
+
+def test_switokd_takes_its_means_through_batch():
+    class Halved(type(WHOLE_BATCH)):
+        def mean(self, values):
+            return super().mean(values) / 2  # any other reduction shows in the decision's inputs
+
+    from cohort.gates.switokd import switching_quantities
+
+    teacher, student, target = random_case(1)
+    whole = switching_quantities(teacher, student, target)
+    halved = switching_quantities(teacher, student, target, Halved())
+    assert halved == pytest.approx(tuple(value / 2 for value in whole))
+    assert get_gate("switokd").batch_statistics and not get_gate("switokd").stateful
+
+
+def test_switokd_carries_no_gradient():
+    teacher, student, target = random_case(2)
+    teacher.requires_grad_(True), student.requires_grad_(True)
+    assert isinstance(switokd(teacher, student, target), bool)
+    assert teacher.grad is None and student.grad is None
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@pytest.fixture
+def clean_registry():
+    before = dict(GATES)
+    yield
+    GATES.clear()
+    GATES.update(before)
+
+
+def test_register_reads_signature(clean_registry):
+    def patience(teacher_logits, student_logits, target, margin: float = 0.5, state=None, batch=WHOLE_BATCH):
+        return False
+
+    assert register_gate("patience")(patience) is patience
+    spec = get_gate("patience")
+    assert spec.params == {"margin": 0.5} and spec.context == ("target",)
+    assert spec.stateful and spec.batch_statistics
+    assert get_gate("switokd").params == {} and get_gate("switokd").context == ("target",)
+
+
+def _bad_order(student_logits, teacher_logits): ...
+def _no_default(teacher_logits, student_logits, margin): ...
+def _kwargs(teacher_logits, student_logits, **options): ...
+def _state_default(teacher_logits, student_logits, state={}): ...  # noqa: B006
+def _batch_default(teacher_logits, student_logits, batch=None): ...
+def _field_name(teacher_logits, student_logits, rule="x"): ...
+def _context_default(teacher_logits, student_logits, target=None): ...
+
+
+@pytest.mark.parametrize("fn", [_bad_order, _no_default, _kwargs, _state_default, _batch_default, _field_name,
+                                _context_default])
+def test_register_rejects_bad_signature(clean_registry, fn):
+    with pytest.raises(ValueError):
+        register_gate("bad")(fn)
+
+
+def test_register_rejects_duplicate_name(clean_registry):
+    with pytest.raises(ValueError, match="already registered"):
+        register_gate("switokd")(lambda teacher_logits, student_logits: False)
+
+
+def test_unknown_gate_names_the_known_ones():
+    with pytest.raises(KeyError, match="switokd"):
+        get_gate("nope")
+
+
+def test_a_new_gate_file_is_registered_on_import(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cohort
+
+    package = tmp_path / "cohort"
+    shutil.copytree(Path(cohort.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "gates" / "always.py").write_text(
+        "from .registry import register_gate\n"
+        "@register_gate('always')\n"
+        "def always(teacher_logits, student_logits):\n"
+        "    return True\n")
+    code = "import cohort.gates as g; print(sorted(g.GATES))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": ""}, check=True).stdout
+    assert out.strip() == "['always', 'switokd']"
