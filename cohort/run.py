@@ -116,6 +116,7 @@ def describe_plan(plan: Plan) -> str:
         params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in edge.params.items())
         extra = f" reduce={edge.reduce}" + (f" warmup={edge.warmup}" if edge.warmup else "")
         lines.append(f"    {edge.to} <- {'+'.join(edge.senders)}: {edge.loss}, weight {edge.weight:g}, {params}{extra}")
+    lines += describe_gates(topology)
     resources = topology.resources
     gpus = resources.gpus_per_worker
     backend = exchange_backend(resources.use_gpu, gpus)
@@ -130,6 +131,20 @@ def describe_plan(plan: Plan) -> str:
         f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
     ]
     return "\n".join(lines)
+
+
+def describe_gates(topology) -> list[str]:
+    """The gates: per step, from the exchanged logits, which edges switch off and who pauses (cohort.gates)."""
+    if not topology.gates:
+        return []
+    lines = ["", "  gates (decided every step from the exchanged logits; firing switches the teacher's edges from "
+                 "the student off, and a teacher all of whose gates fire takes no optimizer step)"]
+    for gate in topology.gates:
+        params = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in gate.params.items())
+        edges = [edge.label for edge in topology.incoming_edges(gate.teacher) if edge.senders == (gate.student,)]
+        lines.append(f"    {gate.rule}: teacher {gate.teacher}, student {gate.student}{params}; switches "
+                     + (", ".join(edges) if edges else "no edge (pauses only)"))
+    return lines
 
 
 def describe_grid(topology) -> list[str]:

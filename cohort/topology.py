@@ -19,6 +19,7 @@ from cohort.config.schema import Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.edges import EDGE_FIELDS, Edge
 from cohort.errors import CohortError, quoted
+from cohort.gates.config import Gate
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
 
@@ -203,6 +204,7 @@ class Topology(Strict):
     train: TrainConfig = TrainConfig()
     peers: dict[str, PeerConfig]
     edges: tuple[Edge, ...] = ()
+    gates: tuple[Gate, ...] = ()
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -233,6 +235,26 @@ class Topology(Strict):
                 raise problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
                 raise problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
+        return self
+
+    @model_validator(mode="after")
+    def _gates_connect_peers(self) -> "Topology":
+        pairs: dict[tuple[str, str], int] = {}
+        for index, gate in enumerate(self.gates):
+            for role in ("teacher", "student"):
+                name = getattr(gate, role)
+                if name not in self.peers:
+                    raise problem(f"unknown peer {quoted(name)} (peers: {', '.join(self.peers)})", f"gates[{index}].{role}")
+                if self.peers[name].frozen:
+                    raise problem(f"peer {quoted(name)} is frozen: a gate needs two peers that train",
+                                  f"gates[{index}].{role}")
+            if gate.teacher == gate.student:
+                raise problem(f"a gate needs two different peers ({quoted(gate.teacher)} twice)", f"gates[{index}]")
+            pair = (gate.teacher, gate.student)
+            if pair in pairs:
+                raise problem(f"gates[{pairs[pair]}] already gates teacher {quoted(gate.teacher)} by student "
+                              f"{quoted(gate.student)}", f"gates[{index}]")
+            pairs[pair] = index
         return self
 
     @model_validator(mode="after")
@@ -279,6 +301,10 @@ class Topology(Strict):
 
     def incoming_edges(self, peer: str) -> list[Edge]:
         return [edge for edge in self.edges if edge.to == peer]
+
+    def gates_on(self, peer: str) -> list[tuple[int, Gate]]:
+        """The gates whose teacher is ``peer``, with their indices in ``gates``."""
+        return [(index, gate) for index, gate in enumerate(self.gates) if gate.teacher == peer]
 
     def optimizer_for(self, peer: str) -> OptimizerConfig:
         override = self.peers[peer].optimizer.model_dump(exclude_none=True)

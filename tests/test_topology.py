@@ -192,6 +192,13 @@ BAD_CASES = {
     "bool loss parameter": (lambda t: t["edges"][0].update(loss="ltkd", rebalance="yes"), "edges[0].rebalance: must be true or false"),
     "frozen without checkpoint": (lambda t: t["peers"]["teacher"].update(frozen=True), "peers.teacher.checkpoint: a frozen peer needs a checkpoint"),
     "edge into a frozen peer": (lambda t: t["peers"]["teacher"].update(frozen=True, checkpoint="w.pt"), "edges[1].to: peer 'teacher' is frozen"),
+    "gate with an unknown peer": (lambda t: t.update(gates=[{"rule": "switokd", "teacher": "teachr", "student": "student"}]), "gates[0].teacher: unknown peer 'teachr' (peers: teacher, student)"),
+    "gate with an unknown rule": (lambda t: t.update(gates=[{"rule": "switch", "teacher": "teacher", "student": "student"}]), "gates[0].rule: unknown gate rule 'switch' (known: switokd)"),
+    "gate with a parameter its rule does not take": (lambda t: t.update(gates=[{"rule": "switokd", "teacher": "teacher", "student": "student", "temperature": 2}]), "gates[0].temperature: not a parameter of gate rule 'switokd' (it takes: nothing)"),
+    "gate on a frozen peer": (lambda t: (t["peers"]["student"].update(frozen=True, checkpoint="w.pt"), t["edges"].pop(0), t.update(gates=[{"rule": "switokd", "teacher": "teacher", "student": "student"}])), "gates[0].student: peer 'student' is frozen"),
+    "gate on one peer": (lambda t: t.update(gates=[{"rule": "switokd", "teacher": "student", "student": "student"}]), "gates[0]: a gate needs two different peers"),
+    "gate twice": (lambda t: t.update(gates=[{"rule": "switokd", "teacher": "teacher", "student": "student"} for _ in range(2)]), "gates[1]: gates[0] already gates teacher 'teacher' by student 'student'"),
+    "gate without a student": (lambda t: t.update(gates=[{"rule": "switokd", "teacher": "teacher"}]), "gates[0].student: missing"),
     "multistep without milestones": (lambda t: t.update(train={"schedule": "multistep"}), "train.schedule.milestones: a multistep schedule needs milestones"),
     "a root for digits": (lambda t: t.update(data={"root": "somewhere"}), "data.root: digits are embedded in scikit-learn"),
     "image size for cifar": (lambda t: t.update(data={"dataset": "cifar10", "image_size": 64}), "data.image_size: only parquet and imagefolder"),
@@ -508,3 +515,14 @@ def test_metric_keys_after_a_minus_sign():
     expression = MetricExpression("-student/ece - 0.5*-teacher/nll")
     assert expression.keys == ["student/ece", "teacher/nll"]
     assert expression({"student/ece": 0.25, "teacher/nll": 2.0}) == -0.25 + 1.0
+
+
+def test_gates_resolve_and_show_in_the_plan(capsys, tmp_path):
+    gated = with_change(lambda t: t.update(gates=[{"rule": "switokd", "teacher": "teacher", "student": "student"}]))
+    topology = topology_from_dict(gated)
+    assert [(g.rule, g.teacher, g.student, g.params) for g in topology.gates] == [("switokd", "teacher", "student", {})]
+    assert topology.flatten()["gates.0.teacher"] == "teacher"
+    assert topology_from_dict(yaml.safe_load(topology.to_yaml())) == topology  # the resolved file reads back
+    assert main([str(write(tmp_path, gated, "gated.yaml")), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "switokd: teacher teacher, student student; switches student->teacher:reverse_kd" in out

@@ -19,6 +19,7 @@ no optimizer step at all (``cohort.gates.decision``).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,12 +42,13 @@ class GateSpec:
     context: tuple[str, ...]
     batch_statistics: bool = False
     stateful: bool = False
+    fired: str = "fired"  # what the rule's True is called: its metric is <teacher>/<fired>_<student>
 
 
 GATES: dict[str, GateSpec] = {}
 
 
-def _spec_from_signature(name: str, fn: Callable[..., bool]) -> GateSpec:
+def _spec_from_signature(name: str, fn: Callable[..., bool], fired: str) -> GateSpec:
     parameters = list(inspect.signature(fn).parameters.values())
     where = f"gate {name!r} ({getattr(fn, '__qualname__', fn)})"
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -82,16 +84,19 @@ def _spec_from_signature(name: str, fn: Callable[..., bool]) -> GateSpec:
             params[p.name] = p.default
         else:
             raise ValueError(f"{where}: parameter {p.name!r} has no default and is not a context name {CONTEXT_NAMES}")
-    return GateSpec(name, fn, params, tuple(context), batch_statistics, stateful)
+    return GateSpec(name, fn, params, tuple(context), batch_statistics, stateful, fired)
 
 
-def register_gate(name: str) -> Callable[[Callable[..., bool]], Callable[..., bool]]:
-    """Register a gate rule under ``name``; the function is returned unchanged."""
+def register_gate(name: str, fired: str = "fired") -> Callable[[Callable[..., bool]], Callable[..., bool]]:
+    """Register a gate rule under ``name``; the function is returned unchanged. ``fired``: what a
+    step in which the rule fires is called (switokd: ``expert``, its expert mode), in metric names."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", fired):
+        raise ValueError(f"gate {name!r}: fired={fired!r} must be a lower-case word (it names a metric)")
 
     def decorator(fn: Callable[..., bool]) -> Callable[..., bool]:
         if name in GATES:
             raise ValueError(f"a gate named {name!r} is already registered")
-        GATES[name] = _spec_from_signature(name, fn)
+        GATES[name] = _spec_from_signature(name, fn, fired)
         return fn
 
     return decorator

@@ -32,7 +32,7 @@ def expert_mode(d_t: float, d_s: float, gap: float) -> bool:
     return gap > d_s - epsilon * d_t
 
 
-@register_gate("switokd")
+@register_gate("switokd", fired="expert")
 def switokd(teacher_logits: Tensor, student_logits: Tensor, target: Tensor, batch: WholeBatch = WHOLE_BATCH) -> bool:
     """True in expert mode (the teacher pauses, the student learns from it), False in learning mode
     (both learn from each other). One decision for the whole batch, from batch means."""
