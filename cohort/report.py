@@ -72,6 +72,10 @@ class EpochStats:
     # CPU seconds of this process per step: against step_seconds, whether a slow step worked or waited.
     step_cpu_seconds: list[float] = field(default_factory=list)
     first_step_at: float | None = None  # time.time() when the epoch's first step ended
+    # With gates (cohort.gates), a training peer's steps without an optimizer step, and per gate on
+    # it (as teacher) the steps in which the gate fired, by metric name; None without gates.
+    paused_steps: int | None = None
+    gate_steps: dict[str, int] = field(default_factory=dict)
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -79,18 +83,38 @@ class EpochStats:
         self.seen += len(labels)
         self.steps += 1
 
+    def count_gates(self, peer: str, decision, gates) -> None:
+        """Count one step's gate decision (cohort.gates.decision.StepDecision) for ``peer``."""
+        self.paused_steps = (self.paused_steps or 0) + (peer in decision.paused)
+        for gate, fired in zip(gates, decision.fired):
+            if gate.teacher == peer:
+                self.gate_steps[gate.expert_metric] = self.gate_steps.get(gate.expert_metric, 0) + fired
+
     def summary(self) -> dict[str, float]:
-        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
-                "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
-                "step_cpu_seconds": _median(self.step_cpu_seconds)}
+        summary = {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
+                   "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
+                   "step_cpu_seconds": _median(self.step_cpu_seconds)}
+        if self.paused_steps is not None:
+            summary["paused"] = self.paused_steps / max(self.steps, 1)
+            summary.update((key, count / max(self.steps, 1)) for key, count in self.gate_steps.items())
+        return summary
+
+    @classmethod
+    def for_peer(cls, topology: Topology, peer: str) -> "EpochStats":
+        """An epoch's empty record for ``peer``: with the gate counts where it has gates to count."""
+        if not topology.gates or topology.peers[peer].frozen:
+            return cls()
+        return cls(paused_steps=0, gate_steps={gate.expert_metric: 0 for _, gate in topology.gates_on(peer)})
 
     @classmethod
     def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
         """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
         first = replicas[0]
+        # The replicas of a peer take the same gate decisions: the first's counts are everyone's.
         return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
                    sum(r.seen for r in replicas), max(r.steps for r in replicas), first.step_seconds,
-                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at)
+                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at, first.paused_steps,
+                   dict(first.gate_steps))
 
 
 def _median(values: list[float]) -> float:
@@ -125,12 +149,15 @@ def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
 
     groups = metric_groups(topology, cohort_groups(topology, info))
     logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
-    peer_metrics = peer_epoch_metrics(EpochStats(), logits, labels, 0.0, 0, *groups)
+    everyone = [peer_epoch_metrics(EpochStats.for_peer(topology, peer), logits, labels, 0.0, 0, *groups)
+                for peer in topology.peer_names]
     ensemble = metrics.evaluate_probs(logits.softmax(dim=1), labels, *groups)
     if topology.data.val_fraction:
-        for scores, out in ((logits, peer_metrics), (log_probs_of(logits.softmax(dim=1)), ensemble)):
-            out.update({**validation_metrics(scores, labels), **scaled_metrics(scores, labels, scores, labels, *groups)})
-    report = cohort_report(topology, 1, [peer_metrics] * len(topology.peers), ensemble)
+        for scores, outs in ((logits, everyone), (log_probs_of(logits.softmax(dim=1)), [ensemble])):
+            extra = {**validation_metrics(scores, labels), **scaled_metrics(scores, labels, scores, labels, *groups)}
+            for out in outs:
+                out.update(extra)
+    report = cohort_report(topology, 1, everyone, ensemble)
     return sorted(key for key, value in report.items() if isinstance(value, float))
 
 

@@ -191,6 +191,10 @@ def epoch_line(topology, report: dict[str, Any], seconds: float) -> str:
             tail = report.get(metric_key(peer, "acc_tail"), report.get(metric_key(peer, "acc_few")))
             parts.append(f"{peer} {100 * acc:5.1f}% ece {ece:.3f}" + (f" tail {100 * tail:.1f}%" if tail is not None
                                                                       and tail == tail else ""))
+    for teacher in dict.fromkeys(gate.teacher for gate in topology.gates):  # cohort.gates: the share of paused steps
+        paused = report.get(metric_key(teacher, "paused"))
+        if paused is not None:
+            parts.append(f"{teacher} paused {100 * paused:.0f}%")
     parts.append(f"{seconds:.1f}s")
     return "  |  ".join(parts)
 

@@ -23,6 +23,7 @@ from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
 from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
 from cohort.datasets import CohortDataset, load_dataset
 from cohort.errors import CohortError
+from cohort.gates.decision import Gating, StepDecision
 from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
 from cohort.guard import BatchGuard
 from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
@@ -60,13 +61,14 @@ class PeerStep:
     shard: int = 0
     scaler: torch.amp.GradScaler | None = None
     batch: WholeBatch = WHOLE_BATCH  # batch statistics of losses: over the peer's replicas when it has them
+    gating: Gating | None = None  # the topology's gates (every worker decides every step alike), if any
 
 
 def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     """One epoch of one peer (of its replica ``run.shard``: the shard-th part of every batch)."""
     topology, frozen, shards = run.topology, run.topology.peers[run.peer].frozen, run.topology.replicas
     run.model.train(not frozen)
-    stats = EpochStats()
+    stats = EpochStats.for_peer(topology, run.peer)
     step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers, shards)):
@@ -83,23 +85,40 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         exchange_started = time.perf_counter()
         peer_logits = run.exchange(own_logits)
         stats.exchange_seconds.append(time.perf_counter() - exchange_started)
+        decision = run.gating(peer_logits, labels) if run.gating is not None else None
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
+        elif decision is not None and run.peer in decision.paused:
+            hold(run, own_logits)
+            stats.add(float(nn.functional.cross_entropy(own_logits.detach(), labels)), own_logits.detach(), labels)
         else:
-            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size)
+            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision)
             stats.add(loss, own_logits.detach(), labels)
+        if decision is not None and not frozen:
+            stats.count_gates(run.peer, decision, run.gating.gates)
         step_started = _step_ended(stats, step_started)
     if stats.steps:  # every epoch ends with a check, whatever the interval
         run.guard.check(epoch)
     return stats
 
 
+def hold(run: PeerStep, own_logits: torch.Tensor) -> None:
+    """A paused step (cohort.gates): no optimizer step at all, so no weight decay and no momentum;
+    the forward ran in training mode. A DDP forward waits for its backward: with replicas a zero
+    backward completes it (the replicas all pause alike), and no step follows."""
+    if isinstance(run.model, nn.parallel.DistributedDataParallel):
+        (own_logits.sum() * 0.0).backward()
+
+
 def optimize(run: PeerStep, own_logits: torch.Tensor, labels: torch.Tensor, peer_logits: dict[str, torch.Tensor],
-             epoch: int, step: int, batch_size: int) -> float:
-    """The peer's loss, backward and optimizer step; the loss's value."""
+             epoch: int, step: int, batch_size: int, decision: StepDecision | None = None) -> float:
+    """The peer's loss (without the edges the step's gates switched off), backward and optimizer
+    step; the loss's value."""
     topology, peer, scaler, optimizer = run.topology, run.peer, run.scaler, run.optimizer
-    loss, terms = peer_objective(own_logits, labels, topology.incoming_edges(peer), peer_logits,
-                                 topology.train.ce_weight, epoch, run.groups, run.batch)
+    edges = topology.incoming_edges(peer)
+    off = decision.edges_off(peer, edges) if decision is not None else ()
+    loss, terms = peer_objective(own_logits, labels, edges, peer_logits,
+                                 topology.train.ce_weight, epoch, run.groups, run.batch, off)
     if not torch.isfinite(loss):
         bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
         raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
@@ -217,6 +236,7 @@ class WorkerState:
     startup: dict[str, float] | None = None  # sent once, with the first epoch this worker runs
     history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports so far, kept in its checkpoints
     first_epoch: int = 1
+    gating: Gating | None = None  # the topology's gates, if any (their state is in the checkpoints)
 
     @property
     def frozen(self) -> bool:
@@ -265,12 +285,16 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
     workers = gather_in_group(placement, torch.distributed.group.WORLD)  # rank 0 reports them
     guard = BatchGuard(peer, slot.shard, shards, topology.train.check_batches_every,
                        lambda record: gather_in_group(record, torch.distributed.group.WORLD))
+    # Every worker decides every gate, from batch means over the whole batch (its shard's peer group
+    # reduces over the shards: every peer's group gets the same sums).
+    gating = Gating(topology.gates, ReplicaBatch(peer_group, backend.host_copies) if peer_group is not None
+                    else WHOLE_BATCH) if topology.gates else None
     startup["model_built"] = time.time()
     return WorkerState(
         topology, rank, peer, slot.shard, device, data, net, optimizer, scheduler, scaler, exchange, guard,
         peer_group, grouping[0].to(device) if grouping else None, metric_groups(topology, grouping),
         backend.host_copies, workers, config.get("progress"),
-        MetricExpression(config["objective"]) if config.get("objective") else None, startup)
+        MetricExpression(config["objective"]) if config.get("objective") else None, startup, gating=gating)
 
 
 def restore(worker: WorkerState, checkpoint) -> None:
@@ -289,6 +313,8 @@ def restore(worker: WorkerState, checkpoint) -> None:
     restore_rng(state["rng"], worker.device)
     worker.first_epoch = int(state["epoch"]) + 1
     restore_guard(worker.guard, state, worker.topology.replicas)
+    if worker.gating is not None and state.get("gates") is not None:
+        worker.gating.load_state_dict(state["gates"])
     worker.history = list(state.get("history", []))
     if worker.progress is not None:
         # The driver may have stopped before logging the epochs this checkpoint covers: send
@@ -306,7 +332,8 @@ def peer_step(worker: WorkerState) -> PeerStep:
                                                     device_ids=[device.index] if device.type == "cuda" else None)
     return PeerStep(worker.topology, worker.peer, model, worker.optimizer, worker.exchange, worker.guard,
                     worker.groups, device, worker.shard, worker.scaler,
-                    ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH)
+                    ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
+                    worker.gating)
 
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:
@@ -405,6 +432,7 @@ def save_checkpoint(worker: WorkerState, folder: str, epoch: int) -> None:
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "scaler": scaler.state_dict() if scaler is not None else {},
         "history": worker.history,
+        "gates": worker.gating.state_dict() if worker.gating is not None else None,
     })
 
 

@@ -199,3 +199,113 @@ def test_a_new_gate_file_is_registered_on_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": ""}, check=True).stdout
     assert out.strip() == "['always', 'switokd']"
+
+
+# ---------------------------------------------------------------- a step's decision
+
+
+def one_teacher_two_students():
+    from cohort.topology import topology_from_dict
+
+    return topology_from_dict({
+        "name": "1t2s", "peers": {"t": {"model": "mlp"}, "a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+        "edges": [{"from": "t", "to": "a", "loss": "kd"}, {"from": "t", "to": "b", "loss": "kd"},
+                  {"from": "b", "to": "a", "loss": "kd"},
+                  {"from": "a", "to": "t", "loss": "kd"}, {"from": "b", "to": "t", "loss": "kd"},
+                  {"from": {"ensemble": ["a", "b"]}, "to": "t", "loss": "kd"}],
+        "gates": [{"rule": "switokd", "teacher": "t", "student": "a"},
+                  {"rule": "switokd", "teacher": "t", "student": "b"}]})
+
+
+@pytest.fixture
+def scripted_gate(clean_registry):
+    """A gate whose answers the test sets: fires for the students in ``fires``."""
+    fires: set[str] = set()
+
+    @register_gate("scripted")
+    def scripted(teacher_logits, student_logits, target):
+        return bool(student_logits[0, 0].item() in fires_codes())
+
+    codes = {"a": 1.0, "b": 2.0}
+
+    def fires_codes():
+        return {codes[name] for name in fires}
+
+    return fires, codes
+
+
+@pytest.mark.parametrize("firing, paused, off", [
+    (set(), set(), set()),
+    ({"a"}, set(), {3}),  # learns from b only (its CE and the ensemble edge stay on)
+    ({"b"}, set(), {4}),
+    ({"a", "b"}, {"t"}, {3, 4}),  # every student in expert mode: the teacher pauses
+])
+def test_one_teacher_two_students_follow_the_authors_variant(scripted_gate, firing, paused, off):
+    from cohort.gates.decision import decide
+
+    fires, codes = scripted_gate
+    fires.update(firing)
+    topology = one_teacher_two_students()
+    gates = [gate.model_copy(update={"rule": "scripted"}) for gate in topology.gates]
+    logits = {name: torch.full((4, 10), codes.get(name, 0.0)) for name in topology.peer_names}
+    decision = decide(gates, logits, torch.zeros(4, dtype=torch.long))
+    assert decision.fired == tuple(name in firing for name in ("a", "b"))
+    assert decision.paused == paused
+    edges = topology.incoming_edges("t")
+    assert decision.edges_off("t", edges) == {index - 3 for index in off}
+    assert decision.edges_off("a", topology.incoming_edges("a")) == set()  # students always learn from all
+
+
+def test_switched_off_edges_add_nothing_and_the_others_keep_their_weights():
+    from cohort.losses import kd
+    from cohort.losses.combine import peer_objective
+
+    topology = one_teacher_two_students()
+    generator = torch.Generator().manual_seed(0)
+    logits = {name: torch.randn(6, 10, generator=generator) for name in topology.peer_names}
+    labels = torch.randint(0, 10, (6,), generator=generator)
+    edges = topology.incoming_edges("t")
+    total, terms = peer_objective(logits["t"], labels, edges, logits, off={0})
+    ensemble = (logits["a"] + logits["b"]) / 2
+    expected = (torch.nn.functional.cross_entropy(logits["t"], labels) + kd(logits["t"], logits["b"]).mean() / 3
+                + kd(logits["t"], ensemble).mean() / 3)  # three mean-reduced edges: 1/3 each, one off
+    torch.testing.assert_close(total, expected)
+    assert "a->t:kd" not in terms and "b->t:kd" in terms
+
+
+def test_the_epoch_counts_pauses_and_each_gates_share():
+    from cohort.gates.decision import StepDecision
+    from cohort.report import EpochStats
+
+    topology = one_teacher_two_students()
+    stats = EpochStats.for_peer(topology, "t")
+    steps = [((True, True), {"t"}), ((True, False), set()), ((False, False), set()), ((True, True), {"t"})]
+    for fired, paused in steps:
+        stats.add(0.0, torch.zeros(2, 10), torch.zeros(2, dtype=torch.long))
+        stats.count_gates("t", StepDecision(fired, frozenset(paused), frozenset()), topology.gates)
+    summary = stats.summary()
+    assert (summary["paused"], summary["expert_a"], summary["expert_b"]) == (0.5, 0.75, 0.5)
+    assert EpochStats.for_peer(topology, "a").summary()["paused"] == 0.0
+    assert "paused" not in EpochStats().summary()  # no gates, no paused metric
+    assert EpochStats.merged([stats, EpochStats.for_peer(topology, "t")]).summary()["paused"] == 0.5
+
+
+def test_a_stateful_gate_keeps_its_state_across_a_checkpoint(clean_registry, tmp_path):
+    from cohort.checkpoint import load_peer_state, save_peer_state
+    from cohort.gates.decision import Gating
+
+    @register_gate("every_other")
+    def every_other(teacher_logits, student_logits, state=None):
+        state["steps"] = state.get("steps", 0) + 1
+        return state["steps"] % 2 == 0
+
+    topology = one_teacher_two_students()
+    gates = [topology.gates[0].model_copy(update={"rule": "every_other"})]
+    logits = {name: torch.zeros(2, 10) for name in topology.peer_names}
+    target = torch.zeros(2, dtype=torch.long)
+    gating = Gating(gates)
+    assert [gating(logits, target).fired for _ in range(3)] == [(False,), (True,), (False,)]
+    save_peer_state(tmp_path, "t", {"gates": gating.state_dict()})
+    resumed = Gating(gates)
+    resumed.load_state_dict(load_peer_state(tmp_path, "t")["gates"])
+    assert resumed(logits, target).fired == (True,)  # the fourth step, not the first

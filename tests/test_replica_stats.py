@@ -4,14 +4,17 @@ one whole batch, and with cohort.exchange.ReplicaBatch ltkd's rebalancing sees t
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cohort.exchange import ReplicaBatch
+from cohort.gates.switokd import switching_quantities
 from cohort.losses import ltkd
 from cohort.syncbn import PeerSyncBatchNorm, batch_norm_sync_mode, sync_batch_norm
 
@@ -64,10 +67,14 @@ def replica(rank: int, port: int, steps: int, queue) -> None:
         # The whole batch's gradient of the summed loss: twice DDP's average over the 2 replicas.
         grads = {name: 2 * p.grad for name, p in model.named_parameters()}
         receiver, sender, groups = ltkd_batch()
-        losses = ltkd(receiver[shard], sender[shard], groups, 2.0, batch=ReplicaBatch(dist.new_group([0, 1])))
-        queue.put((rank, report.layers, report.mode, {**model.state_dict(),
-                                                      **{f"grad.{k}": v for k, v in grads.items()}}, outputs,
-                   losses))
+        replicas = ReplicaBatch(dist.new_group([0, 1]))
+        losses = ltkd(receiver[shard], sender[shard], groups, 2.0, batch=replicas)
+        teacher, student, labels = gate_batch()
+        gate = switching_quantities(teacher[shard], student[shard], labels[shard], replicas)
+        # Pickled here: a queue's tensors would travel as file descriptors, which vanish with this
+        # process if it exits before the test reads them.
+        queue.put(pickle.dumps((rank, report.layers, report.mode, {**model.state_dict(),
+                                **{f"grad.{k}": v for k, v in grads.items()}}, outputs, losses, gate)))
     finally:
         dist.destroy_process_group()
 
@@ -77,6 +84,14 @@ def ltkd_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     receiver, sender = torch.randn(2, 9, 7, generator=generator) * 3
     sender[5:, :3] += 6  # the shards' group masses differ: per-shard rebalancing would show
     return receiver, sender, torch.tensor([0, 0, 0, 1, 1, 2, 2])
+
+
+def gate_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(2, 9, 7, generator=generator) * 3
+    labels = torch.randint(0, 7, (9,), generator=generator)
+    teacher[torch.arange(5), labels[:5]] += 8  # the teacher far ahead on the first shard only
+    return teacher, student, labels
 
 
 def free_port() -> int:
@@ -93,13 +108,16 @@ def test_two_replicas_normalize_and_rebalance_like_the_whole_batch():
     processes = [context.Process(target=replica, args=(rank, port, steps, queue)) for rank in range(2)]
     for process in processes:
         process.start()
-    results = sorted(queue.get(timeout=120) for _ in processes)
+    results = sorted((pickle.loads(queue.get(timeout=120)) for _ in processes), key=lambda result: result[0])
     for process in processes:
         process.join(timeout=60)
     expected, expected_outputs = whole_batch(steps)
     receiver, sender, groups = ltkd_batch()
     whole_ltkd = ltkd(receiver, sender, groups, 2.0)
-    for rank, layers, mode, state, outputs, losses in results:
+    whole_gate = switching_quantities(*gate_batch())
+    for rank, layers, mode, state, outputs, losses, gate in results:
+        # switokd's batch means: the whole batch's, on both replicas (so both decide alike).
+        assert gate == pytest.approx(whole_gate, rel=1e-12)
         assert (layers, mode) == (2, "moments")
         assert state.keys() == expected.keys()  # a BatchNorm's names and buffers, unchanged
         for key, value in expected.items():
@@ -110,6 +128,7 @@ def test_two_replicas_normalize_and_rebalance_like_the_whole_batch():
         torch.testing.assert_close(losses, whole_ltkd[shard], rtol=1e-5, atol=1e-6)
     # Without the replicas' reduction the first shard's rebalancing differs:
     assert not torch.allclose(ltkd(receiver[:5], sender[:5], groups, 2.0), whole_ltkd[:5], atol=1e-3)
+    assert switching_quantities(*(part[:5] for part in gate_batch())) != pytest.approx(whole_gate, rel=1e-3)
 
 
 def test_per_shard_statistics_differ_from_the_whole_batch():

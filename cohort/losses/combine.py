@@ -1,7 +1,7 @@
 """A peer's objective: its cross-entropy plus the distillation terms of the edges into it."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +46,21 @@ def peer_objective(
     epoch: int = 1,
     groups: Tensor | None = None,
     batch: WholeBatch = WHOLE_BATCH,
+    off: Collection[int] = (),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``ce_weight · CE + Σ_e weight_e · mean_batch(loss_e)``, and each term (unweighted) by name.
 
     The terms are named ``ce`` and ``<edge.label>`` so that a non-finite value can be traced to
     its source. ``batch``: how losses with batch statistics reduce over the batch (with replicas,
-    over the peer's replicas).
+    over the peer's replicas). ``off``: indices of edges a gate switched off for this step
+    (cohort.gates): they add nothing, and the others keep their weights.
     """
     context = {"target": labels, "groups": groups}
     terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
     total = ce_weight * terms["ce"]
-    for edge, weight in zip(edges, edge_weights(edges, epoch)):
+    for index, (edge, weight) in enumerate(zip(edges, edge_weights(edges, epoch))):
+        if index in off:
+            continue
         spec = LOSSES[edge.loss]
         needed = {name: context[name] for name in spec.context}
         if spec.batch_statistics:
