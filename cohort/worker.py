@@ -23,8 +23,8 @@ from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
 from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
 from cohort.datasets import CohortDataset, load_dataset
 from cohort.errors import CohortError
-from cohort.gates.decision import Gating, StepDecision
 from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
+from cohort.gates.decision import Gating, StepDecision
 from cohort.guard import BatchGuard
 from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
