@@ -59,6 +59,17 @@ def mode_of(args: argparse.Namespace) -> str:
     return choose_mode(getattr(args, "quiet", False), getattr(args, "log_format", "text"))
 
 
+def saved_mode(args: argparse.Namespace) -> str:
+    """The mode for an object Tune saves with a sweep (a callback): ``json`` or ``quiet`` when asked,
+    else ``auto``, told from stdout when it shows something (:func:`runtime_mode`)."""
+    mode = mode_of(args)
+    return mode if mode in ("json", "quiet") else "auto"
+
+
+def runtime_mode(mode: str) -> str:
+    return choose_mode() if mode == "auto" else mode
+
+
 def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -279,10 +290,10 @@ class Display:
             return None
         return self._width or terminal_width()
 
-    def info(self, text: str) -> None:
-        """The plan and other notes along the way: not in quiet mode, on stderr with JSON."""
+    def info(self, text: str, stderr: bool = False) -> None:
+        """The plan and other notes along the way: not in quiet mode, on stderr with JSON (or when asked)."""
         if self.mode in ("tty", "log"):
-            print(text, file=self.out, flush=True)
+            print(text, file=self.err if stderr else self.out, flush=True)
         elif self.mode == "json":
             print(text, file=self.err, flush=True)
 

@@ -173,3 +173,41 @@ def test_runs_display_overall_progress():
     runs = RunsDisplay(Display("json", out), total=4, now=now)
     runs.event("trial c done", finished=True, trial="c")
     assert json.loads(out.getvalue()) == {"event": "run", "text": "trial c done", "finished": True, "trial": "c"}
+
+
+def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
+    """The sweep's callback (driven with fake trials, MLflow in a file): per-trial lines, each finished
+    trial's line led by the runs done / running / pending; JSON lines that parse; the callback still
+    pickles (Tune saves it) without its display."""
+    import pickle
+    import types
+
+    from cohort.sweep import SweepCallback
+    from cohort.topology import topology_from_dict
+    from cohort.tracking import Tracker
+
+    spec = {"name": "s", "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    uri = f"sqlite:///{tmp_path}/m.db"
+    parent = Tracker(uri, "sweep").start(topology_from_dict(spec), "sweep")
+    for mode in ("log", "json"):
+        callback = SweepCallback(uri, "sweep", parent, 2, "b/acc", tmp_path / f"{mode}.json", total=3, display=mode)
+        trials = [types.SimpleNamespace(trial_id=f"{mode}{i}", config={"lr": 0.1 * (i + 1)}, status="PENDING")
+                  for i in range(3)]
+        trials[0].status = "RUNNING"
+        callback.on_trial_start(0, trials, trials[0])
+        callback.on_trial_result(0, trials, trials[0], {"epoch": 1, "objective": 0.5})
+        trials[1].status = "RUNNING"
+        callback.on_trial_complete(0, trials, trials[0])
+        pickle.loads(pickle.dumps(callback))
+        callback.on_experiment_end(trials)
+        out = capsys.readouterr().out
+        lines = out.splitlines()
+        if mode == "log":
+            assert lines[0] == "trial log0 started: lr=0.1" and lines[1] == "trial log0 epoch 1/2: b/acc = 0.5000"
+            assert lines[2].startswith("[1/3 runs done, 1 running, 1 pending | 0s so far, about 0s left] trial log0")
+            assert not CONTROL.search(out)
+        else:
+            events = [json.loads(line) for line in lines]
+            assert [e["event"] for e in events] == ["run"] * 3 and events[1]["objective"] == 0.5
+            assert events[2]["finished"] is True and events[2]["trial"] == "json0"
