@@ -81,6 +81,11 @@ def terminal_width(default: int = 120) -> int:
     return shutil.get_terminal_size((default, 24)).columns
 
 
+def terminal_rows() -> int:
+    # Given to tqdm: it hides every bar on a terminal that reports 0 rows (a bare pseudo-terminal).
+    return shutil.get_terminal_size((120, 24)).lines
+
+
 # --------------------------------------------------------------------------- time
 
 
@@ -285,7 +290,8 @@ class Display:
 
     @property
     def width(self) -> int | None:
-        """The terminal's columns in tty mode; no limit otherwise."""
+        """The terminal's columns in tty mode (asked again at every epoch: a resized window counts;
+        COLUMNS, else 120, where the terminal does not say); no limit otherwise."""
         if self.mode != "tty":
             return None
         return self._width or terminal_width()
@@ -329,8 +335,8 @@ class EpochDisplay:
             from tqdm import tqdm
 
             self.bar = tqdm(total=message["steps"], desc=epoch_head(message["in_epoch"], self.epochs),
-                            file=self.display.out, leave=False, dynamic_ncols=True, mininterval=0,
-                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}")
+                            file=self.display.out, leave=False, ncols=self.display.width, mininterval=0,
+                            nrows=terminal_rows(), bar_format="{desc} {bar} {n_fmt}/{total_fmt}{postfix}")
             self.bar_epoch = message["in_epoch"]
         self.bar.n = message[STEP]
         fraction = message[STEP] / message["steps"] if message["steps"] else 0.0
@@ -418,6 +424,6 @@ class RunsDisplay:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, dynamic_ncols=True, mininterval=0,
-                            bar_format="{desc}")
+            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
+                            nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
         return self.bar
