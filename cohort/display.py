@@ -120,12 +120,13 @@ def mean_epoch_seconds(durations: list[float]) -> float:
 def run_left(epochs: int, done: int, durations: list[float], in_epoch: float = 0.0, fraction: float = 0.0) -> float:
     """Seconds until the run's last epoch ends: ``epochs - done`` epochs of the mean time, less what
     the current epoch has run (``in_epoch`` seconds, ``fraction`` of its steps). Before any epoch
-    ends, the current one's pace stands in for the mean (NaN before it has one)."""
+    ends, and while the only one that ended is the first (it holds the workers' start-up), the
+    current one's pace stands in for the mean (NaN before it has one)."""
     mean = mean_epoch_seconds(durations)
-    if not math.isfinite(mean):
-        if fraction <= 0:
-            return math.nan
+    if len(durations) < 2 and fraction > 0:
         mean = in_epoch / fraction
+    if not math.isfinite(mean):
+        return math.nan
     return max(mean * max(epochs - done, 0) - in_epoch, 0.0)
 
 

@@ -58,6 +58,9 @@ def test_time_left_arithmetic():
     # Before the first epoch ends: the current epoch's pace (12 s for a quarter: 48 s an epoch).
     assert run_left(4, 0, [], in_epoch=12.0, fraction=0.25) == pytest.approx(4 * 48.0 - 12.0)
     assert math.isnan(run_left(4, 0, []))
+    # After the first epoch (start-up in its 30 s), the second's pace: 2 s for half of it.
+    assert run_left(10, 1, [30.0], in_epoch=2.0, fraction=0.5) == pytest.approx(9 * 4.0 - 2.0)
+    assert run_left(10, 1, [30.0]) == pytest.approx(9 * 30.0)
     assert run_left(3, 3, [5.0, 5.0]) == 0.0
     assert estimate_left(60.0, 3, 15) == pytest.approx(240.0) and math.isnan(estimate_left(1.0, 0, 3))
 
