@@ -21,6 +21,8 @@ from cohort.errors import CohortError, deferred_interrupt, run_command
 from cohort.grid import exchange_backend, worker_grid
 from cohort.launch import (RUN_FILE, Plan, failure_reason, fetch_checkpoints, fit_cluster, fit_in_background,
                            make_plan, make_trainer, plan_while_ray_starts, storage_location)
+from cohort.peer_models import (exported_peers, log_peer_models, model_uri, parse_registrations, peer_test_metrics,
+                                register_peer, registered_line, registry_tags, test_metric_names)
 from cohort.report import ENSEMBLE, cohort_key, evaluated, metric_key
 
 
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard (on 127.0.0.1 only) when Ray is started here")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    parser.add_argument("--register", action="append", default=[], metavar="PEER=NAME",
+                        help="register the trained peer in the MLflow Model Registry under NAME (repeatable)")
     add_display_options(parser)
     return parser.parse_args(argv)
 
@@ -210,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.topology:
         raise CohortError("a topology file is needed (or --resume RUN)")
     topology = load_topology(args.topology, args.overrides)
+    registrations = parse_registrations(args.register, topology)
     tracking_uri = resolve_uri(args.tracking_uri or topology.tracking.uri)
     topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), tracking_uri)
     if args.dry_run:
@@ -241,7 +246,8 @@ def _run(args: argparse.Namespace) -> int:
     workers = f"{topology.num_workers} worker{'s' if topology.num_workers > 1 else ''}"
     display.info(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...")
     display.json("start", run_id=run_id, experiment=topology.experiment, epochs=topology.train.epochs)
-    return train(plan, tracker, storage, run_name, logged_epochs=0, marks=marks, display=display)
+    return train(plan, tracker, storage, run_name, logged_epochs=0, marks=marks, registrations=registrations,
+                 display=display)
 
 
 
@@ -274,6 +280,7 @@ def resume(args: argparse.Namespace) -> int:
         raise CohortError(f"--resume {args.resume}: the run's checkpoints ({storage}/{run_name}) are gone")
     topology_file = client.download_artifacts(run_id, "topology.yaml")
     topology = topology_from_dict(read_yaml(topology_file), "topology.yaml")
+    registrations = parse_registrations(args.register, topology)
     history = client.get_metric_history(run_id, metric_key(topology.peer_names[0], "acc"))
     logged = max((metric.step for metric in history), default=0)
     plan, tracker, cluster, marks = plan_while_ray_starts(args, topology, tracking_uri)
@@ -283,13 +290,16 @@ def resume(args: argparse.Namespace) -> int:
     display = Display(mode_of(args))
     display.info(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}")
     display.json("start", run_id=run_id, experiment=topology.experiment, epochs=topology.train.epochs, after=logged)
-    return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks, display=display)
+    return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks, registrations=registrations,
+                 display=display)
 
 
 
 def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
-          marks: dict[str, float] | None = None, display: Display | None = None) -> int:
-    """Fit the cohort, show and log each epoch once, and log the final artifacts."""
+          marks: dict[str, float] | None = None, registrations: dict[str, str] | None = None,
+          display: Display | None = None) -> int:
+    """Fit the cohort, show and log each epoch once, and log the final artifacts: the weights,
+    each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
     from ray.util.queue import Queue
 
     from cohort.startup import describe_startup, startup_breakdown
@@ -340,14 +350,27 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
 
     result = outcome["result"]
     log_final_artifacts(tracker, result, final)
-    tracker.finish("FINISHED")
+    try:
+        models = log_models(plan, tracker, result, final)
+    finally:
+        tracker.finish("FINISHED")  # the training is done and its weights logged, whatever happens to the models
+    registered = []
+    for peer, name in (registrations or {}).items():
+        version, existed = register_peer(plan.tracking_uri, tracker.run_id, peer, name,
+                                         registry_tags(topology, peer, models[peer], tracker.run_id))
+        registered.append(registered_line(peer, name, version, existed))
     seconds = time.perf_counter() - started
     display.summary(f"\ndone in {seconds:.0f}s\n")
     display.summary(summary_table(plan, final))
     display.summary(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
     display.summary(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
+    if models:
+        display.summary(f"  trained peers as MLflow models: {model_uri(tracker.run_id, '<peer>')} ({', '.join(models)})")
+    for line in registered:
+        display.summary("  " + line)
     display.json("done", run_id=tracker.run_id, seconds=round(seconds, 1), epoch=final.get("epoch"),
-                 metrics={key: value for key, value in final.items() if isinstance(value, (int, float))})
+                 metrics={key: value for key, value in final.items() if isinstance(value, (int, float))},
+                 models=list(models or []), registered=registered)
     return 0
 
 
@@ -359,6 +382,21 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
         tracker.log_json(final[cohort_key("workers")], "workers.json")  # rank -> peer, replica, node, device
     log_checkpoint_artifacts(tracker, result.checkpoint)
 
+
+
+def log_models(plan: Plan, tracker, result, final: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each trained peer as ``models/<peer>`` (cohort.peer_models): {peer: its test metrics}."""
+    from cohort.peer import read_weights
+
+    topology = plan.topology
+    peers = exported_peers(topology)
+    if result.checkpoint is None or not peers:
+        return {}
+    with result.checkpoint.as_directory() as folder:
+        weights = {peer: read_weights(str(Path(folder) / f"{peer}.pt"), f"weights/{peer}.pt") for peer in peers}
+    log_peer_models(tracker, topology, plan.info, plan.dataset, plan.groups, weights, final)
+    names = test_metric_names(topology, plan.info, plan.groups)
+    return {peer: peer_test_metrics(final, peer, names) for peer in peers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
     parser.add_argument("--format", choices=FORMATS, default="table", help="how the tables print (default: table)")
     parser.add_argument("--out", help="folder for the figures (default: study-<name> in the working directory)")
+    parser.add_argument("--register", action="append", default=[], metavar="ROLE=NAME",
+                        help="at the end (or with --report), register the role's peer of the best arm's best run in "
+                             "the MLflow Model Registry under NAME (repeatable)")
     parser.add_argument("--allow-single-seed", action="store_true",
                         help="run a study of one seed (no standard deviations, no intervals)")
     parser.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: start Ray here)")
@@ -178,10 +181,60 @@ def report(args: argparse.Namespace, study, tracking_uri: str) -> int:
     written = draw(client, study, tables, found, figures_folder(args, study))
     if args.format not in ("csv", "latex"):
         print(f"\nfigures: {', '.join(str(path) for path in written)}")
+    register_best(client, study, found, args.registrations, tracking_uri)
     return 0
 
 
 # --------------------------------------------------------------------------- running it
+
+
+def registrations(values: list[str], study) -> dict[str, str]:
+    """``--register ROLE=NAME``: {role: registered name}, checked before anything starts."""
+    from cohort.peer_models import check_registered_name
+
+    found = {}
+    for value in values:
+        role, sep, name = value.partition("=")
+        if not sep or not role.strip():
+            raise CohortError(f"--register {value!r}: expected ROLE=NAME, e.g. student=digits-student")
+        if role not in study.roles:
+            raise CohortError(f"--register {value!r}: {role!r} is not a role of the study (roles: "
+                              f"{', '.join(study.roles)})")
+        found[role] = check_registered_name(name, "--register")
+    return found
+
+
+def best_run(study, found, role: str):
+    """The role's arm with the best mean top-1 over its finished runs, and that arm's best run:
+    (arm, peer, outcome), or None when no run of the role finished."""
+    from cohort.studies.stats import summarize
+    from cohort.studies.tables import role_values
+
+    best = None
+    for name, arm in study.arms.items():
+        peer = arm.roles.get(role)
+        if peer is None:
+            continue
+        values = role_values(found, name, peer, "acc")
+        mean = summarize(values.values()).mean
+        if values and (best is None or mean > best[0]):
+            seed = max(values, key=values.get)
+            outcome = next(o for o in found if o.arm == name and o.seed == seed and o.status == "FINISHED")
+            best = (mean, name, peer, outcome)
+    return None if best is None else best[1:]
+
+
+def register_best(client, study, found, register: dict[str, str], tracking_uri: str) -> None:
+    from cohort.peer_models import register_finished_peer
+
+    for role, name in register.items():
+        chosen = best_run(study, found, role)
+        if chosen is None:
+            raise CohortError(f"--register {role}={name}: no finished run of the study has the role {role!r}")
+        arm, peer, outcome = chosen
+        print(f"\n{role}: best arm {arm} (mean top-1), its best run {arm}/seed-{outcome.seed} ({outcome.run_id})")
+        for line in register_finished_peer(client, tracking_uri, outcome.run_id, peer, name):
+            print(line)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report and (args.dry_run or args.resume):
         raise CohortError("--report reads MLflow only: give it without --dry-run or --resume")
     study, tracking_uri, weights = prepare(args, load_weights=not (args.dry_run or args.report))
+    args.registrations = registrations(args.register, study)
     if args.report:
         return report(args, study, tracking_uri)
     if args.dry_run:
@@ -311,6 +365,7 @@ def finish(args: argparse.Namespace, tracker, study, parent_run_id: str, trackin
                  figures=str(out))
     if not finished:
         raise CohortError("no run of the study finished: see the reasons above")
+    register_best(tracker.client, study, found, args.registrations, tracking_uri)
     return 0
 
 

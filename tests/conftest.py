@@ -63,8 +63,19 @@ def skip_gpu_tests(items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (every zoo model's "
+                                                            "ONNX export, ...); -m slow runs only them")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu_tests(items)
+    # The slow tests stay out of the suite's time budget unless asked for (--runslow, or -m naming slow).
+    if not config.getoption("--runslow") and "slow" not in (config.option.markexpr or ""):
+        skip = pytest.mark.skip(reason="slow: run with --runslow (or -m slow)")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip)
     unmarked = [item.nodeid for item in items
                 if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None]
     if unmarked:

@@ -68,9 +68,11 @@ def expected_fingerprint(topology) -> int:
 def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_topology(tmp_path, THREE_PEERS)
-    assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
+                 "--register", "student_a=digits-student"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "top-1" in out
+    assert "registered student_a as 'digits-student' version 1;" in out
 
     client, run = finished_run(uri, "e2e-three")
     assert run.info.status == "FINISHED"
@@ -103,6 +105,28 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     # The peers saw exactly the batches computed here without Ray, as the report's fingerprints show.
     topology = topology_from_dict(THREE_PEERS)
     assert f"{expected_fingerprint(topology)}" in _fingerprints_seen(tmp_path / "ray")
+
+    # Every trained peer as an MLflow model: its logits on the test split are the final weights',
+    # its accuracy the run's; --register put student_a in the Model Registry.
+    data = load_dataset(DataConfig())
+    inputs, labels = data.test_x, data.test_y
+    for peer in peers:
+        loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/models/{peer}")
+        network = build_peer(topology, peer, data.info)
+        network.load_state_dict(torch.load(artifacts / "weights" / f"{peer}.pt", weights_only=True))
+        with torch.no_grad():
+            logits = loaded(inputs)
+            torch.testing.assert_close(logits, network.eval()(inputs), rtol=1e-5, atol=1e-5)
+        assert (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(run.data.metrics[f"{peer}/acc"])
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    registered = mlflow.pytorch.load_model("models:/digits-student/1")
+    with torch.no_grad():
+        accuracy = (registered(inputs).argmax(dim=1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(run.data.metrics["student_a/acc"])
+    version = client.get_model_version("digits-student", "1")
+    assert version.tags["cohort.method"] == "bdkd from teacher" and version.tags["cohort.topology"] == "e2e-three"
+    assert version.tags["cohort.top1"] == f"{run.data.metrics['student_a/acc']:.4f}"
 
 
 def _fingerprints_seen(storage: Path) -> str:
@@ -385,6 +409,8 @@ def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
     after = Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id, artifact_path="weights/teacher.pt",
                                                      tracking_uri=uri, dst_path=str(tmp_path / "b")))
     trained, frozen = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
+    # The frozen teacher is not logged as a model: it was not trained in this run.
+    assert [item.path for item in client.list_artifacts(second.info.run_id, "models")] == ["models/student"]
     for key in trained:
         assert torch.equal(trained[key], frozen[key]), key  # forward only: not even BN statistics move
     # The frozen teacher is evaluated as it was trained (the test split is not long-tailed).

@@ -79,8 +79,22 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
             "figures/reliability_student.png"} <= parent_files
 
     report = subprocess.run(command[:4] + ["--tracking-uri", uri, "--report", "--format", "markdown",
-                                           "--out", str(tmp_path / "again")],
+                                           "--out", str(tmp_path / "again"), "--register", "student=tiny-best"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     assert "4 of 4 runs done" in report.stdout and "| dml | net_b | 2 |" in report.stdout
     assert (tmp_path / "again" / "reliability_teacher.png").is_file()
+    # The best arm (the student's mean top-1) and its best seed give the registered student.
+    def student_acc(run):
+        return run.data.metrics[("net_b" if run.data.tags["cohort.study.arm"] == "dml" else "student") + "/acc"]
+
+    by_arm = {}
+    for run in children:
+        by_arm.setdefault(run.data.tags["cohort.study.arm"], []).append(run)
+    means = {name: sum(map(student_acc, runs)) / len(runs) for name, runs in by_arm.items()}
+    top = max(means.values())
+    best = {run.info.run_id for name, runs in by_arm.items() if means[name] == top
+            for run in runs if student_acc(run) == max(map(student_acc, runs))}  # ties: any of them
+    assert "'tiny-best' version 1" in report.stdout, report.stdout
+    version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
+    assert version.run_id in best

@@ -28,6 +28,11 @@ class ImageArrays(CohortDataset):
     def train_targets(self) -> torch.Tensor:
         return self.train_labels
 
+    def preprocessing(self) -> dict:
+        return {"source": f"{self.info.input_size[1]}x{self.info.input_size[2]} images, uint8 pixels, channels first",
+                "formula": "(pixels / 255 - mean) / std, per channel",
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         if not train:
             return self._normalize(self.test_images[indices]), self.test_labels[indices]

@@ -67,6 +67,11 @@ class CohortDataset:
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         raise NotImplementedError
 
+    def preprocessing(self) -> dict:
+        """How a raw image becomes a network's input, as data (recorded with a peer logged as an
+        MLflow model, so that its users can prepare their own images): empty when unknown."""
+        return {}
+
     @property
     def train_targets(self) -> torch.Tensor:
         """Every training sample's label, in index order."""
@@ -115,15 +120,19 @@ class _Plan(torch.utils.data.Dataset):
 class TensorSplits(CohortDataset):
     """Float inputs ``[N, C, H, W]`` held in memory, without augmentation (digits)."""
 
-    def __init__(self, name: str, train: Batch, test: Batch, num_classes: int):
+    def __init__(self, name: str, train: Batch, test: Batch, num_classes: int, preprocessing: dict | None = None):
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
+        self._preprocessing = dict(preprocessing or {})
         self.info = DatasetInfo(name, num_classes, self.train_x.shape[1], len(self.train_y), len(self.test_y),
                                 class_counts(self.train_y, num_classes), input_size=tuple(self.train_x.shape[1:]))
 
     @property
     def train_targets(self) -> torch.Tensor:
         return self.train_y
+
+    def preprocessing(self) -> dict:
+        return dict(self._preprocessing)
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         if train:

@@ -25,5 +25,7 @@ def load_digits() -> CohortDataset:
     )
     train_x, test_x = images[train_idx], images[test_idx]
     mean, std = train_x.mean(), train_x.std()
+    preprocessing = {"source": "scikit-learn's load_digits images: 8x8 grayscale, pixel values 0-16",
+                     "formula": "(pixels - mean) / std", "mean": [float(mean)], "std": [float(std)]}
     return TensorSplits("digits", ((train_x - mean) / std, labels[train_idx]),
-                        ((test_x - mean) / std, labels[test_idx]), num_classes=10)
+                        ((test_x - mean) / std, labels[test_idx]), num_classes=10, preprocessing=preprocessing)

@@ -25,6 +25,7 @@ class ImageFolderSplits(CohortDataset):
         from torchvision.datasets import ImageFolder
 
         self.root = root
+        self.image_size = image_size
         try:
             self.train = ImageFolder(str(root / "train"))
             self.test = ImageFolder(str(root / "val"))
@@ -49,6 +50,12 @@ class ImageFolderSplits(CohortDataset):
     @property
     def train_targets(self) -> torch.Tensor:
         return torch.tensor(self.train.targets, dtype=torch.long)
+
+    def preprocessing(self) -> dict:
+        return {"source": "RGB images of any size",
+                "resize": round(self.image_size / 0.875), "center_crop": self.image_size,
+                "formula": "resize the shorter side, center crop, then (pixels / 255 - mean) / std, per channel",
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         source, transform = (self.train, self.train_transform) if train else (self.test, self.test_transform)

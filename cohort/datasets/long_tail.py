@@ -43,6 +43,9 @@ class LongTailed(CohortDataset):
     def train_targets(self) -> torch.Tensor:
         return self.inner.train_targets[self.keep]
 
+    def preprocessing(self) -> dict:
+        return self.inner.preprocessing()
+
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         return self.inner.make_batch(self.keep[indices] if train else indices, train, seed)
 

@@ -63,6 +63,9 @@ class ValidationSplit(CohortDataset):
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         return self.inner.make_batch(self.keep[indices] if train else indices, train, seed)
 
+    def preprocessing(self) -> dict:
+        return self.inner.preprocessing()
+
     def plain_train_batch(self, indices: torch.Tensor) -> Batch:
         return self.inner.plain_train_batch(self.keep[indices])
 

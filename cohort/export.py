@@ -1,0 +1,90 @@
+"""``python -m cohort.export RUN_ID --peer NAME``: take a trained peer out of a finished run.
+
+``--register NAME`` registers the peer's MLflow model in the Model Registry (logging it first if
+the run is older than models/<peer>); ``--format onnx --out FILE`` writes it as ONNX, checked
+against ONNX Runtime on the run's test images.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cohort.errors import CohortError, run_command
+
+CHECK_IMAGES = 64  # test images of the ONNX check
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cohort.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id of a finished cohort run")
+    parser.add_argument("--peer", required=True, help="the peer to take out")
+    parser.add_argument("--register", metavar="NAME", help="register the peer in the MLflow Model Registry under NAME")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="with --register: register the peer with its logits divided by the temperature its run "
+                             "fitted (data.val_fraction), so served probabilities are the calibrated ones")
+    parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
+    parser.add_argument("--out", metavar="FILE", help="the file --format writes")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    return parser.parse_args(argv)
+
+
+def export(args: argparse.Namespace) -> int:
+    from cohort.onnx_export import require_onnx
+    from cohort.peer_models import check_registered_name
+    from cohort.tracking import existing_store_client, resolve_uri
+
+    if not args.register and not args.format:
+        raise CohortError("nothing to do: give --register NAME and/or --format onnx --out FILE")
+    if bool(args.format) != bool(args.out):
+        raise CohortError("--format and --out go together (--format onnx --out FILE)", "--out" if args.format else "--format")
+    if args.calibrated and not args.register:
+        raise CohortError("--calibrated applies to --register NAME")
+    if args.register:
+        check_registered_name(args.register, "--register")
+    out = None
+    if args.format:
+        require_onnx()
+        out = Path(args.out).expanduser().resolve()
+        if not out.parent.is_dir():
+            raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
+    uri = resolve_uri(args.tracking_uri)
+    client = existing_store_client(uri, f"run {args.run_id}")
+    return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated)
+
+
+def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None,
+             calibrated: bool = False) -> int:
+    from cohort.datasets import load_dataset
+    from cohort.peer_models import (exported_peers, finished_run, fitted_temperature, register_finished_peer,
+                                    run_weights, trained_peer)
+
+    run, topology = finished_run(client, run_id, uri)
+    weights = run_weights(client, run_id, topology, peer)
+    if peer not in exported_peers(topology):
+        raise CohortError(f"peer {peer!r} of run {run_id} is frozen: the run did not train it", "--peer")
+    dataset = load_dataset(topology.data, topology.seed)
+    info = dataset.info
+    model = trained_peer(topology, peer, info, weights)
+    if calibrated:
+        fitted_temperature(dict(run.data.metrics), peer, run_id)  # refused before anything is written
+    if out is not None:
+        from cohort.onnx_export import OPSET, export_checked
+
+        images = next(iter(dataset.test_batches(CHECK_IMAGES)))[0].float()
+        check = export_checked(model, images, out)
+        print(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
+              f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
+        print(check.line())
+    if register:
+        for line in register_finished_peer(client, uri, run_id, peer, register, calibrated):
+            print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(export, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Peers as MLflow models: what a finished run logs for each trained peer (``models/<peer>``, the
+``mlflow.pytorch`` flavor), registering one in the Model Registry, and reading a finished run's
+topology and a peer's weights back (for ``cohort.export``).
+
+A peer's model takes the image batch its dataset serves (float32 ``[N, C, H, W]``, already
+normalized: the model's metadata says how) and returns logits ``[N, classes]``. It is saved as
+``torch.export``'s graph (MLflow's ``pt2`` format): loading it needs torch, not cohort's code, and
+runs no pickled code. Only the driver calls this module (MLflow has one writer per run).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from cohort.errors import CohortError, first_line, quoted
+
+MODELS_FOLDER = "models"  # a peer's model: runs:/RUN_ID/models/<peer>
+WEIGHTS_FOLDER = "weights"  # its state_dict: runs:/RUN_ID/weights/<peer>.pt
+EXAMPLE_SIZE = 4  # test images in a model's input example (more than one: the batch stays dynamic)
+REGISTRY_TAG = "cohort."  # prefix of the tags a registered version carries
+
+
+CALIBRATED = "_calibrated"  # models/<peer>_calibrated: the peer's logits divided by its fitted temperature
+
+
+def model_uri(run_id: str, peer: str) -> str:
+    return f"runs:/{run_id}/{MODELS_FOLDER}/{peer}"
+
+
+class TemperatureScaled(torch.nn.Module):
+    """A peer whose logits are divided by the temperature its run fitted (``cohort.calibration``):
+    softmax of its output gives the calibrated probabilities; the arg max is the peer's."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) / self.temperature
+
+
+def fitted_temperature(final: Mapping[str, Any], peer: str, run_id: str) -> float:
+    """The temperature the run fitted for ``peer`` (refused when it fitted none)."""
+    value = final.get(f"{peer}/ts_temperature")
+    if value is None:
+        raise CohortError(f"run {run_id} fitted no temperature for {peer!r} (train with data.val_fraction > 0 to "
+                          "have one)", "--calibrated")
+    return float(value)
+
+
+def exported_peers(topology) -> list[str]:
+    """The peers a run logs as models: the ones it trained (a frozen peer comes from elsewhere)."""
+    return [peer for peer in topology.peer_names if not topology.peers[peer].frozen]
+
+
+def trained_peer(topology, peer: str, info, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The peer's network with its final weights (checked against the model), in eval mode."""
+    from cohort.peer import build_peer, check_weights
+
+    model = build_peer(topology, peer, info, weights if topology.peers[peer].checkpoint else None)
+    model.load_state_dict(check_weights(dict(weights), model, f"weights/{peer}.pt", "--peer"))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- what a model records
+
+
+def incoming_methods(topology, peer: str) -> str:
+    """The methods of the edges into ``peer``, e.g. ``bdkd from teacher; kd from ensemble(a+b)``."""
+    parts = []
+    for edge in topology.incoming_edges(peer):
+        source = edge.senders[0] if len(edge.senders) == 1 else f"ensemble({'+'.join(edge.senders)})"
+        parts.append(f"{edge.loss} from {source}")
+    return "; ".join(parts) or "labels only"
+
+
+def test_metric_names(topology, info, groups) -> list[str]:
+    """The names of a peer's test metrics in an epoch's report (``acc``, ``ece``, ... and the
+    per-group ones where the run has groups), computed by the metric code itself."""
+    from cohort import metrics
+    from cohort.report import metric_groups
+
+    logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
+    return sorted(metrics.evaluate(logits, labels, *metric_groups(topology, groups)))
+
+
+def peer_test_metrics(final: Mapping[str, Any], peer: str, names: list[str]) -> dict[str, float]:
+    """A peer's final test metrics from the run's last report, keyed without the peer's prefix: the
+    ``names``, and the temperature-scaled ones (``*_ts``, ``ts_temperature``) where a run reports them."""
+    from cohort.report import metric_key
+    from cohort.tracking import flat_metrics
+
+    prefix = metric_key(peer, "")
+    flat = flat_metrics(final)
+    wanted = set(names)
+    return {key[len(prefix):]: value for key, value in flat.items() if key.startswith(prefix)
+            and (key[len(prefix):] in wanted or key.endswith("_ts") or key[len(prefix):] == "ts_temperature")}
+
+
+def model_metadata(topology, peer: str, info, preprocessing: Mapping[str, Any], test_metrics: Mapping[str, float],
+                   run_id: str) -> dict[str, Any]:
+    """What the MLmodel file records under ``metadata.cohort``."""
+    return {"cohort": {
+        "run_id": run_id, "topology": topology.name, "peer": peer, "model": topology.peers[peer].model,
+        "method": incoming_methods(topology, peer),
+        "input": {"dtype": "float32", "layout": "NCHW", "shape": ["batch", *info.input_size]},
+        "output": {"logits": info.num_classes, "class_names": list(info.class_names)},
+        "preprocessing": dict(preprocessing), "dataset": info.name, "test_metrics": dict(test_metrics)}}
+
+
+def pip_requirements() -> list[str]:
+    """What serving the model needs: torch (the graph format is torch's own) and MLflow."""
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
+def save_peer_model(model: torch.nn.Module, example: torch.Tensor, folder: str | Path,
+                    metadata: Mapping[str, Any]) -> None:
+    """The peer in MLflow's pytorch flavor at ``folder``: eval mode, ``pt2`` (torch.export) format
+    with a dynamic batch size, the input example and its signature (images in, logits out)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.eval()
+    with torch.no_grad():
+        logits = model(example)
+    signature = infer_signature(example.numpy(), logits.numpy())
+    mlflow.pytorch.save_model(model, str(folder), signature=signature, input_example=example.numpy(),
+                              metadata=dict(metadata), serialization_format="pt2",
+                              pip_requirements=pip_requirements())
+
+
+def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[str, Mapping[str, torch.Tensor]],
+                    final: Mapping[str, Any], peers: list[str] | None = None,
+                    temperature: float | None = None) -> dict[str, str]:
+    """Log every trained peer of a finished run (or those of ``peers``) as ``models/<peer>``:
+    {peer: model URI}. With ``temperature``: the calibrated variant, ``models/<peer>_calibrated``.
+
+    ``weights``: each peer's final state_dict; ``final``: the run's last report (its test metrics);
+    ``dataset``: the run's data (the input example: its first test images)."""
+    example = next(iter(dataset.test_batches(EXAMPLE_SIZE)))[0].float()
+    names = test_metric_names(topology, info, groups)
+    logged = {}
+    for peer in peers or exported_peers(topology):
+        model = trained_peer(topology, peer, info, weights[peer])
+        metadata = model_metadata(topology, peer, info, dataset.preprocessing(),
+                                  peer_test_metrics(final, peer, names), tracker.run_id)
+        name = peer
+        if temperature is not None:  # the calibrated variant: logits / T
+            model, name = TemperatureScaled(model, temperature), f"{peer}{CALIBRATED}"
+            metadata["cohort"]["temperature"] = temperature
+        with tempfile.TemporaryDirectory(prefix="cohort-model-") as folder:
+            try:
+                save_peer_model(model, example, Path(folder) / name, metadata)
+            except Exception as error:  # noqa: BLE001 - torch.export's and MLflow's failures alike
+                raise CohortError(f"peer {peer!r} ({topology.peers[peer].model}) could not be saved as an MLflow "
+                                  f"model: {first_line(error)}") from None
+            tracker.log_folder(Path(folder) / name, f"{MODELS_FOLDER}/{name}")
+        logged[peer] = model_uri(tracker.run_id, name)
+    return logged
+
+
+# --------------------------------------------------------------------------- the Model Registry
+
+
+def check_registered_name(name: str, where: str) -> str:
+    """A registered model's name as the registry accepts it (no ``/`` or ``:``, not blank)."""
+    if not name or name != name.strip() or any(c in name for c in "/:") or name in (".", "..") or len(name) > 256:
+        raise CohortError(f"{quoted(name)} is not a registered model name (not blank, no '/' or ':', "
+                          "at most 256 characters)", where)
+    return name
+
+
+def parse_registrations(values: list[str], topology, where: str = "--register") -> dict[str, str]:
+    """``--register PEER=NAME`` options as {peer: name}, each peer a trained peer of the topology."""
+    registrations: dict[str, str] = {}
+    for value in values:
+        peer, equals, name = value.partition("=")
+        if not equals or not peer:
+            raise CohortError(f"{quoted(value)}: expected PEER=NAME", where)
+        if peer not in topology.peers:
+            raise CohortError(f"{quoted(value)}: unknown peer {peer!r} (peers: {', '.join(topology.peer_names)})", where)
+        if topology.peers[peer].frozen:
+            raise CohortError(f"{quoted(value)}: peer {peer!r} is frozen: a run logs only the peers it trains", where)
+        if peer in registrations:
+            raise CohortError(f"{quoted(value)}: peer {peer!r} is registered twice", where)
+        registrations[peer] = check_registered_name(name, where)
+    return registrations
+
+
+def registry_tags(topology, peer: str, test_metrics: Mapping[str, float], run_id: str) -> dict[str, str]:
+    """The tags of a registered version: where it comes from and how good and calibrated it is."""
+    tags = {"topology": topology.name, "peer": peer, "model": topology.peers[peer].model,
+            "method": incoming_methods(topology, peer), "run_id": run_id}
+    for tag, metric in (("top1", "acc"), ("ece", "ece"), ("ece_ts", "ece_ts")):
+        if metric in test_metrics:
+            tags[tag] = f"{test_metrics[metric]:.4f}"
+    return {REGISTRY_TAG + key: value for key, value in tags.items()}
+
+
+def register_peer(uri: str, run_id: str, peer: str, name: str, tags: Mapping[str, str],
+                  artifact: str | None = None) -> tuple[int, bool]:
+    """Register ``models/<peer>`` (or ``models/<artifact>``) of the run under ``name``: (its version,
+    whether the name existed)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        try:
+            client.get_registered_model(name)
+            existed = True
+        except MlflowException:
+            client.create_registered_model(name)
+            existed = False
+        source = f"{client.get_run(run_id).info.artifact_uri}/{MODELS_FOLDER}/{artifact or peer}"
+        version = client.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    except MlflowException as error:
+        raise CohortError(f"cannot register {peer!r} as {name!r} in {uri}: {first_line(error)}", "--register") from None
+    return int(version.version), existed
+
+
+def registered_line(peer: str, name: str, version: int, existed: bool) -> str:
+    if existed:
+        return (f"registered {peer} as {name!r} version {version} (the name existed: a new version); "
+                f"load it with mlflow.pytorch.load_model('models:/{name}/{version}')")
+    return f"registered {peer} as {name!r} version {version}; load it with mlflow.pytorch.load_model('models:/{name}/{version}')"
+
+
+# --------------------------------------------------------------------------- a finished run, read back
+
+
+def finished_run(client, run_id: str, uri: str):
+    """The MLflow run ``run_id`` and its topology, refused unless it finished."""
+    from cohort.config.loader import read_yaml
+    from cohort.topology import topology_from_dict
+    from cohort.tracking import RUN_ID
+
+    if not RUN_ID.fullmatch(run_id):
+        raise CohortError(f"{quoted(run_id)} is not an MLflow run id (32 hex characters)")
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - unknown id, unreachable store: the same answer
+        raise CohortError(f"no MLflow run {run_id} in {uri} (give --tracking-uri where the run is)") from None
+    if run.info.status != "FINISHED":
+        raise CohortError(f"run {run_id} is {run.info.status}, not FINISHED: it has no final weights")
+    with tempfile.TemporaryDirectory(prefix="cohort-export-") as folder:
+        try:
+            path = client.download_artifacts(run_id, "topology.yaml", folder)
+        except Exception:  # noqa: BLE001
+            raise CohortError(f"run {run_id} has no topology.yaml: not a cohort run") from None
+        topology = topology_from_dict(read_yaml(path), "topology.yaml")
+    return run, topology
+
+
+def run_weights(client, run_id: str, topology, peer: str) -> dict[str, torch.Tensor]:
+    """The final state_dict of ``peer`` logged by the run."""
+    from cohort.peer import read_weights
+
+    if peer not in topology.peers:
+        raise CohortError(f"run {run_id} has no peer {peer!r} (peers: {', '.join(topology.peer_names)})", "--peer")
+    with tempfile.TemporaryDirectory(prefix="cohort-export-") as folder:
+        try:
+            path = client.download_artifacts(run_id, f"{WEIGHTS_FOLDER}/{peer}.pt", folder)
+        except Exception:  # noqa: BLE001
+            raise CohortError(f"run {run_id} has no weights for {peer!r} ({WEIGHTS_FOLDER}/{peer}.pt)", "--peer") from None
+        return read_weights(path, "--peer", name=f"runs:/{run_id}/{WEIGHTS_FOLDER}/{peer}.pt")
+
+
+def has_model(client, run_id: str, peer: str) -> bool:
+    try:
+        return any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, f"{MODELS_FOLDER}/{peer}"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class RunWriter:
+    """The one method of cohort.tracking.Tracker that logging a model uses, on an existing run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_folder(self, folder, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str, calibrated: bool = False) -> list[str]:
+    """Register a finished run's trained ``peer`` under ``name``: its ``models/<peer>`` (logged first
+    from its weights where the run has none), or with ``calibrated`` the peer divided by its fitted
+    temperature (``models/<peer>_calibrated``). The lines to print."""
+    from cohort.datasets import load_dataset
+    from cohort.peer import cohort_groups
+
+    run, topology = finished_run(client, run_id, uri)
+    if peer not in exported_peers(topology):
+        raise CohortError(f"peer {peer!r} of run {run_id} is frozen or unknown: the run did not train it", "--peer")
+    final = dict(run.data.metrics)  # each metric's last value: the final epoch's
+    temperature = fitted_temperature(final, peer, run_id) if calibrated else None
+    weights = run_weights(client, run_id, topology, peer)
+    dataset = load_dataset(topology.data, topology.seed)
+    info = dataset.info
+    groups = cohort_groups(topology, info)
+    metrics = peer_test_metrics(final, peer, test_metric_names(topology, info, groups))
+    tags = registry_tags(topology, peer, metrics, run_id)
+    lines = []
+    if temperature is not None:
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final,
+                        peers=[peer], temperature=temperature)
+        tags[REGISTRY_TAG + "temperature"] = f"{temperature:.6g}"
+        lines.append(f"logged {peer} divided by its fitted temperature {temperature:.4g} as "
+                     f"runs:/{run_id}/{MODELS_FOLDER}/{peer}{CALIBRATED}")
+    elif not has_model(client, run_id, peer):
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final, peers=[peer])
+        lines.append(f"logged {peer} as {model_uri(run_id, peer)} (the run had no models/{peer})")
+    version, existed = register_peer(uri, run_id, peer, name, tags,
+                                     artifact=f"{peer}{CALIBRATED}" if temperature is not None else None)
+    lines.append(registered_line(peer, name, version, existed))
+    return lines
