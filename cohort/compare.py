@@ -17,6 +17,7 @@ from cohort.comparison.figures import make_figures, publish
 from cohort.comparison.queries import connect, experiment_names, find_runs, load_runs
 from cohort.comparison.table import (TABLE_NOTE, build_rows, check_metrics, check_peer, columns_for, render,
                                      sort_column, sort_rows)
+from cohort.display import Display, add_display_options, mode_of
 from cohort.errors import CohortError, run_command
 
 
@@ -37,17 +38,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-figures", action="store_true",
                         help="print the table only: draw nothing and log nothing to MLflow")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
-def note(text: str) -> None:
+def note(display: Display, text: str) -> None:
     # Notes go to stderr so that stdout is only the table (csv and markdown can be redirected as they are).
-    print(text, file=sys.stderr, flush=True)
+    display.info(text, stderr=True)
 
 
 def compare(args: argparse.Namespace) -> int:
     from cohort.tracking import resolve_uri
 
+    display = Display(mode_of(args))
     uri = resolve_uri(args.tracking_uri)
     columns = columns_for(args.metrics)
     order_by = sort_column(args.sort, columns)
@@ -60,7 +63,7 @@ def compare(args: argparse.Namespace) -> int:
                    "runs that stopped before their first epoch)" if skipped else ""
     if not runs:
         asked = ", ".join([f"experiment {name!r}" for name in args.experiments] + [f"run {r}" for r in args.runs])
-        print(f"no runs with peer metrics in {asked}" + (f"; {skipped_text}" if skipped else ""))
+        display.summary(f"no runs with peer metrics in {asked}" + (f"; {skipped_text}" if skipped else ""))
         return 0
     check_metrics(runs, args.metrics)
     check_peer(runs, args.peer)
@@ -69,11 +72,16 @@ def compare(args: argparse.Namespace) -> int:
         columns.insert(columns.index("ECE") + 1, "ece_ts")
 
     rows = sort_rows(build_rows(runs, columns, args.peer), order_by)
-    print(render(rows, columns, args.format), flush=True)
-    if args.format == "table":
-        print(f"\n{TABLE_NOTE}")
+    if display.mode == "json":  # one object per row, its numbers unrounded
+        for row in rows:
+            display.json("row", **{column: row.get(column) for column in ["run", "experiment", "peer", "method",
+                                                                          "model", "gap", *columns] if column in row})
+    else:
+        display.summary(render(rows, columns, args.format))
+        if args.format == "table" and display.mode != "quiet":
+            print(f"\n{TABLE_NOTE}")
     if skipped:
-        note(skipped_text)
+        note(display, skipped_text)
     if args.no_figures:
         return 0
 
@@ -84,8 +92,8 @@ def compare(args: argparse.Namespace) -> int:
         raise CohortError(f"--out {args.out!r}: cannot write the figures: {error.strerror or error}") from None
     publish(client, belongs)
     files = sorted({path for paths in belongs.values() for path in paths})
-    note(f"{len(files)} figures in {out}:" + "".join(f"\n  {path.relative_to(out)}" for path in files))
-    note(f"logged under compare/ in the MLflow artifacts of {len(belongs)} run{'s' if len(belongs) != 1 else ''} "
+    note(display, f"{len(files)} figures in {out}:" + "".join(f"\n  {path.relative_to(out)}" for path in files))
+    note(display, f"logged under compare/ in the MLflow artifacts of {len(belongs)} run{'s' if len(belongs) != 1 else ''} "
          f"at {uri}")
     return 0
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cohort.display import Display, add_display_options, mode_of
 from cohort.errors import CohortError, run_command
 
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--out", help="folder for the figure (default: evaluate-<run id prefix>)")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from cohort.tracking import resolve_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    display = Display(mode_of(args))
     corruptions = parse_corruptions(args.shift) if args.shift else []
     severities = parse_severities(args.severity) if args.shift else []
     uri = resolve_uri(args.tracking_uri)
@@ -85,26 +88,31 @@ def run(args: argparse.Namespace) -> int:
     models = build_models(finished.topology, finished.weights, data.info)
     batch = topology.data.eval_batch_size
     settings = [(CLEAN, 0)] + [(name, severity) for name in corruptions for severity in severities]
-    print(f"evaluating run {finished.run_id} ({finished.topology.name}: {', '.join(topology.peer_names)}) on "
+    display.info(f"evaluating run {finished.run_id} ({finished.topology.name}: {', '.join(topology.peer_names)}) on "
           f"{data.info.name}, {data.info.test_size} test images: {len(settings)} setting(s)"
           + ("" if finished.temperatures else "; no temperatures fitted (the run had no validation split)"),
-          file=sys.stderr, flush=True)
+          stderr=True)
     results = {}
     for name, severity in settings:
         shown = data if name == CLEAN else shifted_dataset(data, name, severity, topology.seed)
         logits, labels = peer_logits(models, shown, batch)
         results[(name, severity)] = evaluate_setting(logits, labels, finished.temperatures)
         if name != CLEAN:
-            print(f"  {name} severity {severity}: done", file=sys.stderr, flush=True)
+            display.info(f"  {name} severity {severity}: done", stderr=True)
     for severity, owners_ in mean_over_corruptions(results).items():
         results[(MEAN, severity)] = owners_
-    print(render(result_rows(results, args.peer), args.format), flush=True)
+    rows = result_rows(results, args.peer)
+    if display.mode == "json":
+        for row in rows:
+            display.json("row", **row)
+    else:
+        display.summary(render(rows, args.format))
     if corruptions:
-        log_shift(client, finished.run_id, results, Path(args.out or f"evaluate-{finished.run_id[:8]}"))
+        log_shift(client, finished.run_id, results, Path(args.out or f"evaluate-{finished.run_id[:8]}"), display)
     return 0
 
 
-def log_shift(client, run_id: str, results, out: Path) -> None:
+def log_shift(client, run_id: str, results, out: Path, display: Display | None = None) -> None:
     """The shifted results into the run (the same key, step and timestamp for a setting evaluated
     again: MLflow keeps one value, never a duplicate), with the table and the figure."""
     import json
@@ -123,7 +131,7 @@ def log_shift(client, run_id: str, results, out: Path) -> None:
         path.write_text(json.dumps({f"{name}/{severity}": owners for (name, severity), owners in results.items()},
                                    indent=2, sort_keys=True))
         client.log_artifact(run_id, str(path), "shift")
-    print(f"\nlogged under shift/ in MLflow run {run_id}; figure: {figure}", file=sys.stderr)
+    (display or Display("log")).info(f"\nlogged under shift/ in MLflow run {run_id}; figure: {figure}", stderr=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,13 +192,14 @@ def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str)
 
 def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
-                 dataset=None, weights: dict[str, Any] | None = None, train_loop=None):
+                 dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
     object store for that peer's workers; a peer without them reads its checkpoint's path.
     ``train_loop``: what the workers run, default ``cohort.worker.train_cohort`` (a benchmark wraps
-    it to measure around it)."""
+    it to measure around it). ``live_steps``: rank 0 also sends its step counter through ``progress``
+    a few times a second (``cohort.display.step_message``), for the driver's live display."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -211,7 +212,7 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
     return TorchTrainer(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
-                           "objective": objective, "initial_checkpoint": initial_checkpoint,
+                           "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
                            "dataset": ray.put(dataset) if dataset is not None else None,
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
         # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own

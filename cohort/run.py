@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cohort.cluster import cluster_node_labels
+from cohort.display import Display, EpochDisplay, add_display_options, is_step, mode_of
 from cohort.errors import CohortError, deferred_interrupt, run_command
 from cohort.grid import exchange_backend, worker_grid
 from cohort.launch import (RUN_FILE, Plan, failure_reason, fetch_checkpoints, fit_cluster, fit_in_background,
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     parser.add_argument("--register", action="append", default=[], metavar="PEER=NAME",
                         help="register the trained peer in the MLflow Model Registry under NAME (repeatable)")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
@@ -182,23 +184,6 @@ def placement_constraints(resources) -> list[str]:
 # --------------------------------------------------------------------------- display
 
 
-def epoch_line(topology, report: dict[str, Any], seconds: float) -> str:
-    width = len(str(topology.train.epochs))
-    parts = [f"epoch {report['epoch']:>{width}}/{topology.train.epochs}"]
-    for peer in evaluated(topology):
-        acc, ece = report.get(metric_key(peer, "acc")), report.get(metric_key(peer, "ece"))
-        if acc is not None:
-            tail = report.get(metric_key(peer, "acc_tail"), report.get(metric_key(peer, "acc_few")))
-            parts.append(f"{peer} {100 * acc:5.1f}% ece {ece:.3f}" + (f" tail {100 * tail:.1f}%" if tail is not None
-                                                                      and tail == tail else ""))
-    for teacher in dict.fromkeys(gate.teacher for gate in topology.gates):  # cohort.gates: the share of paused steps
-        paused = report.get(metric_key(teacher, "paused"))
-        if paused is not None:
-            parts.append(f"{teacher} paused {100 * paused:.0f}%")
-    parts.append(f"{seconds:.1f}s")
-    return "  |  ".join(parts)
-
-
 def summary_table(plan: Plan, final: dict[str, Any]) -> str:
     """The end of a run: each peer's final test metrics; with temperature scaling, the ECE and NLL
     after it and the fitted temperature beside them."""
@@ -255,7 +240,8 @@ def _run(args: argparse.Namespace) -> int:
 
     plan, tracker, cluster, marks = plan_while_ray_starts(args, topology, tracking_uri)
     plan = fit_cluster(plan, cluster, cluster_node_labels())
-    print(describe_plan(plan), flush=True)
+    display = Display(mode_of(args))
+    display.info(describe_plan(plan))
 
     run_name = f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_location(args.storage)
@@ -273,8 +259,10 @@ def _run(args: argparse.Namespace) -> int:
                                  for index, name in enumerate(plan.groups[1])} if plan.groups else None},
                      "data.json")
     workers = f"{topology.num_workers} worker{'s' if topology.num_workers > 1 else ''}"
-    print(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...", flush=True)
-    return train(plan, tracker, storage, run_name, logged_epochs=0, marks=marks, registrations=registrations)
+    display.info(f"\nMLflow run {run_id} (experiment {topology.experiment!r}); starting {workers}...")
+    display.json("start", run_id=run_id, experiment=topology.experiment, epochs=topology.train.epochs)
+    return train(plan, tracker, storage, run_name, logged_epochs=0, marks=marks, registrations=registrations,
+                 display=display)
 
 
 
@@ -314,15 +302,18 @@ def resume(args: argparse.Namespace) -> int:
     tracker.run_id = run_id
     plan = fit_cluster(plan, cluster, cluster_node_labels())
     client.update_run(run_id, status="RUNNING")
-    print(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}",
-          flush=True)
-    return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks, registrations=registrations)
+    display = Display(mode_of(args))
+    display.info(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}")
+    display.json("start", run_id=run_id, experiment=topology.experiment, epochs=topology.train.epochs, after=logged)
+    return train(plan, tracker, storage, run_name, logged_epochs=logged, marks=marks, registrations=registrations,
+                 display=display)
 
 
 
 def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
-          marks: dict[str, float] | None = None, registrations: dict[str, str] | None = None) -> int:
-    """Fit the cohort, print and log each epoch once, and log the final artifacts: the weights,
+          marks: dict[str, float] | None = None, registrations: dict[str, str] | None = None,
+          display: Display | None = None) -> int:
+    """Fit the cohort, show and log each epoch once, and log the final artifacts: the weights,
     each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
     from ray.util.queue import Queue
 
@@ -331,8 +322,10 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     topology = plan.topology
     progress = Queue()
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
-                           dataset=plan.dataset, weights=plan.weights)
-    started = last = time.perf_counter()
+                           dataset=plan.dataset, weights=plan.weights, live_steps=True)
+    display = display or Display("log")
+    epochs = EpochDisplay(display, evaluated(topology), topology.train.epochs, done=logged_epochs)
+    started = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
     # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.errors).
@@ -342,22 +335,24 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
                 report = progress.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if is_step(report):  # rank 0's step counter inside an epoch (cohort.display)
+                epochs.step(report)
+                continue
             final = report
             if marks is not None:
                 breakdown = startup_breakdown(marks, {peer: report.get(metric_key(peer, "startup")) or {}
                                                       for peer in topology.peer_names})
                 if breakdown:
                     marks = None  # once per command
-                    print(describe_startup(breakdown), flush=True)
+                    display.info(describe_startup(breakdown))
                     report = {**report, **{cohort_key(f"startup/{part}_s"): value for part, value in breakdown.items()}}
             # After a restart the epochs since the last checkpoint come again: log each once.
             if report["epoch"] <= logged_epochs:
                 continue
             logged_epochs = report["epoch"]
-            now = time.perf_counter()
-            print(epoch_line(topology, report, now - last), flush=True)
-            last = now
+            epochs.epoch(report)
             tracker.log_epoch(report)
+    epochs.close()
     if interrupted.is_set():
         tracker.finish("KILLED")
         print(f"interrupted: continue with python -m cohort.run --resume {tracker.run_id}", file=sys.stderr)
@@ -379,14 +374,18 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
         version, existed = register_peer(plan.tracking_uri, tracker.run_id, peer, name,
                                          registry_tags(topology, peer, models[peer], tracker.run_id))
         registered.append(registered_line(peer, name, version, existed))
-    print(f"\ndone in {time.perf_counter() - started:.0f}s\n")
-    print(summary_table(plan, final))
-    print(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
-    print(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
+    seconds = time.perf_counter() - started
+    display.summary(f"\ndone in {seconds:.0f}s\n")
+    display.summary(summary_table(plan, final))
+    display.summary(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
+    display.summary(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
     if models:
-        print(f"  trained peers as MLflow models: {model_uri(tracker.run_id, '<peer>')} ({', '.join(models)})")
+        display.summary(f"  trained peers as MLflow models: {model_uri(tracker.run_id, '<peer>')} ({', '.join(models)})")
     for line in registered:
-        print("  " + line)
+        display.summary("  " + line)
+    display.json("done", run_id=tracker.run_id, seconds=round(seconds, 1), epoch=final.get("epoch"),
+                 metrics={key: value for key, value in final.items() if isinstance(value, (int, float))},
+                 models=list(models or []), registered=registered)
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cohort.display import Display, add_display_options, mode_of, saved_mode
 from cohort.errors import CohortError, run_command
 from cohort.studies.tables import FORMATS
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     parser.add_argument("--storage", help="where Tune keeps the study (default: ~/ray_results/cohort-study)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
@@ -291,10 +293,12 @@ def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[st
     already = sum(o.status in ("FINISHED", "FAILED") for o in outcomes(tracker.client, existing)) if existing else 0
     callback = StudyCallback(tracking_uri, study.experiment, parent_run_id, study.name, arms,
                              {name: arm.roles for name, arm in study.arms.items()}, len(runs),
-                             Path(storage) / f"{study.name}.children.json", already_done=already)
-    print(f"study {study.name}: {len(runs)} runs ({len(study.arms)} arms x {len(study.seeds)} seeds), "
+                             Path(storage) / f"{study.name}.children.json", already_done=already,
+                             display=saved_mode(args))
+    display = Display(mode_of(args))
+    display.info(f"study {study.name}: {len(runs)} runs ({len(study.arms)} arms x {len(study.seeds)} seeds), "
           f"{concurrent} at a time ({cpus_per_peer:g} CPU per worker)" + (f", {already} done before" if already else "")
-          + f"\nMLflow parent run {parent_run_id} (experiment {study.experiment!r})", flush=True)
+          + f"\nMLflow parent run {parent_run_id} (experiment {study.experiment!r})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
     if args.resume:
         tuner = ray.tune.Tuner.restore(str(study_dir), trainable=trainable, param_space=grid(runs),
@@ -319,8 +323,8 @@ def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[st
         tracker.finish("KILLED")
         raise CohortError(f"study {study.name} interrupted with {unfinished} run(s) unfinished: continue with "
                           f"python -m cohort.study {args.study} --resume")
-    print(f"\nstudy {study.name} done in {time.perf_counter() - started:.0f}s\n", flush=True)
-    return finish(args, tracker, study, parent_run_id, tracking_uri)
+    display.summary(f"\nstudy {study.name} done in {time.perf_counter() - started:.0f}s\n")
+    return finish(args, tracker, study, parent_run_id, tracking_uri, display)
 
 
 def start_parent(tracker, study, state_file: Path) -> str:
@@ -339,13 +343,15 @@ def start_parent(tracker, study, state_file: Path) -> str:
     return tracker.run_id
 
 
-def finish(args: argparse.Namespace, tracker, study, parent_run_id: str, tracking_uri: str) -> int:
+def finish(args: argparse.Namespace, tracker, study, parent_run_id: str, tracking_uri: str,
+           display: Display | None = None) -> int:
     """The tables printed and, with the figures, logged to the parent run; the parent ended."""
     from cohort.studies.results import find_parent
 
     parent = find_parent(tracker.client, study.experiment, study.name)
+    display = display or Display("log")
     tables, found = result_tables(tracker.client, study, parent)
-    print(tables_text(study, tables, found, args.format))
+    display.summary(tables_text(study, tables, found, args.format))
     out = figures_folder(args, study)
     written = draw(tracker.client, study, tables, found, out)
     for fmt in FORMATS:
@@ -354,7 +360,9 @@ def finish(args: argparse.Namespace, tracker, study, parent_run_id: str, trackin
         tracker.log_file(path, "figures")
     finished = sum(outcome.status == "FINISHED" for outcome in found)
     tracker.finish("FINISHED" if finished else "FAILED")
-    print(f"\nfigures: {out}/ ({len(written)} files); MLflow parent run {parent_run_id} at {tracking_uri}")
+    display.summary(f"\nfigures: {out}/ ({len(written)} files); MLflow parent run {parent_run_id} at {tracking_uri}")
+    display.json("done", study=study.name, parent_run_id=parent_run_id, finished=finished, runs=len(found),
+                 figures=str(out))
     if not finished:
         raise CohortError("no run of the study finished: see the reasons above")
     register_best(tracker.client, study, found, args.registrations, tracking_uri)

@@ -13,6 +13,7 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune import Callback
 
+from cohort.display import Display, RunsDisplay, count_trials, runtime_mode
 from cohort.errors import CohortError
 from cohort.report import OBJECTIVE, is_metric
 
@@ -101,8 +102,10 @@ class SweepCallback(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, epochs: int, metric: str,
-                 state_file: Path, base: dict[str, Any] | None = None):
+                 state_file: Path, base: dict[str, Any] | None = None, total: int = 0, display: str = "auto"):
         self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.total, self.display = total, display  # the trials expected; the display mode (cohort.display)
+        self.finished_here = 0
         self.base = base
         self.parent_run_id = parent_run_id
         self.epochs = epochs
@@ -112,9 +115,30 @@ class SweepCallback(Callback):
         self.configs: dict[str, dict[str, Any]] = {}  # each trial's values as last started (PBT changes them)
         self.changes: dict[str, dict[str, Any]] = {}  # values PBT changed, to log with the trial's next epoch
         self._tracker = None
+        self._runs = None
 
     def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key != "_tracker"} | {"_tracker": None}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_tracker", "_runs")} | {
+            "_tracker": None, "_runs": None, "finished_here": 0}
+
+    def runs(self, trials) -> RunsDisplay:
+        """The overall progress line (made at this session's first event: what finished before counts as done)."""
+        if getattr(self, "_runs", None) is None:
+            finished, _ = count_trials(trials)
+            self.finished_here = 0
+            self._runs = RunsDisplay(Display(runtime_mode(getattr(self, "display", "auto"))),
+                                     max(getattr(self, "total", 0), len(trials)), already_done=finished)
+        return self._runs
+
+    def on_experiment_end(self, trials, **info):
+        if getattr(self, "_runs", None) is not None:
+            self._runs.close()
+
+    def show(self, trials, text: str, finished: bool = False, **fields: Any) -> None:
+        runs = self.runs(trials)
+        _, running = count_trials(trials)
+        runs.update(self.finished_here, running)
+        runs.event(text, finished, **fields)
 
     @property
     def tracker(self):
@@ -166,7 +190,8 @@ class SweepCallback(Callback):
             self.changes[trial.trial_id] = {key: value for key, value in config.items() if before.get(key) != value}
             self.configs[trial.trial_id] = config
             self.log_topology(config)
-        print(f"trial {trial.trial_id} started: {sampled_text(trial.config)}", flush=True)
+        self.show(trials, f"trial {trial.trial_id} started: {sampled_text(trial.config)}", trial=trial.trial_id,
+                  config=dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._child(trial)
@@ -174,15 +199,16 @@ class SweepCallback(Callback):
         changed = self.changes.pop(trial.trial_id, None)
         if changed:
             self.tracker.client.set_tag(self.tracker.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
-            print(f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch {epoch} with "
-                  f"{sampled_text(changed)}", flush=True)
+            self.show(trials, f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch "
+                              f"{epoch} with {sampled_text(changed)}", trial=trial.trial_id, epoch=epoch, changed=changed)
             self.last_epoch[trial.trial_id] = epoch - 1  # the trial's history goes on from the copied epoch
         # A resumed trial trains again the epochs after its last checkpoint: log each epoch once.
         if epoch > self.last_epoch.get(trial.trial_id, 0):
             self.tracker.log_epoch({**{k: v for k, v in result.items() if is_metric(k) or k == OBJECTIVE}, "epoch": epoch})
         self.last_epoch[trial.trial_id] = epoch
-        print(f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {result.get(OBJECTIVE, math.nan):.4f}",
-              flush=True)
+        value = result.get(OBJECTIVE, math.nan)
+        self.show(trials, f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {value:.4f}",
+                  trial=trial.trial_id, epoch=epoch, epochs=self.epochs, objective=value)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._child(trial)
@@ -190,15 +216,19 @@ class SweepCallback(Callback):
         early = epoch < self.epochs
         self.tracker.client.set_tag(self.tracker.run_id, "cohort.stopped_early", str(early).lower())
         self.tracker.finish("FINISHED")
-        if early:
-            print(f"trial {trial.trial_id} stopped early by the scheduler after epoch {epoch}", flush=True)
+        self.finished_here += 1
+        self.show([t for t in trials if t is not trial], f"trial {trial.trial_id} stopped early by the scheduler after "
+                  f"epoch {epoch}" if early else f"trial {trial.trial_id} finished", True, trial=trial.trial_id,
+                  epoch=epoch, stopped_early=early)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._child(trial)
         reason = trial_failure(trial)
         self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
         self.tracker.finish("FAILED")
-        print(f"trial {trial.trial_id} failed: {reason}", flush=True)
+        self.finished_here += 1
+        self.show([t for t in trials if t is not trial], f"trial {trial.trial_id} failed: {reason}", True,
+                  trial=trial.trial_id, error=reason)
 
 
 def trial_failure(trial) -> str:

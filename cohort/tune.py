@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from cohort.display import Display, add_display_options, mode_of, saved_mode
 from cohort.errors import CohortError, quoted, run_command
 from cohort.report import OBJECTIVE
 from cohort.sweep import (TRIAL_CPU, SweepCallback, check_pbt, cohort_trial, expected_trials, make_scheduler,
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
     parser.add_argument("--out", default=".", help="folder for best_<name>.yaml (default: the working directory)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
@@ -121,14 +123,15 @@ def run(args: argparse.Namespace) -> int:
     parent_run_id = start_parent(args, tracker, topology, space, samples, name, state_file, state)
     children_file = sweep_dir.parent / f"{name}.children.json"
     callback = SweepCallback(tracking_uri, topology.experiment, parent_run_id, topology.train.epochs, space.metric,
-                             children_file, base=topology.to_dict())
+                             children_file, base=topology.to_dict(), total=expected_trials(space, samples),
+                             display=saved_mode(args))
     param_space = {key: tune_distribution(spec) for key, spec in space.space.items()}
 
     expected = expected_trials(space, samples)
-    print(f"sweep {name}: {expected} trials of {len(topology.peers)} peers, {concurrent} at a time "
+    display = Display(mode_of(args))
+    display.info(f"sweep {name}: {expected} trials of {len(topology.peers)} peers, {concurrent} at a time "
           f"({cpus_per_peer:g} CPU per peer), {space.mode} {space.metric}, scheduler {space.scheduler.name}, "
-          f"search {space.search.name}\nMLflow parent run {parent_run_id} (experiment {topology.experiment!r})",
-          flush=True)
+          f"search {space.search.name}\nMLflow parent run {parent_run_id} (experiment {topology.experiment!r})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
     run_config = ray.tune.RunConfig(
         name=name, storage_path=storage, callbacks=[callback], verbose=0,
@@ -159,17 +162,18 @@ def run(args: argparse.Namespace) -> int:
         tracker.finish("KILLED")
         raise CohortError(f"sweep {name} interrupted with {unfinished} trial(s) unfinished: continue with "
                           f"--resume --name {name}")
-    print(f"\nsweep {name} done in {time.perf_counter() - started:.0f}s\n")
-    return finish(args, tracker, topology, space, results, name, parent_run_id, tracking_uri)
+    display.summary(f"\nsweep {name} done in {time.perf_counter() - started:.0f}s\n")
+    return finish(args, tracker, topology, space, results, name, parent_run_id, tracking_uri, display)
 
 
 def finish(args: argparse.Namespace, tracker, topology, space, results, name: str, parent_run_id: str,
-           tracking_uri: str) -> int:
+           tracking_uri: str, display: Display | None = None) -> int:
     """The trials' table, the best topology written and logged, the parent run ended."""
     from cohort.topology import topology_from_dict
 
+    display = display or Display("log")
     rows = ranked_trials(results, space.mode)
-    print(trials_table(rows, space.metric, list(space.space)))
+    display.summary(trials_table(rows, space.metric, list(space.space)))
     best = next((row for row in rows if row["value"] is not None), None)
     status = "FINISHED" if best is not None else "FAILED"
     if best is None:
@@ -186,8 +190,10 @@ def finish(args: argparse.Namespace, tracker, topology, space, results, name: st
     tracker.client.log_metric(parent_run_id, f"best_{OBJECTIVE}", best["value"])
     tracker.log_file(out)
     tracker.finish(status)
-    print(f"\nbest: trial {best['trial']}, {space.metric} = {best['value']:.4f}; topology written to {out}")
-    print(f"MLflow parent run {parent_run_id} at {tracking_uri}")
+    display.summary(f"\nbest: trial {best['trial']}, {space.metric} = {best['value']:.4f}; topology written to {out}")
+    display.summary(f"MLflow parent run {parent_run_id} at {tracking_uri}")
+    display.json("done", sweep=name, parent_run_id=parent_run_id, best_trial=best["trial"], best_value=best["value"],
+                 best_config=best["config"], topology=str(out))
     return 0
 
 

@@ -22,6 +22,7 @@ from cohort import metrics, reliability
 from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
 from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
 from cohort.datasets import CohortDataset, load_dataset
+from cohort.display import StepTicker, epoch_steps, queue_sender
 from cohort.errors import CohortError
 from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
 from cohort.gates.decision import Gating, StepDecision
@@ -62,6 +63,7 @@ class PeerStep:
     scaler: torch.amp.GradScaler | None = None
     batch: WholeBatch = WHOLE_BATCH  # batch statistics of losses: over the peer's replicas when it has them
     gating: Gating | None = None  # the topology's gates (every worker decides every step alike), if any
+    ticker: StepTicker | None = None  # rank 0's step counter for the driver's display (cohort.run only)
 
 
 def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
@@ -69,6 +71,8 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     topology, frozen, shards = run.topology, run.topology.peers[run.peer].frozen, run.topology.replicas
     run.model.train(not frozen)
     stats = EpochStats.for_peer(topology, run.peer)
+    if run.ticker is not None:
+        run.ticker.begin(epoch)
     step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                                      topology.data.num_workers, shards)):
@@ -97,6 +101,8 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         if decision is not None and not frozen:
             stats.count_gates(run.peer, decision, run.gating.gates)
         step_started = _step_ended(stats, step_started)
+        if run.ticker is not None:
+            run.ticker.tick(step + 1, batch_size)
     if stats.steps:  # every epoch ends with a check, whatever the interval
         run.guard.check(epoch)
     return stats
@@ -204,7 +210,7 @@ def train_cohort(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
         restore(worker, checkpoint)
-    run = peer_step(worker)
+    run = peer_step(worker, live_steps=bool(config.get("live_steps")))
     for epoch in range(worker.first_epoch, worker.topology.train.epochs + 1):
         report, evaluation = run_epoch(worker, run, epoch)
         end_epoch(worker, epoch, report, evaluation)
@@ -323,17 +329,23 @@ def restore(worker: WorkerState, checkpoint) -> None:
             worker.progress.put(report)
 
 
-def peer_step(worker: WorkerState) -> PeerStep:
-    """The training step's parts; the network in DDP over the peer's replicas where they train."""
+def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
+    """The training step's parts; the network in DDP over the peer's replicas where they train; on
+    rank 0 with ``live_steps``, the step counter it sends the driver."""
     model, device = worker.net, worker.device
     if worker.replicas_train:
         # Data parallelism within the peer's own replicas only: peers are different networks.
         model = nn.parallel.DistributedDataParallel(worker.net, process_group=worker.peer_group,
                                                     device_ids=[device.index] if device.type == "cuda" else None)
+    ticker = None
+    if live_steps and worker.rank == 0 and worker.progress is not None:
+        topology = worker.topology
+        ticker = StepTicker(queue_sender(worker.progress),
+                            epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas))
     return PeerStep(worker.topology, worker.peer, model, worker.optimizer, worker.exchange, worker.guard,
                     worker.groups, device, worker.shard, worker.scaler,
                     ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
-                    worker.gating)
+                    worker.gating, ticker)
 
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:

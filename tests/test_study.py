@@ -15,7 +15,7 @@ from scipy import stats
 from cohort.datasets import describe_dataset
 from cohort.peer import build_peer
 from cohort.study import main
-from cohort.studies.experiment import clock, estimate_left
+from cohort.display import clock, estimate_left
 from cohort.studies.file import load_study, with_seed
 from cohort.studies.tables import Outcome, best_arms, build_tables, render
 

@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
+from cohort.display import Display, RunsDisplay, count_trials, runtime_mode
 from cohort.report import OBJECTIVE, is_metric, metric_key
 
 ARM_TAG, SEED_TAG, STUDY_TAG = "cohort.study.arm", "cohort.study.seed", "cohort.study"
@@ -37,26 +37,6 @@ def grid(runs: list[tuple[str, int]]) -> dict[str, Any]:
     return {"run": ray.tune.grid_search([{"arm": arm, "seed": seed} for arm, seed in runs])}
 
 
-def estimate_left(elapsed: float, done: int, total: int) -> float:
-    """Seconds left if the runs still to go take as long, on average, as the finished ones (NaN
-    before the first finishes). ``done`` counts only runs finished in this session."""
-    if done <= 0:
-        return math.nan
-    return elapsed / done * max(total - done, 0)
-
-
-def clock(seconds: float) -> str:
-    """``"1h02m"``, ``"3m05s"``, ``"42s"``; ``"?"`` when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 class StudyCallback(Callback):
     """Tune callback (in the driver, the one MLflow writer): a child run per (arm, seed), its epochs,
     its final artifacts (weights, reliability bins, final metrics: what ``cohort.run`` logs), and
@@ -65,7 +45,7 @@ class StudyCallback(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str,
                  arms: dict[str, dict[str, Any]], roles: dict[str, dict[str, str]], total: int, state_file: Path,
-                 already_done: int = 0):
+                 already_done: int = 0, display: str = "auto"):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.arms = arms  # arm -> its resolved topology as plain data
@@ -75,16 +55,20 @@ class StudyCallback(Callback):
         self.finished_here = 0
         self.started = time.perf_counter()
         self.last_epoch: dict[str, int] = {}
+        self.display = display  # the display mode (cohort.display)
         self._tracker = None
+        self._runs = None
 
     def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key != "_tracker"} | {"_tracker": None}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_tracker", "_runs")} | {
+            "_tracker": None, "_runs": None}
 
     def __setstate__(self, state):
         # Tune gives a resumed study back the callback it saved: a new session, with its own clock;
         # what finished before is counted from MLflow at its first event (``session_start``).
         self.__dict__.update(state)
         self.finished_here, self.started, self.already_done = 0, time.perf_counter(), None
+        self._runs = None
 
     @property
     def tracker(self):
@@ -130,8 +114,25 @@ class StudyCallback(Callback):
             self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
         return self.tracker.run_id
 
+    def runs(self) -> RunsDisplay:
+        """The overall progress line, from this session's start (``session_start``)."""
+        if getattr(self, "_runs", None) is None:
+            self.session_start()
+            self._runs = RunsDisplay(Display(runtime_mode(getattr(self, "display", "auto"))), self.total,
+                                     self.already_done)
+            self._runs.started = self.started
+        return self._runs
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._child(trial)
+        runs = self.runs()
+        runs.update(self.finished_here, count_trials(trials)[1])
+        arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
+        runs.event(f"{run_label(arm, seed)} started", arm=arm, seed=seed)
+
+    def on_experiment_end(self, trials, **info):
+        if getattr(self, "_runs", None) is not None:
+            self._runs.close()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._child(trial)
@@ -152,7 +153,8 @@ class StudyCallback(Callback):
         log_checkpoint_artifacts(self.tracker, trial.checkpoint)
         self.tracker.finish("FINISHED")
         arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
-        self.progress(f"{run_label(arm, seed)} done: {accuracies(self.roles[arm], result)}")
+        self.progress(trials, trial, f"{run_label(arm, seed)} done: {accuracies(self.roles[arm], result)}",
+                      metrics={role: result.get(metric_key(peer, "acc")) for role, peer in self.roles[arm].items()})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from cohort.sweep import trial_failure
@@ -161,14 +163,16 @@ class StudyCallback(Callback):
         reason = trial_failure(trial)
         self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
         self.tracker.finish("FAILED")
-        self.progress(f"{run_label(trial.config['run']['arm'], trial.config['run']['seed'])} failed: {reason}")
+        self.progress(trials, trial, f"{run_label(trial.config['run']['arm'], trial.config['run']['seed'])} "
+                                     f"failed: {reason}", error=reason)
 
-    def progress(self, event: str) -> None:
+    def progress(self, trials, trial, event: str, **fields: Any) -> None:
+        """A finished run's line under the overall progress: runs done, running, pending, time left."""
         self.finished_here += 1
-        done = self.already_done + self.finished_here
-        elapsed = time.perf_counter() - self.started
-        left = estimate_left(elapsed, self.finished_here, self.total - self.already_done)
-        print(f"[{done}/{self.total} runs, {clock(elapsed)} so far, about {clock(left)} left] {event}", flush=True)
+        runs = self.runs()
+        runs.update(self.finished_here, count_trials([t for t in trials if t is not trial])[1])
+        arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
+        runs.event(event, True, arm=arm, seed=seed, **fields)
 
 
 def accuracies(roles: dict[str, str], result: dict[str, Any]) -> str:

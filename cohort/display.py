@@ -1,0 +1,434 @@
+"""What the commands show while they work: per-epoch lines or tables, a live step counter inside
+an epoch, the time left, and the overall progress of a sweep or a study.
+
+Four modes, one rule for every command (``--quiet``, ``--log-format``):
+
+- ``tty``: stdout is a terminal. A progress bar (tqdm) redrawn in place inside each epoch, and each
+  epoch's line, or a compact table per peer when the line does not fit the terminal's width.
+- ``log``: stdout is not a terminal (CI, ``nohup``, a file). Plain lines, no control characters:
+  one line per epoch, as before, with the run's time left.
+- ``json``: one JSON object per line on stdout (an epoch, a trial's event, the end of a run);
+  everything else goes to stderr.
+- ``quiet``: errors and the final summary only.
+
+The rendering functions are pure (reports in, text out); :class:`EpochDisplay` and
+:class:`RunsDisplay` hold the little state a command needs (clocks, the bar). The step counter
+reaches the driver as a small message (:func:`step_message`: a ``step`` key, no ``epoch`` key)
+that rank 0 sends a few times a second at most (:class:`StepTicker`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+MODES = ("tty", "log", "json", "quiet")
+STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
+TICK_SECONDS = 0.25  # rank 0 sends the step counter at most this often
+# Anything a terminal would interpret: escape sequences, carriage returns, other C0 controls but newline.
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def add_display_options(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--log-format``: the same two options on every command."""
+    parser.add_argument("--quiet", action="store_true", help="print errors and the final summary only")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line on stdout (each epoch, each run's event), for "
+                             "scripts; the rest on stderr (default: text)")
+
+
+def choose_mode(quiet: bool = False, log_format: str = "text", stream: TextIO | None = None) -> str:
+    """The display mode of a command's options and of where its stdout goes."""
+    if log_format == "json":
+        return "json"
+    if quiet:
+        return "quiet"
+    stream = stream if stream is not None else sys.stdout
+    return "tty" if _isatty(stream) else "log"
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    return choose_mode(getattr(args, "quiet", False), getattr(args, "log_format", "text"))
+
+
+def saved_mode(args: argparse.Namespace) -> str:
+    """The mode for an object Tune saves with a sweep (a callback): ``json`` or ``quiet`` when asked,
+    else ``auto``, told from stdout when it shows something (:func:`runtime_mode`)."""
+    mode = mode_of(args)
+    return mode if mode in ("json", "quiet") else "auto"
+
+
+def runtime_mode(mode: str) -> str:
+    return choose_mode() if mode == "auto" else mode
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def terminal_width(default: int = 120) -> int:
+    return shutil.get_terminal_size((default, 24)).columns
+
+
+def terminal_rows() -> int:
+    # Given to tqdm: it hides every bar on a terminal that reports 0 rows (a bare pseudo-terminal).
+    return shutil.get_terminal_size((120, 24)).lines
+
+
+# --------------------------------------------------------------------------- time
+
+
+def clock(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"``, ``"42s"``; ``"?"`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def estimate_left(elapsed: float, done: int, total: int) -> float:
+    """Seconds left if the runs still to go take as long, on average, as the finished ones (NaN
+    before the first finishes). With runs in parallel this is the throughput so far, so it counts
+    the parallelism too."""
+    if done <= 0:
+        return math.nan
+    return elapsed / done * max(total - done, 0)
+
+
+def mean_epoch_seconds(durations: list[float]) -> float:
+    """The mean time of an epoch; the first is left out once there are others (it holds the
+    workers' start-up). NaN with none."""
+    usable = durations[1:] if len(durations) > 1 else durations
+    return sum(usable) / len(usable) if usable else math.nan
+
+
+def run_left(epochs: int, done: int, durations: list[float], in_epoch: float = 0.0, fraction: float = 0.0) -> float:
+    """Seconds until the run's last epoch ends: ``epochs - done`` epochs of the mean time, less what
+    the current epoch has run (``in_epoch`` seconds, ``fraction`` of its steps). Before any epoch
+    ends, and while the only one that ended is the first (it holds the workers' start-up), the
+    current one's pace stands in for the mean (NaN before it has one)."""
+    mean = mean_epoch_seconds(durations)
+    if len(durations) < 2 and fraction > 0:
+        mean = in_epoch / fraction
+    if not math.isfinite(mean):
+        return math.nan
+    return max(mean * max(epochs - done, 0) - in_epoch, 0.0)
+
+
+# --------------------------------------------------------------------------- an epoch, rendered
+
+
+def _metric(report: dict[str, Any], peer: str, name: str) -> float | None:
+    value = report.get(f"{peer}/{name}")
+    return value if isinstance(value, (int, float)) and value == value else None
+
+
+def peer_cells(peers: list[str], report: dict[str, Any]) -> list[tuple[str, float, float | None, float | None]]:
+    """(peer, top-1, ECE, tail top-1) of every peer (and the ensemble) the report has."""
+    rows = []
+    for peer in peers:
+        acc = _metric(report, peer, "acc")
+        if acc is None:
+            continue
+        tail = _metric(report, peer, "acc_tail")
+        rows.append((peer, acc, _metric(report, peer, "ece"),
+                     tail if tail is not None else _metric(report, peer, "acc_few")))
+    return rows
+
+
+def epoch_head(epoch: int, epochs: int) -> str:
+    return f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
+
+
+def left_text(left: float | None) -> str:
+    return "" if left is None else f"about {clock(left)} left"
+
+
+def epoch_line(peers: list[str], epochs: int, report: dict[str, Any], seconds: float,
+               left: float | None = None) -> str:
+    """One epoch on one line: every peer's top-1, ECE and tail, the epoch's time and the run's time left."""
+    parts = [epoch_head(report["epoch"], epochs)]
+    for peer, acc, ece, tail in peer_cells(peers, report):
+        parts.append(f"{peer} {100 * acc:5.1f}%" + (f" ece {ece:.3f}" if ece is not None else "")
+                     + (f" tail {100 * tail:.1f}%" if tail is not None else ""))
+    for peer in peers:  # cohort.gates: the share of steps a peer was paused, where it was
+        paused = _metric(report, peer, "paused")
+        if paused:
+            parts.append(f"{peer} paused {100 * paused:.0f}%")
+    parts.append(f"{seconds:.1f}s")
+    if left is not None and report["epoch"] < epochs:
+        parts.append(left_text(left))
+    return "  |  ".join(parts)
+
+
+def epoch_table(peers: list[str], epochs: int, report: dict[str, Any], seconds: float,
+                left: float | None = None) -> str:
+    """One epoch as a heading line and one row per peer: for cohorts whose line is too wide."""
+    rows = peer_cells(peers, report)
+    tails = any(tail is not None for *_, tail in rows)
+    name = max([len("peer"), *(len(row[0]) for row in rows)])
+    head = f"{epoch_head(report['epoch'], epochs)}  |  {seconds:.1f}s"
+    if left is not None and report["epoch"] < epochs:
+        head += f"  |  {left_text(left)}"
+    lines = [head, f"  {'peer':<{name}}  {'top-1':>6}  {'ECE':>6}" + (f"  {'tail':>6}" if tails else "")]
+    for peer, acc, ece, tail in rows:
+        line = f"  {peer:<{name}}  {100 * acc:>5.1f}%  " + (f"{ece:>6.3f}" if ece is not None else f"{'-':>6}")
+        if tails:
+            line += f"  {100 * tail:>5.1f}%" if tail is not None else f"  {'-':>6}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_epoch(peers: list[str], epochs: int, report: dict[str, Any], seconds: float, left: float | None,
+                 width: int | None) -> str:
+    """The epoch's line when it fits ``width`` columns (None: no limit), else its table."""
+    line = epoch_line(peers, epochs, report, seconds, left)
+    if width is None or len(line) <= width:
+        return line
+    return epoch_table(peers, epochs, report, seconds, left)
+
+
+def json_value(value: Any) -> Any:
+    """A value JSON can carry: NaN and infinities become null, nested data stays."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(item) for item in value]
+    return value
+
+
+def epoch_json(report: dict[str, Any], epochs: int, seconds: float, left: float | None) -> str:
+    """One epoch as one JSON line: its numbers (not the placement and fingerprints), its time, the time left."""
+    metrics = {key: json_value(value) for key, value in report.items()
+               if isinstance(value, (int, float)) and key != "epoch"}
+    return json.dumps({"event": "epoch", "epoch": report["epoch"], "epochs": epochs, "seconds": round(seconds, 3),
+                       "left_seconds": None if left is None or not math.isfinite(left) else round(left, 1),
+                       "metrics": metrics}, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- steps inside an epoch
+
+
+def step_message(epoch: int, step: int, steps: int, images: int, seconds: float) -> dict[str, Any]:
+    """Rank 0's step counter for the driver: ``step`` of ``steps`` of ``epoch`` (under ``in_epoch``,
+    never ``epoch``: the driver tells it from a report by that), ``images`` trained on so far this
+    epoch (whole batches), ``seconds`` since the epoch's first batch was asked for."""
+    return {STEP: step, "steps": steps, "in_epoch": epoch, "images": images, "seconds": seconds}
+
+
+def is_step(message: dict[str, Any]) -> bool:
+    return STEP in message and "epoch" not in message
+
+
+def epoch_steps(train_size: int, batch_size: int, shards: int = 1) -> int:
+    """How many steps an epoch has (cohort.datasets.base.batch_indices: a too-small last batch
+    is folded into the one before)."""
+    steps = -(-train_size // batch_size)
+    last = train_size - (steps - 1) * batch_size
+    return steps - 1 if steps > 1 and last < max(2, shards) else steps
+
+
+def step_status(message: dict[str, Any], left: float | None) -> str:
+    """The bar's text beside it: the epoch's elapsed and remaining time, images per second, the run's time left."""
+    step, steps, seconds = message[STEP], message["steps"], message["seconds"]
+    remaining = seconds / step * (steps - step) if step else math.nan
+    rate = message["images"] / seconds if seconds > 0 else math.nan
+    text = f"{clock(seconds)}<{clock(remaining)}, {rate:.0f} img/s" if rate == rate else f"{clock(seconds)}<?"
+    return text + (f" | run: {left_text(left)}" if left is not None and math.isfinite(left) else "")
+
+
+class StepTicker:
+    """Rank 0's side: counts the steps of an epoch and sends the count through ``send`` at most
+    every ``interval`` seconds (and at the epoch's last step). A clock read per step otherwise."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Any], steps: int, interval: float = TICK_SECONDS,
+                 now: Callable[[], float] = time.perf_counter):
+        self.send, self.steps, self.interval, self.now = send, steps, interval, now
+        self.epoch, self.images, self.started, self.last = 0, 0, 0.0, -math.inf
+
+    def begin(self, epoch: int) -> None:
+        self.epoch, self.images, self.started, self.last = epoch, 0, self.now(), -math.inf
+
+    def tick(self, step: int, batch_images: int) -> None:
+        self.images += batch_images
+        now = self.now()
+        if now - self.last >= self.interval or step >= self.steps:
+            self.last = now
+            self.send(step_message(self.epoch, step, self.steps, self.images, now - self.started))
+
+
+def queue_sender(progress) -> Callable[[dict[str, Any]], Any]:
+    """Send to a ``ray.util.queue.Queue`` without waiting for the queue's actor (fire and forget:
+    the step never waits on the driver)."""
+    return lambda message: progress.actor.put_nowait.remote(message)
+
+
+# --------------------------------------------------------------------------- the displays
+
+
+class Display:
+    """Where a command's text goes in its mode."""
+
+    def __init__(self, mode: str, out: TextIO | None = None, err: TextIO | None = None, width: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"display mode {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self._width = width
+
+    @property
+    def width(self) -> int | None:
+        """The terminal's columns in tty mode (asked again at every epoch: a resized window counts;
+        COLUMNS, else 120, where the terminal does not say); no limit otherwise."""
+        if self.mode != "tty":
+            return None
+        return self._width or terminal_width()
+
+    def info(self, text: str, stderr: bool = False) -> None:
+        """The plan and other notes along the way: not in quiet mode, on stderr with JSON (or when asked)."""
+        if self.mode in ("tty", "log"):
+            print(text, file=self.err if stderr else self.out, flush=True)
+        elif self.mode == "json":
+            print(text, file=self.err, flush=True)
+
+    def summary(self, text: str) -> None:
+        """The final summary: in every mode (on stderr with JSON)."""
+        print(text, file=self.err if self.mode == "json" else self.out, flush=True)
+
+    def json(self, event: str, **fields: Any) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": event, **json_value(fields)}), file=self.out, flush=True)
+
+
+class EpochDisplay:
+    """``cohort.run``'s epochs: a bar inside each (tty), a line or table per epoch, the time left."""
+
+    def __init__(self, display: Display, peers: list[str], epochs: int, done: int = 0,
+                 now: Callable[[], float] = time.perf_counter):
+        self.display, self.peers, self.epochs, self.done, self.now = display, peers, epochs, done, now
+        self.durations: list[float] = []
+        self.last = now()
+        self.bar = None
+        self.bar_epoch = 0
+
+    def left(self, in_epoch: float = 0.0, fraction: float = 0.0) -> float:
+        return run_left(self.epochs, self.done, self.durations, in_epoch, fraction)
+
+    def step(self, message: dict[str, Any]) -> None:
+        """A step counter from rank 0: redraw the bar (tty only; stale epochs ignored)."""
+        if self.display.mode != "tty" or message["in_epoch"] <= self.done:
+            return
+        if self.bar is None or self.bar_epoch != message["in_epoch"]:
+            self._close_bar()
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=message["steps"], desc=epoch_head(message["in_epoch"], self.epochs),
+                            file=self.display.out, leave=False, ncols=self.display.width, mininterval=0,
+                            nrows=terminal_rows(), bar_format="{desc} {bar} {n_fmt}/{total_fmt}{postfix}")
+            self.bar_epoch = message["in_epoch"]
+        self.bar.n = message[STEP]
+        fraction = message[STEP] / message["steps"] if message["steps"] else 0.0
+        self.bar.set_postfix_str(step_status(message, self.left(message["seconds"], fraction)), refresh=False)
+        self.bar.refresh()
+
+    def epoch(self, report: dict[str, Any]) -> None:
+        """An epoch's report: its line (or table, or JSON object) with the time left."""
+        now = self.now()
+        seconds, self.last = now - self.last, now
+        self.durations.append(seconds)
+        self.done = report["epoch"]
+        self._close_bar()
+        left = self.left()
+        mode = self.display.mode
+        if mode == "json":
+            print(epoch_json(report, self.epochs, seconds, left), file=self.display.out, flush=True)
+        elif mode in ("tty", "log"):
+            print(render_epoch(self.peers, self.epochs, report, seconds, left, self.display.width),
+                  file=self.display.out, flush=True)
+
+    def close(self) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def runs_status(finished: int, running: int, total: int, elapsed: float, left: float) -> str:
+    """A sweep's or study's overall progress: ``[3/12 runs done, 2 running, 7 pending | 5m10s so far, about 12m left]``."""
+    pending = max(total - finished - running, 0)
+    return (f"[{finished}/{total} runs done, {running} running, {pending} pending | {clock(elapsed)} so far, "
+            f"about {clock(left)} left]")
+
+
+def count_trials(trials) -> tuple[int, int]:
+    """(finished, running) of Tune's trials (finished: terminated or errored)."""
+    statuses = [str(getattr(trial, "status", "")) for trial in trials]
+    return sum(s in ("TERMINATED", "ERROR") for s in statuses), sum(s == "RUNNING" for s in statuses)
+
+
+class RunsDisplay:
+    """``cohort.tune`` and ``cohort.study``: per-run events under one overall progress line (tty:
+    a bar redrawn below the events; log: the status in front of each finished run's line)."""
+
+    def __init__(self, display: Display, total: int, already_done: int = 0, now: Callable[[], float] = time.perf_counter):
+        self.display, self.total, self.already_done, self.now = display, total, already_done, now
+        self.started = now()
+        self.finished_here, self.running = 0, 0
+        self.bar = None
+
+    def status(self) -> str:
+        elapsed = self.now() - self.started
+        left = estimate_left(elapsed, self.finished_here, self.total - self.already_done)
+        return runs_status(self.already_done + self.finished_here, self.running, self.total, elapsed, left)
+
+    def update(self, finished_here: int | None = None, running: int | None = None) -> None:
+        if finished_here is not None:
+            self.finished_here = finished_here
+        if running is not None:
+            self.running = running
+        if self.display.mode == "tty":
+            self._bar().set_description_str(self.status())
+
+    def event(self, text: str, finished: bool = False, **fields: Any) -> None:
+        """A run's event: a line (above the bar on a terminal), or a JSON object."""
+        mode = self.display.mode
+        if mode == "json":
+            self.display.json("run", text=text, finished=finished, **fields)
+        elif mode == "tty":
+            bar = self._bar()
+            bar.write(text, file=self.display.out)
+            bar.set_description_str(self.status())
+        elif mode == "log":
+            print(f"{self.status()} {text}" if finished else text, file=self.display.out, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
+                            nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
+        return self.bar
