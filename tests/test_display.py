@@ -208,7 +208,9 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
         lines = out.splitlines()
         if mode == "log":
             assert lines[0] == "trial log0 started: lr=0.1" and lines[1] == "trial log0 epoch 1/2: b/acc = 0.5000"
-            assert lines[2].startswith("[1/3 runs done, 1 running, 1 pending | 0s so far, about 0s left] trial log0")
+            # The times depend on how fast MLflow answers here: their form only.
+            assert re.match(r"\[1/3 runs done, 1 running, 1 pending \| \d+s so far, about \S+ left\] trial log0",
+                            lines[2]), lines[2]
             assert not CONTROL.search(out)
         else:
             events = [json.loads(line) for line in lines]
