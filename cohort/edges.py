@@ -61,16 +61,8 @@ class Edge(BaseModel):
 
     @model_validator(mode="after")
     def _loss_parameters(self) -> "Edge":
-        spec = LOSSES[self.loss]
-        given = dict(self.__pydantic_extra__ or {})
-        resolved: dict[str, Any] = {}
-        for key, value in given.items():
-            if key not in spec.params:
-                allowed = list(EDGE_FIELDS) + list(spec.params)
-                raise problem(f"not a parameter of loss {quoted(self.loss)}{did_you_mean(key, allowed)}"
-                               f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
-        for key, default in spec.params.items():
-            resolved[key] = loss_parameter(key, given.get(key, default), default)
+        resolved = keyword_parameters(f"loss {quoted(self.loss)}", LOSSES[self.loss].params,
+                                      dict(self.__pydantic_extra__ or {}), EDGE_FIELDS)
         self.__pydantic_extra__.clear()
         self.__pydantic_extra__.update(resolved)
         return self
@@ -88,6 +80,17 @@ class Edge(BaseModel):
     def label(self) -> str:
         source = "+".join(self.senders)
         return f"{source}->{self.to}:{self.loss}"
+
+
+def keyword_parameters(what: str, params: dict[str, Any], given: dict[str, Any], fields) -> dict[str, Any]:
+    """The keyword arguments of a registered function (a loss, a gate rule: ``what``) from the keys a
+    topology entry gives beside its own ``fields``: each checked, every missing one its default."""
+    for key in given:
+        if key not in params:
+            allowed = list(fields) + list(params)
+            raise problem(f"not a parameter of {what}{did_you_mean(key, allowed)}"
+                          f" (it takes: {', '.join(params) or 'nothing'})", key)
+    return {key: loss_parameter(key, given.get(key, default), default) for key, default in params.items()}
 
 
 def loss_parameter(key: str, value: Any, default: Any) -> Any:

@@ -6,9 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from cohort.config.errors import did_you_mean
 from cohort.config.schema import problem
-from cohort.edges import loss_parameter
+from cohort.edges import keyword_parameters
 from cohort.errors import quoted
 
 from .registry import GATE_FIELD_NAMES, GATES
@@ -37,15 +36,8 @@ class Gate(BaseModel):
 
     @model_validator(mode="after")
     def _rule_parameters(self) -> "Gate":
-        spec = GATES[self.rule]
-        given = dict(self.__pydantic_extra__ or {})
-        for key in given:
-            if key not in spec.params:
-                allowed = list(GATE_FIELD_NAMES) + list(spec.params)
-                raise problem(f"not a parameter of gate rule {quoted(self.rule)}{did_you_mean(key, allowed)}"
-                              f" (it takes: {', '.join(spec.params) or 'nothing'})", key)
-        resolved: dict[str, Any] = {key: loss_parameter(key, given.get(key, default), default)
-                                    for key, default in spec.params.items()}
+        resolved = keyword_parameters(f"gate rule {quoted(self.rule)}", GATES[self.rule].params,
+                                      dict(self.__pydantic_extra__ or {}), GATE_FIELD_NAMES)
         self.__pydantic_extra__.clear()
         self.__pydantic_extra__.update(resolved)
         return self
