@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cohort.display import Display, add_display_options, mode_of
 from cohort.errors import CohortError, run_command
 
 CHECK_IMAGES = 64  # test images of the ONNX check
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
     parser.add_argument("--out", metavar="FILE", help="the file --format writes")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    add_display_options(parser)
     return parser.parse_args(argv)
 
 
@@ -50,15 +52,18 @@ def export(args: argparse.Namespace) -> int:
             raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
     uri = resolve_uri(args.tracking_uri)
     client = existing_store_client(uri, f"run {args.run_id}")
-    return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated)
+    return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated, Display(mode_of(args)))
 
 
 def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out: Path | None,
-             calibrated: bool = False) -> int:
+             calibrated: bool = False, display: Display | None = None) -> int:
+    """The ONNX file and/or the registration; what was made is the command's summary (also with
+    ``--quiet``), and with ``--log-format json`` one object each (``onnx``, ``registered``)."""
     from cohort.datasets import load_dataset
     from cohort.peer_models import (exported_peers, finished_run, fitted_temperature, register_finished_peer,
                                     run_weights, trained_peer)
 
+    display = display or Display("log")
     run, topology = finished_run(client, run_id, uri)
     weights = run_weights(client, run_id, topology, peer)
     if peer not in exported_peers(topology):
@@ -73,12 +78,18 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
 
         images = next(iter(dataset.test_batches(CHECK_IMAGES)))[0].float()
         check = export_checked(model, images, out)
-        print(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
-              f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
-        print(check.line())
+        display.summary(f"wrote {out} (ONNX opset {OPSET}, input 'images' [batch, {', '.join(map(str, info.input_size))}], "
+                        f"output 'logits' [batch, {info.num_classes}], dynamic batch size)")
+        display.summary(check.line())
+        display.json("onnx", run_id=run_id, peer=peer, path=str(out), opset=OPSET,
+                     input_shape=["batch", *info.input_size], classes=info.num_classes, check_images=check.images,
+                     max_difference=check.max_difference, largest_logit=check.largest_logit, passed=check.passed)
     if register:
-        for line in register_finished_peer(client, uri, run_id, peer, register, calibrated):
-            print(line)
+        registration = register_finished_peer(client, uri, run_id, peer, register, calibrated)
+        for line in registration.notes:
+            display.info(line)
+        display.summary(registration.lines[-1])
+        display.json("registered", **registration.fields())
     return 0
 
 

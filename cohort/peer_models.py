@@ -10,6 +10,7 @@ runs no pickled code. Only the driver calls this module (MLflow has one writer p
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -289,10 +290,35 @@ class RunWriter:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
-def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str, calibrated: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class Registration:
+    """A peer registered from a finished run: what was logged first (``notes``) and the new version."""
+
+    run_id: str
+    peer: str
+    name: str
+    version: int
+    existed: bool
+    calibrated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[str]:
+        """What a command prints: the notes, then the registration with how to load it."""
+        return [*self.notes, registered_line(self.peer, self.name, self.version, self.existed)]
+
+    def fields(self) -> dict[str, Any]:
+        """The registration as a JSON object's fields (``--log-format json``)."""
+        return {"run_id": self.run_id, "peer": self.peer, "name": self.name, "version": self.version,
+                "model_uri": f"models:/{self.name}/{self.version}", "new_name": not self.existed,
+                "calibrated": self.calibrated}
+
+
+def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str,
+                           calibrated: bool = False) -> Registration:
     """Register a finished run's trained ``peer`` under ``name``: its ``models/<peer>`` (logged first
     from its weights where the run has none), or with ``calibrated`` the peer divided by its fitted
-    temperature (``models/<peer>_calibrated``). The lines to print."""
+    temperature (``models/<peer>_calibrated``)."""
     from cohort.datasets import load_dataset
     from cohort.peer import cohort_groups
 
@@ -319,5 +345,4 @@ def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str, 
         lines.append(f"logged {peer} as {model_uri(run_id, peer)} (the run had no models/{peer})")
     version, existed = register_peer(uri, run_id, peer, name, tags,
                                      artifact=f"{peer}{CALIBRATED}" if temperature is not None else None)
-    lines.append(registered_line(peer, name, version, existed))
-    return lines
+    return Registration(run_id, peer, name, version, existed, temperature is not None, lines)

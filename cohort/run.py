@@ -321,9 +321,10 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
 
     topology = plan.topology
     progress = Queue()
-    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
-                           dataset=plan.dataset, weights=plan.weights, live_steps=True)
     display = display or Display("log")
+    # Rank 0's step counter feeds the bar inside an epoch: sent only where a terminal draws it.
+    trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
+                           dataset=plan.dataset, weights=plan.weights, live_steps=display.mode == "tty")
     epochs = EpochDisplay(display, evaluated(topology), topology.train.epochs, done=logged_epochs)
     started = time.perf_counter()
     final: dict[str, Any] = {}

@@ -171,17 +171,20 @@ def report(args: argparse.Namespace, study, tracking_uri: str) -> int:
     if parent is None:
         raise CohortError(f"--report: no study named {study.name!r} in experiment {study.experiment!r} at "
                           f"{tracking_uri} (run it first, or pass --tracking-uri)")
+    display = Display(mode_of(args))
     tables, found = result_tables(client, study, parent)
     text = tables_text(study, tables, found, args.format)
     done = sum(outcome.status in ("FINISHED", "FAILED") for outcome in found)
     if args.format not in ("csv", "latex"):
-        print(f"study {study.name} (MLflow run {parent.info.run_id}, {parent.info.status}): {done} of "
-              f"{len(study.runs())} runs done\n")
-    print(text)
+        display.summary(f"study {study.name} (MLflow run {parent.info.run_id}, {parent.info.status}): {done} of "
+                        f"{len(study.runs())} runs done\n")
+    display.summary(text)
     written = draw(client, study, tables, found, figures_folder(args, study))
     if args.format not in ("csv", "latex"):
-        print(f"\nfigures: {', '.join(str(path) for path in written)}")
-    register_best(client, study, found, args.registrations, tracking_uri)
+        display.summary(f"\nfigures: {', '.join(str(path) for path in written)}")
+    display.json("report", study=study.name, parent_run_id=parent.info.run_id, status=parent.info.status,
+                 done=done, runs=len(study.runs()), figures=[str(path) for path in written])
+    register_best(client, study, found, args.registrations, tracking_uri, display)
     return 0
 
 
@@ -224,7 +227,7 @@ def best_run(study, found, role: str):
     return None if best is None else best[1:]
 
 
-def register_best(client, study, found, register: dict[str, str], tracking_uri: str) -> None:
+def register_best(client, study, found, register: dict[str, str], tracking_uri: str, display: Display) -> None:
     from cohort.peer_models import register_finished_peer
 
     for role, name in register.items():
@@ -232,9 +235,11 @@ def register_best(client, study, found, register: dict[str, str], tracking_uri: 
         if chosen is None:
             raise CohortError(f"--register {role}={name}: no finished run of the study has the role {role!r}")
         arm, peer, outcome = chosen
-        print(f"\n{role}: best arm {arm} (mean top-1), its best run {arm}/seed-{outcome.seed} ({outcome.run_id})")
-        for line in register_finished_peer(client, tracking_uri, outcome.run_id, peer, name):
-            print(line)
+        display.summary(f"\n{role}: best arm {arm} (mean top-1), its best run {arm}/seed-{outcome.seed} ({outcome.run_id})")
+        registration = register_finished_peer(client, tracking_uri, outcome.run_id, peer, name)
+        for line in registration.lines:
+            display.summary(line)
+        display.json("registered", role=role, arm=arm, seed=outcome.seed, **registration.fields())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,7 +370,7 @@ def finish(args: argparse.Namespace, tracker, study, parent_run_id: str, trackin
                  figures=str(out))
     if not finished:
         raise CohortError("no run of the study finished: see the reasons above")
-    register_best(tracker.client, study, found, args.registrations, tracking_uri)
+    register_best(tracker.client, study, found, args.registrations, tracking_uri, display)
     return 0
 
 

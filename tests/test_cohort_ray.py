@@ -16,6 +16,7 @@ import yaml
 
 from cohort import losses
 from cohort.datasets import load_dataset
+from cohort.display import epoch_steps, is_step
 from cohort.topology import DataConfig
 from cohort.run import main
 from cohort.topology import topology_from_dict
@@ -240,8 +241,16 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
         "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
     digits = load_dataset(DataConfig())
     progress = Queue()
-    make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-data", progress=progress, dataset=digits).fit()
-    report = progress.get(timeout=10)
+    make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-data", progress=progress, dataset=digits,
+                 live_steps=True).fit()
+    messages = [progress.get(timeout=10) for _ in range(progress.qsize())]
+    # live_steps: rank 0's step counter came first (at most 4 a second), ending at the epoch's last step
+    # with every training image counted; then the epoch's report.
+    steps, (report,) = [m for m in messages if is_step(m)], [m for m in messages if not is_step(m)]
+    assert messages[-1] is report and steps, messages
+    last = epoch_steps(digits.info.train_size, 256)
+    assert steps[-1]["step"] == steps[-1]["steps"] == last and steps[-1]["images"] == digits.info.train_size
+    assert all(m["in_epoch"] == 1 for m in steps) and [m["step"] for m in steps] == sorted({m["step"] for m in steps})
     assert report["a/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
     # Evaluated on digits' test split (360 images): a share of 360, not NaN, not another split's.
     assert 0 < report["a/acc"] <= 1 and report["a/acc"] * 360 == pytest.approx(round(report["a/acc"] * 360))

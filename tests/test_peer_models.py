@@ -240,6 +240,30 @@ def test_export_logs_the_model_of_a_run_older_than_models_folder(finished, tmp_p
     assert (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(finished["report"]["student_b/acc"])
 
 
+
+def test_export_quiet_and_json_show_what_was_made_and_nothing_else(finished, tmp_path, capsys):
+    """--quiet: the registration only (the note that a model was logged first is not the summary);
+    --log-format json: one object per thing made on stdout (the text on stderr)."""
+    topology = finished["topology"]
+    tracker = Tracker(finished["uri"], topology.experiment)
+    run_id = tracker.start(topology)  # a run without models/<peer>: the command logs one first
+    tracker.log_file(finished["folder"] / "weights" / "student_b.pt", "weights")
+    tracker.log_epoch(finished["report"])
+    tracker.finish("FINISHED")
+    argv = [run_id, "--peer", "student_b", "--register", "quiet-student", "--tracking-uri", finished["uri"]]
+    assert export_main([*argv, "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["registered student_b as 'quiet-student' version 1; load it with "
+                   "mlflow.pytorch.load_model('models:/quiet-student/1')"], out
+    assert export_main([*argv, "--log-format", "json"]) == 0
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert events == [{"event": "registered", "run_id": run_id, "peer": "student_b", "name": "quiet-student",
+                       "version": 2, "model_uri": "models:/quiet-student/2", "new_name": False,
+                       "calibrated": False}], events
+    assert "version 2 (the name existed: a new version)" in captured.err
+
+
 # --------------------------------------------------------------------------- ONNX
 
 
@@ -254,6 +278,13 @@ def test_export_writes_an_onnx_file_that_onnx_runtime_runs(finished, tmp_path, c
                         "dynamic batch size)")
     assert lines[1].startswith("ONNX Runtime vs torch on 64 test images: largest logit difference ")
     assert "(within 0.0001;" in lines[1]
+    assert export_main([finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out", str(out),
+                        "--tracking-uri", finished["uri"], "--log-format", "json"]) == 0
+    (event,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {key: event[key] for key in ("event", "peer", "path", "opset", "input_shape", "classes", "passed")} == {
+        "event": "onnx", "peer": "student_a", "path": str(out), "opset": 18, "input_shape": ["batch", 1, 8, 8],
+        "classes": 10, "passed": True}
+    assert 0 <= event["max_difference"] <= 1e-4 and event["check_images"] == 64
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     data = finished["data"]
     (logits,) = session.run(["logits"], {"images": data.test_x[:101].numpy()})  # another batch size than the check's
