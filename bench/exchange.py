@@ -10,7 +10,10 @@ One run measures, side by side and on the same models, batches and losses:
   (just before and just after the cohort: the machine's speed drifts);
 - the slowest peer alone in two plain processes at once, on an idle machine and beside an idle
   Ray Train run: what the machine, and then Ray's own processes, allow two busy cores;
-- the ``all_gather`` of ``cohort.exchange.LogitExchange`` alone, for several logit sizes.
+- the ``all_gather`` of ``cohort.exchange.LogitExchange`` alone, for several logit sizes;
+- the live display's cost: the same cohort with rank 0's step counter on (what ``cohort.run``
+  sends on a terminal) between two runs with it off, whose ratio is the noise
+  (``--display-only``: just this, with ``--rounds`` such triples).
 
 Every figure is the median of ``--repeats`` epochs of ``--steps`` steps, after one warm-up epoch;
 each epoch's value is the median of its steps. The results go to ``bench/results/exchange.json``
@@ -38,6 +41,7 @@ from cohort.report import cohort_key, metric_key
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
 DEFAULT_OUT = REPO / "bench" / "results" / "exchange.json"
+DISPLAY_OUT = REPO / "bench" / "results" / "display.json"
 TEST_IMAGES = 512  # evaluated every epoch: kept small, it is not what is measured
 EXCHANGE_SHAPES = ((64, 10), (128, 100), (256, 1000))
 
@@ -61,8 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exchange-calls", type=int, default=50,
                         help="all_gather calls per logit size (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short run for development: 4 steps, 1 repeat")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON results file (default: %(default)s)")
+    parser.add_argument("--out", help=f"the JSON results file (default: {DEFAULT_OUT.relative_to(REPO)}, "
+                                      f"with --display-only {DISPLAY_OUT.relative_to(REPO)})")
+    parser.add_argument("--display-only", action="store_true",
+                        help="measure only the live display's cost: the cohort with rank 0's step counter off, "
+                             "on, off, --rounds times")
+    parser.add_argument("--rounds", type=int, default=1, help="off/on/off triples of the live display's "
+                                                              "measurement (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(DISPLAY_OUT if args.display_only else DEFAULT_OUT)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.quick:
         args.steps, args.repeats, args.exchange_calls = 4, 1, 10
     if args.steps < 2 or args.repeats < 1 or args.exchange_calls < 2:
@@ -288,15 +301,19 @@ def cohort_command(topology, folder: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the cohort, in this process
 
 
-def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[dict[str, Any]]:
-    """Fit the cohort through ``cohort.launch.make_trainer`` on the running Ray; rank 0's epoch reports."""
+def cohort_in_process(topology, threads: dict[str, int], folder: Path, live_steps: bool = False,
+                      step_messages: list | None = None) -> list[dict[str, Any]]:
+    """Fit the cohort through ``cohort.launch.make_trainer`` on the running Ray; rank 0's epoch reports.
+    ``live_steps``: rank 0 also sends its step counter, as ``cohort.run`` does on a terminal (the
+    messages go to ``step_messages``)."""
     from ray.util.queue import Queue
 
+    from cohort.display import is_step
     from cohort.launch import make_trainer
 
     progress = Queue()
     trainer = make_trainer(topology, 1.0, threads, str(folder / "ray"), f"{topology.name}-{time.time_ns()}",
-                           progress=progress)
+                           progress=progress, live_steps=live_steps)
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - the failure's reason, in one line
@@ -305,8 +322,40 @@ def cohort_in_process(topology, threads: dict[str, int], folder: Path) -> list[d
         raise CohortError(f"the {topology.name} cohort failed: {failure_reason(error)}") from None
     reports = []
     while not progress.empty():
-        reports.append(progress.get())
+        message = progress.get()
+        if is_step(message):
+            if step_messages is not None:
+                step_messages.append(message)
+        else:
+            reports.append(message)
     return sorted(reports, key=lambda report: report["epoch"])
+
+
+def live_display(topology, threads: dict[str, int], folder: Path, rounds: int,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """The step with rank 0's step counter on against the same cohort with it off, run just before
+    and just after (bracketed, as the baselines are); the two runs with it off against each other
+    say how large the noise is. ``rounds`` such off/on/off triples, pooled."""
+    on, off_before, off_after, messages, epochs = [], [], [], [], 0
+    for round_ in range(rounds):
+        log(f"live display, round {round_ + 1} of {rounds}: the cohort with rank 0's step counter off, on, off")
+        before = cohort_steps(topology, cohort_in_process(topology, threads, folder))
+        sent: list[dict[str, Any]] = []
+        with_counter = cohort_steps(topology, cohort_in_process(topology, threads, folder, True, sent))
+        after = cohort_steps(topology, cohort_in_process(topology, threads, folder))
+        off_before.append(before)
+        on.append(with_counter)
+        off_after.append(after)
+        messages.append(len(sent))
+        epochs += topology.train.epochs
+    pooled = lambda runs: summarize([value for run in runs for value in run["values"]])  # noqa: E731
+    pooled_cpu = lambda runs: summarize([v for run in runs for entry in run["cpu_seconds"].values()  # noqa: E731
+                                         for v in entry["values"]])
+    before, after = ({**pooled(runs), "cpu_seconds": pooled_cpu(runs)} for runs in (off_before, off_after))
+    with_counter = {**pooled(on), "cpu_seconds": pooled_cpu(on)}
+    return {"step_counter_on": with_counter, "step_counter_off_before": before, "step_counter_off_after": after,
+            "overhead": ratio(with_counter, bracketed(before, after)), "noise": ratio(after, before),
+            "step_messages_per_epoch": sum(messages) / epochs, "rounds": rounds}
 
 
 def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -358,8 +407,6 @@ def exchange_latency(peers: list[str], calls: int, folder: Path) -> dict[str, fl
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    import torch
-
     from cohort.placement import peer_threads
     from cohort.cluster import start_ray
     from cohort.launch import make_plan
@@ -413,6 +460,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         log(f"cohort of resnet20 teacher and resnet8 student: threads {placement} (the default), then {extra}")
         unequal_reports = cohort_in_process(unequal, placement, folder)
         extra_reports = cohort_in_process(unequal, extra, folder)
+        display = live_display(equal, peer_threads(equal_plan.compute, 1.0), folder, args.rounds, log)
         log(f"all_gather alone, {', '.join(f'{b}x{c}' for b, c in EXCHANGE_SHAPES)}")
         latency = exchange_latency(equal.peer_names, args.exchange_calls, folder)
 
@@ -427,8 +475,6 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         step = cohort_equal["median"] * batch / 64
         exchange[f"{batch}x{classes}"] = {"all_gather_s": seconds, "step_s": step, "share": seconds / step,
                                           "step_is_estimated": batch != 64}
-    import ray
-
     return {
         "overhead": ratio(cohort_equal, alone_equal),
         # What two busy cores cost each other here (shared cache and memory bandwidth), and the
@@ -455,6 +501,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "load_whole_table_s": whole_table,
         "exchange": exchange,
         "exchange_in_step_s": in_step_exchange,
+        "live_display": display,
         "peak_rss_mb": {peer: last[metric_key(peer, "peak_rss_mb")] for peer in equal.peer_names},
         "peak_rss_mb_unequal": {peer: unequal_reports[-1][metric_key(peer, "peak_rss_mb")] for peer in unequal.peer_names},
         "step_seconds": {
@@ -479,10 +526,36 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
             f"{args.steps * 64} training and {TEST_IMAGES} test images drawn at random (seed 0)",
             "command_seconds": command["command_seconds"],
         },
-        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ray": ray.__version__,
-                    "load_average_at_end": os.getloadavg(), "sched_autogroup": _autogroup()},
+        "machine": machine(),
     }
+
+
+def measure_display(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--display-only``: the live display's cost alone (see :func:`live_display`)."""
+    from cohort.cluster import start_ray
+    from cohort.launch import make_plan
+    from cohort.placement import peer_threads
+
+    with tempfile.TemporaryDirectory(prefix="bench-display-") as scratch:
+        folder = Path(scratch)
+        data = write_slice(Path(args.data).expanduser(), folder, args.steps * 64)
+        equal = bench_topology("bench-equal", EQUAL, data, args.repeats + 1)
+        plan = make_plan(equal, f"sqlite:///{folder}/plan.db", os.cpu_count() or 1)
+        start_ray(None, verbose=False)
+        display = live_display(equal, peer_threads(plan.compute, 1.0), folder, args.rounds, log)
+    return {"live_display": display,
+            "setup": {"equal_peers": {peer: equal.peers[peer].model for peer in equal.peer_names}, "batch": 64,
+                      "steps": args.steps, "repeats": args.repeats, "warmup_epochs": 1, "rounds": args.rounds},
+            "machine": machine()}
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {"cpus": os.cpu_count() or 1, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "load_average_at_end": os.getloadavg(),
+            "sched_autogroup": _autogroup()}
 
 
 def _autogroup() -> bool | None:
@@ -553,6 +626,25 @@ def markdown(results: dict[str, Any]) -> str:
                  + f" / {1000 * steps['slowest_peer_alone_1_thread']['cpu_seconds']['median']:.0f} ms", ""))
     rss = results["peak_rss_mb"]
     rows.append(("peak RSS per worker", ", ".join(f"{peer} {value:.0f} MB" for peer, value in rss.items()), ""))
+    return table(rows + display_rows(results["live_display"]))
+
+
+def display_rows(display: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The live display's cost: met when the step counter changes the step by no more than two
+    runs without it differ (the largest such difference over the measured epochs)."""
+    overhead, noise = display["overhead"], display["noise"]
+    spread = max(abs(noise[key] - 1) for key in ("value", "min", "max"))
+    held = abs(overhead["value"] - 1) <= spread
+    figure = lambda entry: f"{entry['value']:.3f} ({entry['min']:.3f}–{entry['max']:.3f})"  # noqa: E731
+    return [
+        (f"live display: cohort step with rank 0's step counter ÷ without (2 × resnet20; "
+         f"{display['step_messages_per_epoch']:.1f} messages an epoch)", figure(overhead),
+         f"1 within noise (±{spread:.3f}): {'met' if held else 'missed'}"),
+        ("  the noise: the run without it after ÷ the run without it before", figure(noise), "(the machine)"),
+    ]
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| figure | median (min–max) | target |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value} | {goal} |" for name, value, goal in rows]
     return "\n".join(lines)
@@ -568,13 +660,13 @@ def main_command(args: argparse.Namespace) -> int:
               flush=True)
 
     started = time.perf_counter()
-    results = measure(args, log)
+    results = (measure_display if args.display_only else measure)(args, log)
     results["setup"]["bench_seconds"] = time.perf_counter() - started
     results["machine"]["load_average_by_phase"] = loads
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
+    print(table(display_rows(results["live_display"])) if args.display_only else markdown(results))
     log(f"done in {results['setup']['bench_seconds']:.0f} s; results in {out}")
     return 0
 

@@ -46,3 +46,24 @@ def test_a_bracketed_baseline_is_the_mean_of_before_and_after_repeat_by_repeat()
     baseline = bracketed(before, after)
     assert baseline["values"] == [2.0, 2.0, 4.0] and baseline["median"] == 2.0
     assert baseline["cpu_seconds"]["values"] == [2.0, 1.0, 1.0]
+
+
+def test_the_live_display_is_met_only_within_the_noise_of_two_runs_without_it():
+    """The step counter's ratio against the largest deviation from 1 of the off/off ratio (its median,
+    its smallest and largest repeat)."""
+    from bench.exchange import display_rows
+
+    noise = {"value": 0.99, "min": 0.97, "max": 1.02}  # two runs without the counter differ by up to 3%
+    within = {"overhead": {"value": 1.025, "min": 1.0, "max": 1.05}, "noise": noise, "step_messages_per_epoch": 12.0}
+    row, noise_row = display_rows(within)
+    assert row[0].endswith("(2 × resnet20; 12.0 messages an epoch)") and row[1] == "1.025 (1.000–1.050)"
+    assert row[2] == "1 within noise (±0.030): met" and noise_row[1] == "0.990 (0.970–1.020)"
+    beyond = {**within, "overhead": {"value": 1.04, "min": 1.03, "max": 1.05}}
+    assert display_rows(beyond)[0][2] == "1 within noise (±0.030): missed"
+
+
+def test_display_only_refuses_missing_data_before_starting_anything(tmp_path, capsys):
+    missing = tmp_path / "nowhere.parquet"
+    assert main(["--display-only", "--data", str(missing), "--quick", "--out", str(tmp_path / "d.json")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"{missing}: no such file")
+    assert not (tmp_path / "d.json").exists()
