@@ -1,5 +1,6 @@
-"""``python -m cohort.tune TOPOLOGY.yaml SPACE.yaml``: search a cohort's loss weights,
-temperatures and learning rates with Ray Tune.
+"""``python -m cohort.tune TOPOLOGY.yaml SPACE.yaml``: search a cohort's settings with Ray Tune.
+
+Any value of the topology can be searched: loss weights, temperatures, learning rates.
 
 Every trial is a whole cohort: the trial's function builds the sampled topology and runs its
 ``TorchTrainer`` (one worker per peer), whose rank 0 reports each epoch's metrics, and the
