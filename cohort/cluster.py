@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
+from cohort.display import is_terminal
 from cohort.errors import CohortError, first_line
 
 
@@ -119,6 +121,31 @@ def prepare_join(address: str) -> None:
         raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
 
 
+def driver_environment(address: str | None, dashboard: bool, stdout_is_terminal: bool) -> dict[str, str]:
+    """The environment the driver gives Ray before starting or joining it (each only where the user
+    has not set it)."""
+    # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if not stdout_is_terminal:
+        # Ray prints what the cluster pushes to the driver (the raylet's warning that many worker
+        # processes started, a task killed for memory) on stdout, its prefix in color: a log file
+        # gets it without control characters.
+        env["RAY_COLOR_PREFIX"] = "0"
+    if not address:
+        # A Ray started here runs its workers at nice 15, below every other process: next to any
+        # other load (even Ray's own agents and this driver) the peers then stepped at half speed
+        # on 2 cores. The peers are the computation: they run at a plain training script's priority.
+        env["RAY_worker_niceness"] = "0"
+        # Two of Ray Train's helper processes serve nothing on a Ray of one machine: the watcher of
+        # cloud nodes' preemption notices, and the per-worker metrics for a dashboard (off unless
+        # asked for). Every Ray worker process wakes 100 times a second; on a small machine their
+        # start-up and wake-ups come out of the peers' cores (docs/performance.md).
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        if not dashboard:
+            env["RAY_TRAIN_METRICS_ENABLED"] = "0"
+    return env
+
+
 def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> dict[str, float]:
     """Start or join Ray quietly; return the cluster's resources.
 
@@ -130,20 +157,8 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
     import ray
 
-    # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if not address:
-        # A Ray started here runs its workers at nice 15, below every other process: next to any
-        # other load (even Ray's own agents and this driver) the peers then stepped at half speed
-        # on 2 cores. The peers are the computation: they run at a plain training script's priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # Two of Ray Train's helper processes serve nothing on a Ray of one machine: the watcher of
-        # cloud nodes' preemption notices, and the per-worker metrics for a dashboard (off unless
-        # asked for). Every Ray worker process wakes 100 times a second; on a small machine their
-        # start-up and wake-ups come out of the peers' cores (docs/performance.md).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        if not dashboard:
-            os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    for key, value in driver_environment(address, dashboard, is_terminal(sys.stdout)).items():
+        os.environ.setdefault(key, value)
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address:

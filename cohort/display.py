@@ -19,6 +19,7 @@ that rank 0 sends a few times a second at most (:class:`StepTicker`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
 TICK_SECONDS = 0.25  # rank 0 sends the step counter at most this often
 # Anything a terminal would interpret: escape sequences, carriage returns, other C0 controls but newline.
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+_json_out: TextIO | None = None  # the real stdout while json_stdout() sends stdout to stderr
 
 
 # --------------------------------------------------------------------------- modes
@@ -52,7 +54,7 @@ def choose_mode(quiet: bool = False, log_format: str = "text", stream: TextIO | 
     if quiet:
         return "quiet"
     stream = stream if stream is not None else sys.stdout
-    return "tty" if _isatty(stream) else "log"
+    return "tty" if is_terminal(stream) else "log"
 
 
 def mode_of(args: argparse.Namespace) -> str:
@@ -70,11 +72,28 @@ def runtime_mode(mode: str) -> str:
     return choose_mode() if mode == "auto" else mode
 
 
-def _isatty(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool):
+    """With ``--log-format json``, stdout carries the display's JSON objects and nothing else:
+    whatever else prints to stdout meanwhile (Ray prints there what the cluster pushes to the
+    driver, such as the raylet's warnings) goes to stderr."""
+    global _json_out
+    if not enabled:
+        yield
+        return
+    previous, _json_out = _json_out, sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_out = previous
 
 
 def terminal_width(default: int = 120) -> int:
@@ -290,7 +309,8 @@ class Display:
         if mode not in MODES:
             raise ValueError(f"display mode {mode!r}: one of {', '.join(MODES)}")
         self.mode = mode
-        self.out, self.err = out or sys.stdout, err or sys.stderr
+        default_out = _json_out if mode == "json" and _json_out is not None else sys.stdout
+        self.out, self.err = out or default_out, err or sys.stderr
         self._width = width
 
     @property
@@ -400,6 +420,15 @@ class RunsDisplay:
         left = estimate_left(elapsed, self.finished_here, self.total - self.already_done)
         return runs_status(self.already_done + self.finished_here, self.running, self.total, elapsed, left)
 
+    def progress(self) -> dict[str, Any]:
+        """The overall progress as a JSON object's fields (the status line's numbers)."""
+        elapsed = self.now() - self.started
+        left = estimate_left(elapsed, self.finished_here, self.total - self.already_done)
+        done = self.already_done + self.finished_here
+        return {"done": done, "running": self.running, "pending": max(self.total - done - self.running, 0),
+                "total": self.total, "elapsed_seconds": round(elapsed, 1),
+                "left_seconds": round(left, 1) if math.isfinite(left) else None}
+
     def update(self, finished_here: int | None = None, running: int | None = None) -> None:
         if finished_here is not None:
             self.finished_here = finished_here
@@ -412,7 +441,8 @@ class RunsDisplay:
         """A run's event: a line (above the bar on a terminal), or a JSON object."""
         mode = self.display.mode
         if mode == "json":
-            self.display.json("run", text=text, finished=finished, **fields)
+            self.display.json("run", text=text, finished=finished, **fields,
+                              **({"progress": self.progress()} if finished else {}))
         elif mode == "tty":
             bar = self._bar()
             bar.write(text, file=self.display.out)

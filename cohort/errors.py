@@ -48,8 +48,11 @@ def run_command(command, args) -> int:
     """Run a command-line entry point: a ``CohortError`` becomes one line on stderr and exit 2."""
     import sys
 
+    from cohort.display import json_stdout
+
     try:
-        return command(args)
+        with json_stdout(getattr(args, "log_format", "text") == "json"):
+            return command(args)
     except CohortError as error:
         print(str(error), file=sys.stderr)
         return 2

@@ -173,9 +173,17 @@ def test_runs_display_overall_progress():
     runs.close()
     assert "trial b started" in tty.getvalue() and "0/4 runs done, 1 running, 3 pending" in tty.getvalue()
     out = io.StringIO()
+    now.t = 0.0
     runs = RunsDisplay(Display("json", out), total=4, now=now)
+    runs.event("trial c started", trial="c")
+    now.t = 90.0
+    runs.update(finished_here=1, running=1)
     runs.event("trial c done", finished=True, trial="c")
-    assert json.loads(out.getvalue()) == {"event": "run", "text": "trial c done", "finished": True, "trial": "c"}
+    started, done = (json.loads(line) for line in out.getvalue().splitlines())
+    assert started == {"event": "run", "text": "trial c started", "finished": False, "trial": "c"}
+    assert done == {"event": "run", "text": "trial c done", "finished": True, "trial": "c",
+                    "progress": {"done": 1, "running": 1, "pending": 2, "total": 4, "elapsed_seconds": 90.0,
+                                 "left_seconds": 270.0}}
 
 
 def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
@@ -216,3 +224,29 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
             events = [json.loads(line) for line in lines]
             assert [e["event"] for e in events] == ["run"] * 3 and events[1]["objective"] == 0.5
             assert events[2]["finished"] is True and events[2]["trial"] == "json0"
+
+
+def test_with_json_stdout_carries_the_objects_only_and_anything_else_goes_to_stderr(capsys):
+    """Ray prints what the cluster pushes to the driver (a raylet warning) with print(): under
+    --log-format json that must not land between the JSON lines."""
+    from cohort.display import json_stdout
+
+    with json_stdout(True):
+        print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started")
+        display = Display("json")
+        display.json("epoch", epoch=1)
+        display.info("the plan")
+    captured = capsys.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == [{"event": "epoch", "epoch": 1}]
+    assert "(raylet)" in captured.err and "the plan" in captured.err
+    print("after")  # stdout is stdout again
+    assert capsys.readouterr().out == "after\n"
+
+
+def test_the_driver_asks_ray_for_uncoloured_prefixes_when_stdout_is_not_a_terminal():
+    from cohort.cluster import driver_environment
+
+    assert driver_environment(None, False, stdout_is_terminal=False)["RAY_COLOR_PREFIX"] == "0"
+    assert "RAY_COLOR_PREFIX" not in driver_environment(None, False, stdout_is_terminal=True)
+    joined = driver_environment("auto", False, stdout_is_terminal=False)
+    assert "RAY_worker_niceness" not in joined and joined["RAY_COLOR_PREFIX"] == "0"  # a joined cluster's workers are its own
