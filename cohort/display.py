@@ -136,6 +136,14 @@ def mean_epoch_seconds(durations: list[float]) -> float:
     return sum(usable) / len(usable) if usable else math.nan
 
 
+def first_epoch_pace(peers: list[str], report: dict[str, Any]) -> float | None:
+    """The first epoch's length without the start-up: the shortest of the peers' ``epoch_seconds``
+    (each peer's training time; a peer whose worker started early also waited in its first step
+    for the others), None where the report has none."""
+    times = [value for value in (_metric(report, peer, "epoch_seconds") for peer in peers) if value is not None]
+    return min(times) if times else None
+
+
 def run_left(epochs: int, done: int, durations: list[float], in_epoch: float = 0.0, fraction: float = 0.0) -> float:
     """Seconds until the run's last epoch ends: ``epochs - done`` epochs of the mean time, less what
     the current epoch has run (``in_epoch`` seconds, ``fraction`` of its steps). Before any epoch
@@ -373,6 +381,12 @@ class EpochDisplay:
         now = self.now()
         seconds, self.last = now - self.last, now
         self.durations.append(seconds)
+        if len(self.durations) == 1:
+            # The first epoch this display saw also holds the workers' start-up (seconds on a
+            # short epoch): until another ends, its pace is the peers' own training time.
+            trained = first_epoch_pace(self.peers, report)
+            if trained is not None:
+                self.durations[0] = min(seconds, trained)
         self.done = report["epoch"]
         self._close_bar()
         left = self.left()

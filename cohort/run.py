@@ -345,6 +345,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
                                                       for peer in topology.peer_names})
                 if breakdown:
                     marks = None  # once per command
+                    epochs.close()  # the bar's line cleared first
                     display.info(describe_startup(breakdown))
                     report = {**report, **{cohort_key(f"startup/{part}_s"): value for part, value in breakdown.items()}}
             # After a restart the epochs since the last checkpoint come again: log each once.

@@ -128,6 +128,19 @@ def test_terminal_rendering_draws_a_bar_and_fits_the_width():
     assert sum(line.startswith("epoch ") for line in printed) == 3
 
 
+def test_the_first_epochs_time_left_leaves_the_start_up_out():
+    """A first epoch of 12.7 s of which the peers trained 1.0 s and 1.4 s (the rest: workers
+    starting): 2 epochs left are about 2 s, not 25 s; later epochs use the mean as before."""
+    out, now = io.StringIO(), Clock()
+    display = EpochDisplay(Display("log", out), ["a", "b", "ensemble"], 3, now=now)
+    now.t = 12.7
+    display.epoch({**fake_report(["a", "b"], 1), "a/epoch_seconds": 1.4, "b/epoch_seconds": 1.0})
+    now.t = 14.0
+    display.epoch({**fake_report(["a", "b"], 2), "a/epoch_seconds": 1.2, "b/epoch_seconds": 1.2})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("12.7s  |  about 2s left") and second.endswith("1.3s  |  about 1s left")
+
+
 def test_json_lines_parse_and_quiet_prints_nothing():
     out, err = run_epochs("json", ["a", "b"])
     objects = [json.loads(line) for line in out.splitlines()]
