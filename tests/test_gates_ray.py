@@ -2,6 +2,7 @@
 step (docs/gates.md), written out here from the spec's formulas, not with cohort.gates."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -80,15 +81,24 @@ def reference_training(config: dict) -> tuple[dict[str, dict[str, torch.Tensor]]
     return {peer: model.state_dict() for peer, model in models.items()}, paused
 
 
-@pytest.mark.ray
-def test_switokd_through_ray_equals_the_spec_applied_step_by_step(ray_cluster, tmp_path):
+@functools.lru_cache(maxsize=1)
+def reference() -> tuple[dict[str, dict[str, torch.Tensor]], list[float]]:
+    return reference_training(SWITOKD)
+
+
+def run_through_ray(tmp_path: Path, config: dict):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = tmp_path / "switokd.yaml"
-    path.write_text(yaml.safe_dump(SWITOKD, sort_keys=False))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     client = mlflow.tracking.MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("switokd-equivalence").experiment_id])[0]
-    expected, paused = reference_training(SWITOKD)
+    return uri, client, client.search_runs([client.get_experiment_by_name(config["name"]).experiment_id])[0]
+
+
+@pytest.mark.ray
+def test_switokd_through_ray_equals_the_spec_applied_step_by_step(ray_cluster, tmp_path):
+    uri, client, run = run_through_ray(tmp_path, SWITOKD)
+    expected, paused = reference()
     # Both modes occur: some epochs all learning, some with the teacher paused in most steps.
     assert paused[0] == 0.0 and max(paused) > 0.5, paused
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "teacher/paused")}
@@ -102,3 +112,23 @@ def test_switokd_through_ray_equals_the_spec_applied_step_by_step(ray_cluster, t
         trained = torch.load(weights / f"{peer}.pt", weights_only=True)
         for key, value in state.items():
             torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6, msg=f"{peer}.{key}")
+
+
+@pytest.mark.ray
+def test_switokd_with_two_replicas_per_peer_equals_the_spec(ray_cluster, tmp_path):
+    """2 peers x 2 replicas (DDP within each peer, shards of 64): the gate decides from the whole
+    batch's means on every replica, so both replicas of the teacher pause on the same steps (a
+    replica deciding from its own shard would step where the other paused, and DDP would hang or
+    the weights part). Epoch 2 of the reference pauses in most steps, epoch 1 in none."""
+    peers = {name: {**peer, "replicas": 2} for name, peer in SWITOKD["peers"].items()}
+    uri, client, run = run_through_ray(tmp_path, {**SWITOKD, "name": "switokd-replicas", "peers": peers})
+    expected, paused = reference()
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "teacher/paused")}
+    assert [history[epoch] for epoch in (1, 2, 3)] == pytest.approx(paused)
+    weights = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
+                                                       tracking_uri=uri, dst_path=str(tmp_path / "w")))
+    for peer, state in expected.items():
+        trained = torch.load(weights / f"{peer}.pt", weights_only=True)
+        for key, value in state.items():
+            # Two averaged shards against one batch: float rounding, as in tests/test_replicas.py.
+            torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-4, msg=f"{peer}.{key}")
