@@ -33,7 +33,7 @@ STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
 TICK_SECONDS = 0.25  # rank 0 sends the step counter at most this often
 # Anything a terminal would interpret: escape sequences, carriage returns, other C0 controls but newline.
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-_json_out: TextIO | None = None  # the real stdout while json_stdout() sends stdout to stderr
+_stdout: TextIO | None = None  # the real stdout while command_stdout() redirects stdout
 
 
 # --------------------------------------------------------------------------- modes
@@ -80,20 +80,28 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 @contextlib.contextmanager
-def json_stdout(enabled: bool):
-    """With ``--log-format json``, stdout carries the display's JSON objects and nothing else:
-    whatever else prints to stdout meanwhile (Ray prints there what the cluster pushes to the
-    driver, such as the raylet's warnings) goes to stderr."""
-    global _json_out
-    if not enabled:
+def command_stdout(mode: str):
+    """Where everything else printed to stdout goes while a command shows its display in ``mode``.
+    Ray prints what the cluster pushes to the driver (the raylet's warnings) with ``print``: with
+    JSON it goes to stderr, so that stdout carries the JSON objects only; on a terminal it goes
+    above the bars (through tqdm, which clears and redraws them) instead of onto a bar's line.
+    The display itself writes to the real stdout."""
+    global _stdout
+    if mode not in ("json", "tty"):
         yield
         return
-    previous, _json_out = _json_out, sys.stdout
+    previous, _stdout = _stdout, sys.stdout
+    if mode == "json":
+        target = sys.stderr
+    else:
+        from tqdm.contrib import DummyTqdmFile
+
+        target = DummyTqdmFile(sys.stdout)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(target):
             yield
     finally:
-        _json_out = previous
+        _stdout = previous
 
 
 def terminal_width(default: int = 120) -> int:
@@ -317,8 +325,7 @@ class Display:
         if mode not in MODES:
             raise ValueError(f"display mode {mode!r}: one of {', '.join(MODES)}")
         self.mode = mode
-        default_out = _json_out if mode == "json" and _json_out is not None else sys.stdout
-        self.out, self.err = out or default_out, err or sys.stderr
+        self.out, self.err = out or _stdout or sys.stdout, err or sys.stderr
         self._width = width
 
     @property

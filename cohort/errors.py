@@ -48,10 +48,10 @@ def run_command(command, args) -> int:
     """Run a command-line entry point: a ``CohortError`` becomes one line on stderr and exit 2."""
     import sys
 
-    from cohort.display import json_stdout
+    from cohort.display import command_stdout, mode_of
 
     try:
-        with json_stdout(getattr(args, "log_format", "text") == "json"):
+        with command_stdout(mode_of(args)):
             return command(args)
     except CohortError as error:
         print(str(error), file=sys.stderr)

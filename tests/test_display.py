@@ -242,9 +242,9 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
 def test_with_json_stdout_carries_the_objects_only_and_anything_else_goes_to_stderr(capsys):
     """Ray prints what the cluster pushes to the driver (a raylet warning) with print(): under
     --log-format json that must not land between the JSON lines."""
-    from cohort.display import json_stdout
+    from cohort.display import command_stdout
 
-    with json_stdout(True):
+    with command_stdout("json"):
         print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started")
         display = Display("json")
         display.json("epoch", epoch=1)
@@ -254,6 +254,27 @@ def test_with_json_stdout_carries_the_objects_only_and_anything_else_goes_to_std
     assert "(raylet)" in captured.err and "the plan" in captured.err
     print("after")  # stdout is stdout again
     assert capsys.readouterr().out == "after\n"
+
+
+def test_on_a_terminal_anything_else_printed_goes_above_the_bar_not_onto_its_line(monkeypatch):
+    """A bar is drawn without a newline: a line printed meanwhile (Ray's warning) used to land
+    on the bar's line ("[0/4 runs done ...](raylet) WARNING ..."). Through command_stdout the
+    bar is cleared first, the line printed whole, and the bar drawn again below it."""
+    import sys
+
+    from cohort.display import command_stdout
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    with command_stdout("tty"):
+        runs = RunsDisplay(Display("tty"), total=4, now=Clock())
+        runs.update(finished_here=0, running=1)
+        print("(raylet) WARNING: many workers")
+        runs.close()
+    # What the terminal shows: each "\r" returns to the line's start; the bar's text is overwritten.
+    lines = [line.split("\r")[-1].strip() for line in tty.getvalue().split("\n")]
+    assert lines[0] == "(raylet) WARNING: many workers", lines  # whole, on a line of its own
+    assert "[0/4 runs done" in tty.getvalue().split("(raylet)")[1]  # the bar drawn again below it
 
 
 def test_the_driver_asks_ray_for_uncoloured_prefixes_when_stdout_is_not_a_terminal():
