@@ -1,5 +1,8 @@
 """``python -m cohort.export RUN_ID --peer NAME``: take a trained peer out of a finished run.
 
+``--peer ensemble`` takes the cohort's ensemble instead: one model of every peer, the mean of
+their probabilities (its output is their log), as the run's ``ensemble/*`` metrics.
+
 ``--register NAME`` registers the peer's MLflow model in the Model Registry (logging it first if
 the run is older than models/<peer>); ``--format onnx --out FILE`` writes it as ONNX, checked
 against ONNX Runtime on the run's test images.
@@ -19,7 +22,8 @@ CHECK_IMAGES = 64  # test images of the ONNX check
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cohort.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id of a finished cohort run")
-    parser.add_argument("--peer", required=True, help="the peer to take out")
+    parser.add_argument("--peer", required=True,
+                        help="the trained peer to take out, or 'ensemble' (the mean of every peer's probabilities)")
     parser.add_argument("--register", metavar="NAME", help="register the peer in the MLflow Model Registry under NAME")
     parser.add_argument("--calibrated", action="store_true",
                         help="with --register: register the peer with its logits divided by the temperature its run "
@@ -60,17 +64,14 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     """The ONNX file and/or the registration; what was made is the command's summary (also with
     ``--quiet``), and with ``--log-format json`` one object each (``onnx``, ``registered``)."""
     from cohort.datasets import load_dataset
-    from cohort.peer_models import (exported_peers, finished_run, fitted_temperature, register_finished_peer,
-                                    run_weights, trained_peer)
+    from cohort.peer_models import finished_run, fitted_temperature, model_of, model_weights, register_finished_peer
 
     display = display or Display("log")
     run, topology = finished_run(client, run_id, uri)
-    weights = run_weights(client, run_id, topology, peer)
-    if peer not in exported_peers(topology):
-        raise CohortError(f"peer {peer!r} of run {run_id} is frozen: the run did not train it", "--peer")
+    weights = model_weights(client, run_id, topology, peer)
     dataset = load_dataset(topology.data, topology.seed)
     info = dataset.info
-    model = trained_peer(topology, peer, info, weights)
+    model = model_of(topology, peer, info, weights)
     if calibrated:
         fitted_temperature(dict(run.data.metrics), peer, run_id)  # refused before anything is written
     if out is not None:

@@ -6,9 +6,14 @@ A peer's model takes the image batch its dataset serves (float32 ``[N, C, H, W]`
 normalized: the model's metadata says how) and returns logits ``[N, classes]``. It is saved as
 ``torch.export``'s graph (MLflow's ``pt2`` format): loading it needs torch, not cohort's code, and
 runs no pickled code. Only the driver calls this module (MLflow has one writer per run).
+
+The cohort's ensemble (``ensemble``: the mean of every peer's probabilities, as the run's
+``ensemble/*`` metrics) is a model too, taken out of a finished run by ``cohort.export``: one
+graph holding every peer, returning the log of the mean probabilities.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from cohort.errors import CohortError, first_line, quoted
+from cohort.report import ENSEMBLE
 
 MODELS_FOLDER = "models"  # a peer's model: runs:/RUN_ID/models/<peer>
 WEIGHTS_FOLDER = "weights"  # its state_dict: runs:/RUN_ID/weights/<peer>.pt
@@ -53,9 +59,49 @@ def fitted_temperature(final: Mapping[str, Any], peer: str, run_id: str) -> floa
     return float(value)
 
 
+class PeerEnsemble(torch.nn.Module):
+    """The cohort's ensemble as one model: the mean of its peers' probabilities, returned as their
+    log (softmax of the output gives the mean exactly; its arg max is the ensemble's prediction)."""
+
+    def __init__(self, peers: Mapping[str, torch.nn.Module]):
+        super().__init__()
+        self.peers = torch.nn.ModuleDict(dict(peers))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([peer(images).float().log_softmax(dim=1) for peer in self.peers.values()])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.peers))
+
+
 def exported_peers(topology) -> list[str]:
     """The peers a run logs as models: the ones it trained (a frozen peer comes from elsewhere)."""
     return [peer for peer in topology.peer_names if not topology.peers[peer].frozen]
+
+
+def takeable(topology) -> list[str]:
+    """What ``cohort.export`` takes out of a finished run: a trained peer, or the ensemble of all."""
+    return [*exported_peers(topology), ENSEMBLE]
+
+
+def needed_weights(topology, name: str) -> list[str]:
+    """The peers whose weights the model ``name`` (a peer, or the ensemble) is made of."""
+    return list(topology.peer_names) if name == ENSEMBLE else [name]
+
+
+def model_of(topology, name: str, info, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.nn.Module:
+    """The model ``name`` with its final weights (``weights``: each needed peer's state_dict), in eval mode."""
+    if name == ENSEMBLE:
+        return PeerEnsemble({peer: trained_peer(topology, peer, info, weights[peer])
+                             for peer in topology.peer_names}).eval()
+    return trained_peer(topology, name, info, weights[name])
+
+
+def architecture(topology, name: str) -> str:
+    """``resnet8x4``, or ``ensemble(teacher+student)``."""
+    return f"{ENSEMBLE}({'+'.join(topology.peer_names)})" if name == ENSEMBLE else topology.peers[name].model
+
+
+def method_of(topology, name: str) -> str:
+    return "mean of the peers' probabilities" if name == ENSEMBLE else incoming_methods(topology, name)
 
 
 def trained_peer(topology, peer: str, info, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -106,8 +152,8 @@ def model_metadata(topology, peer: str, info, preprocessing: Mapping[str, Any], 
                    run_id: str) -> dict[str, Any]:
     """What the MLmodel file records under ``metadata.cohort``."""
     return {"cohort": {
-        "run_id": run_id, "topology": topology.name, "peer": peer, "model": topology.peers[peer].model,
-        "method": incoming_methods(topology, peer),
+        "run_id": run_id, "topology": topology.name, "peer": peer, "model": architecture(topology, peer),
+        "method": method_of(topology, peer),
         "input": {"dtype": "float32", "layout": "NCHW", "shape": ["batch", *info.input_size]},
         "output": {"logits": info.num_classes, "class_names": list(info.class_names)},
         "preprocessing": dict(preprocessing), "dataset": info.name, "test_metrics": dict(test_metrics)}}
@@ -139,8 +185,9 @@ def save_peer_model(model: torch.nn.Module, example: torch.Tensor, folder: str |
 def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[str, Mapping[str, torch.Tensor]],
                     final: Mapping[str, Any], peers: list[str] | None = None,
                     temperature: float | None = None) -> dict[str, str]:
-    """Log every trained peer of a finished run (or those of ``peers``) as ``models/<peer>``:
-    {peer: model URI}. With ``temperature``: the calibrated variant, ``models/<peer>_calibrated``.
+    """Log every trained peer of a finished run (or those of ``peers``, which may name the ensemble)
+    as ``models/<peer>``: {peer: model URI}. With ``temperature``: the calibrated variant,
+    ``models/<peer>_calibrated``.
 
     ``weights``: each peer's final state_dict; ``final``: the run's last report (its test metrics);
     ``dataset``: the run's data (the input example: its first test images)."""
@@ -148,7 +195,7 @@ def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[s
     names = test_metric_names(topology, info, groups)
     logged = {}
     for peer in peers or exported_peers(topology):
-        model = trained_peer(topology, peer, info, weights[peer])
+        model = model_of(topology, peer, info, weights)
         metadata = model_metadata(topology, peer, info, dataset.preprocessing(),
                                   peer_test_metrics(final, peer, names), tracker.run_id)
         name = peer
@@ -159,7 +206,7 @@ def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[s
             try:
                 save_peer_model(model, example, Path(folder) / name, metadata)
             except Exception as error:  # noqa: BLE001 - torch.export's and MLflow's failures alike
-                raise CohortError(f"peer {peer!r} ({topology.peers[peer].model}) could not be saved as an MLflow "
+                raise CohortError(f"peer {peer!r} ({architecture(topology, peer)}) could not be saved as an MLflow "
                                   f"model: {first_line(error)}") from None
             tracker.log_folder(Path(folder) / name, f"{MODELS_FOLDER}/{name}")
         logged[peer] = model_uri(tracker.run_id, name)
@@ -196,8 +243,8 @@ def parse_registrations(values: list[str], topology, where: str = "--register") 
 
 def registry_tags(topology, peer: str, test_metrics: Mapping[str, float], run_id: str) -> dict[str, str]:
     """The tags of a registered version: where it comes from and how good and calibrated it is."""
-    tags = {"topology": topology.name, "peer": peer, "model": topology.peers[peer].model,
-            "method": incoming_methods(topology, peer), "run_id": run_id}
+    tags = {"topology": topology.name, "peer": peer, "model": architecture(topology, peer),
+            "method": method_of(topology, peer), "run_id": run_id}
     for tag, metric in (("top1", "acc"), ("ece", "ece"), ("ece_ts", "ece_ts")):
         if metric in test_metrics:
             tags[tag] = f"{test_metrics[metric]:.4f}"
@@ -257,6 +304,17 @@ def finished_run(client, run_id: str, uri: str):
             raise CohortError(f"run {run_id} has no topology.yaml: not a cohort run") from None
         topology = topology_from_dict(read_yaml(path), "topology.yaml")
     return run, topology
+
+
+def model_weights(client, run_id: str, topology, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The final state_dicts the model ``name`` (a trained peer, or the ensemble) is made of,
+    {peer: state_dict}; a frozen peer refused (the run did not train it)."""
+    if name not in topology.peers and name != ENSEMBLE:
+        raise CohortError(f"run {run_id} has no peer {name!r} (peers: {', '.join(topology.peer_names)}; or "
+                          f"{ENSEMBLE}, the mean of their probabilities)", "--peer")
+    if name not in takeable(topology):
+        raise CohortError(f"peer {name!r} of run {run_id} is frozen: the run did not train it", "--peer")
+    return {peer: run_weights(client, run_id, topology, peer) for peer in needed_weights(topology, name)}
 
 
 def run_weights(client, run_id: str, topology, peer: str) -> dict[str, torch.Tensor]:
@@ -323,11 +381,9 @@ def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str,
     from cohort.peer import cohort_groups
 
     run, topology = finished_run(client, run_id, uri)
-    if peer not in exported_peers(topology):
-        raise CohortError(f"peer {peer!r} of run {run_id} is frozen or unknown: the run did not train it", "--peer")
+    weights = model_weights(client, run_id, topology, peer)
     final = dict(run.data.metrics)  # each metric's last value: the final epoch's
     temperature = fitted_temperature(final, peer, run_id) if calibrated else None
-    weights = run_weights(client, run_id, topology, peer)
     dataset = load_dataset(topology.data, topology.seed)
     info = dataset.info
     groups = cohort_groups(topology, info)
@@ -335,13 +391,13 @@ def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str,
     tags = registry_tags(topology, peer, metrics, run_id)
     lines = []
     if temperature is not None:
-        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final,
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, weights, final,
                         peers=[peer], temperature=temperature)
         tags[REGISTRY_TAG + "temperature"] = f"{temperature:.6g}"
         lines.append(f"logged {peer} divided by its fitted temperature {temperature:.4g} as "
                      f"runs:/{run_id}/{MODELS_FOLDER}/{peer}{CALIBRATED}")
     elif not has_model(client, run_id, peer):
-        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, {peer: weights}, final, peers=[peer])
+        log_peer_models(RunWriter(client, run_id), topology, info, dataset, groups, weights, final, peers=[peer])
         lines.append(f"logged {peer} as {model_uri(run_id, peer)} (the run had no models/{peer})")
     version, existed = register_peer(uri, run_id, peer, name, tags,
                                      artifact=f"{peer}{CALIBRATED}" if temperature is not None else None)

@@ -306,6 +306,44 @@ def test_a_missing_extra_is_one_line(finished, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "s.onnx").exists()
 
 
+
+# --------------------------------------------------------------------------- the ensemble
+
+
+def test_the_ensemble_is_a_model_of_the_mean_of_every_peers_probabilities(finished, tmp_path, capsys):
+    """--peer ensemble: every peer (the frozen teacher too, as the run's ensemble metrics) in one
+    graph whose softmax is the mean of their probabilities; registered with its tags, and loaded
+    without cohort's code."""
+    run_id, uri, data = finished["run_id"], finished["uri"], finished["data"]
+    assert export_main([run_id, "--peer", "ensemble", "--register", "digits-ensemble", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"logged ensemble as runs:/{run_id}/models/ensemble (the run had no models/ensemble)" in out
+    assert "registered ensemble as 'digits-ensemble' version 1;" in out
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+    tags = client.get_model_version("digits-ensemble", "1").tags
+    assert tags["cohort.model"] == "ensemble(teacher+student_a+student_b)"
+    assert tags["cohort.method"] == "mean of the peers' probabilities" and tags["cohort.peer"] == "ensemble"
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/digits-ensemble/1")
+    with torch.no_grad():
+        ensemble = loaded(data.test_x)
+        mean = torch.stack([reference_model(finished["topology"], peer, finished["weights"][peer])(data.test_x).softmax(dim=1)
+                            for peer in ("teacher", "student_a", "student_b")]).mean(dim=0)
+    torch.testing.assert_close(ensemble.softmax(dim=1), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ensemble.exp().sum(dim=1), torch.ones(len(data.test_x)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_ensemble_exports_to_onnx(finished, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "ensemble.onnx"
+    assert export_main([finished["run_id"], "--peer", "ensemble", "--format", "onnx", "--out", str(out),
+                        "--tracking-uri", finished["uri"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"wrote {out} (ONNX opset 18") and "(within 0.0001;" in lines[1]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -324,7 +362,10 @@ def unfinished_run(finished):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    ("{run} --peer ghost --register x", "--peer: run {run} has no peer 'ghost' (peers: teacher, student_a, student_b)"),
+    ("{run} --peer ghost --register x", "--peer: run {run} has no peer 'ghost' (peers: teacher, student_a, student_b; "
+                                        "or ensemble, the mean of their probabilities)"),
+    ("{no_weights} --peer ensemble --register x",
+     "--peer: run {no_weights} has no weights for 'teacher' (weights/teacher.pt)"),
     ("{run} --peer teacher --register x", "--peer: peer 'teacher' of run {run} is frozen: the run did not train it"),
     ("00000000000000000000000000000000 --peer student_a --register x",
      "no MLflow run 00000000000000000000000000000000 in {uri} (give --tracking-uri where the run is)"),
@@ -410,3 +451,19 @@ def test_a_calibrated_registration_serves_logits_divided_by_the_fitted_temperatu
     # A peer its run fitted no temperature for: one line, exit 2.
     assert export_main([run_id, "--peer", "student_a", "--register", "x", "--calibrated", "--tracking-uri", uri]) == 2
     assert "fitted no temperature for 'student_a'" in capsys.readouterr().err
+
+
+def test_a_calibrated_ensemble_serves_the_log_mean_probabilities_divided_by_its_temperature(finished, capsys):
+    run_id, uri, data = finished["run_id"], finished["uri"], finished["data"]
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
+    client.log_metric(run_id, "ensemble/ts_temperature", 1.5, step=1)
+    assert export_main([run_id, "--peer", "ensemble", "--register", "calibrated-ensemble", "--calibrated",
+                        "--tracking-uri", uri]) == 0
+    assert f"runs:/{run_id}/models/ensemble_calibrated" in capsys.readouterr().out
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    with torch.no_grad():
+        served = mlflow.pytorch.load_model("models:/calibrated-ensemble/1")(data.test_x)
+        mean = torch.stack([reference_model(finished["topology"], peer, finished["weights"][peer])(data.test_x).softmax(dim=1)
+                            for peer in ("teacher", "student_a", "student_b")]).mean(dim=0)
+    torch.testing.assert_close(served, mean.log() / 1.5, rtol=1e-5, atol=1e-5)
