@@ -225,15 +225,17 @@ def check_registered_name(name: str, where: str) -> str:
 
 
 def parse_registrations(values: list[str], topology, where: str = "--register") -> dict[str, str]:
-    """``--register PEER=NAME`` options as {peer: name}, each peer a trained peer of the topology."""
+    """``--register PEER=NAME`` options as {peer: name}, each peer a trained peer of the topology
+    (or ``ensemble``: the cohort's ensemble)."""
     registrations: dict[str, str] = {}
     for value in values:
         peer, equals, name = value.partition("=")
         if not equals or not peer:
             raise CohortError(f"{quoted(value)}: expected PEER=NAME", where)
-        if peer not in topology.peers:
-            raise CohortError(f"{quoted(value)}: unknown peer {peer!r} (peers: {', '.join(topology.peer_names)})", where)
-        if topology.peers[peer].frozen:
+        if peer not in topology.peers and peer != ENSEMBLE:
+            raise CohortError(f"{quoted(value)}: unknown peer {peer!r} (peers: {', '.join(topology.peer_names)}; or "
+                              f"{ENSEMBLE})", where)
+        if peer != ENSEMBLE and topology.peers[peer].frozen:
             raise CohortError(f"{quoted(value)}: peer {peer!r} is frozen: a run logs only the peers it trains", where)
         if peer in registrations:
             raise CohortError(f"{quoted(value)}: peer {peer!r} is registered twice", where)

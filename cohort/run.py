@@ -368,7 +368,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     result = outcome["result"]
     log_final_artifacts(tracker, result, final)
     try:
-        models = log_models(plan, tracker, result, final)
+        models = log_models(plan, tracker, result, final, ensemble=ENSEMBLE in (registrations or {}))
     finally:
         tracker.finish("FINISHED")  # the training is done and its weights logged, whatever happens to the models
     registered = []
@@ -401,17 +401,19 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
 
 
 
-def log_models(plan: Plan, tracker, result, final: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each trained peer as ``models/<peer>`` (cohort.peer_models): {peer: its test metrics}."""
+def log_models(plan: Plan, tracker, result, final: dict[str, Any], ensemble: bool = False) -> dict[str, dict[str, float]]:
+    """Each trained peer as ``models/<peer>`` (cohort.peer_models), and with ``ensemble`` the
+    cohort's ensemble as ``models/ensemble``: {peer: its test metrics}."""
     from cohort.peer import read_weights
 
     topology = plan.topology
-    peers = exported_peers(topology)
+    peers = exported_peers(topology) + ([ENSEMBLE] if ensemble else [])
     if result.checkpoint is None or not peers:
         return {}
+    needed = topology.peer_names if ensemble else peers
     with result.checkpoint.as_directory() as folder:
-        weights = {peer: read_weights(str(Path(folder) / f"{peer}.pt"), f"weights/{peer}.pt") for peer in peers}
-    log_peer_models(tracker, topology, plan.info, plan.dataset, plan.groups, weights, final)
+        weights = {peer: read_weights(str(Path(folder) / f"{peer}.pt"), f"weights/{peer}.pt") for peer in needed}
+    log_peer_models(tracker, topology, plan.info, plan.dataset, plan.groups, weights, final, peers=peers)
     names = test_metric_names(topology, plan.info, plan.groups)
     return {peer: peer_test_metrics(final, peer, names) for peer in peers}
 

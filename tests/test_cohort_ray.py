@@ -70,10 +70,11 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_topology(tmp_path, THREE_PEERS)
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
-                 "--register", "student_a=digits-student"]) == 0
+                 "--register", "student_a=digits-student", "--register", "ensemble=digits-ensemble"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "top-1" in out
     assert "registered student_a as 'digits-student' version 1;" in out
+    assert "registered ensemble as 'digits-ensemble' version 1;" in out
 
     client, run = finished_run(uri, "e2e-three")
     assert run.info.status == "FINISHED"
@@ -128,6 +129,12 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     version = client.get_model_version("digits-student", "1")
     assert version.tags["cohort.method"] == "bdkd from teacher" and version.tags["cohort.topology"] == "e2e-three"
     assert version.tags["cohort.top1"] == f"{run.data.metrics['student_a/acc']:.4f}"
+    # The ensemble, registered at the end of the run: the run's ensemble accuracy.
+    with torch.no_grad():
+        ensemble = mlflow.pytorch.load_model("models:/digits-ensemble/1")(inputs)
+    assert (ensemble.argmax(dim=1) == labels).float().mean().item() == pytest.approx(run.data.metrics["ensemble/acc"])
+    assert client.get_model_version("digits-ensemble", "1").tags["cohort.top1"] == \
+        f"{run.data.metrics['ensemble/acc']:.4f}"
 
 
 def _fingerprints_seen(storage: Path) -> str:

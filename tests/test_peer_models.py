@@ -165,7 +165,7 @@ def test_incoming_methods_name_every_edge_and_ensemble(finished):
 @pytest.mark.parametrize("value,message", [
     ("student_a", "expected PEER=NAME"),
     ("=name", "expected PEER=NAME"),
-    ("ghost=name", "unknown peer 'ghost' (peers: teacher, student_a, student_b)"),
+    ("ghost=name", "unknown peer 'ghost' (peers: teacher, student_a, student_b; or ensemble)"),
     ("teacher=name", "peer 'teacher' is frozen"),
     ("student_a=a/b", "is not a registered model name"),
     ("student_a=", "is not a registered model name"),
@@ -181,6 +181,7 @@ def test_a_peer_registered_twice_is_refused(finished):
         parse_registrations(["student_a=x", "student_a=y"], finished["topology"])
     assert parse_registrations(["student_a=x", "student_b=y"], finished["topology"]) == {"student_a": "x",
                                                                                            "student_b": "y"}
+    assert parse_registrations(["ensemble=z"], finished["topology"]) == {"ensemble": "z"}
 
 
 def test_cohort_run_refuses_a_bad_registration_before_anything_starts(finished, tmp_path, capsys):
