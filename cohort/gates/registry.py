@@ -18,12 +18,12 @@ no optimizer step at all (``cohort.gates.decision``).
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 from cohort.losses.batch import WHOLE_BATCH
+from cohort.signatures import read_signature
 
 ROLES = ("teacher", "student")
 ROLE_PARAMETERS = tuple(f"{role}_logits" for role in ROLES)
@@ -49,42 +49,12 @@ GATES: dict[str, GateSpec] = {}
 
 
 def _spec_from_signature(name: str, fn: Callable[..., bool], fired: str) -> GateSpec:
-    parameters = list(inspect.signature(fn).parameters.values())
-    where = f"gate {name!r} ({getattr(fn, '__qualname__', fn)})"
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    leading = [p.name for p in parameters[:2]]
-    if leading != list(ROLE_PARAMETERS):
-        raise ValueError(f"{where}: the first two parameters must be {ROLE_PARAMETERS}, got {leading}")
-    for p in parameters[:2]:
-        if p.kind not in positional or p.default is not inspect.Parameter.empty:
-            raise ValueError(f"{where}: {p.name!r} must be a positional parameter without a default")
-    params: dict[str, object] = {}
-    context: list[str] = []
-    batch_statistics = stateful = False
-    for p in parameters[2:]:
-        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
-        has_default = p.default is not inspect.Parameter.empty
-        if p.name in GATE_FIELD_NAMES:
-            raise ValueError(f"{where}: parameter {p.name!r} is named like a gate field "
-                             f"({', '.join(GATE_FIELD_NAMES)}): rename it")
-        if p.name == BATCH_NAME:
-            if p.default is not WHOLE_BATCH:
-                raise ValueError(f"{where}: parameter {BATCH_NAME!r} must default to WHOLE_BATCH (cohort.losses.batch)")
-            batch_statistics = True
-        elif p.name == STATE_NAME:
-            if p.default is not None:
-                raise ValueError(f"{where}: parameter {STATE_NAME!r} must default to None")
-            stateful = True
-        elif p.name in CONTEXT_NAMES:
-            if has_default:
-                raise ValueError(f"{where}: context parameter {p.name!r} must not have a default")
-            context.append(p.name)
-        elif has_default:
-            params[p.name] = p.default
-        else:
-            raise ValueError(f"{where}: parameter {p.name!r} has no default and is not a context name {CONTEXT_NAMES}")
-    return GateSpec(name, fn, params, tuple(context), batch_statistics, stateful, fired)
+    signature = read_signature(fn, f"gate {name!r} ({getattr(fn, '__qualname__', fn)})", ROLE_PARAMETERS,
+                               CONTEXT_NAMES, GATE_FIELD_NAMES, "a gate field",
+                               {BATCH_NAME: (WHOLE_BATCH, "WHOLE_BATCH (cohort.losses.batch)"),
+                                STATE_NAME: (None, "None")})
+    return GateSpec(name, fn, signature.params, signature.context, BATCH_NAME in signature.markers,
+                    STATE_NAME in signature.markers, fired)
 
 
 def register_gate(name: str, fired: str = "fired") -> Callable[[Callable[..., bool]], Callable[..., bool]]:

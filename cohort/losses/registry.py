@@ -10,11 +10,12 @@ name must not be one of ``EDGE_FIELD_NAMES``, the edge's own keys).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import Tensor
+
+from cohort.signatures import read_signature
 
 from .batch import WHOLE_BATCH
 
@@ -40,49 +41,11 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def _spec_from_signature(name: str, fn: Callable[..., Tensor]) -> LossSpec:
-    parameters = list(inspect.signature(fn).parameters.values())
-    where = f"loss {name!r} ({getattr(fn, '__qualname__', fn)})"
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-    leading = [p.name for p in parameters[:2]]
-    if leading != ["receiver", "sender"]:
-        raise ValueError(
-            f"{where}: the first two parameters must be (receiver, sender), got {leading}"
-        )
-    for p in parameters[:2]:
-        if p.kind not in positional or p.default is not inspect.Parameter.empty:
-            raise ValueError(
-                f"{where}: {p.name!r} must be a positional parameter without a default"
-            )
-
-    params: dict[str, object] = {}
-    context: list[str] = []
-    batch_statistics = False
-    for p in parameters[2:]:
-        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
-        has_default = p.default is not inspect.Parameter.empty
-        if p.name in EDGE_FIELD_NAMES:
-            raise ValueError(f"{where}: parameter {p.name!r} is named like an edge field "
-                             f"({', '.join(EDGE_FIELD_NAMES)}): rename it")
-        if p.name == BATCH_NAME:
-            if p.default is not WHOLE_BATCH:
-                raise ValueError(f"{where}: parameter {BATCH_NAME!r} must default to WHOLE_BATCH "
-                                 "(cohort.losses.batch)")
-            batch_statistics = True
-        elif p.name in CONTEXT_NAMES:
-            # The trainer always supplies context; a default would hide a missing value.
-            if has_default:
-                raise ValueError(f"{where}: context parameter {p.name!r} must not have a default")
-            context.append(p.name)
-        elif has_default:
-            params[p.name] = p.default
-        else:
-            raise ValueError(
-                f"{where}: parameter {p.name!r} has no default and is not a context name "
-                f"{CONTEXT_NAMES}"
-            )
-    return LossSpec(name=name, fn=fn, params=params, context=tuple(context), batch_statistics=batch_statistics)
+    signature = read_signature(fn, f"loss {name!r} ({getattr(fn, '__qualname__', fn)})", ("receiver", "sender"),
+                               CONTEXT_NAMES, EDGE_FIELD_NAMES, "an edge field",
+                               {BATCH_NAME: (WHOLE_BATCH, "WHOLE_BATCH (cohort.losses.batch)")})
+    return LossSpec(name=name, fn=fn, params=signature.params, context=signature.context,
+                    batch_statistics=BATCH_NAME in signature.markers)
 
 
 def register_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:

@@ -1,0 +1,66 @@
+"""A registered function's signature read as its schema, for the loss and gate registries
+(``cohort.losses.registry``, ``cohort.gates.registry``): what the trainer passes and what a
+topology may set are told from the parameters alone.
+
+- the first two parameters are positional, without defaults, and named as the registry says
+  (a loss: ``receiver, sender``; a gate: ``teacher_logits, student_logits``);
+- a *context* name (``target``, ...) is supplied by the trainer every step: no default;
+- a *marker* (``batch``, ``state``) must have the default the registry names, and its presence
+  says what the function needs (batch statistics, state between steps);
+- every other parameter is a topology key, with its default read from the signature; none may
+  be named like the topology's own keys of an edge or a gate (it would never reach the function).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+@dataclass(frozen=True)
+class Signature:
+    params: dict[str, object]  # topology key -> default
+    context: tuple[str, ...]  # the context names it takes, in order
+    markers: frozenset[str]  # the markers it has
+
+
+def read_signature(fn: Callable[..., Any], where: str, leading: tuple[str, str], context_names: tuple[str, ...],
+                   reserved: tuple[str, ...], reserved_kind: str,
+                   markers: Mapping[str, tuple[object, str]]) -> Signature:
+    """``fn``'s schema; ``ValueError`` naming ``where`` and the parameter for anything else.
+    ``markers``: {name: (the default it must have, how an error message names that default)}."""
+    parameters = list(inspect.signature(fn).parameters.values())
+    names = [p.name for p in parameters[:2]]
+    if names != list(leading):
+        raise ValueError(f"{where}: the first two parameters must be ({', '.join(leading)}), got {names}")
+    for p in parameters[:2]:
+        if p.kind not in POSITIONAL or p.default is not inspect.Parameter.empty:
+            raise ValueError(f"{where}: {p.name!r} must be a positional parameter without a default")
+    params: dict[str, object] = {}
+    context: list[str] = []
+    seen: set[str] = set()
+    for p in parameters[2:]:
+        if p.kind in VARIADIC:
+            raise ValueError(f"{where}: *args/**kwargs are not allowed ({p.name!r})")
+        has_default = p.default is not inspect.Parameter.empty
+        if p.name in reserved:
+            raise ValueError(f"{where}: parameter {p.name!r} is named like {reserved_kind} "
+                             f"({', '.join(reserved)}): rename it")
+        if p.name in markers:
+            default, described = markers[p.name]
+            if p.default is not default:
+                raise ValueError(f"{where}: parameter {p.name!r} must default to {described}")
+            seen.add(p.name)
+        elif p.name in context_names:
+            # The trainer always supplies context; a default would hide a missing value.
+            if has_default:
+                raise ValueError(f"{where}: context parameter {p.name!r} must not have a default")
+            context.append(p.name)
+        elif has_default:
+            params[p.name] = p.default
+        else:
+            raise ValueError(f"{where}: parameter {p.name!r} has no default and is not a context name {context_names}")
+    return Signature(params, tuple(context), frozenset(seen))
