@@ -483,3 +483,44 @@ class RunsDisplay:
             self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
                             nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
         return self.bar
+
+
+class TaskProgress:
+    """A command's progress through a known list of tasks (``cohort.evaluate``'s test sets): on a
+    terminal a line redrawn below the finished tasks' lines; in a log, the count and the time left
+    in front of each finished task's line (on stderr, as the command's other notes). A single task
+    shows nothing: there is nothing to count."""
+
+    def __init__(self, display: Display, total: int, what: str, now: Callable[[], float] = time.perf_counter):
+        self.display, self.total, self.what, self.now = display, total, what, now
+        self.started, self.finished = now(), 0
+        self.bar = None
+
+    def status(self) -> str:
+        elapsed = self.now() - self.started
+        left = estimate_left(elapsed, self.finished, self.total)
+        return f"[{self.finished}/{self.total} {self.what} | {clock(elapsed)} so far, about {clock(left)} left]"
+
+    def done(self, text: str) -> None:
+        self.finished += 1
+        if self.total < 2:
+            return
+        if self.display.mode == "tty":
+            bar = self._bar()
+            bar.write(text, file=self.display.out)
+            bar.set_description_str(self.status())
+        else:
+            self.display.info(f"{self.status()} {text}", stderr=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
+                            nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
+        return self.bar

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cohort.display import Display, add_display_options, mode_of
+from cohort.display import Display, TaskProgress, add_display_options, mode_of
 from cohort.errors import CohortError, run_command
 
 
@@ -93,12 +93,15 @@ def run(args: argparse.Namespace) -> int:
           + ("" if finished.temperatures else "; no temperatures fitted (the run had no validation split)"),
           stderr=True)
     results = {}
-    for name, severity in settings:
-        shown = data if name == CLEAN else shifted_dataset(data, name, severity, topology.seed)
-        logits, labels = peer_logits(models, shown, batch)
-        results[(name, severity)] = evaluate_setting(logits, labels, finished.temperatures)
-        if name != CLEAN:
-            display.info(f"  {name} severity {severity}: done", stderr=True)
+    progress = TaskProgress(display, len(settings), "test sets")
+    try:
+        for name, severity in settings:
+            shown = data if name == CLEAN else shifted_dataset(data, name, severity, topology.seed)
+            logits, labels = peer_logits(models, shown, batch)
+            results[(name, severity)] = evaluate_setting(logits, labels, finished.temperatures)
+            progress.done(f"{name}: done" if name == CLEAN else f"{name} severity {severity}: done")
+    finally:
+        progress.close()
     for severity, owners_ in mean_over_corruptions(results).items():
         results[(MEAN, severity)] = owners_
     rows = result_rows(results, args.peer)

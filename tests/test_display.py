@@ -284,3 +284,30 @@ def test_the_driver_asks_ray_for_uncoloured_prefixes_when_stdout_is_not_a_termin
     assert "RAY_COLOR_PREFIX" not in driver_environment(None, False, stdout_is_terminal=True)
     joined = driver_environment("auto", False, stdout_is_terminal=False)
     assert "RAY_worker_niceness" not in joined and joined["RAY_COLOR_PREFIX"] == "0"  # a joined cluster's workers are its own
+
+
+def test_a_commands_tasks_show_their_count_and_time_left():
+    """cohort.evaluate's test sets: in a log, each finished one's line led by the count and the time
+    left (on stderr, with the command's other notes); on a terminal, a line redrawn below them."""
+    from cohort.display import TaskProgress
+
+    out, err, now = io.StringIO(), io.StringIO(), Clock()
+    progress = TaskProgress(Display("log", out, err), 3, "test sets", now=now)
+    now.t = 10.0
+    progress.done("clean: done")
+    now.t = 30.0
+    progress.done("gaussian_noise severity 1: done")
+    progress.close()
+    assert out.getvalue() == ""
+    assert err.getvalue().splitlines() == ["[1/3 test sets | 10s so far, about 20s left] clean: done",
+                                           "[2/3 test sets | 30s so far, about 15s left] gaussian_noise severity 1: done"]
+    tty = Tty()
+    progress = TaskProgress(Display("tty", tty, io.StringIO()), 3, "test sets", now=now)
+    progress.done("clean: done")
+    progress.close()
+    shown = [line.split("\r")[-1].strip() for line in tty.getvalue().split("\n")]
+    assert shown[0] == "clean: done" and "[1/3 test sets | 0s so far, about 0s left]" in tty.getvalue()
+    quiet = io.StringIO()
+    TaskProgress(Display("quiet", quiet, quiet), 3, "test sets").done("clean: done")
+    TaskProgress(Display("log", quiet, quiet), 1, "test sets").done("clean: done")  # one task: nothing to count
+    assert quiet.getvalue() == ""
