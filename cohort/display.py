@@ -413,6 +413,34 @@ class EpochDisplay:
             self.bar = None
 
 
+class StatusLine:
+    """A terminal's status line: redrawn in place below the lines written above it (tqdm, created
+    at its first use, so that a command that never shows it draws nothing)."""
+
+    def __init__(self, display: Display):
+        self.display, self.bar = display, None
+
+    def show(self, status: str) -> None:
+        self._bar().set_description_str(status)
+
+    def write_above(self, text: str, status: str) -> None:
+        self._bar().write(text, file=self.display.out)
+        self.show(status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(file=self.display.out, leave=False, ncols=self.display.width, nrows=terminal_rows(),
+                            mininterval=0, bar_format="{desc}")
+        return self.bar
+
+
 def runs_status(finished: int, running: int, total: int, elapsed: float, left: float) -> str:
     """A sweep's or study's overall progress: ``[3/12 runs done, 2 running, 7 pending | 5m10s so far, about 12m left]``."""
     pending = max(total - finished - running, 0)
@@ -434,7 +462,7 @@ class RunsDisplay:
         self.display, self.total, self.already_done, self.now = display, total, already_done, now
         self.started = now()
         self.finished_here, self.running = 0, 0
-        self.bar = None
+        self.line = StatusLine(display)
 
     def status(self) -> str:
         elapsed = self.now() - self.started
@@ -456,7 +484,7 @@ class RunsDisplay:
         if running is not None:
             self.running = running
         if self.display.mode == "tty":
-            self._bar().set_description_str(self.status())
+            self.line.show(self.status())
 
     def event(self, text: str, finished: bool = False, **fields: Any) -> None:
         """A run's event: a line (above the bar on a terminal), or a JSON object."""
@@ -465,24 +493,12 @@ class RunsDisplay:
             self.display.json("run", text=text, finished=finished, **fields,
                               **({"progress": self.progress()} if finished else {}))
         elif mode == "tty":
-            bar = self._bar()
-            bar.write(text, file=self.display.out)
-            bar.set_description_str(self.status())
+            self.line.write_above(text, self.status())
         elif mode == "log":
             print(f"{self.status()} {text}" if finished else text, file=self.display.out, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def _bar(self):
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
-                            nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
-        return self.bar
+        self.line.close()
 
 
 class TaskProgress:
@@ -494,7 +510,7 @@ class TaskProgress:
     def __init__(self, display: Display, total: int, what: str, now: Callable[[], float] = time.perf_counter):
         self.display, self.total, self.what, self.now = display, total, what, now
         self.started, self.finished = now(), 0
-        self.bar = None
+        self.line = StatusLine(display)
 
     def status(self) -> str:
         elapsed = self.now() - self.started
@@ -506,21 +522,9 @@ class TaskProgress:
         if self.total < 2:
             return
         if self.display.mode == "tty":
-            bar = self._bar()
-            bar.write(text, file=self.display.out)
-            bar.set_description_str(self.status())
+            self.line.write_above(text, self.status())
         else:
             self.display.info(f"{self.status()} {text}", stderr=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def _bar(self):
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, file=self.display.out, leave=False, ncols=self.display.width,
-                            nrows=terminal_rows(), mininterval=0, bar_format="{desc}")
-        return self.bar
+        self.line.close()
