@@ -6,7 +6,8 @@ Four modes, one rule for every command (``--quiet``, ``--log-format``):
 - ``tty``: stdout is a terminal. A progress bar (tqdm) redrawn in place inside each epoch, and each
   epoch's line, or a compact table per peer when the line does not fit the terminal's width.
 - ``log``: stdout is not a terminal (CI, ``nohup``, a file). Plain lines, no control characters:
-  one line per epoch, as before, with the run's time left.
+  one line per epoch with the run's time left, or the same table as on a terminal when the line
+  would be wider than ``COLUMNS`` (120 when unset).
 - ``json``: one JSON object per line on stdout (an epoch, a trial's event, the end of a run);
   everything else goes to stderr.
 - ``quiet``: errors and the final summary only.
@@ -22,11 +23,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 MODES = ("tty", "log", "json", "quiet")
 STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
@@ -106,6 +108,12 @@ def command_stdout(mode: str):
 
 def terminal_width(default: int = 120) -> int:
     return shutil.get_terminal_size((default, 24)).columns
+
+
+def log_width(environ: Mapping[str, str] | None = None, default: int = 120) -> int:
+    """The width of a log's lines: COLUMNS when it is a positive number, else ``default``."""
+    value = (os.environ if environ is None else environ).get("COLUMNS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 def terminal_rows() -> int:
@@ -330,11 +338,15 @@ class Display:
 
     @property
     def width(self) -> int | None:
-        """The terminal's columns in tty mode (asked again at every epoch: a resized window counts;
-        COLUMNS, else 120, where the terminal does not say); no limit otherwise."""
-        if self.mode != "tty":
-            return None
-        return self._width or terminal_width()
+        """The columns an epoch's line may take before it becomes a table: the terminal's in tty mode
+        (asked again at every epoch: a resized window counts; COLUMNS, else 120, where the terminal
+        does not say); in a log COLUMNS, else 120 (a 7-peer line is 300 characters); no limit for
+        JSON and quiet."""
+        if self.mode == "tty":
+            return self._width or terminal_width()
+        if self.mode == "log":
+            return self._width or log_width()
+        return None
 
     def info(self, text: str, stderr: bool = False) -> None:
         """The plan and other notes along the way: not in quiet mode, on stderr with JSON (or when asked)."""

@@ -12,7 +12,7 @@ import torch
 
 from cohort.datasets.base import batch_indices
 from cohort.display import (CONTROL, Display, EpochDisplay, RunsDisplay, StepTicker, choose_mode, clock, epoch_line,
-                            epoch_steps, estimate_left, is_step, mean_epoch_seconds, render_epoch, run_left,
+                            epoch_steps, estimate_left, is_step, log_width, mean_epoch_seconds, render_epoch, run_left,
                             runs_status, step_message, step_status)
 
 SEVEN = ["resnet32x4", "wrn40_2", "resnet8x4", "vgg13", "mobilenetv2", "shufflev2", "resnet20"]
@@ -110,11 +110,28 @@ def run_epochs(mode, peers, epochs=3, steps=True):
 
 
 def test_log_rendering_has_no_control_characters_and_the_time_left():
-    out, _ = run_epochs("log", SEVEN)
+    out, _ = run_epochs("log", SEVEN[:1])
     lines = out.splitlines()
     assert len(lines) == 3 and not CONTROL.search(out)
     assert lines[0].startswith("epoch 1/3  |  resnet32x4  50.0%") and lines[0].endswith("5.0s  |  about 10s left")
     assert lines[1].endswith("about 5s left") and lines[2].endswith("5.0s")
+
+
+def test_seven_peers_in_a_log_print_the_table_within_columns(monkeypatch):
+    """In a log a 7-peer epoch was one line of 300 characters: wider than COLUMNS (else 120), the
+    table, as on a terminal, without control characters."""
+    for columns, limit in [(None, 120), ("100", 100), ("junk", 120)]:
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        out = io.StringIO()
+        display = EpochDisplay(Display("log", out), [*SEVEN, "ensemble"], 3, now=Clock())
+        display.epoch(fake_report(SEVEN, 1))
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2 + 8 and max(map(len, lines)) <= limit and not CONTROL.search(out.getvalue())
+        assert lines[0].startswith("epoch 1/3") and lines[1].split()[:2] == ["peer", "top-1"]
+    assert log_width({"COLUMNS": "0"}) == 120 and log_width({"COLUMNS": " 90 "}) == 90 and log_width({}) == 120
 
 
 def test_terminal_rendering_draws_a_bar_and_fits_the_width():
