@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from cohort.display import is_terminal
 from cohort.errors import CohortError, first_line
@@ -132,6 +133,8 @@ def driver_environment(address: str | None, dashboard: bool, stdout_is_terminal:
         # gets it without control characters.
         env["RAY_COLOR_PREFIX"] = "0"
     if not address:
+        # Ray waits 30 s by default for its GCS's port; a loaded machine can take longer.
+        env["RAY_gcs_server_port_wait_time_s"] = "120"
         # A Ray started here runs its workers at nice 15, below every other process: next to any
         # other load (even Ray's own agents and this driver) the peers then stepped at half speed
         # on 2 cores. The peers are the computation: they run at a plain training script's priority.
@@ -157,22 +160,59 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
     import ray
 
-    for key, value in driver_environment(address, dashboard, is_terminal(sys.stdout)).items():
+    address = ray_address(address, {} if ray.is_initialized() else os.environ)  # in-process: the Ray running
+    joining = None if address == LOCAL else address
+    for key, value in driver_environment(joining, dashboard, is_terminal(sys.stdout)).items():
         os.environ.setdefault(key, value)
     quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
-        if address:
+        if address != LOCAL:
             check_address(address)
             if joins_by_host_port(address):
                 prepare_join(address)
             ray.init(address=address, **quiet)
         elif not ray.is_initialized():
-            ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", **quiet)
+            start_local(lambda: ray.init(address=LOCAL, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                                         **quiet), ray.shutdown)
     except CohortError:
         raise
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
-        raise CohortError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {first_line(error)}") from None
+        where = "" if address == LOCAL else f" at {address!r}"
+        raise CohortError(f"cannot start or join Ray{where}: {first_line(error)}") from None
     return ray.cluster_resources()
+
+
+LOCAL = "local"
+STARTUP_TIMED_OUT = "timed out during startup"
+START_ATTEMPTS = 2
+
+
+def ray_address(address: str | None, env: Mapping[str, str]) -> str:
+    """What ``ray.init`` is given: ``--address`` when there is one, else $RAY_ADDRESS (set by whoever
+    submits the command as a Ray job), else ``"local"``: a new Ray on this machine, whatever Ray's
+    temp folder names. A bare ``ray.init()`` joins the cluster of the last ``ray start`` on the
+    machine (another user's, or a dead one whose address it then retries for many minutes);
+    ``--address auto`` asks for that on purpose."""
+    return address or env.get("RAY_ADDRESS", "").strip() or LOCAL
+
+
+def start_local(init: Callable[[], Any], shutdown: Callable[[], Any], attempts: int = START_ATTEMPTS,
+                load: Callable[[], float] = lambda: os.getloadavg()[0]) -> None:
+    """Start a local Ray, again when its start-up timed out (Ray waits a fixed 30 s for its raylet,
+    which a loaded machine can take); after the last try, one line that says what to do."""
+    for attempt in range(1, attempts + 1):
+        try:
+            init()
+            return
+        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception for it
+            if STARTUP_TIMED_OUT not in str(error):
+                raise
+            shutdown()  # what the failed start left running
+            if attempt == attempts:
+                raise CohortError(
+                    f"Ray did not start on this machine ({attempts} tries, its raylet slower than Ray waits for; "
+                    f"load {load():.1f} on {os.cpu_count()} CPUs): run again when the machine is less busy, or "
+                    "start Ray once with `ray start --head` and pass --address auto") from None
 
 
 

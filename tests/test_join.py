@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from cohort.cluster import auth_refused_message, join_auth_env, token_source
+from cohort.cluster import LOCAL, auth_refused_message, join_auth_env, ray_address, start_local, token_source
+from cohort.errors import CohortError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +80,34 @@ def test_a_refused_token_says_what_to_set_and_where_the_token_lives(home, tmp_pa
         assert "\n" not in message
 
 
+def test_without_an_address_ray_starts_here_whatever_its_temp_folder_names():
+    assert ray_address(None, {}) == LOCAL == "local"  # never a bare ray.init(), which joins the last `ray start`
+    assert ray_address("auto", {}) == "auto" and ray_address("10.0.0.1:6379", {"RAY_ADDRESS": "x:1"}) == "10.0.0.1:6379"
+    assert ray_address(None, {"RAY_ADDRESS": "127.0.0.1:6379"}) == "127.0.0.1:6379"  # a Ray job's driver
+    assert ray_address(None, {"RAY_ADDRESS": " "}) == LOCAL
+
+
+def test_a_ray_start_that_timed_out_is_tried_again_then_one_line():
+    calls, stopped = [], []
+
+    def slow_then_fine():
+        calls.append(1)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    start_local(slow_then_fine, lambda: stopped.append(1))
+    assert len(calls) == 2 and len(stopped) == 1
+
+    def always_slow():
+        raise Exception("The current node timed out during startup.")
+
+    with pytest.raises(CohortError) as caught:
+        start_local(always_slow, lambda: None, load=lambda: 7.25)
+    assert "\n" not in str(caught.value) and "load 7.2" in str(caught.value) and "--address auto" in str(caught.value)
+    with pytest.raises(ValueError):  # anything else is not retried
+        start_local(lambda: (_ for _ in ()).throw(ValueError("bad")), lambda: None)
+
+
 # --------------------------------------------------------------------------- a real `ray start`
 
 
@@ -96,13 +127,22 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory):
+def ray_tmpdir():
+    """A Ray temp folder of the module's own (short: Ray's socket paths must stay under 108 bytes),
+    so that the `ray start` below names itself there, not in the machine's /tmp/ray."""
+    folder = tempfile.mkdtemp(prefix="cohort-rt", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory, ray_tmpdir):
     """`ray start --head` as a new user runs it, with a token in ~/.ray/auth_token (here a HOME of
     the test's own): Ray turns token authentication on for it. Always stopped."""
     home = tmp_path_factory.mktemp("head-home")
     with_default_token(home, os.urandom(32).hex())
     port = free_port()
-    env = clean_env(home)
+    env = clean_env(home, RAY_TMPDIR=ray_tmpdir)
     try:
         subprocess.run(["ray", "start", "--head", "--port", str(port),
                         "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
@@ -112,12 +152,60 @@ def token_cluster(tmp_path_factory):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def cohort_run(address: str, tmp_path: Path, env: dict[str, str], timeout: float = 180):
-    return subprocess.run(
-        [sys.executable, "-m", "cohort.run", str(REPO / "topologies" / "three_peers.yaml"), "--address", address,
-         "--set", "train.epochs=1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--storage", str(tmp_path / "ray")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+def cohort_command(address: str | None, tmp_path: Path) -> list[str]:
+    return [sys.executable, "-m", "cohort.run", str(REPO / "topologies" / "three_peers.yaml"),
+            *(["--address", address] if address else []),
+            "--set", "train.epochs=1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--storage", str(tmp_path / "ray")]
+
+
+def cohort_run(address: str | None, tmp_path: Path, env: dict[str, str], timeout: float = 180):
+    return subprocess.run(cohort_command(address, tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def finished_runs(tmp_path: Path) -> int:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("three-peers").experiment_id])
+    return sum(run.info.status == "FINISHED" for run in runs)
+
+
+@pytest.mark.ray
+def test_without_address_a_run_starts_its_own_ray_beside_a_live_one_and_past_a_dead_one(token_cluster, ray_tmpdir,
+                                                                                        tmp_path):
+    """Ray's temp folder names the last `ray start` of the machine: a bare ray.init() joined it (another
+    user's cluster, here the token cluster, running), or retried it for many minutes when its head had
+    died. Without --address a run starts a Ray of its own in both cases, and finishes in its usual time."""
+    address, home = token_cluster
+    current = Path(ray_tmpdir) / "ray" / "ray_current_cluster"
+    assert current.read_text().strip().endswith(address.rsplit(":", 1)[1])  # what a bare ray.init() would join
+    session = (Path(ray_tmpdir) / "ray" / "session_latest").resolve()
+    for case in ("live", "dead"):
+        (tmp_path / case).mkdir()
+    started = time.perf_counter()
+    process = subprocess.Popen(cohort_command(None, tmp_path / "live"), cwd=tmp_path, text=True,
+                               env=clean_env(home, RAY_TMPDIR=ray_tmpdir), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    # No driver of this run's process connected to the running cluster (each driver leaves a log named by its pid).
+    assert not [log.name for log in (session / "logs").glob(f"*_{process.pid}.*")]
+    assert finished_runs(tmp_path / "live") == 1
+    live = time.perf_counter() - started
+
+    dead = tempfile.mkdtemp(prefix="cohort-rd", dir="/tmp")
+    try:
+        (Path(dead) / "ray").mkdir()
+        (Path(dead) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+        started = time.perf_counter()
+        done = cohort_run(None, tmp_path / "dead", clean_env(home, RAY_TMPDIR=dead), timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert finished_runs(tmp_path / "dead") == 1
+        print(f"beside a live cluster: {live:.1f}s; past a dead one: {time.perf_counter() - started:.1f}s")
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
 
 
 @pytest.mark.ray
