@@ -52,7 +52,7 @@ def ray_cluster():
 
     # The hook travels by value: Ray's workers cannot import this test module.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"worker_process_setup_hook": swap_a_batch_on_rank_1})
     yield ray
     ray.shutdown()

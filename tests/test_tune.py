@@ -275,7 +275,7 @@ def ray_cluster():
 
     # As cohort.tune starts it: with the dashboard (on 127.0.0.1), whose state API lets Ray Train
     # release the workers of trials that ASHA stops.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              logging_level="ERROR")
     yield ray
     ray.shutdown()
