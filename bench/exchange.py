@@ -3,14 +3,14 @@
 One run measures, side by side and on the same models, batches and losses:
 
 - the cohort: ``python -m cohort.run`` itself (a fresh process, so its time to the first step is
-  the user's), then further cohorts through ``cohort.launch.make_trainer`` in this process: Ray Train
-  workers running ``cohort.worker``, which reports each epoch's median step and exchange time;
+  the user's), then further cohorts through ``cohort.driver.launch.make_trainer`` in this process: Ray Train
+  workers running ``cohort.worker.loop``, which reports each epoch's median step and exchange time;
 - the one-process baselines: one process training all the networks in turn (the DML / KD_Lib way)
   with one thread and with all the machine's threads, and the slowest peer alone on one thread
   (just before and just after the cohort: the machine's speed drifts);
 - the slowest peer alone in two plain processes at once, on an idle machine and beside an idle
   Ray Train run: what the machine, and then Ray's own processes, allow two busy cores;
-- the ``all_gather`` of ``cohort.exchange.LogitExchange`` alone, for several logit sizes;
+- the ``all_gather`` of ``cohort.worker.exchange.LogitExchange`` alone, for several logit sizes;
 - the live display's cost: the same cohort with rank 0's step counter on (what ``cohort.run``
   sends on a terminal) between two runs with it off, whose ratio is the noise
   (``--display-only``: just this, with ``--rounds`` such triples).
@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cohort.errors import CohortError, run_command
-from cohort.report import cohort_key, metric_key
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.worker.report import cohort_key, metric_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
@@ -177,7 +178,7 @@ def one_process_steps(topology, peers: list[str], threads: int, repeats: int) ->
 
     from cohort.datasets import load_dataset
     from cohort.losses.combine import peer_objective
-    from cohort.peer import build_optimizer, build_peer
+    from cohort.worker.peer import build_optimizer, build_peer
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -303,13 +304,13 @@ def cohort_command(topology, folder: Path) -> dict[str, Any]:
 
 def cohort_in_process(topology, threads: dict[str, int], folder: Path, live_steps: bool = False,
                       step_messages: list | None = None) -> list[dict[str, Any]]:
-    """Fit the cohort through ``cohort.launch.make_trainer`` on the running Ray; rank 0's epoch reports.
+    """Fit the cohort through ``cohort.driver.launch.make_trainer`` on the running Ray; rank 0's epoch reports.
     ``live_steps``: rank 0 also sends its step counter, as ``cohort.run`` does on a terminal (the
     messages go to ``step_messages``)."""
     from ray.util.queue import Queue
 
-    from cohort.display import is_step
-    from cohort.launch import make_trainer
+    from cohort.driver.launch import make_trainer
+    from cohort.worker.ticker import is_step
 
     progress = Queue()
     trainer = make_trainer(topology, 1.0, threads, str(folder / "ray"), f"{topology.name}-{time.time_ns()}",
@@ -317,7 +318,7 @@ def cohort_in_process(topology, threads: dict[str, int], folder: Path, live_step
     try:
         trainer.fit()
     except Exception as error:  # noqa: BLE001 - the failure's reason, in one line
-        from cohort.launch import failure_reason
+        from cohort.driver.launch import failure_reason
 
         raise CohortError(f"the {topology.name} cohort failed: {failure_reason(error)}") from None
     reports = []
@@ -373,7 +374,7 @@ def exchange_latency_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from cohort.exchange import LogitExchange
+    from cohort.worker.exchange import LogitExchange
 
     torch.set_num_threads(1)
     exchange = LogitExchange(config["peers"])
@@ -407,9 +408,9 @@ def exchange_latency(peers: list[str], calls: int, folder: Path) -> dict[str, fl
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from cohort.placement import peer_threads
-    from cohort.cluster import start_ray
-    from cohort.launch import make_plan
+    from cohort.driver.cluster import start_ray
+    from cohort.driver.launch import make_plan
+    from cohort.driver.placement import peer_threads
 
     cores = os.cpu_count() or 1
     epochs = args.repeats + 1
@@ -532,9 +533,9 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
 
 def measure_display(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """``--display-only``: the live display's cost alone (see :func:`live_display`)."""
-    from cohort.cluster import start_ray
-    from cohort.launch import make_plan
-    from cohort.placement import peer_threads
+    from cohort.driver.cluster import start_ray
+    from cohort.driver.launch import make_plan
+    from cohort.driver.placement import peer_threads
 
     with tempfile.TemporaryDirectory(prefix="bench-display-") as scratch:
         folder = Path(scratch)

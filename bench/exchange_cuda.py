@@ -34,11 +34,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cohort.errors import CohortError, run_command
-from cohort.grid import exchange_backend
-from cohort.report import cohort_key, metric_key
-
-from bench.exchange import DEFAULT_DATA, REPO, TEST_IMAGES, cohort_command, cohort_steps, ratio, summarize, write_slice
+from bench.exchange import (
+    DEFAULT_DATA,
+    REPO,
+    TEST_IMAGES,
+    cohort_command,
+    cohort_steps,
+    ratio,
+    summarize,
+    write_slice,
+)
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.worker.grid import exchange_backend
+from cohort.worker.report import cohort_key, metric_key
 
 DEFAULT_OUT = REPO / "bench" / "results" / "exchange_cuda.json"
 # Teacher -> student pairs of the KD literature (CRD's CIFAR benchmarks), trained online both ways.
@@ -106,7 +115,7 @@ class Plan:
 
 
 def backend_text(use_gpu: bool, gpus_per_peer: float) -> str:
-    """The exchange the product chooses for these resources (``cohort.grid.exchange_backend``)."""
+    """The exchange the product chooses for these resources (``cohort.worker.grid.exchange_backend``)."""
     backend = exchange_backend(use_gpu, gpus_per_peer)
     return f"{backend.name}{' on host copies' if backend.host_copies else ''}"
 
@@ -240,8 +249,8 @@ def one_process_on_gpu(topology, threads: int, repeats: int, device: str = "cuda
 
     from cohort.datasets import load_dataset
     from cohort.losses.combine import peer_objective
-    from cohort.peer import build_optimizer, build_peer
-    from cohort.precision import autocast
+    from cohort.worker.peer import build_optimizer, build_peer
+    from cohort.worker.precision import autocast
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -299,7 +308,7 @@ def gpu_memory_loop(memory):
         import ray.train.torch
         import torch
 
-        from cohort.worker import train_cohort
+        from cohort.worker.loop import train_cohort
 
         train_cohort(config)
         device = ray.train.torch.get_device()
@@ -312,8 +321,8 @@ def cohort_on_gpu(topology, threads: int, folder: Path) -> dict[str, Any]:
     """Fit the cohort on the running Ray: its step, images per second, exchange share and peak memory."""
     from ray.util.queue import Queue
 
-    from cohort.grid import slot_of
-    from cohort.launch import failure_reason, make_trainer
+    from cohort.driver.launch import failure_reason, make_trainer
+    from cohort.worker.grid import slot_of
 
     progress, memory = Queue(), Queue()
     trainer = make_trainer(topology, topology.resources.cpus_per_peer, threads, str(folder / "ray"),
@@ -391,7 +400,7 @@ def no_gpu_reason() -> str | None:
 def measure(args: argparse.Namespace, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     import ray
 
-    from cohort.cluster import start_ray
+    from cohort.driver.cluster import start_ray
 
     cores = os.cpu_count() or 1
     cpus_per_peer = float(max(1, min(4, cores // len(PEERS))))  # the cohort's CPUs: batches are made on them

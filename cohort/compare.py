@@ -15,10 +15,19 @@ from pathlib import Path
 
 from cohort.comparison.figures import make_figures, publish
 from cohort.comparison.queries import connect, experiment_names, find_runs, load_runs
-from cohort.comparison.table import (TABLE_NOTE, build_rows, check_metrics, check_peer, columns_for, render,
-                                     sort_column, sort_rows)
-from cohort.display import Display, add_display_options, mode_of
-from cohort.errors import CohortError, run_command
+from cohort.comparison.table import (
+    TABLE_NOTE,
+    build_rows,
+    check_metrics,
+    check_peer,
+    columns_for,
+    render,
+    sort_column,
+    sort_rows,
+)
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.console.display import Display, add_display_options, mode_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +57,7 @@ def note(display: Display, text: str) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from cohort.tracking import resolve_uri
+    from cohort.tracking.tracker import resolve_uri
 
     display = Display(mode_of(args))
     uri = resolve_uri(args.tracking_uri)

@@ -2,7 +2,7 @@
 
 On the run's own test split by default (it reproduces the run's final metrics), on another dataset
 with the same classes (``--data FILE`` or ``--set data.root=...``), or on corrupted test data
-(``--shift``, CIFAR-10-C style: ``cohort.shift``). Every peer and the ensemble, before and after
+(``--shift``, CIFAR-10-C style: ``cohort.evaluation.shift``). Every peer and the ensemble, before and after
 the temperatures the run fitted (``data.val_fraction``). Shifted results are logged into the same
 MLflow run under ``shift/...`` (evaluating a setting again replaces its values).
 """
@@ -14,8 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cohort.display import Display, TaskProgress, add_display_options, mode_of
-from cohort.errors import CohortError, run_command
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.console.display import Display, TaskProgress, add_display_options, mode_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def evaluation_data(args: argparse.Namespace, finished):
     """The data section to evaluate on: the run's, or ``--data`` / ``--set``'s (checked to have its classes)."""
     from cohort.config.loader import read_yaml
     from cohort.datasets import describe_dataset, load_dataset
-    from cohort.evaluation import check_classes
+    from cohort.evaluation.peers import check_classes
     from cohort.topology import topology_from_dict
 
     topology = finished.topology
@@ -65,10 +66,24 @@ def evaluation_data(args: argparse.Namespace, finished):
 
 def run(args: argparse.Namespace) -> int:
     from cohort.comparison.queries import connect
-    from cohort.evaluation import (CLEAN, MEAN, build_models, evaluate_setting, load_finished_run, mean_over_corruptions,
-                                   peer_logits, render, result_rows, severity_figure, shift_metric_items)
-    from cohort.shift import parse_corruptions, parse_severities, shift_refusal, shifted_dataset
-    from cohort.tracking import resolve_uri
+    from cohort.evaluation.peers import (
+        CLEAN,
+        MEAN,
+        build_models,
+        evaluate_setting,
+        load_finished_run,
+        mean_over_corruptions,
+        peer_logits,
+        render,
+        result_rows,
+    )
+    from cohort.evaluation.shift import (
+        parse_corruptions,
+        parse_severities,
+        shift_refusal,
+        shifted_dataset,
+    )
+    from cohort.tracking.tracker import resolve_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     display = Display(mode_of(args))
@@ -122,7 +137,7 @@ def log_shift(client, run_id: str, results, out: Path, display: Display | None =
 
     from mlflow.entities import Metric
 
-    from cohort.evaluation import severity_figure, shift_metric_items
+    from cohort.evaluation.peers import severity_figure, shift_metric_items
 
     items = [Metric(key, value, severity, severity) for key, value, severity in shift_metric_items(results)]
     for start in range(0, len(items), 1000):

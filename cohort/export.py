@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cohort.display import Display, add_display_options, mode_of
-from cohort.errors import CohortError, run_command
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.console.display import Display, add_display_options, mode_of
 
 CHECK_IMAGES = 64  # test images of the ONNX check
 
@@ -36,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> int:
-    from cohort.onnx_export import require_onnx
-    from cohort.peer_models import check_registered_name
-    from cohort.tracking import existing_store_client, resolve_uri
+    from cohort.tracking.onnx import require_onnx
+    from cohort.tracking.peer_models import check_registered_name
+    from cohort.tracking.tracker import existing_store_client, resolve_uri
 
     if not args.register and not args.format:
         raise CohortError("nothing to do: give --register NAME and/or --format onnx --out FILE")
@@ -64,7 +65,13 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     """The ONNX file and/or the registration; what was made is the command's summary (also with
     ``--quiet``), and with ``--log-format json`` one object each (``onnx``, ``registered``)."""
     from cohort.datasets import load_dataset
-    from cohort.peer_models import finished_run, fitted_temperature, model_of, model_weights, register_finished_peer
+    from cohort.tracking.peer_models import (
+        finished_run,
+        fitted_temperature,
+        model_of,
+        model_weights,
+        register_finished_peer,
+    )
 
     display = display or Display("log")
     run, topology = finished_run(client, run_id, uri)
@@ -75,7 +82,7 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     if calibrated:
         fitted_temperature(dict(run.data.metrics), peer, run_id)  # refused before anything is written
     if out is not None:
-        from cohort.onnx_export import OPSET, export_checked
+        from cohort.tracking.onnx import OPSET, export_checked
 
         images = next(iter(dataset.test_batches(CHECK_IMAGES)))[0].float()
         check = export_checked(model, images, out)

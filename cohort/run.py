@@ -15,15 +15,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cohort.cluster import cluster_node_labels
-from cohort.display import Display, EpochDisplay, add_display_options, is_step, mode_of
-from cohort.errors import CohortError, deferred_interrupt, run_command
-from cohort.grid import exchange_backend, worker_grid
-from cohort.launch import (RUN_FILE, Plan, failure_reason, fetch_checkpoints, fit_cluster, fit_in_background,
-                           make_plan, make_trainer, plan_while_ray_starts, storage_location)
-from cohort.peer_models import (exported_peers, log_peer_models, model_uri, parse_registrations, peer_test_metrics,
-                                register_peer, registered_line, registry_tags, test_metric_names)
-from cohort.report import ENSEMBLE, cohort_key, evaluated, metric_key
+from cohort.config.errors import CohortError
+from cohort.console.command import deferred_interrupt, run_command
+from cohort.console.display import Display, EpochDisplay, add_display_options, mode_of
+from cohort.driver.cluster import cluster_node_labels
+from cohort.driver.launch import (
+    RUN_FILE,
+    Plan,
+    failure_reason,
+    fetch_checkpoints,
+    fit_cluster,
+    fit_in_background,
+    make_plan,
+    make_trainer,
+    plan_while_ray_starts,
+    storage_location,
+)
+from cohort.tracking.peer_models import (
+    exported_peers,
+    log_peer_models,
+    model_uri,
+    parse_registrations,
+    peer_test_metrics,
+    register_peer,
+    registered_line,
+    registry_tags,
+    test_metric_names,
+)
+from cohort.worker.grid import exchange_backend, worker_grid
+from cohort.worker.report import ENSEMBLE, cohort_key, evaluated, metric_key
+from cohort.worker.ticker import is_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,7 +187,7 @@ def describe_grid(topology) -> list[str]:
 
 
 def batch_norm_text(topology, peer: str) -> str:
-    """How a peer with replicas normalizes its BatchNorm layers (cohort.syncbn)."""
+    """How a peer with replicas normalizes its BatchNorm layers (cohort.worker.syncbn)."""
     config = topology.peers[peer]
     if config.frozen:
         return "running statistics (frozen)"
@@ -222,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from cohort.topology import load_topology
-    from cohort.tracking import resolve_uri
+    from cohort.tracking.tracker import resolve_uri
 
     if args.resume:
         return resume(args)
@@ -270,7 +291,7 @@ def resume(args: argparse.Namespace) -> int:
     """Continue a stopped run from its last checkpoint, in the same MLflow run."""
     from cohort.config.loader import read_yaml
     from cohort.topology import topology_from_dict
-    from cohort.tracking import resolve_uri
+    from cohort.tracking.tracker import resolve_uri
 
     if args.topology or args.overrides or args.dry_run:
         raise CohortError("--resume takes the run's own topology: give no topology file, --set or --dry-run")
@@ -280,7 +301,7 @@ def resume(args: argparse.Namespace) -> int:
         run_id, tracking_uri = saved["run_id"], args.tracking_uri or saved["tracking_uri"]
     else:
         run_id, tracking_uri = args.resume, resolve_uri(args.tracking_uri)
-    from cohort.tracking import existing_store_client
+    from cohort.tracking.tracker import existing_store_client
 
     client = existing_store_client(tracking_uri, f"--resume {args.resume}")
     try:
@@ -317,7 +338,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
     from ray.util.queue import Queue
 
-    from cohort.startup import describe_startup, startup_breakdown
+    from cohort.driver.startup import describe_startup, startup_breakdown
 
     topology = plan.topology
     progress = Queue()
@@ -329,14 +350,14 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
     started = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
-    # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.errors).
+    # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.config.errors).
     with deferred_interrupt() as interrupted:
         while (thread.is_alive() or not progress.empty()) and not interrupted.is_set():
             try:
                 report = progress.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if is_step(report):  # rank 0's step counter inside an epoch (cohort.display)
+            if is_step(report):  # rank 0's step counter inside an epoch (cohort.console.display)
                 epochs.step(report)
                 continue
             final = report
@@ -392,7 +413,7 @@ def train(plan: Plan, tracker, storage: str, run_name: str, logged_epochs: int,
 
 
 def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
-    from cohort.tracking import flat_metrics, log_checkpoint_artifacts
+    from cohort.tracking.tracker import flat_metrics, log_checkpoint_artifacts
 
     tracker.log_json({"epoch": final.get("epoch"), **flat_metrics(final)}, "final_metrics.json")
     if final.get(cohort_key("workers")):
@@ -402,9 +423,9 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
 
 
 def log_models(plan: Plan, tracker, result, final: dict[str, Any], ensemble: bool = False) -> dict[str, dict[str, float]]:
-    """Each trained peer as ``models/<peer>`` (cohort.peer_models), and with ``ensemble`` the
+    """Each trained peer as ``models/<peer>`` (cohort.tracking.peer_models), and with ``ensemble`` the
     cohort's ensemble as ``models/ensemble``: {peer: its test metrics}."""
-    from cohort.peer import read_weights
+    from cohort.worker.peer import read_weights
 
     topology = plan.topology
     peers = exported_peers(topology) + ([ENSEMBLE] if ensemble else [])

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cohort.display import Display, add_display_options, mode_of, saved_mode
-from cohort.errors import CohortError, run_command
+from cohort.config.errors import CohortError
+from cohort.console.command import run_command
+from cohort.console.display import Display, add_display_options, mode_of, saved_mode
 from cohort.studies.tables import FORMATS
 
 
@@ -49,10 +50,16 @@ def prepare(args: argparse.Namespace, load_weights: bool):
     """The study with every arm validated and its checkpoints pinned, the tracking URI, and the
     checkpoints' weights per arm: all checked before Ray starts."""
     from cohort.datasets import describe_dataset
-    from cohort.launch import fetch_checkpoints, load_checkpoints
-    from cohort.report import report_keys
-    from cohort.studies.file import Arm, Study, check_metrics, load_study, reported_metrics
-    from cohort.tracking import resolve_uri
+    from cohort.driver.launch import fetch_checkpoints, load_checkpoints
+    from cohort.studies.file import (
+        Arm,
+        Study,
+        check_metrics,
+        load_study,
+        reported_metrics,
+    )
+    from cohort.tracking.tracker import resolve_uri
+    from cohort.worker.report import report_keys
 
     study = load_study(args.study, args.overrides, args.allow_single_seed)
     tracking_uri = resolve_uri(args.tracking_uri)
@@ -83,9 +90,9 @@ def resources_per_run(study) -> tuple[int, float]:
 
 
 def plan_concurrency(study, cpus: float, gpus: float) -> tuple[int, float]:
-    """How many runs at once, and each worker's CPUs (``cohort.sweep.plan_resources``; the arms'
+    """How many runs at once, and each worker's CPUs (``cohort.tuning.sweep.plan_resources``; the arms'
     own ``resources.cpus_per_peer`` where they set one), no more runs at once than the GPUs hold."""
-    from cohort.sweep import plan_resources
+    from cohort.tuning.sweep import plan_resources
 
     workers, gpus_per_run = resources_per_run(study)
     asked = [arm.topology.resources.cpus_per_peer for arm in study.arms.values()
@@ -193,7 +200,7 @@ def report(args: argparse.Namespace, study, tracking_uri: str) -> int:
 
 def registrations(values: list[str], study) -> dict[str, str]:
     """``--register ROLE=NAME``: {role: registered name}, checked before anything starts."""
-    from cohort.peer_models import check_registered_name
+    from cohort.tracking.peer_models import check_registered_name
 
     found = {}
     for value in values:
@@ -228,7 +235,7 @@ def best_run(study, found, role: str):
 
 
 def register_best(client, study, found, register: dict[str, str], tracking_uri: str, display: Display) -> None:
-    from cohort.peer_models import register_finished_peer
+    from cohort.tracking.peer_models import register_finished_peer
 
     for role, name in register.items():
         chosen = best_run(study, found, role)
@@ -258,11 +265,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[str, Any]) -> int:
-    from cohort.cluster import start_ray
-    from cohort.studies.experiment import StudyCallback, grid, objective_key, study_trial
+    from cohort.driver.cluster import start_ray
+    from cohort.studies.experiment import (
+        StudyCallback,
+        grid,
+        objective_key,
+        study_trial,
+    )
     from cohort.studies.results import find_parent, outcomes
-    from cohort.sweep import TRIAL_CPU, unfinished_trials
-    from cohort.tracking import Tracker
+    from cohort.tracking.tracker import Tracker
+    from cohort.tuning.sweep import TRIAL_CPU, unfinished_trials
 
     storage = os.path.abspath(os.path.expanduser(args.storage or "~/ray_results/cohort-study"))
     study_dir = Path(storage) / study.name

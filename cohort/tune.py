@@ -18,11 +18,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cohort.display import Display, add_display_options, mode_of, saved_mode
-from cohort.errors import CohortError, quoted, run_command
-from cohort.report import OBJECTIVE
-from cohort.sweep import (TRIAL_CPU, SweepCallback, check_pbt, cohort_trial, expected_trials, make_scheduler,
-                          make_search, plan_resources, ranked_trials, sampled_text, short_value, unfinished_trials)
+from cohort.config.errors import CohortError, quoted
+from cohort.console.command import run_command
+from cohort.console.display import Display, add_display_options, mode_of, saved_mode
+from cohort.tuning.sweep import (
+    TRIAL_CPU,
+    SweepCallback,
+    check_pbt,
+    cohort_trial,
+    expected_trials,
+    make_scheduler,
+    make_search,
+    plan_resources,
+    ranked_trials,
+    sampled_text,
+    short_value,
+    unfinished_trials,
+)
+from cohort.worker.report import OBJECTIVE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,11 +61,11 @@ def prepare(args: argparse.Namespace):
     """The sweep's topology (checkpoints pinned), its tracking URI, the checkpoints' weights, the
     space and the number of samples: all checked before Ray starts."""
     from cohort.datasets import describe_dataset
-    from cohort.launch import fetch_checkpoints, load_checkpoints
-    from cohort.report import report_keys
-    from cohort.search_space import load_space
+    from cohort.driver.launch import fetch_checkpoints, load_checkpoints
     from cohort.topology import load_topology
-    from cohort.tracking import resolve_uri
+    from cohort.tracking.tracker import resolve_uri
+    from cohort.tuning.search_space import load_space
+    from cohort.worker.report import report_keys
 
     topology = load_topology(args.topology, args.overrides)
     tracking_uri = resolve_uri(args.tracking_uri or topology.tracking.uri)
@@ -93,9 +106,9 @@ def start_parent(args: argparse.Namespace, tracker, topology, space, samples: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from cohort.cluster import start_ray
-    from cohort.search_space import tune_distribution
-    from cohort.tracking import Tracker
+    from cohort.driver.cluster import start_ray
+    from cohort.tracking.tracker import Tracker
+    from cohort.tuning.search_space import tune_distribution
 
     topology, tracking_uri, weights, space, samples = prepare(args)
     name = args.name or f"{topology.name}-{Path(args.space).stem}"

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.exchange import TEST_IMAGES, bench_topology, EQUAL, main, ratio, summarize, write_slice
+from bench.exchange import (
+    EQUAL,
+    TEST_IMAGES,
+    bench_topology,
+    main,
+    ratio,
+    summarize,
+    write_slice,
+)
 from cohort.datasets import load_dataset
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"

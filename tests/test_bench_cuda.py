@@ -6,13 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.exchange import main
-from bench.exchange_cuda import (ONE_PROCESS, PAIRS, PER_GPU, SHARED, SHARED_MPS, TEST_IMAGES, Measurement,
-                                 cuda_topology, encode_slice, make_plan, markdown, mps_unavailable, ratios)
-from bench.exchange import summarize
+from bench.exchange import main, summarize
+from bench.exchange_cuda import (
+    ONE_PROCESS,
+    PAIRS,
+    PER_GPU,
+    SHARED,
+    SHARED_MPS,
+    TEST_IMAGES,
+    Measurement,
+    cuda_topology,
+    encode_slice,
+    make_plan,
+    markdown,
+    mps_unavailable,
+    ratios,
+)
+from cohort.config.errors import CohortError
 from cohort.datasets import load_dataset
-from cohort.errors import CohortError
-from cohort.grid import exchange_backend
+from cohort.worker.grid import exchange_backend
 
 NO_CUDA = not torch.cuda.is_available()
 

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cohort.calibration import T_MAX, T_MIN, fit_temperature, nll_at, scaled_metrics, validation_metrics
 from cohort.datasets import describe_dataset, load_dataset
 from cohort.datasets.validation import validation_counts
+from cohort.metrics.temperature import (
+    T_MAX,
+    T_MIN,
+    fit_temperature,
+    nll_at,
+    scaled_metrics,
+    validation_metrics,
+)
 from cohort.topology import DataConfig, topology_from_dict
 
 
@@ -45,7 +52,7 @@ def test_the_fit_agrees_with_a_brute_force_grid():
 def test_overconfident_logits_are_cooled_and_calibration_improves():
     logits, labels = sampled(20000, 10, 1.5, 3.0, seed=2)  # 3x too confident
     out = scaled_metrics(logits[:10000], labels[:10000], logits[10000:], labels[10000:])
-    from cohort import metrics
+    from cohort.metrics import scores as metrics
 
     before = metrics.evaluate(logits[10000:], labels[10000:])
     assert out["ts_temperature"] == pytest.approx(3.0, rel=0.05)
@@ -111,7 +118,7 @@ def test_the_split_is_carved_after_the_long_tail():
 
 
 def test_val_fraction_is_checked():
-    from cohort.errors import CohortError
+    from cohort.config.errors import CohortError
 
     base = {"name": "t", "peers": {"a": {"model": "mlp"}}, "edges": []}
     for bad in (1.0, -0.1, "half"):
@@ -125,7 +132,12 @@ def test_val_fraction_is_checked():
 
 
 def test_evaluation_means_rows_and_mlflow_keys():
-    from cohort.evaluation import mean_over_corruptions, render, result_rows, shift_metric_items
+    from cohort.evaluation.peers import (
+        mean_over_corruptions,
+        render,
+        result_rows,
+        shift_metric_items,
+    )
 
     def owners(acc):
         return {"student": {"acc": acc, "ece": 1 - acc}, "ensemble": {"acc": acc + 0.01, "ece": 0.5}}

@@ -4,8 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cohort.checkpoint import load_peer_state, manifest_path, save_peer_state, state_path
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
+from cohort.worker.checkpoint import (
+    load_peer_state,
+    manifest_path,
+    save_peer_state,
+    state_path,
+)
 
 
 def a_state() -> dict:

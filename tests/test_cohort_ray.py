@@ -16,11 +16,10 @@ import yaml
 
 from cohort import losses
 from cohort.datasets import load_dataset
-from cohort.display import epoch_steps, is_step
-from cohort.topology import DataConfig
 from cohort.run import main
-from cohort.topology import topology_from_dict
-from cohort.peer import build_peer
+from cohort.topology import DataConfig, topology_from_dict
+from cohort.worker.peer import build_peer
+from cohort.worker.ticker import epoch_steps, is_step
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -239,7 +238,7 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     open ``data.root`` (here a table that does not exist; on a cluster, a file only the driver has)."""
     from ray.util.queue import Queue
 
-    from cohort.launch import make_trainer
+    from cohort.driver.launch import make_trainer
 
     topology = topology_from_dict({
         "name": "driver-data", "data": {"dataset": "parquet", "root": str(tmp_path / "absent.parquet"),
@@ -270,7 +269,7 @@ def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
     (here deleted once the plan is made; on a cluster, a file only the driver has)."""
     from ray.util.queue import Queue
 
-    from cohort.launch import make_plan, make_trainer
+    from cohort.driver.launch import make_plan, make_trainer
 
     spec = {"name": "driver-weights", "data": {"batch_size": 256}, "train": {"epochs": 1},
             "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},

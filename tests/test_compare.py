@@ -16,7 +16,7 @@ from cohort import compare
 from cohort.comparison.figures import reliability_source
 from cohort.comparison.queries import load_runs
 from cohort.comparison.runs import CohortRun, gap_of, method_of
-from cohort.reliability import ReliabilityBins, reliability_diagram
+from cohort.metrics.reliability import ReliabilityBins, reliability_diagram
 from cohort.run import main as run_main
 
 mlflow = pytest.importorskip("mlflow")

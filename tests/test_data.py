@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cohort.config.errors import CohortError
 from cohort.datasets import ImageArrays, batch_seed, load_dataset
-from cohort.errors import CohortError
 from cohort.topology import DataConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"

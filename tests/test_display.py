@@ -1,4 +1,4 @@
-"""The display (cohort.display) driven with fake reports: terminal and log renderings, the time left,
+"""The display (cohort.console.display) driven with fake reports: terminal and log renderings, the time left,
 the JSON lines, the step counter's rate. Pure: no Ray."""
 from __future__ import annotations
 
@@ -10,10 +10,24 @@ import re
 import pytest
 import torch
 
+from cohort.console.display import (
+    CONTROL,
+    Display,
+    EpochDisplay,
+    RunsDisplay,
+    choose_mode,
+    clock,
+    epoch_line,
+    estimate_left,
+    log_width,
+    mean_epoch_seconds,
+    render_epoch,
+    run_left,
+    runs_status,
+    step_status,
+)
 from cohort.datasets.base import batch_indices
-from cohort.display import (CONTROL, Display, EpochDisplay, RunsDisplay, StepTicker, choose_mode, clock, epoch_line,
-                            epoch_steps, estimate_left, is_step, log_width, mean_epoch_seconds, render_epoch, run_left,
-                            runs_status, step_message, step_status)
+from cohort.worker.ticker import StepTicker, epoch_steps, is_step, step_message
 
 SEVEN = ["resnet32x4", "wrn40_2", "resnet8x4", "vgg13", "mobilenetv2", "shufflev2", "resnet20"]
 
@@ -223,9 +237,9 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
     import pickle
     import types
 
-    from cohort.sweep import SweepCallback
     from cohort.topology import topology_from_dict
-    from cohort.tracking import Tracker
+    from cohort.tracking.tracker import Tracker
+    from cohort.tuning.sweep import SweepCallback
 
     spec = {"name": "s", "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
@@ -259,7 +273,7 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
 def test_with_json_stdout_carries_the_objects_only_and_anything_else_goes_to_stderr(capsys):
     """Ray prints what the cluster pushes to the driver (a raylet warning) with print(): under
     --log-format json that must not land between the JSON lines."""
-    from cohort.display import command_stdout
+    from cohort.console.display import command_stdout
 
     with command_stdout("json"):
         print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started")
@@ -279,7 +293,7 @@ def test_on_a_terminal_anything_else_printed_goes_above_the_bar_not_onto_its_lin
     bar is cleared first, the line printed whole, and the bar drawn again below it."""
     import sys
 
-    from cohort.display import command_stdout
+    from cohort.console.display import command_stdout
 
     tty = Tty()
     monkeypatch.setattr(sys, "stdout", tty)
@@ -295,7 +309,7 @@ def test_on_a_terminal_anything_else_printed_goes_above_the_bar_not_onto_its_lin
 
 
 def test_the_driver_asks_ray_for_uncoloured_prefixes_when_stdout_is_not_a_terminal():
-    from cohort.cluster import driver_environment
+    from cohort.driver.cluster import driver_environment
 
     assert driver_environment(None, False, stdout_is_terminal=False)["RAY_COLOR_PREFIX"] == "0"
     assert "RAY_COLOR_PREFIX" not in driver_environment(None, False, stdout_is_terminal=True)
@@ -306,7 +320,7 @@ def test_the_driver_asks_ray_for_uncoloured_prefixes_when_stdout_is_not_a_termin
 def test_a_commands_tasks_show_their_count_and_time_left():
     """cohort.evaluate's test sets: in a log, each finished one's line led by the count and the time
     left (on stderr, with the command's other notes); on a terminal, a line redrawn below them."""
-    from cohort.display import TaskProgress
+    from cohort.console.display import TaskProgress
 
     out, err, now = io.StringIO(), io.StringIO(), Clock()
     progress = TaskProgress(Display("log", out, err), 3, "test sets", now=now)

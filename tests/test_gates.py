@@ -13,7 +13,6 @@ import torch
 from cohort.gates import GATES, get_gate, register_gate, switokd
 from cohort.losses.batch import WHOLE_BATCH
 
-
 # ---------------------------------------------------------------- independent reference
 
 
@@ -275,7 +274,7 @@ def test_switched_off_edges_add_nothing_and_the_others_keep_their_weights():
 
 def test_the_epoch_counts_pauses_and_each_gates_share():
     from cohort.gates.decision import StepDecision
-    from cohort.report import EpochStats
+    from cohort.worker.report import EpochStats
 
     topology = one_teacher_two_students()
     stats = EpochStats.for_peer(topology, "t")
@@ -291,8 +290,8 @@ def test_the_epoch_counts_pauses_and_each_gates_share():
 
 
 def test_a_stateful_gate_keeps_its_state_across_a_checkpoint(clean_registry, tmp_path):
-    from cohort.checkpoint import load_peer_state, save_peer_state
     from cohort.gates.decision import Gating
+    from cohort.worker.checkpoint import load_peer_state, save_peer_state
 
     @register_gate("every_other")
     def every_other(teacher_logits, student_logits, state=None):

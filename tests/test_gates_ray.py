@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import yaml
 
 from cohort.datasets import load_dataset
-from cohort.peer import build_peer
 from cohort.run import main
 from cohort.topology import DataConfig, topology_from_dict
+from cohort.worker.peer import build_peer
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 import yaml
 
-from cohort.checkpoint import load_peer_state
 from cohort.run import main
+from cohort.worker.checkpoint import load_peer_state
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = [pytest.mark.ray, pytest.mark.gpu]

@@ -1,9 +1,8 @@
 """Which `gpu` tests run where (tests/conftest.py): the decision, without a GPU."""
 from __future__ import annotations
 
-import pytest
-
 import conftest
+import pytest
 from conftest import NO_CUDA, gpu_skip_reason, skip_gpu_tests
 
 

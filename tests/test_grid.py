@@ -6,16 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from cohort.config.errors import CohortError
 from cohort.datasets import batch_indices, load_dataset
-from cohort.errors import CohortError
-from cohort.grid import (exchange_backend, exchange_group_ranks, peer_group_ranks, shard_bounds, shard_loss_scale,
-                         slot_of, worker_grid)
+from cohort.driver.launch import fit_cluster, make_plan
 from cohort.losses.combine import peer_objective
-from cohort.launch import fit_cluster, make_plan
 from cohort.run import main
 from cohort.topology import DataConfig, load_topology, topology_from_dict
+from cohort.worker.grid import (
+    exchange_backend,
+    exchange_group_ranks,
+    peer_group_ranks,
+    shard_bounds,
+    shard_loss_scale,
+    slot_of,
+    worker_grid,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +145,7 @@ def test_accelerator_type_and_node_labels_must_exist_in_the_cluster():
 
 
 def test_scaling_config_carries_the_grid_the_gpus_and_the_placement(tmp_path):
-    from cohort.launch import make_trainer
+    from cohort.driver.launch import make_trainer
 
     topology = topology_from_dict({"name": "s", "peers": {n: {"model": "mlp", "replicas": 2} for n in "ab"},
                                    "resources": {"use_gpu": True, "gpus_per_peer": 0.25, "accelerator_type": "L4",
@@ -189,9 +195,9 @@ class OnePeerExchange:
 
 
 def test_bf16_trains_on_the_cpu_with_fp32_logits():
-    from cohort.guard import BatchGuard
-    from cohort.peer import build_optimizer, build_peer
-    from cohort.worker import PeerStep, train_epoch
+    from cohort.worker.guard import BatchGuard
+    from cohort.worker.loop import PeerStep, train_epoch
+    from cohort.worker.peer import build_optimizer, build_peer
 
     topology = topology_from_dict({"name": "p", "data": {"batch_size": 128}, "train": {"epochs": 1, "precision": "bf16"},
                                    "peers": {"solo": {"model": "cnn_small"}}})
@@ -209,7 +215,7 @@ def test_bf16_trains_on_the_cpu_with_fp32_logits():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # The forward really ran in bf16: its logits differ from fp32's in the low bits.
-    from cohort.precision import autocast
+    from cohort.worker.precision import autocast
 
     inputs = data.test_x[:32]
     with torch.no_grad(), autocast("bf16", torch.device("cpu")):

@@ -1,11 +1,11 @@
-"""The batch guard (cohort.guard) without Ray: when it checks, and what it finds."""
+"""The batch guard (cohort.worker.guard) without Ray: when it checks, and what it finds."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cohort.errors import CohortError
-from cohort.guard import BatchGuard, find_mismatch
+from cohort.config.errors import CohortError
+from cohort.worker.guard import BatchGuard, find_mismatch
 
 
 def record(peer, replica=0, batch=1, shard=1, bounds=(0, 10, 10)):

@@ -1,4 +1,4 @@
-"""Ctrl-C during a run is taken between MLflow writes (cohort.errors.deferred_interrupt): a
+"""Ctrl-C during a run is taken between MLflow writes (cohort.config.errors.deferred_interrupt): a
 KeyboardInterrupt raised in the middle of a SQLite write left the store locked, and the driver
 then failed to mark its run KILLED (exit 1 instead of 130)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 
-from cohort.errors import deferred_interrupt
+from cohort.console.command import deferred_interrupt
 
 
 def test_ctrl_c_sets_the_event_instead_of_raising_mid_write():

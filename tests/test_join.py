@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cohort.cluster import LOCAL, auth_refused_message, join_auth_env, ray_address, start_local, token_source
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
+from cohort.driver.cluster import (
+    LOCAL,
+    auth_refused_message,
+    join_auth_env,
+    ray_address,
+    start_local,
+    token_source,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from cohort.losses.batch import WHOLE_BATCH
 from cohort.losses import (
     LOSSES,
     LossSpec,
@@ -23,6 +22,7 @@ from cohort.losses import (
     register_loss,
     reverse_kd,
 )
+from cohort.losses.batch import WHOLE_BATCH
 
 B, C = 8, 7
 GROUPS = [0, 0, 1, 2, 1, 2, 2]  # deliberately not contiguous
@@ -567,7 +567,7 @@ def test_register_rejects_a_parameter_named_like_an_edge_field(clean_registry, n
 
 def test_reserved_names_cover_every_edge_field():
     from cohort.losses.registry import EDGE_FIELD_NAMES
-    from cohort.edges import EDGE_FIELDS, Edge
+    from cohort.topology.edges import EDGE_FIELDS, Edge
 
     names = set(Edge.model_fields) | {field.alias for field in Edge.model_fields.values() if field.alias}
     assert names | set(EDGE_FIELDS) <= set(EDGE_FIELD_NAMES)

@@ -1,4 +1,4 @@
-"""Tests for cohort.metrics against independent plain-Python/numpy computations."""
+"""Tests for cohort.metrics.scores against independent plain-Python/numpy computations."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from cohort import metrics as M
-from cohort import reliability as R
-
+from cohort.metrics import reliability as R
+from cohort.metrics import scores as M
 
 # --------------------------------------------------------------------------- references (numpy loops)
 
@@ -434,7 +433,7 @@ def test_reliability_diagram_does_not_touch_pyplot(tmp_path):
     # In a fresh interpreter: drawing must not import pyplot (which would select a global backend).
     code = (
         "import sys, torch\n"
-        "from cohort import reliability as R\n"
+        "from cohort.metrics import reliability as R\n"
         "l = torch.randn(50, 4); y = torch.randint(0, 4, (50,))\n"
         f"R.reliability_diagram(R.reliability_bins(l, y), {str(tmp_path / 'x.png')!r}, 't')\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cohort.datasets import describe_dataset
-from cohort.peer import build_peer, peer_seed
 from cohort.topology import DataConfig, topology_from_dict
+from cohort.worker.peer import build_peer, peer_seed
 
 INFO = describe_dataset(DataConfig())
 
@@ -58,7 +58,7 @@ def test_peers_sharing_an_init_seed_start_identical():
 
 @pytest.mark.parametrize("value", [[1], {"a": 1}, 1.5])
 def test_an_init_seed_is_a_name_or_an_integer(value):
-    from cohort.errors import CohortError
+    from cohort.config.errors import CohortError
 
     with pytest.raises(CohortError, match=r"peers\.a\.init_seed"):
         topology({"a": {"model": "mlp", "init_seed": value}, "b": {"model": "mlp"}})

@@ -10,14 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cohort import metrics
+from cohort.config.errors import CohortError
 from cohort.datasets import load_dataset
-from cohort.errors import CohortError
 from cohort.export import main as export_main
-from cohort.peer import build_peer
-from cohort.peer_models import incoming_methods, log_peer_models, model_uri, parse_registrations
+from cohort.metrics import scores as metrics
 from cohort.topology import DataConfig, topology_from_dict
-from cohort.tracking import Tracker
+from cohort.tracking.peer_models import (
+    incoming_methods,
+    log_peer_models,
+    model_uri,
+    parse_registrations,
+)
+from cohort.tracking.tracker import Tracker
+from cohort.worker.peer import build_peer
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -44,7 +49,7 @@ def briefly_trained(model: torch.nn.Module, data) -> dict[str, torch.Tensor]:
 
 
 def reference_model(topology, peer: str, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The peer's network with its weights, built here from the zoo (not through cohort.peer_models)."""
+    """The peer's network with its weights, built here from the zoo (not through cohort.tracking.peer_models)."""
     from cohort.models import build_model
 
     model = build_model(topology.peers[peer].model, num_classes=10, in_channels=1)
@@ -296,7 +301,7 @@ def test_export_writes_an_onnx_file_that_onnx_runtime_runs(finished, tmp_path, c
 
 
 def test_a_missing_extra_is_one_line(finished, tmp_path, capsys, monkeypatch):
-    from cohort import onnx_export
+    from cohort.tracking import onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTRA_MODULES", ("onnx", "cohort_test_absent_module"))
     code = export_main([finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out",
@@ -418,7 +423,7 @@ def test_every_zoo_model_exports_to_onnx(name, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from cohort.models import build_model
-    from cohort.onnx_export import check_onnx, export_onnx
+    from cohort.tracking.onnx import check_onnx, export_onnx
 
     torch.manual_seed(0)
     channels, size = (1, 8) if name in ("mlp", "mlp_tiny") else (3, 32)

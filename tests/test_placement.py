@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
+from cohort.driver.launch import fit_cluster, make_plan
+from cohort.driver.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
+from cohort.driver.startup import describe_startup, startup_breakdown
 from cohort.models import build_model
-from cohort.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
-from cohort.launch import fit_cluster, make_plan
 from cohort.run import describe_plan
-from cohort.startup import describe_startup, startup_breakdown
 from cohort.topology import topology_from_dict
 
 
@@ -116,8 +116,8 @@ def start_parts(monkeypatch):
     import threading
     import types
 
-    import cohort.launch
-    import cohort.tracking
+    import cohort.driver.launch
+    import cohort.tracking.tracker
 
     parts = {"ray": FakeRay(running=False), "ray_started": threading.Event(), "plan_saw_ray_starting": None,
              "plan_error": None, "ray_error": None}
@@ -138,16 +138,16 @@ def start_parts(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", parts["ray"])
     for name in ("ray.train", "ray.train.torch"):  # imported ahead by the plan's thread
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(cohort.launch, "timed_start_ray", fake_start)
-    monkeypatch.setattr(cohort.launch, "make_plan", fake_plan)
-    monkeypatch.setattr(cohort.tracking, "Tracker", lambda uri, experiment: ("tracker", uri, experiment))
+    monkeypatch.setattr(cohort.driver.launch, "timed_start_ray", fake_start)
+    monkeypatch.setattr(cohort.driver.launch, "make_plan", fake_plan)
+    monkeypatch.setattr(cohort.tracking.tracker, "Tracker", lambda uri, experiment: ("tracker", uri, experiment))
     parts["args"] = argparse.Namespace(address=None, verbose=False, dashboard=False)
     parts["topology"] = type("T", (), {"experiment": "exp"})()
     return parts
 
 
 def test_the_plan_is_made_while_ray_starts(start_parts):
-    from cohort.launch import plan_while_ray_starts
+    from cohort.driver.launch import plan_while_ray_starts
 
     plan, tracker, cluster, marks = plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
     assert start_parts["plan_saw_ray_starting"] is True
@@ -157,8 +157,8 @@ def test_the_plan_is_made_while_ray_starts(start_parts):
 
 
 def test_a_failed_plan_stops_the_ray_started_for_it(start_parts):
-    from cohort.errors import CohortError
-    from cohort.launch import plan_while_ray_starts
+    from cohort.config.errors import CohortError
+    from cohort.driver.launch import plan_while_ray_starts
 
     start_parts["plan_error"] = CohortError("checkpoint 'a.pt' does not fit the model", "peers.a.checkpoint")
     with pytest.raises(CohortError, match="does not fit the model"):
@@ -167,8 +167,8 @@ def test_a_failed_plan_stops_the_ray_started_for_it(start_parts):
 
 
 def test_a_failed_plan_leaves_a_ray_that_was_already_running(start_parts):
-    from cohort.errors import CohortError
-    from cohort.launch import plan_while_ray_starts
+    from cohort.config.errors import CohortError
+    from cohort.driver.launch import plan_while_ray_starts
 
     start_parts["ray"].running = True
     start_parts["plan_error"] = CohortError("bad data", "data.root")
@@ -178,8 +178,8 @@ def test_a_failed_plan_leaves_a_ray_that_was_already_running(start_parts):
 
 
 def test_when_both_fail_the_input_error_is_reported(start_parts):
-    from cohort.errors import CohortError
-    from cohort.launch import plan_while_ray_starts
+    from cohort.config.errors import CohortError
+    from cohort.driver.launch import plan_while_ray_starts
 
     start_parts["ray_error"] = CohortError("--address '127.0.0.1:9': no Ray cluster reachable there")
     with pytest.raises(CohortError, match="no Ray cluster reachable"):

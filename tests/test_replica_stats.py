@@ -1,6 +1,6 @@
 """Batch statistics over a peer's replicas, in two gloo processes without Ray: with
-cohort.syncbn the replicas' shards normalize, back-propagate and update running statistics like
-one whole batch, and with cohort.exchange.ReplicaBatch ltkd's rebalancing sees the whole batch."""
+cohort.worker.syncbn the replicas' shards normalize, back-propagate and update running statistics like
+one whole batch, and with cohort.worker.exchange.ReplicaBatch ltkd's rebalancing sees the whole batch."""
 from __future__ import annotations
 
 import os
@@ -13,10 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from cohort.exchange import ReplicaBatch
 from cohort.gates.switokd import switching_quantities
 from cohort.losses import ltkd
-from cohort.syncbn import PeerSyncBatchNorm, batch_norm_sync_mode, sync_batch_norm
+from cohort.worker.exchange import ReplicaBatch
+from cohort.worker.syncbn import (
+    PeerSyncBatchNorm,
+    batch_norm_sync_mode,
+    sync_batch_norm,
+)
 
 
 def net() -> nn.Module:

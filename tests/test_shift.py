@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cohort import shift
+from cohort.config.errors import CohortError
 from cohort.datasets.long_tail import LongTailed
 from cohort.datasets.registry import load_dataset
-from cohort.errors import CohortError
+from cohort.evaluation import shift
 from cohort.topology import DataConfig
 
 pytest.importorskip("imagecorruptions", reason="the shift extra (imagecorruptions-imaug) is not installed")

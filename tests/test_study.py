@@ -12,12 +12,12 @@ import torch
 import yaml
 from scipy import stats
 
+from cohort.console.display import clock, estimate_left
 from cohort.datasets import describe_dataset
-from cohort.peer import build_peer
-from cohort.study import main
-from cohort.display import clock, estimate_left
 from cohort.studies.file import load_study, with_seed
 from cohort.studies.tables import Outcome, best_arms, build_tables, render
+from cohort.study import main
+from cohort.worker.peer import build_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = ROOT / "topologies"
@@ -152,7 +152,7 @@ def test_a_study_that_exists_needs_resume(tmp_path, capsys):
     """A parent run of that name in MLflow: refused without --resume, before Ray starts."""
     import ray
 
-    from cohort.tracking import Tracker
+    from cohort.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, "small-study")
@@ -263,7 +263,7 @@ def test_time_left_and_clock():
 
 
 def test_figures_are_drawn(tmp_path):
-    from cohort.reliability import reliability_bins
+    from cohort.metrics.reliability import reliability_bins
     from cohort.studies.figures import draw_all
 
     tables = build_tables(ROLES, "dml", ["acc", "ece"], outcomes())

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cohort.studies.stats import (PairedDifference, Summary, format_difference, format_mean_std, format_p_value,
-                                paired_difference, summarize)
+from cohort.studies.stats import (
+    PairedDifference,
+    Summary,
+    format_difference,
+    format_mean_std,
+    format_p_value,
+    paired_difference,
+    summarize,
+)
 
 NAN = float("nan")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
 from cohort.run import main
 from cohort.topology import load_topology, topology_from_dict
 
@@ -264,7 +264,7 @@ def frozen_teacher(tmp_path: Path, checkpoint: Path) -> Path:
 def test_frozen_peer_with_good_checkpoint(capsys, tmp_path):
     from cohort.datasets import load_dataset
     from cohort.topology import DataConfig
-    from cohort.peer import build_peer
+    from cohort.worker.peer import build_peer
 
     topology = topology_from_dict(BASE)
     model = build_peer(topology, "teacher", load_dataset(DataConfig()).info)
@@ -334,7 +334,7 @@ def test_a_runs_reference_without_a_run_id_is_refused_before_any_path(capsys, tm
 
 
 def test_a_run_id_is_32_hex_characters():
-    from cohort.tracking import checkpoint_run_id
+    from cohort.tracking.tracker import checkpoint_run_id
 
     run_id = "0123456789abcdef" * 2
     assert checkpoint_run_id(f"runs:/{run_id}/weights/teacher.pt", "here") == run_id
@@ -491,7 +491,7 @@ def test_huge_number_in_a_file_is_one_short_line(capsys, tmp_path):
 ], ids=lambda _: "case")
 def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
     # Also: a 4000-digit bound is refused (not an OverflowError), a long metric word parses in linear time.
-    from cohort.search_space import load_space
+    from cohort.tuning.search_space import load_space
 
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space, width=10 ** 9))
@@ -501,7 +501,7 @@ def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
 
 
 def test_quoted_is_repr_for_short_values():
-    from cohort.errors import named, quoted
+    from cohort.config.errors import named, quoted
 
     for value in ["ghost", 3, 2.5, True, None, [1, 2], {"a": 1}]:
         assert quoted(value) == repr(value)
@@ -510,7 +510,7 @@ def test_quoted_is_repr_for_short_values():
 
 
 def test_metric_keys_after_a_minus_sign():
-    from cohort.search_space import MetricExpression
+    from cohort.tuning.search_space import MetricExpression
 
     expression = MetricExpression("-student/ece - 0.5*-teacher/nll")
     assert expression.keys == ["student/ece", "teacher/nll"]

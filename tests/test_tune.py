@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cohort.errors import CohortError
-from cohort.search_space import MetricExpression, load_space
+from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
 from cohort.tune import main as tune_main
-from cohort.sweep import plan_resources
+from cohort.tuning.search_space import MetricExpression, load_space
+from cohort.tuning.sweep import plan_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,8 +151,8 @@ def test_each_trial_run_logs_its_resolved_topology(tmp_path):
 
     import mlflow
 
-    from cohort.sweep import SweepCallback
-    from cohort.tracking import Tracker
+    from cohort.tracking.tracker import Tracker
+    from cohort.tuning.sweep import SweepCallback
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent = Tracker(uri, "sweep-me").start(topology_from_dict(TOPOLOGY), "sweep")
@@ -185,7 +185,7 @@ def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
     import torch
 
     from cohort.topology import OptimizerConfig
-    from cohort.peer import apply_optimizer_settings
+    from cohort.worker.peer import apply_optimizer_settings
 
     def optimizer_and_schedule(lr):
         model = torch.nn.Linear(3, 2)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cohort.comparison.runs import ENSEMBLE, CohortRun, model_of
-from cohort.errors import CohortError, first_line
+from cohort.config.errors import CohortError, first_line
 
 GROUP_ORDERS = (("head", "medium", "tail"), ("many", "medium", "few"))
 PANELS_PER_ROW = 4
@@ -35,7 +35,7 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
     PNG diagram (runs from before the bins were logged), else None (a sweep trial logs neither)."""
     import torch
 
-    from cohort.reliability import ReliabilityBins
+    from cohort.metrics.reliability import ReliabilityBins
 
     logged = {Path(item.path).name for item in client.list_artifacts(run.run_id, "reliability")}
     for suffix in (".json", ".png"):
@@ -52,7 +52,7 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
 
 
 def draw_bins(top, bottom, bins) -> None:
-    """Accuracy per confidence bin with the gap to the diagonal shaded, as cohort.reliability draws it,
+    """Accuracy per confidence bin with the gap to the diagonal shaded, as cohort.metrics.reliability draws it,
     and beneath it the share of samples per bin (on digits nearly all sit in the last bin, and a
     bin of two samples should not look as weighty as one of three hundred)."""
     import numpy as np

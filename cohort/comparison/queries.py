@@ -7,15 +7,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cohort.comparison.runs import ENSEMBLE, CohortRun, Edge, overlay, rank_order, reported_peers, topology_edges
-from cohort.errors import CohortError, first_line
+from cohort.comparison.runs import (
+    ENSEMBLE,
+    CohortRun,
+    Edge,
+    overlay,
+    rank_order,
+    reported_peers,
+    topology_edges,
+)
+from cohort.config.errors import CohortError, first_line
 
 TOPOLOGY_ARTIFACT = "topology.yaml"
 
 
 def connect(uri: str):
     """An MlflowClient for an existing, readable store (reading must never create an empty one)."""
-    from cohort.tracking import existing_store_client
+    from cohort.tracking.tracker import existing_store_client
 
     # Downloading a few small reliability files should not draw progress bars between the notes.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -7,7 +7,7 @@ import io
 from typing import Any, Iterable
 
 from cohort.comparison.runs import CohortRun, gap_of, method_of, model_of
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
 
 BASE_COLUMNS = ("run", "experiment", "peer", "method", "model", "top-1", "ECE", "AdaECE", "NLL", "Brier", "gap")
 TEXT_COLUMNS = ("run", "experiment", "peer", "method", "model")

@@ -1,12 +1,52 @@
-"""Validation errors in the file's own words: one pydantic error as ``location: message``."""
+"""The one exception type the commands turn into a one-line message (``CohortError``), the quoting of
+a user's value in it, and validation errors in the file's own words: one pydantic error as
+``location: message``."""
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel
 
-from cohort.errors import named, quoted
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = 60
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = _QUOTE.maxfrozenset = 6
+_QUOTE.maxlevel = 3
+
+
+class CohortError(Exception):
+    """A problem with the user's input or environment, reported as one line without a traceback.
+
+    ``where`` names the file (and, for topology errors, the key) the problem is in.
+    """
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def quoted(value: object) -> str:
+    """``repr(value)`` cut short, for quoting a user's value in an error (a 1 MB string or a long
+    list must not make a 1 MB message); at most 100 characters, however the value nests."""
+    return named(_QUOTE.repr(value), 100)
+
+
+def named(text: object, limit: int = 60) -> str:
+    """A key or path as an error names it (unquoted): as is, or its ends around ``...`` when long."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:(limit - 3) // 2]}...{text[len(text) - (limit - 3) // 2:]}"
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its type's name if it has none)."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
 
 
 def describe(error: Mapping[str, Any], root: type[BaseModel]) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from cohort.errors import CohortError, quoted
+from cohort.config.errors import CohortError, quoted
 
 
 class PlainDumper(yaml.SafeDumper):

@@ -5,9 +5,8 @@ from typing import Any
 
 import yaml
 
-from cohort.config.errors import did_you_mean
+from cohort.config.errors import CohortError, did_you_mean, named, quoted
 from cohort.config.loader import AliasRefused, NoAliasLoader, yaml_problem
-from cohort.errors import CohortError, named, quoted
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -5,11 +5,27 @@ import importlib
 import pkgutil
 
 from cohort.datasets.augment import ImageArrays
-from cohort.datasets.base import (Batch, CohortDataset, DatasetInfo, TensorSplits, batch_indices, batch_seed,
-                                  class_counts, epoch_order, need_root)
+from cohort.datasets.base import (
+    Batch,
+    CohortDataset,
+    DatasetInfo,
+    TensorSplits,
+    batch_indices,
+    batch_seed,
+    class_counts,
+    epoch_order,
+    need_root,
+)
 from cohort.datasets.long_tail import LongTailed, long_tail_counts
-from cohort.datasets.registry import (DATASET_SETTINGS, DATASETS, DatasetSpec, describe_dataset, load_dataset,
-                                      refused_setting, register_dataset)
+from cohort.datasets.registry import (
+    DATASET_SETTINGS,
+    DATASETS,
+    DatasetSpec,
+    describe_dataset,
+    load_dataset,
+    refused_setting,
+    register_dataset,
+)
 
 # The built-in datasets first, in the order messages list them; then any other file of the package.
 from cohort.datasets import digits, cifar, parquet, folder  # noqa: E402,F401  isort: skip

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from cohort.config.errors import CohortError
 from cohort.datasets.augment import ImageArrays
 from cohort.datasets.base import CohortDataset, DatasetInfo, need_root
 from cohort.datasets.registry import register_dataset
-from cohort.errors import CohortError
 
 CIFAR = {
     # name: (torchvision class, classes, mean, std): the normalization constants of the KD literature

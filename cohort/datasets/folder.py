@@ -5,9 +5,15 @@ from pathlib import Path
 
 import torch
 
-from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, class_counts, need_root
+from cohort.config.errors import CohortError
+from cohort.datasets.base import (
+    Batch,
+    CohortDataset,
+    DatasetInfo,
+    class_counts,
+    need_root,
+)
 from cohort.datasets.registry import register_dataset
-from cohort.errors import CohortError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

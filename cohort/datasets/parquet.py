@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
+from cohort.config.errors import CohortError
 from cohort.datasets.augment import ImageArrays
 from cohort.datasets.base import CohortDataset, need_root
 from cohort.datasets.registry import register_dataset
-from cohort.errors import CohortError
 
 PARQUET_COLUMNS = ("image", "label", "split")
 

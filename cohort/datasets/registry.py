@@ -12,10 +12,10 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
+from cohort.config.errors import CohortError
 from cohort.datasets.base import CohortDataset, DatasetInfo
 from cohort.datasets.long_tail import LongTailed, long_tail_counts
 from cohort.datasets.validation import ValidationSplit, split_info
-from cohort.errors import CohortError
 
 # The data section's settings that depend on the dataset (fields of cohort.topology.DataConfig),
 # each with its unset value, in the order they are checked.

@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from cohort.config.errors import quoted
 from cohort.config.schema import problem
-from cohort.edges import keyword_parameters
-from cohort.errors import quoted
+from cohort.config.signatures import keyword_parameters
 
 from .registry import GATE_FIELD_NAMES, GATES
 

@@ -19,7 +19,8 @@ from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from .registry import GATES
 
 if TYPE_CHECKING:
-    from cohort.edges import Edge
+    from cohort.topology.edges import Edge
+
     from .config import Gate
 
 

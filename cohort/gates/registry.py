@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from cohort.config.signatures import read_signature
 from cohort.losses.batch import WHOLE_BATCH
-from cohort.signatures import read_signature
 
 ROLES = ("teacher", "student")
 ROLE_PARAMETERS = tuple(f"{role}_logits" for role in ROLES)

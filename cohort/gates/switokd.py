@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
+
 from .registry import register_gate
 
 

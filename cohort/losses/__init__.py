@@ -3,12 +3,12 @@ docs/losses.md). Every module of this package is imported with it, so a new loss
 import importlib
 import pkgutil
 
-from .registry import LOSSES, LossSpec, get_loss, register_loss
-from .kd import kd
-from .reverse_kd import reverse_kd
 from .bdkd import bdkd
 from .dkd import dkd
+from .kd import kd
 from .ltkd import ltkd
+from .registry import LOSSES, LossSpec, get_loss, register_loss
+from .reverse_kd import reverse_kd
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -4,7 +4,7 @@
 A loss that takes a statistic over the batch declares a parameter ``batch`` (default
 ``WHOLE_BATCH``) and computes the statistic through it, never with ``.mean(dim=0)`` of its own
 inputs: with replicas a worker holds one shard of the batch, and the trainer then passes a
-``batch`` that reduces over the peer's replicas (``cohort.exchange.ReplicaBatch``), so the loss
+``batch`` that reduces over the peer's replicas (``cohort.worker.exchange.ReplicaBatch``), so the loss
 equals the one-worker loss. The registry records which losses do (``LossSpec.batch_statistics``),
 and a test checks that every other loss is per sample.
 

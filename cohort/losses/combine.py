@@ -11,7 +11,7 @@ from .batch import WHOLE_BATCH, WholeBatch
 from .registry import LOSSES
 
 if TYPE_CHECKING:
-    from cohort.edges import Edge
+    from cohort.topology.edges import Edge
 
 
 def edge_weights(edges: Sequence["Edge"], epoch: int = 1) -> list[float]:

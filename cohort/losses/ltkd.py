@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from .divergence import check_temperature, kl, log_probs
 from .batch import WHOLE_BATCH, WholeBatch
+from .divergence import check_temperature, kl, log_probs
 from .registry import register_loss
 
 

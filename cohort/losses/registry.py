@@ -15,13 +15,13 @@ from typing import Callable
 
 from torch import Tensor
 
-from cohort.signatures import read_signature
+from cohort.config.signatures import read_signature
 
 from .batch import WHOLE_BATCH
 
 CONTEXT_NAMES = ("target", "groups")
 BATCH_NAME = "batch"
-# The keys and python names of an edge (cohort.edges.Edge): a loss parameter named like one
+# The keys and python names of an edge (cohort.topology.edges.Edge): a loss parameter named like one
 # would be read as the edge's own setting, never reach the loss. Checked against Edge in the tests.
 EDGE_FIELD_NAMES = ("from", "to", "loss", "weight", "reduce", "warmup", "source")
 

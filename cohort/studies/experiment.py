@@ -1,5 +1,5 @@
 """A study as one Ray Tune experiment: a FIFO grid over (arm, seed), every trial one whole cohort
-(``cohort.sweep.cohort_trial``), and the driver's callback that keeps MLflow (a child run per
+(``cohort.tuning.sweep.cohort_trial``), and the driver's callback that keeps MLflow (a child run per
 (arm, seed) under the study's parent run) and prints one line per finished run with the count.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cohort.display import Display, RunsDisplay, count_trials, runtime_mode
-from cohort.report import OBJECTIVE, is_metric, metric_key
+from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
+from cohort.worker.report import OBJECTIVE, is_metric, metric_key
 
 ARM_TAG, SEED_TAG, STUDY_TAG = "cohort.study.arm", "cohort.study.seed", "cohort.study"
 
@@ -24,7 +24,7 @@ def run_label(arm: str, seed: int) -> str:
 def study_trial(config: dict[str, Any], arms: dict[str, dict[str, Any]], objectives: dict[str, str],
                 cpus_per_peer: float, threads: int, storage: str, weights: dict[str, dict[str, Any]]) -> None:
     """Tune's trainable of a study: the arm's topology with the run's seed, as one cohort."""
-    from cohort.sweep import cohort_trial
+    from cohort.tuning.sweep import cohort_trial
 
     arm, seed = config["run"]["arm"], int(config["run"]["seed"])
     cohort_trial({"seed": seed}, arms[arm], objectives[arm], cpus_per_peer, threads, storage, weights.get(arm))
@@ -55,7 +55,7 @@ class StudyCallback(Callback):
         self.finished_here = 0
         self.started = time.perf_counter()
         self.last_epoch: dict[str, int] = {}
-        self.display = display  # the display mode (cohort.display)
+        self.display = display  # the display mode (cohort.console.display)
         self._tracker = None
         self._runs = None
 
@@ -73,7 +73,7 @@ class StudyCallback(Callback):
     @property
     def tracker(self):
         if self._tracker is None:
-            from cohort.tracking import Tracker
+            from cohort.tracking.tracker import Tracker
 
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
@@ -143,7 +143,7 @@ class StudyCallback(Callback):
         self.last_epoch[trial.trial_id] = epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from cohort.tracking import flat_metrics, log_checkpoint_artifacts
+        from cohort.tracking.tracker import flat_metrics, log_checkpoint_artifacts
 
         self._child(trial)
         result = trial.last_result or {}
@@ -157,7 +157,7 @@ class StudyCallback(Callback):
                       metrics={role: result.get(metric_key(peer, "acc")) for role, peer in self.roles[arm].items()})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from cohort.sweep import trial_failure
+        from cohort.tuning.sweep import trial_failure
 
         self._child(trial)
         reason = trial_failure(trial)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from cohort.comparison.figures import draw_bins, new_figure, save
 from cohort.studies.stats import mean_half_width
-from cohort.studies.tables import RoleTable, column_name, role_values, scale_of, Outcome
+from cohort.studies.tables import Outcome, RoleTable, column_name, role_values, scale_of
 
 PANEL_WIDTH, PANEL_HEIGHT = 3.6, 3.2
 

@@ -27,14 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from cohort.config.errors import describe, did_you_mean
+from cohort.config.errors import CohortError, describe, did_you_mean, named, quoted
 from cohort.config.loader import read_yaml
 from cohort.config.overrides import parse_assignment
-from cohort.errors import CohortError, named, quoted
-from cohort.report import ENSEMBLE
 from cohort.topology import Topology, topology_from_dict
+from cohort.worker.report import ENSEMBLE
 
 DEFAULT_METRICS = ("acc", "ece", "adaece", "nll", "brier")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -183,7 +189,7 @@ def load_arm(study_path: Path, name: str, arm: ArmConfig, config: StudyConfig, c
                               f"{did_you_mean(peer, topology.peer_names)} (peers: {', '.join(topology.peer_names)}, "
                               f"or {ENSEMBLE})", where)
     # The same role starts from the same weights in every arm: its peer's initial weights are keyed
-    # by the role (cohort.peer.peer_seed), unless the topology chose a key itself.
+    # by the role (cohort.worker.peer.peer_seed), unless the topology chose a key itself.
     seeds = {f"peers.{peer}.init_seed": role for role, peer in roles.items()
              if peer in topology.peers and topology.peers[peer].init_seed is None}
     if seeds:

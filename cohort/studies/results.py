@@ -41,7 +41,7 @@ def pooled_bins(client, outcomes_of_arm: list[Outcome], peer: str):
     them): per bin the counts add up, accuracy and confidence are count-weighted means."""
     import torch
 
-    from cohort.reliability import ReliabilityBins
+    from cohort.metrics.reliability import ReliabilityBins
 
     parts = []
     with tempfile.TemporaryDirectory(prefix="cohort-study-") as scratch:

@@ -12,8 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from cohort.studies.stats import (EMPTY_CELL, PairedDifference, Summary, format_difference, format_mean_std,
-                                  paired_difference, summarize)
+from cohort.studies.stats import (
+    EMPTY_CELL,
+    PairedDifference,
+    Summary,
+    format_difference,
+    format_mean_std,
+    paired_difference,
+    summarize,
+)
 
 FORMATS = ("table", "markdown", "csv", "latex")
 

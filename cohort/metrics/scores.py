@@ -27,7 +27,6 @@ averages probabilities) share it.
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import numpy as np
@@ -393,7 +392,7 @@ def evaluate_probs(
     return _summary(probs, log_probs, labels, groups, group_names, n_bins)
 
 
-# --------------------------------------------------------------------------- for cohort.reliability
+# --------------------------------------------------------------------------- for cohort.metrics.reliability
 
 # The checks and the ``ece`` binning, public: reliability bins are binned by these very functions.
 check_scores = _check

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cohort.config.errors import did_you_mean
+from cohort.config.errors import CohortError, did_you_mean
 from cohort.datasets.base import Batch, CohortDataset, DatasetInfo
-from cohort.errors import CohortError
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",  # noise

@@ -1,16 +1,16 @@
 """The logit exchange: every peer's logits, for every peer, in peer order.
 
 The collectives of the cohort live here: the exchange over a shard's group, the process groups of
-the worker grid (``cohort.grid``), object gathers, and batch statistics over a peer's replicas;
-batch norm's all-reduce is in ``cohort.syncbn``.
+the worker grid (``cohort.worker.grid``), object gathers, and batch statistics over a peer's replicas;
+batch norm's all-reduce is in ``cohort.worker.syncbn``.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from cohort.grid import exchange_group_ranks, peer_group_ranks, slot_of
 from cohort.losses.batch import WholeBatch
+from cohort.worker.grid import exchange_group_ranks, peer_group_ranks, slot_of
 
 
 class LogitExchange:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cohort.errors import CohortError, first_line
+from cohort.config.errors import CohortError, first_line
 
 OPSET = 18  # the ONNX opset of every export (ONNX Runtime 1.16 and later run it)
 TOLERANCE = 1e-4  # ONNX Runtime's logits against torch's: largest absolute difference allowed

@@ -6,7 +6,7 @@ for each shard there is one worker of every peer. Ranks run shard by shard,
 of a cohort without replicas. Logits are exchanged within a shard (its *exchange group*);
 gradients are averaged within a peer (its *peer group*, M workers).
 
-Pure functions only: the process groups themselves are created in ``cohort.exchange``.
+Pure functions only: the process groups themselves are created in ``cohort.worker.exchange``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The cohort driver's library: the plan (checked before anything starts), the checkpoints it reads
 once for the workers, the ``TorchTrainer`` of a cohort, fitting it in the background, and why a fit
-failed. ``cohort.run`` (one run) and ``cohort.sweep`` (Tune trials) drive cohorts with it.
+failed. ``cohort.run`` (one run) and ``cohort.tuning.sweep`` (Tune trials) drive cohorts with it.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from cohort.cluster import timed_start_ray
-from cohort.errors import CohortError
-from cohort.grid import exchange_backend, gpus_needed
+from cohort.config.errors import CohortError
+from cohort.driver.cluster import timed_start_ray
+from cohort.worker.grid import exchange_backend, gpus_needed
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Plan:
     groups: Any  # (class -> group tensor, group names), or None
     parameters: dict[str, int]
     cpus_per_peer: float
-    compute: dict[str, float]  # FLOPs of one training step per sample, per peer (cohort.placement)
+    compute: dict[str, float]  # FLOPs of one training step per sample, per peer (cohort.driver.placement)
     threads: dict[str, int]  # torch threads per peer, in proportion to its compute
     tracking_uri: str
     # The loaded dataset, handed to every worker through Ray's object store (None for --dry-run).
@@ -38,7 +38,7 @@ def fetch_checkpoints(topology, tracking_uri: str):
     """The topology with each ``mlflow:EXPERIMENT/PEER`` checkpoint pinned to the run it means
     (``runs:/RUN_ID/weights/PEER.pt``), and every ``runs:/`` reference checked. Nothing is
     downloaded: ``load_checkpoints`` reads the weights, once, for the workers."""
-    from cohort.tracking import is_mlflow_checkpoint, resolve_checkpoint
+    from cohort.tracking.tracker import is_mlflow_checkpoint, resolve_checkpoint
 
     peers = {}
     for name, peer in topology.peers.items():
@@ -55,8 +55,8 @@ def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
     object store and never open a checkpoint path, which on a cluster only the driver may have."""
     import tempfile
 
-    from cohort.tracking import fetch_checkpoint, is_mlflow_checkpoint
-    from cohort.peer import read_weights
+    from cohort.tracking.tracker import fetch_checkpoint, is_mlflow_checkpoint
+    from cohort.worker.peer import read_weights
 
     weights = {}
     with tempfile.TemporaryDirectory(prefix="cohort-checkpoints-") as folder:
@@ -72,10 +72,10 @@ def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
 
 def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.datasets import describe_dataset, load_dataset
+    from cohort.driver.placement import peer_threads, step_flops
     from cohort.models import count_parameters
-    from cohort.placement import peer_threads, step_flops
-    from cohort.tracking import resolve_uri
-    from cohort.peer import build_peer, cohort_groups
+    from cohort.tracking.tracker import resolve_uri
+    from cohort.worker.peer import build_peer, cohort_groups
 
     uri = resolve_uri(tracking_uri or topology.tracking.uri)
     dataset = load_dataset(topology.data, topology.seed) if download else None
@@ -114,7 +114,7 @@ def fit_cluster(plan: Plan, cluster: dict[str, float], node_labels: list[dict[st
     """The plan with CPUs shared out over the Ray cluster; refused if the cluster is too small, or
     has no GPUs of the type or no node with the labels the topology asks for (``node_labels``:
     every node's labels, where known)."""
-    from cohort.placement import peer_threads
+    from cohort.driver.placement import peer_threads
 
     topology = plan.topology
     resources = topology.resources
@@ -159,7 +159,7 @@ def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str)
     """
     import ray
 
-    from cohort.tracking import Tracker
+    from cohort.tracking.tracker import Tracker
 
     prepared: dict[str, Any] = {}
 
@@ -197,14 +197,14 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
     object store for that peer's workers; a peer without them reads its checkpoint's path.
-    ``train_loop``: what the workers run, default ``cohort.worker.train_cohort`` (a benchmark wraps
+    ``train_loop``: what the workers run, default ``cohort.worker.loop.train_cohort`` (a benchmark wraps
     it to measure around it). ``live_steps``: rank 0 also sends its step counter through ``progress``
-    a few times a second (``cohort.display.step_message``), for the driver's live display."""
+    a few times a second (``cohort.console.display.step_message``), for the driver's live display."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cohort.worker import train_cohort
+    from cohort.worker.loop import train_cohort
 
     storage_path = storage_location(storage)
     resources = topology.resources
@@ -215,7 +215,7 @@ def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], 
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
                            "dataset": ray.put(dataset) if dataset is not None else None,
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
-        # One worker per peer and replica (cohort.grid). The worker wraps only a peer's own
+        # One worker per peer and replica (cohort.worker.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
             num_workers=topology.num_workers,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 ENSEMBLE = "ensemble"  # the mean of the peers' probabilities
 COHORT = "cohort"  # the run as a whole
 RESERVED = (ENSEMBLE, COHORT)
-OBJECTIVE = "objective"  # a sweep's metric, as rank 0 computes it (cohort.sweep)
+OBJECTIVE = "objective"  # a sweep's metric, as rank 0 computes it (cohort.tuning.sweep)
 EPOCH = "epoch"
 
 
@@ -132,7 +132,7 @@ def peer_epoch_metrics(stats: EpochStats, logits: torch.Tensor, labels: torch.Te
                        fingerprint: int, groups: torch.Tensor | None = None,
                        group_names: list[str] | None = None) -> dict[str, float]:
     """What one peer contributes to an epoch's report."""
-    from cohort import metrics
+    from cohort.metrics import scores as metrics
 
     return {**stats.summary(), **metrics.evaluate(logits, labels, groups, group_names), "epoch_seconds": seconds,
             "peak_rss_mb": peak_rss_mb(), "fingerprint": fingerprint}
@@ -143,9 +143,13 @@ def report_keys(topology: Topology, info: DatasetInfo) -> list[str]:
     last epoch's: with a validation split, the temperature-scaled metrics too)."""
     import torch
 
-    from cohort import metrics
-    from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
-    from cohort.peer import cohort_groups
+    from cohort.metrics import scores as metrics
+    from cohort.metrics.temperature import (
+        log_probs_of,
+        scaled_metrics,
+        validation_metrics,
+    )
+    from cohort.worker.peer import cohort_groups
 
     groups = metric_groups(topology, cohort_groups(topology, info))
     logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes

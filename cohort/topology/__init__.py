@@ -12,16 +12,15 @@ from typing import Any, Iterable, Literal, Mapping, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cohort.config.errors import describe, did_you_mean, kind_of
+from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
 from cohort.config.schema import Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
-from cohort.edges import EDGE_FIELDS, Edge
-from cohort.errors import CohortError, quoted
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
+from cohort.topology.edges import EDGE_FIELDS, Edge
 
 PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_PEER_NAMES = {"ensemble", "cohort"}
@@ -282,7 +281,7 @@ class Topology(Strict):
     @property
     def peer_names(self) -> list[str]:
         """Peers in file order; peer k runs on the Ray Train worker of rank k (on ranks
-        ``shard * len(peers) + k`` with replicas, see cohort.grid)."""
+        ``shard * len(peers) + k`` with replicas, see cohort.worker.grid)."""
         return list(self.peers)
 
     @property

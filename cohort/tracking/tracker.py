@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from cohort.errors import CohortError, first_line
+from cohort.config.errors import CohortError, first_line
 from cohort.topology import DEFAULT_TRACKING_URI, Topology
 
 MAX_PARAMS_PER_BATCH = 100

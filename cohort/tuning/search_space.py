@@ -20,12 +20,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from cohort.errors import CohortError, named, quoted
-from cohort.config.errors import describe
+from cohort.config.errors import CohortError, describe, named, quoted
 from cohort.config.loader import read_yaml
-from cohort.edges import finite_number
+from cohort.config.signatures import finite_number
 from cohort.topology import Topology, topology_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")

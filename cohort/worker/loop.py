@@ -1,5 +1,5 @@
 """The per-peer loop, run by every Ray Train worker: worker k trains peer k of the topology
-(with replicas, a worker trains one replica of a peer on one shard of each batch: cohort.grid).
+(with replicas, a worker trains one replica of a peer on one shard of each batch: cohort.worker.grid).
 
 ``train_cohort`` reads top to bottom: set up → restore → epochs → report.
 Each step: batch → own logits → exchange → own loss → backward → step.
@@ -18,26 +18,48 @@ import torch
 import torch.distributed
 import torch.nn as nn
 
-from cohort import metrics, reliability
-from cohort.calibration import log_probs_of, scaled_metrics, validation_metrics
-from cohort.checkpoint import load_peer_state, restore_rng, rng_state, save_peer_state
+from cohort.config.errors import CohortError
 from cohort.datasets import CohortDataset, load_dataset
-from cohort.display import StepTicker, epoch_steps, queue_sender
-from cohort.errors import CohortError
-from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
 from cohort.gates.decision import Gating, StepDecision
-from cohort.guard import BatchGuard
-from cohort.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import peer_objective
-from cohort.peer import apply_optimizer_settings, build_optimizer, build_peer, cohort_groups
-from cohort.precision import autocast, grad_scaler
-from cohort.report import (ENSEMBLE, OBJECTIVE, EpochStats, cohort_key, cohort_report, metric_groups,
-                           peer_epoch_metrics)
-from cohort.syncbn import sync_batch_norm
-from cohort.search_space import MetricExpression
+from cohort.metrics import reliability
+from cohort.metrics import scores as metrics
+from cohort.metrics.temperature import log_probs_of, scaled_metrics, validation_metrics
 from cohort.topology import Topology, topology_from_dict
-
+from cohort.tuning.search_space import MetricExpression
+from cohort.worker.checkpoint import (
+    load_peer_state,
+    restore_rng,
+    rng_state,
+    save_peer_state,
+)
+from cohort.worker.exchange import (
+    LogitExchange,
+    ReplicaBatch,
+    gather_in_group,
+    grid_groups,
+)
+from cohort.worker.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
+from cohort.worker.guard import BatchGuard
+from cohort.worker.peer import (
+    apply_optimizer_settings,
+    build_optimizer,
+    build_peer,
+    cohort_groups,
+)
+from cohort.worker.precision import autocast, grad_scaler
+from cohort.worker.report import (
+    ENSEMBLE,
+    OBJECTIVE,
+    EpochStats,
+    cohort_key,
+    cohort_report,
+    metric_groups,
+    peer_epoch_metrics,
+)
+from cohort.worker.syncbn import sync_batch_norm
+from cohort.worker.ticker import StepTicker, epoch_steps, queue_sender
 
 # --------------------------------------------------------------------------- one peer's training
 
@@ -198,7 +220,7 @@ def train_cohort(config: dict[str, Any]) -> None:
 
     ``config`` holds the resolved topology (as plain data), the torch thread count, the queue
     through which rank 0 sends each epoch's cohort metrics to the driver (``cohort.run``), and
-    the metric expression rank 0 reports as ``objective`` (``cohort.sweep``).
+    the metric expression rank 0 reports as ``objective`` (``cohort.tuning.sweep``).
     """
     # Wall-clock times (comparable with the driver's) of the worker's start-up, sent with its first epoch.
     startup = {"worker_start": time.time()}
@@ -369,7 +391,7 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
                                       *worker.metric_groups)
     validation = None
     if worker.data.info.val_size:
-        # The validation split: its accuracy and NLL, and when due the temperature fitted on it (cohort.calibration).
+        # The validation split: its accuracy and NLL, and when due the temperature fitted on it (cohort.metrics.temperature).
         validation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
                               device=worker.device, precision=topology.train.precision, shard=worker.shard,
                               shards=topology.replicas, peer_group=worker.peer_group,
@@ -434,7 +456,7 @@ def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluatio
 
 
 def save_checkpoint(worker: WorkerState, folder: str, epoch: int) -> None:
-    """The peer's training state after ``epoch``, in ``folder`` (cohort.checkpoint)."""
+    """The peer's training state after ``epoch``, in ``folder`` (cohort.worker.checkpoint)."""
     guard, optimizer, scheduler, scaler = worker.guard, worker.optimizer, worker.scheduler, worker.scaler
     save_peer_state(folder, worker.peer, {
         "epoch": epoch, "fingerprint": guard.fingerprint, "step": guard.step,

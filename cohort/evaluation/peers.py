@@ -1,6 +1,6 @@
 """Evaluating a finished run's peers without training (the library of ``python -m cohort.evaluate``):
 the run's topology, weights and fitted temperatures from MLflow, the peers' logits on a test split
-(the run's own, another dataset's with the same classes, or a corrupted one: ``cohort.shift``),
+(the run's own, another dataset's with the same classes, or a corrupted one: ``cohort.evaluation.shift``),
 their metrics before and after temperature scaling, and the mean over corruptions per severity.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from cohort.calibration import CALIBRATED, TEMPERATURE_KEY, log_probs_of
-from cohort.errors import CohortError, first_line
-from cohort.report import ENSEMBLE, metric_key
+from cohort.config.errors import CohortError
+from cohort.metrics.temperature import CALIBRATED, TEMPERATURE_KEY, log_probs_of
+from cohort.worker.report import ENSEMBLE, metric_key
 
 METRICS = ("acc", "ece", "adaece", "nll", "brier")
 CLEAN = "clean"
@@ -86,7 +86,7 @@ def peer_logits(models: dict[str, torch.nn.Module], data, batch_size: int) -> tu
 
 def owner_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float | None) -> dict[str, float]:
     """acc, ECE, AdaECE, NLL, Brier; with a temperature, the calibration metrics at it (``_ts``)."""
-    from cohort import metrics
+    from cohort.metrics import scores as metrics
 
     before = metrics.evaluate(logits, labels)
     out = {name: before[name] for name in METRICS}
@@ -205,7 +205,7 @@ def severity_figure(results: dict[tuple[str, int], dict[str, dict[str, float]]],
 
 def build_models(topology, weights: dict[str, dict[str, torch.Tensor]], info) -> dict[str, torch.nn.Module]:
     """The peers' networks with the run's final weights, in evaluation mode on the CPU."""
-    from cohort.peer import build_peer, check_weights
+    from cohort.worker.peer import build_peer, check_weights
 
     models = {}
     for peer in topology.peer_names:

@@ -13,9 +13,9 @@ from typing import Any
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from cohort.display import Display, RunsDisplay, count_trials, runtime_mode
-from cohort.errors import CohortError
-from cohort.report import OBJECTIVE, is_metric
+from cohort.config.errors import CohortError
+from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
+from cohort.worker.report import OBJECTIVE, is_metric
 
 # The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
 # refuses a trial with no resources at all.)
@@ -61,7 +61,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     import ray.tune
     from ray.util.queue import Queue
 
-    from cohort.launch import fit_in_background, make_trainer
+    from cohort.driver.launch import fit_in_background, make_trainer
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
     topology = trial_topology(base, sampled)
@@ -104,7 +104,7 @@ class SweepCallback(Callback):
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, epochs: int, metric: str,
                  state_file: Path, base: dict[str, Any] | None = None, total: int = 0, display: str = "auto"):
         self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.total, self.display = total, display  # the trials expected; the display mode (cohort.display)
+        self.total, self.display = total, display  # the trials expected; the display mode (cohort.console.display)
         self.finished_here = 0
         self.base = base
         self.parent_run_id = parent_run_id
@@ -143,7 +143,7 @@ class SweepCallback(Callback):
     @property
     def tracker(self):
         if self._tracker is None:
-            from cohort.tracking import Tracker
+            from cohort.tracking.tracker import Tracker
 
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
@@ -233,7 +233,7 @@ class SweepCallback(Callback):
 
 def trial_failure(trial) -> str:
     """The one line that says why a trial failed."""
-    from cohort.launch import failure_reason
+    from cohort.driver.launch import failure_reason
 
     path = getattr(trial, "error_file", None) or ""
     text = Path(path).read_text() if path and Path(path).exists() else str(getattr(trial, "error_msg", "") or "")
@@ -257,9 +257,13 @@ def short_value(value: Any) -> str:
 
 def make_scheduler(space, topology):
     """Tune's scheduler for the space file's ``scheduler`` section; every one counts in epochs."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        PopulationBasedTraining,
+    )
 
-    from cohort.search_space import tune_distribution
+    from cohort.tuning.search_space import tune_distribution
 
     settings = space.scheduler
     if settings.name == "asha":

@@ -1,23 +1,22 @@
 """One peer of a topology: its seed, its network (from its checkpoint's weights where it has one), its
 optimizer and schedule, and the cohort's class groups. The driver builds every peer once to check
-the plan (cohort.launch); each worker builds its own (cohort.worker).
+the plan (cohort.driver.launch); each worker builds its own (cohort.worker.loop).
 """
 from __future__ import annotations
 
 import hashlib
-
 import os
 
 import torch
 import torch.nn as nn
 
-from cohort import metrics
-from cohort.checkpoint import load_tensors
+from cohort.config.errors import CohortError
 from cohort.datasets import DatasetInfo
-from cohort.errors import CohortError
 from cohort.losses import LOSSES
+from cohort.metrics import scores as metrics
 from cohort.models import build_model
 from cohort.topology import OptimizerConfig, Topology
+from cohort.worker.checkpoint import load_tensors
 
 
 def peer_seed(topology: Topology, peer: str) -> int:

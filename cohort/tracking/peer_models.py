@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
-from cohort.errors import CohortError, first_line, quoted
-from cohort.report import ENSEMBLE
+from cohort.config.errors import CohortError, first_line, quoted
+from cohort.worker.report import ENSEMBLE
 
 MODELS_FOLDER = "models"  # a peer's model: runs:/RUN_ID/models/<peer>
 WEIGHTS_FOLDER = "weights"  # its state_dict: runs:/RUN_ID/weights/<peer>.pt
@@ -38,7 +38,7 @@ def model_uri(run_id: str, peer: str) -> str:
 
 
 class TemperatureScaled(torch.nn.Module):
-    """A peer whose logits are divided by the temperature its run fitted (``cohort.calibration``):
+    """A peer whose logits are divided by the temperature its run fitted (``cohort.metrics.temperature``):
     softmax of its output gives the calibrated probabilities; the arg max is the peer's."""
 
     def __init__(self, model: torch.nn.Module, temperature: float):
@@ -106,7 +106,7 @@ def method_of(topology, name: str) -> str:
 
 def trained_peer(topology, peer: str, info, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """The peer's network with its final weights (checked against the model), in eval mode."""
-    from cohort.peer import build_peer, check_weights
+    from cohort.worker.peer import build_peer, check_weights
 
     model = build_peer(topology, peer, info, weights if topology.peers[peer].checkpoint else None)
     model.load_state_dict(check_weights(dict(weights), model, f"weights/{peer}.pt", "--peer"))
@@ -128,8 +128,8 @@ def incoming_methods(topology, peer: str) -> str:
 def test_metric_names(topology, info, groups) -> list[str]:
     """The names of a peer's test metrics in an epoch's report (``acc``, ``ece``, ... and the
     per-group ones where the run has groups), computed by the metric code itself."""
-    from cohort import metrics
-    from cohort.report import metric_groups
+    from cohort.metrics import scores as metrics
+    from cohort.worker.report import metric_groups
 
     logits, labels = torch.randn(4, info.num_classes), torch.arange(4) % info.num_classes
     return sorted(metrics.evaluate(logits, labels, *metric_groups(topology, groups)))
@@ -138,8 +138,8 @@ def test_metric_names(topology, info, groups) -> list[str]:
 def peer_test_metrics(final: Mapping[str, Any], peer: str, names: list[str]) -> dict[str, float]:
     """A peer's final test metrics from the run's last report, keyed without the peer's prefix: the
     ``names``, and the temperature-scaled ones (``*_ts``, ``ts_temperature``) where a run reports them."""
-    from cohort.report import metric_key
-    from cohort.tracking import flat_metrics
+    from cohort.tracking.tracker import flat_metrics
+    from cohort.worker.report import metric_key
 
     prefix = metric_key(peer, "")
     flat = flat_metrics(final)
@@ -289,7 +289,7 @@ def finished_run(client, run_id: str, uri: str):
     """The MLflow run ``run_id`` and its topology, refused unless it finished."""
     from cohort.config.loader import read_yaml
     from cohort.topology import topology_from_dict
-    from cohort.tracking import RUN_ID
+    from cohort.tracking.tracker import RUN_ID
 
     if not RUN_ID.fullmatch(run_id):
         raise CohortError(f"{quoted(run_id)} is not an MLflow run id (32 hex characters)")
@@ -321,7 +321,7 @@ def model_weights(client, run_id: str, topology, name: str) -> dict[str, dict[st
 
 def run_weights(client, run_id: str, topology, peer: str) -> dict[str, torch.Tensor]:
     """The final state_dict of ``peer`` logged by the run."""
-    from cohort.peer import read_weights
+    from cohort.worker.peer import read_weights
 
     if peer not in topology.peers:
         raise CohortError(f"run {run_id} has no peer {peer!r} (peers: {', '.join(topology.peer_names)})", "--peer")
@@ -341,7 +341,7 @@ def has_model(client, run_id: str, peer: str) -> bool:
 
 
 class RunWriter:
-    """The one method of cohort.tracking.Tracker that logging a model uses, on an existing run."""
+    """The one method of cohort.tracking.tracker.Tracker that logging a model uses, on an existing run."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
@@ -380,7 +380,7 @@ def register_finished_peer(client, uri: str, run_id: str, peer: str, name: str,
     from its weights where the run has none), or with ``calibrated`` the peer divided by its fitted
     temperature (``models/<peer>_calibrated``)."""
     from cohort.datasets import load_dataset
-    from cohort.peer import cohort_groups
+    from cohort.worker.peer import cohort_groups
 
     run, topology = finished_run(client, run_id, uri)
     weights = model_weights(client, run_id, topology, peer)

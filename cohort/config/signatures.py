@@ -13,8 +13,12 @@ topology may set are told from the parameters alone.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
+from cohort.config.errors import did_you_mean, quoted
+from cohort.config.schema import problem
 
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -64,3 +68,43 @@ def read_signature(fn: Callable[..., Any], where: str, leading: tuple[str, str],
         else:
             raise ValueError(f"{where}: parameter {p.name!r} has no default and is not a context name {context_names}")
     return Signature(params, tuple(context), frozenset(seen))
+
+
+# --------------------------------------------------------------------------- a topology entry's parameters
+
+
+def keyword_parameters(what: str, params: dict[str, Any], given: dict[str, Any], fields) -> dict[str, Any]:
+    """The keyword arguments of a registered function (a loss, a gate rule: ``what``) from the keys a
+    topology entry gives beside its own ``fields``: each checked, every missing one its default."""
+    for key in given:
+        if key not in params:
+            allowed = list(fields) + list(params)
+            raise problem(f"not a parameter of {what}{did_you_mean(key, allowed)}"
+                          f" (it takes: {', '.join(params) or 'nothing'})", key)
+    return {key: loss_parameter(key, given.get(key, default), default) for key, default in params.items()}
+
+
+def loss_parameter(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise problem(f"must be true or false, not {quoted(value)}", key)
+        return value
+    if isinstance(default, (int, float)):
+        if not finite_number(value):
+            raise problem(f"must be a number, not {quoted(value)}", key)
+        if key == "temperature" and value <= 0:
+            raise problem(f"must be > 0, not {quoted(value)}", key)
+        if value < 0:
+            raise problem(f"must be >= 0, not {quoted(value)}", key)
+        return float(value)
+    return value
+
+
+def finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool) that fits a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False

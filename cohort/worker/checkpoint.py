@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cohort.errors import CohortError, first_line
+from cohort.config.errors import CohortError, first_line
 
 
 def state_path(folder: str | Path, peer: str) -> Path:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from cohort.errors import CohortError
+from cohort.config.errors import CohortError
 
 
 def batch_fingerprint(running: int, inputs: torch.Tensor, labels: torch.Tensor) -> int:

@@ -7,9 +7,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cohort.config.errors import did_you_mean
+from cohort.config.errors import quoted
 from cohort.config.schema import Strict, problem
-from cohort.errors import quoted
+from cohort.config.signatures import keyword_parameters
 from cohort.losses import LOSSES
 
 
@@ -80,40 +80,3 @@ class Edge(BaseModel):
     def label(self) -> str:
         source = "+".join(self.senders)
         return f"{source}->{self.to}:{self.loss}"
-
-
-def keyword_parameters(what: str, params: dict[str, Any], given: dict[str, Any], fields) -> dict[str, Any]:
-    """The keyword arguments of a registered function (a loss, a gate rule: ``what``) from the keys a
-    topology entry gives beside its own ``fields``: each checked, every missing one its default."""
-    for key in given:
-        if key not in params:
-            allowed = list(fields) + list(params)
-            raise problem(f"not a parameter of {what}{did_you_mean(key, allowed)}"
-                          f" (it takes: {', '.join(params) or 'nothing'})", key)
-    return {key: loss_parameter(key, given.get(key, default), default) for key, default in params.items()}
-
-
-def loss_parameter(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise problem(f"must be true or false, not {quoted(value)}", key)
-        return value
-    if isinstance(default, (int, float)):
-        if not finite_number(value):
-            raise problem(f"must be a number, not {quoted(value)}", key)
-        if key == "temperature" and value <= 0:
-            raise problem(f"must be > 0, not {quoted(value)}", key)
-        if value < 0:
-            raise problem(f"must be >= 0, not {quoted(value)}", key)
-        return float(value)
-    return value
-
-
-def finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool) that fits a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False

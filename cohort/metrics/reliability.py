@@ -1,6 +1,6 @@
 """Reliability bins and diagrams: per confidence bin, the count, accuracy and mean confidence of the
-max probability, binned as ``cohort.metrics.ece`` bins (equal-width ``(lo, hi]`` bins; the binning
-core lives in ``cohort.metrics``), and the PNG diagram of them.
+max probability, binned as ``cohort.metrics.scores.ece`` bins (equal-width ``(lo, hi]`` bins; the binning
+core lives in ``cohort.metrics.scores``), and the PNG diagram of them.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 # The binning core under the names the functions below were written with (moved verbatim from
-# cohort.metrics, which keeps the binning so that ECE and the diagrams cannot drift apart).
-from cohort.metrics import bin_edges as _edges
-from cohort.metrics import bin_sums as _bin_sums
-from cohort.metrics import check_scores as _check
-from cohort.metrics import equal_width_bins as _equal_width_bins
-from cohort.metrics import from_logits as _from_logits
-from cohort.metrics import from_probs as _from_probs
-from cohort.metrics import top1 as _top1
+# cohort.metrics.scores, which keeps the binning so that ECE and the diagrams cannot drift apart).
+from cohort.metrics.scores import bin_edges as _edges
+from cohort.metrics.scores import bin_sums as _bin_sums
+from cohort.metrics.scores import check_scores as _check
+from cohort.metrics.scores import equal_width_bins as _equal_width_bins
+from cohort.metrics.scores import from_logits as _from_logits
+from cohort.metrics.scores import from_probs as _from_probs
+from cohort.metrics.scores import top1 as _top1
 
 __all__ = ["ReliabilityBins", "reliability_bins", "reliability_bins_probs", "reliability_diagram"]
 

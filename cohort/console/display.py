@@ -30,9 +30,9 @@ import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
+from cohort.worker.ticker import STEP
+
 MODES = ("tty", "log", "json", "quiet")
-STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
-TICK_SECONDS = 0.25  # rank 0 sends the step counter at most this often
 # Anything a terminal would interpret: escape sequences, carriage returns, other C0 controls but newline.
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _stdout: TextIO | None = None  # the real stdout while command_stdout() redirects stdout
@@ -268,26 +268,6 @@ def epoch_json(report: dict[str, Any], epochs: int, seconds: float, left: float 
 
 # --------------------------------------------------------------------------- steps inside an epoch
 
-
-def step_message(epoch: int, step: int, steps: int, images: int, seconds: float) -> dict[str, Any]:
-    """Rank 0's step counter for the driver: ``step`` of ``steps`` of ``epoch`` (under ``in_epoch``,
-    never ``epoch``: the driver tells it from a report by that), ``images`` trained on so far this
-    epoch (whole batches), ``seconds`` since the epoch's first batch was asked for."""
-    return {STEP: step, "steps": steps, "in_epoch": epoch, "images": images, "seconds": seconds}
-
-
-def is_step(message: dict[str, Any]) -> bool:
-    return STEP in message and "epoch" not in message
-
-
-def epoch_steps(train_size: int, batch_size: int, shards: int = 1) -> int:
-    """How many steps an epoch has (cohort.datasets.base.batch_indices: a too-small last batch
-    is folded into the one before)."""
-    steps = -(-train_size // batch_size)
-    last = train_size - (steps - 1) * batch_size
-    return steps - 1 if steps > 1 and last < max(2, shards) else steps
-
-
 def step_status(message: dict[str, Any], left: float | None) -> str:
     """The bar's text beside it: the epoch's elapsed and remaining time, images per second, the run's time left."""
     step, steps, seconds = message[STEP], message["steps"], message["seconds"]
@@ -295,32 +275,6 @@ def step_status(message: dict[str, Any], left: float | None) -> str:
     rate = message["images"] / seconds if seconds > 0 else math.nan
     text = f"{clock(seconds)}<{clock(remaining)}, {rate:.0f} img/s" if rate == rate else f"{clock(seconds)}<?"
     return text + (f" | run: {left_text(left)}" if left is not None and math.isfinite(left) else "")
-
-
-class StepTicker:
-    """Rank 0's side: counts the steps of an epoch and sends the count through ``send`` at most
-    every ``interval`` seconds (and at the epoch's last step). A clock read per step otherwise."""
-
-    def __init__(self, send: Callable[[dict[str, Any]], Any], steps: int, interval: float = TICK_SECONDS,
-                 now: Callable[[], float] = time.perf_counter):
-        self.send, self.steps, self.interval, self.now = send, steps, interval, now
-        self.epoch, self.images, self.started, self.last = 0, 0, 0.0, -math.inf
-
-    def begin(self, epoch: int) -> None:
-        self.epoch, self.images, self.started, self.last = epoch, 0, self.now(), -math.inf
-
-    def tick(self, step: int, batch_images: int) -> None:
-        self.images += batch_images
-        now = self.now()
-        if now - self.last >= self.interval or step >= self.steps:
-            self.last = now
-            self.send(step_message(self.epoch, step, self.steps, self.images, now - self.started))
-
-
-def queue_sender(progress) -> Callable[[dict[str, Any]], Any]:
-    """Send to a ``ray.util.queue.Queue`` without waiting for the queue's actor (fire and forget:
-    the step never waits on the driver)."""
-    return lambda message: progress.actor.put_nowait.remote(message)
 
 
 # --------------------------------------------------------------------------- the displays

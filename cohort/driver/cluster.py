@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cohort.display import is_terminal
-from cohort.errors import CohortError, first_line
+from cohort.config.errors import CohortError, first_line
+from cohort.console.display import is_terminal
 
 
 def check_address(address: str) -> None:
@@ -217,8 +217,8 @@ def start_local(init: Callable[[], Any], shutdown: Callable[[], Any], attempts: 
 
 
 def timed_start_ray(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
-    """``start_ray``, and the driver's start-up marks (cohort.startup)."""
-    from cohort.startup import driver_marks, process_started
+    """``start_ray``, and the driver's start-up marks (cohort.driver.startup)."""
+    from cohort.driver.startup import driver_marks, process_started
 
     ray_start = time.time()
     cluster = start_ray(args.address, args.verbose, args.dashboard)

@@ -53,7 +53,7 @@ def log_probs_of(probs: torch.Tensor) -> torch.Tensor:
 def scaled_metrics(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor,
                    test_labels: torch.Tensor, groups=None, group_names=None) -> dict[str, float]:
     """Fit T on the validation logits; the test metrics at T as ``<metric>_ts``, and T itself."""
-    from cohort import metrics
+    from cohort.metrics import scores as metrics
 
     temperature = fit_temperature(val_logits, val_labels)
     scaled = metrics.evaluate(test_logits.double() / temperature, test_labels, groups, group_names)

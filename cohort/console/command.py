@@ -1,0 +1,44 @@
+"""Running a command: a ``CohortError`` as one line on stderr and exit status 2, Ctrl-C as 130, and
+Ctrl-C deferred between two writes where a write must not be cut in half."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+from cohort.config.errors import CohortError
+
+
+def run_command(command, args) -> int:
+    """Run a command-line entry point: a ``CohortError`` becomes one line on stderr and exit 2."""
+    from cohort.console.display import command_stdout, mode_of
+
+    try:
+        with command_stdout(mode_of(args)):
+            return command(args)
+    except CohortError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the output was piped into a command that stopped reading
+        return 0
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets the yielded event instead of raising wherever the main thread is: a
+    KeyboardInterrupt in the middle of an MLflow write left SQLite locked, and the run could then
+    not be marked KILLED. The caller checks the event between writes. Outside the main thread
+    (where no signal handler can be set) the event is never set and Ctrl-C behaves as usual."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,1 @@
+"""Accuracy and calibration metrics (pure), temperature scaling, reliability bins."""

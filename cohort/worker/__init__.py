@@ -1,0 +1,1 @@
+"""Inside one Ray Train worker: the loop, the step's exchange, the worker grid, the batch guard, synchronized batch norm, mixed precision, checkpoints, building a peer, the epoch report, rank 0's step ticker. Nothing here draws on a terminal or writes to MLflow."""
