@@ -28,22 +28,28 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.common import (
+    DEFAULT_DATA,
+    REPO,
+    TEST_IMAGES,
+    cohort_command,
+    cohort_steps,
+    ratio,
+    summarize,
+    write_slice,
+)
 from cohort.config.errors import CohortError
 from cohort.console.command import run_command
 from cohort.worker.report import cohort_key, metric_key
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
 DEFAULT_OUT = REPO / "bench" / "results" / "exchange.json"
 DISPLAY_OUT = REPO / "bench" / "results" / "display.json"
-TEST_IMAGES = 512  # evaluated every epoch: kept small, it is not what is measured
 EXCHANGE_SHAPES = ((64, 10), (128, 100), (256, 1000))
 
 # Two equal peers (DML), and a big teacher with a small student (BD-KD), as in the KD literature.
@@ -87,30 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- data and topologies
 
 
-def write_slice(source: Path, folder: Path, train_images: int) -> Path:
-    """A parquet table of ``train_images`` training and ``TEST_IMAGES`` test rows drawn at random
-    (the source is sorted by class), read by the product's own parquet loader."""
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    if not source.is_file():
-        raise CohortError("no such file: the benchmark needs the CIFAR-10 parquet table (give it with --data PATH)",
-                          str(source))
-    try:
-        table = pq.read_table(source, columns=["image", "label", "split"])
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise CohortError(f"not a readable parquet table ({error})", str(source)) from None
-    rng = np.random.default_rng(0)
-    rows = []
-    for split, count in (("train", train_images), ("test", TEST_IMAGES)):
-        candidates = np.flatnonzero(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
-        if len(candidates) < count:
-            raise CohortError(f"needs {count} {split} rows, the table has {len(candidates)}", str(source))
-        rows.append(rng.choice(candidates, count, replace=False))
-    path = folder / "cifar10_slice.parquet"
-    pq.write_table(table.take(np.concatenate(rows)).replace_schema_metadata(table.schema.metadata), path)
-    return path
 
 
 def bench_topology(name: str, peers_and_edges: dict, data: Path, epochs: int):
@@ -128,8 +110,6 @@ def bench_topology(name: str, peers_and_edges: dict, data: Path, epochs: int):
 # --------------------------------------------------------------------------- statistics
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
 def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -140,10 +120,6 @@ def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {**summarize(values), "cpu_seconds": summarize(cpu)}
 
 
-def ratio(numerator: dict[str, Any], denominator: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
-    """The ratio of two medians, and its spread over the repeats (repeat i against repeat i)."""
-    pairs = [a / b / scale for a, b in zip(numerator["values"], denominator["values"])]
-    return {"value": numerator["median"] / denominator["median"] / scale, "min": min(pairs), "max": max(pairs)}
 
 
 def load_seconds(topology, table: Path) -> float:
@@ -274,29 +250,6 @@ def beside_idle_ray_train(topology, peer: str, repeats: int, folder: Path) -> di
 # --------------------------------------------------------------------------- the cohort, through cohort.run
 
 
-def cohort_command(topology, folder: Path) -> dict[str, Any]:
-    """Run ``python -m cohort.run`` on the topology in a fresh process; read its epochs back from MLflow."""
-    import mlflow
-    import yaml
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{topology.name}.yaml"
-    path.write_text(yaml.safe_dump(topology.to_dict(), sort_keys=False))
-    uri = f"sqlite:///{folder}/mlflow.db"
-    command = [sys.executable, "-m", "cohort.run", str(path), "--tracking-uri", uri, "--storage", str(folder / "ray")]
-    started = time.perf_counter()
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise CohortError(f"python -m cohort.run failed: {(finished.stderr.strip().splitlines() or ['?'])[-1]}")
-    client = mlflow.tracking.MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name(topology.experiment).experiment_id])[0]
-    reports: dict[int, dict[str, float]] = {}
-    for key in run.data.metrics:
-        for metric in client.get_metric_history(run.info.run_id, key):
-            reports.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
-    return {"reports": [reports[epoch] for epoch in sorted(reports)], "command_seconds": seconds,
-            "stdout": finished.stdout}
 
 
 # --------------------------------------------------------------------------- the cohort, in this process
@@ -359,13 +312,6 @@ def live_display(topology, threads: dict[str, int], folder: Path, rounds: int,
             "step_messages_per_epoch": sum(messages) / epochs, "rounds": rounds}
 
 
-def cohort_steps(topology, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cohort's step time per measured epoch: its slowest peer's median step; and each peer's
-    CPU seconds per step (all of its process's threads)."""
-    measured = reports[1:]
-    return {**summarize([max(report[metric_key(peer, "step_seconds")] for peer in topology.peer_names) for report in measured]),
-            "cpu_seconds": {peer: summarize([report[metric_key(peer, "step_cpu_seconds")] for report in measured])
-                            for peer in topology.peer_names}}
 
 
 def exchange_latency_loop(config: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.exchange import (
+from bench.common import (
     DEFAULT_DATA,
     REPO,
     TEST_IMAGES,

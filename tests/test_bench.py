@@ -5,15 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.exchange import (
-    EQUAL,
-    TEST_IMAGES,
-    bench_topology,
-    main,
-    ratio,
-    summarize,
-    write_slice,
-)
+from bench.common import TEST_IMAGES, ratio, summarize, write_slice
+from bench.exchange import EQUAL, bench_topology, main
 from cohort.datasets import load_dataset
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10.parquet"

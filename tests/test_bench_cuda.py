@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.exchange import main, summarize
+from bench.common import summarize
+from bench.exchange import main
 from bench.exchange_cuda import (
     ONE_PROCESS,
     PAIRS,
