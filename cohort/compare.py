@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cohort.comparison.figures import make_figures, publish
 from cohort.comparison.queries import connect, experiment_names, find_runs, load_runs
-from cohort.comparison.table import (
+from cohort.comparison.side_by_side import (
     TABLE_NOTE,
     build_rows,
     check_metrics,

@@ -40,7 +40,7 @@ def evaluation_data(args: argparse.Namespace, finished):
     """The data section to evaluate on: the run's, or ``--data`` / ``--set``'s (checked to have its classes)."""
     from cohort.config.loader import read_yaml
     from cohort.datasets import describe_dataset, load_dataset
-    from cohort.evaluation.peers import check_classes
+    from cohort.evaluation.logged_run import check_classes
     from cohort.topology import topology_from_dict
 
     topology = finished.topology
@@ -66,7 +66,7 @@ def evaluation_data(args: argparse.Namespace, finished):
 
 def run(args: argparse.Namespace) -> int:
     from cohort.comparison.queries import connect
-    from cohort.evaluation.peers import (
+    from cohort.evaluation.logged_run import (
         CLEAN,
         MEAN,
         build_models,
@@ -137,7 +137,7 @@ def log_shift(client, run_id: str, results, out: Path, display: Display | None =
 
     from mlflow.entities import Metric
 
-    from cohort.evaluation.peers import severity_figure, shift_metric_items
+    from cohort.evaluation.logged_run import severity_figure, shift_metric_items
 
     items = [Metric(key, value, severity, severity) for key, value, severity in shift_metric_items(results)]
     for start in range(0, len(items), 1000):

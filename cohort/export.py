@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def export(args: argparse.Namespace) -> int:
+    from cohort.tracking.logged_models import check_registered_name
     from cohort.tracking.onnx import require_onnx
-    from cohort.tracking.peer_models import check_registered_name
     from cohort.tracking.tracker import existing_store_client, resolve_uri
 
     if not args.register and not args.format:
@@ -65,7 +65,7 @@ def take_out(client, uri: str, run_id: str, peer: str, register: str | None, out
     """The ONNX file and/or the registration; what was made is the command's summary (also with
     ``--quiet``), and with ``--log-format json`` one object each (``onnx``, ``registered``)."""
     from cohort.datasets import load_dataset
-    from cohort.tracking.peer_models import (
+    from cohort.tracking.logged_models import (
         finished_run,
         fitted_temperature,
         model_of,

@@ -31,7 +31,7 @@ from cohort.driver.launch import (
     plan_while_ray_starts,
     storage_location,
 )
-from cohort.tracking.peer_models import (
+from cohort.tracking.logged_models import (
     exported_peers,
     log_peer_models,
     model_uri,
@@ -423,7 +423,7 @@ def log_final_artifacts(tracker, result, final: dict[str, Any]) -> None:
 
 
 def log_models(plan: Plan, tracker, result, final: dict[str, Any], ensemble: bool = False) -> dict[str, dict[str, float]]:
-    """Each trained peer as ``models/<peer>`` (cohort.tracking.peer_models), and with ``ensemble`` the
+    """Each trained peer as ``models/<peer>`` (cohort.tracking.logged_models), and with ``ensemble`` the
     cohort's ensemble as ``models/ensemble``: {peer: its test metrics}."""
     from cohort.worker.peer import read_weights
 

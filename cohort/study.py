@@ -200,7 +200,7 @@ def report(args: argparse.Namespace, study, tracking_uri: str) -> int:
 
 def registrations(values: list[str], study) -> dict[str, str]:
     """``--register ROLE=NAME``: {role: registered name}, checked before anything starts."""
-    from cohort.tracking.peer_models import check_registered_name
+    from cohort.tracking.logged_models import check_registered_name
 
     found = {}
     for value in values:
@@ -235,7 +235,7 @@ def best_run(study, found, role: str):
 
 
 def register_best(client, study, found, register: dict[str, str], tracking_uri: str, display: Display) -> None:
-    from cohort.tracking.peer_models import register_finished_peer
+    from cohort.tracking.logged_models import register_finished_peer
 
     for role, name in register.items():
         chosen = best_run(study, found, role)

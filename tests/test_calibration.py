@@ -132,7 +132,7 @@ def test_val_fraction_is_checked():
 
 
 def test_evaluation_means_rows_and_mlflow_keys():
-    from cohort.evaluation.peers import (
+    from cohort.evaluation.logged_run import (
         mean_over_corruptions,
         render,
         result_rows,

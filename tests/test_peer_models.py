@@ -15,7 +15,7 @@ from cohort.datasets import load_dataset
 from cohort.export import main as export_main
 from cohort.metrics import scores as metrics
 from cohort.topology import DataConfig, topology_from_dict
-from cohort.tracking.peer_models import (
+from cohort.tracking.logged_models import (
     incoming_methods,
     log_peer_models,
     model_uri,
@@ -49,7 +49,7 @@ def briefly_trained(model: torch.nn.Module, data) -> dict[str, torch.Tensor]:
 
 
 def reference_model(topology, peer: str, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The peer's network with its weights, built here from the zoo (not through cohort.tracking.peer_models)."""
+    """The peer's network with its weights, built here from the zoo (not through cohort.tracking.logged_models)."""
     from cohort.models import build_model
 
     model = build_model(topology.peers[peer].model, num_classes=10, in_channels=1)
