@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE
 from cohort.errors import CohortError, first_line, quoted
 from cohort.report import ENSEMBLE
 
@@ -217,10 +218,10 @@ def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[s
 
 
 def check_registered_name(name: str, where: str) -> str:
-    """A registered model's name as the registry accepts it (no ``/`` or ``:``, not blank)."""
-    if not name or name != name.strip() or any(c in name for c in "/:") or name in (".", "..") or len(name) > 256:
-        raise CohortError(f"{quoted(name)} is not a registered model name (not blank, no '/' or ':', "
-                          "at most 256 characters)", where)
+    """A registered model's name: a plain, safe name (``cohort.config.schema.SAFE_NAME``), as a
+    topology's; it names the registry's folders and is printed in ``models:/NAME/VERSION``."""
+    if not SAFE_NAME.fullmatch(name):
+        raise CohortError(f"{quoted(name)} is not a registered model name: it must be {SAFE_NAME_RULE}", where)
     return name
 
 

@@ -145,3 +145,53 @@ def test_evaluation_means_rows_and_mlflow_keys():
     keys = {(key, step) for key, _, step in shift_metric_items(results)}
     assert ("shift/fog/student/acc", 3) in keys and ("shift/mean/ensemble/ece", 1) in keys
     assert not any(key.startswith("shift/clean") for key, _ in keys)
+
+
+# --------------------------------------------------------------------------- cohort.evaluate's input
+
+
+def test_severity_without_shift_is_refused_before_mlflow(tmp_path, capsys):
+    from cohort.evaluate import main as evaluate
+
+    code = evaluate(["0" * 32, "--severity", "3", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "--severity applies to corrupted test data: give it with --shift"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+class Payload:
+    """A pickled object whose unpickling would create a folder: ``weights_only`` must never run it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+def test_a_pickled_object_in_a_runs_weights_is_one_line_and_never_runs(tmp_path, capsys):
+    """cohort.evaluate reads a run's weights/<peer>.pt through the loader every checkpoint goes
+    through (cohort.peer.read_weights): a pickle payload is one line, and nothing in it executes."""
+    from mlflow.tracking import MlflowClient
+
+    from cohort.evaluate import main as evaluate
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "artifacts")))
+    topology = topology_from_dict({"name": "t", "peers": {"net": {"model": "mlp_tiny"}}})
+    client.log_text(run.info.run_id, topology.to_yaml(), "topology.yaml")
+    marker = tmp_path / "executed"
+    (tmp_path / "weights").mkdir()
+    torch.save({"weight": Payload(str(marker))}, tmp_path / "weights" / "net.pt")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights" / "net.pt"), "weights")
+    client.set_terminated(run.info.run_id)
+    capsys.readouterr()  # MLflow's own lines creating the store
+
+    code = evaluate([run.info.run_id, "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"run {run.info.run_id}: cannot load checkpoint 'weights/net.pt': cannot load "), err
+    assert "as weights only" in err[0] and not marker.exists()

@@ -169,11 +169,15 @@ def test_incoming_methods_name_every_edge_and_ensemble(finished):
     ("teacher=name", "peer 'teacher' is frozen"),
     ("student_a=a/b", "is not a registered model name"),
     ("student_a=", "is not a registered model name"),
+    ("student_a=a\nb", "is not a registered model name: it must be letters"),
+    ("student_a=\x1b[31mred", "is not a registered model name"),
+    ("student_a=..", "'..' is not a registered model name"),
+    ("student_a= padded", "is not a registered model name"),
 ])
 def test_bad_registrations_are_refused(finished, value, message):
     with pytest.raises(CohortError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         parse_registrations([value], finished["topology"])
-    assert str(error.value).startswith("--register: ")
+    assert str(error.value).startswith("--register: ") and "\n" not in str(error.value)
 
 
 def test_a_peer_registered_twice_is_refused(finished):
@@ -377,7 +381,8 @@ def unfinished_run(finished):
     ("{run} --peer student_a", "nothing to do: give --register NAME and/or --format onnx --out FILE"),
     ("{run} --peer student_a --format onnx", "--out: --format and --out go together (--format onnx --out FILE)"),
     ("{run} --peer student_a --register a:b",
-     "--register: 'a:b' is not a registered model name (not blank, no '/' or ':', at most 256 characters)"),
+     "--register: 'a:b' is not a registered model name: it must be letters, digits, '_', '.' or '-' (at most 100, "
+     "no leading punctuation, no '..')"),
     ("{run} --peer student_a --format onnx --out /nonexistent-folder/s.onnx",
      "--out: folder '/nonexistent-folder' does not exist"),
 ])
