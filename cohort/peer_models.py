@@ -5,7 +5,7 @@ topology and a peer's weights back (for ``cohort.export``).
 A peer's model takes the image batch its dataset serves (float32 ``[N, C, H, W]``, already
 normalized: the model's metadata says how) and returns logits ``[N, classes]``. It is saved as
 ``torch.export``'s graph (MLflow's ``pt2`` format): loading it needs torch, not cohort's code, and
-runs no pickled code. Only the driver calls this module (MLflow has one writer per run).
+the archive holds no pickled object (docs/trained-peers.md: how a loader has MLflow check that). Only the driver calls this module (MLflow has one writer per run).
 
 The cohort's ensemble (``ensemble``: the mean of every peer's probabilities, as the run's
 ``ensemble/*`` metrics) is a model too, taken out of a finished run by ``cohort.export``: one

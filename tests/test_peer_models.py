@@ -111,6 +111,17 @@ def test_the_logged_model_gives_the_runs_logits_on_the_test_split(finished):
         assert loaded(data.test_x[:1]).shape == (1, 10) and loaded(data.test_x[:7]).shape == (7, 10)
 
 
+def test_the_logged_model_loads_with_pickle_deserialization_refused(finished, monkeypatch):
+    """MLflow (>= 3.17.2, with torch >= 2.10) checks that every record of a pt2 archive is JSON, text or
+    tensors when MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false: a peer cohort logged passes, so it carries
+    no pickled object (docs/trained-peers.md)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    loaded = mlflow.pytorch.load_model(model_uri(finished["run_id"], "student_a"))
+    reference = reference_model(finished["topology"], "student_a", finished["weights"]["student_a"])
+    torch.testing.assert_close(test_logits(loaded, finished["data"])[0], test_logits(reference, finished["data"])[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_peers_are_not_logged_as_models(finished):
     assert set(finished["logged"]) == {"student_a", "student_b"}
     client = mlflow.tracking.MlflowClient(finished["uri"])
