@@ -23,20 +23,38 @@ def sampled(n: int, classes: int, scale: float, temperature: float, seed: int = 
     return z * temperature, labels
 
 
+def grid_minimum(logits: torch.Tensor, labels: torch.Tensor, points: int = 41, levels: int = 4) -> float:
+    """An independent search: the NLL (written out here) on a grid of log T over [T_MIN, T_MAX], then
+    on a grid between the best point's two neighbours, ``levels`` times (the NLL has one minimum
+    along log T); the last grid's steps are 2e-5 of T."""
+    low, high = math.log(T_MIN), math.log(T_MAX)
+    logits = logits.double()
+    picked = logits.gather(1, labels[:, None]).T  # [1, N]: each sample's logit of its label
+    for _ in range(levels):
+        grid = torch.linspace(low, high, points, dtype=torch.float64)
+        temperatures = grid.exp()[:, None]  # [points, 1]
+        nll = (torch.logsumexp(logits / temperatures[:, :, None], dim=2) - picked / temperatures).mean(dim=1)
+        best = int(nll.argmin())
+        step = (high - low) / (points - 1)
+        low, high = max(float(grid[best]) - step, math.log(T_MIN)), min(float(grid[best]) + step, math.log(T_MAX))
+    return math.exp(float(grid[best]))
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5, 4.0])
 def test_the_fit_finds_the_temperature_the_logits_were_made_with(temperature):
+    """The fit is the sample's NLL minimum (against a grid, to 1e-4), and that minimum is near the
+    temperature the logits were made with (the population's optimum: 3 % at 20,000 samples)."""
     logits, labels = sampled(20000, 10, 2.0, temperature)
-    assert fit_temperature(logits, labels) == pytest.approx(temperature, rel=0.03)
+    fitted = fit_temperature(logits, labels)
+    best = grid_minimum(logits, labels)
+    assert fitted == pytest.approx(best, rel=1e-4)
+    assert nll_at(logits, labels, fitted) <= nll_at(logits, labels, best) + 1e-10
+    assert fitted == pytest.approx(temperature, rel=0.03)
 
 
 def test_the_fit_agrees_with_a_brute_force_grid():
-    """An independent search: the NLL on a fine grid of log T, refined once around its best point."""
     logits, labels = sampled(3000, 7, 3.0, 1.7, seed=1)
-    grid = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 1001))
-    losses = [nll_at(logits, labels, t) for t in grid]
-    best = grid[int(np.argmin(losses))]
-    fine = np.linspace(best * 0.99, best * 1.01, 1001)
-    best = fine[int(np.argmin([nll_at(logits, labels, t) for t in fine]))]
+    best = grid_minimum(logits, labels)
     fitted = fit_temperature(logits, labels)
     assert fitted == pytest.approx(best, rel=1e-4)
     assert nll_at(logits, labels, fitted) <= nll_at(logits, labels, best) + 1e-10
