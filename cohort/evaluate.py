@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run_id", help="the MLflow run to evaluate (a finished cohort run)")
     parser.add_argument("--shift", help="corruptions to evaluate on: all, or names separated by commas "
                                         "(gaussian_noise,defocus_blur,...)")
-    parser.add_argument("--severity", default="1-5", help="corruption severities: 3, 1-5 or 1,3,5 (default 1-5)")
+    parser.add_argument("--severity", help="with --shift: corruption severities: 3, 1-5 or 1,3,5 (default 1-5)")
     parser.add_argument("--data", metavar="FILE", help="a topology file whose data section replaces the run's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the run's data section, e.g. data.root=other/ (repeatable)")
@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     display = Display(mode_of(args))
+    if args.severity is not None and not args.shift:
+        raise CohortError("--severity applies to corrupted test data: give it with --shift")
     corruptions = parse_corruptions(args.shift) if args.shift else []
-    severities = parse_severities(args.severity) if args.shift else []
+    severities = parse_severities(args.severity or "1-5") if args.shift else []
     uri = resolve_uri(args.tracking_uri)
     client = connect(uri)
     finished = load_finished_run(client, args.run_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,20 +29,38 @@ def sampled(n: int, classes: int, scale: float, temperature: float, seed: int = 
     return z * temperature, labels
 
 
+def grid_minimum(logits: torch.Tensor, labels: torch.Tensor, points: int = 41, levels: int = 4) -> float:
+    """An independent search: the NLL (written out here) on a grid of log T over [T_MIN, T_MAX], then
+    on a grid between the best point's two neighbours, ``levels`` times (the NLL has one minimum
+    along log T); the last grid's steps are 2e-5 of T."""
+    low, high = math.log(T_MIN), math.log(T_MAX)
+    logits = logits.double()
+    picked = logits.gather(1, labels[:, None]).T  # [1, N]: each sample's logit of its label
+    for _ in range(levels):
+        grid = torch.linspace(low, high, points, dtype=torch.float64)
+        temperatures = grid.exp()[:, None]  # [points, 1]
+        nll = (torch.logsumexp(logits / temperatures[:, :, None], dim=2) - picked / temperatures).mean(dim=1)
+        best = int(nll.argmin())
+        step = (high - low) / (points - 1)
+        low, high = max(float(grid[best]) - step, math.log(T_MIN)), min(float(grid[best]) + step, math.log(T_MAX))
+    return math.exp(float(grid[best]))
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5, 4.0])
 def test_the_fit_finds_the_temperature_the_logits_were_made_with(temperature):
+    """The fit is the sample's NLL minimum (against a grid, to 1e-4), and that minimum is near the
+    temperature the logits were made with (the population's optimum: 3 % at 20,000 samples)."""
     logits, labels = sampled(20000, 10, 2.0, temperature)
-    assert fit_temperature(logits, labels) == pytest.approx(temperature, rel=0.03)
+    fitted = fit_temperature(logits, labels)
+    best = grid_minimum(logits, labels)
+    assert fitted == pytest.approx(best, rel=1e-4)
+    assert nll_at(logits, labels, fitted) <= nll_at(logits, labels, best) + 1e-10
+    assert fitted == pytest.approx(temperature, rel=0.03)
 
 
 def test_the_fit_agrees_with_a_brute_force_grid():
-    """An independent search: the NLL on a fine grid of log T, refined once around its best point."""
     logits, labels = sampled(3000, 7, 3.0, 1.7, seed=1)
-    grid = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 1001))
-    losses = [nll_at(logits, labels, t) for t in grid]
-    best = grid[int(np.argmin(losses))]
-    fine = np.linspace(best * 0.99, best * 1.01, 1001)
-    best = fine[int(np.argmin([nll_at(logits, labels, t) for t in fine]))]
+    best = grid_minimum(logits, labels)
     fitted = fit_temperature(logits, labels)
     assert fitted == pytest.approx(best, rel=1e-4)
     assert nll_at(logits, labels, fitted) <= nll_at(logits, labels, best) + 1e-10
@@ -157,3 +174,53 @@ def test_evaluation_means_rows_and_mlflow_keys():
     keys = {(key, step) for key, _, step in shift_metric_items(results)}
     assert ("shift/fog/student/acc", 3) in keys and ("shift/mean/ensemble/ece", 1) in keys
     assert not any(key.startswith("shift/clean") for key, _ in keys)
+
+
+# --------------------------------------------------------------------------- cohort.evaluate's input
+
+
+def test_severity_without_shift_is_refused_before_mlflow(tmp_path, capsys):
+    from cohort.evaluate import main as evaluate
+
+    code = evaluate(["0" * 32, "--severity", "3", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "--severity applies to corrupted test data: give it with --shift"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+class Payload:
+    """A pickled object whose unpickling would create a folder: ``weights_only`` must never run it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+def test_a_pickled_object_in_a_runs_weights_is_one_line_and_never_runs(tmp_path, capsys):
+    """cohort.evaluate reads a run's weights/<peer>.pt through the loader every checkpoint goes
+    through (cohort.worker.peer.read_weights): a pickle payload is one line, and nothing in it executes."""
+    from mlflow.tracking import MlflowClient
+
+    from cohort.evaluate import main as evaluate
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "artifacts")))
+    topology = topology_from_dict({"name": "t", "peers": {"net": {"model": "mlp_tiny"}}})
+    client.log_text(run.info.run_id, topology.to_yaml(), "topology.yaml")
+    marker = tmp_path / "executed"
+    (tmp_path / "weights").mkdir()
+    torch.save({"weight": Payload(str(marker))}, tmp_path / "weights" / "net.pt")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights" / "net.pt"), "weights")
+    client.set_terminated(run.info.run_id)
+    capsys.readouterr()  # MLflow's own lines creating the store
+
+    code = evaluate([run.info.run_id, "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"run {run.info.run_id}: cannot load checkpoint 'weights/net.pt': cannot load "), err
+    assert "as weights only" in err[0] and not marker.exists()

@@ -116,6 +116,17 @@ def test_the_logged_model_gives_the_runs_logits_on_the_test_split(finished):
         assert loaded(data.test_x[:1]).shape == (1, 10) and loaded(data.test_x[:7]).shape == (7, 10)
 
 
+def test_the_logged_model_loads_with_pickle_deserialization_refused(finished, monkeypatch):
+    """MLflow (>= 3.17.2, with torch >= 2.10) checks that every record of a pt2 archive is JSON, text or
+    tensors when MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false: a peer cohort logged passes, so it carries
+    no pickled object (docs/trained-peers.md)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    loaded = mlflow.pytorch.load_model(model_uri(finished["run_id"], "student_a"))
+    reference = reference_model(finished["topology"], "student_a", finished["weights"]["student_a"])
+    torch.testing.assert_close(test_logits(loaded, finished["data"])[0], test_logits(reference, finished["data"])[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_peers_are_not_logged_as_models(finished):
     assert set(finished["logged"]) == {"student_a", "student_b"}
     client = mlflow.tracking.MlflowClient(finished["uri"])
@@ -174,11 +185,15 @@ def test_incoming_methods_name_every_edge_and_ensemble(finished):
     ("teacher=name", "peer 'teacher' is frozen"),
     ("student_a=a/b", "is not a registered model name"),
     ("student_a=", "is not a registered model name"),
+    ("student_a=a\nb", "is not a registered model name: it must be letters"),
+    ("student_a=\x1b[31mred", "is not a registered model name"),
+    ("student_a=..", "'..' is not a registered model name"),
+    ("student_a= padded", "is not a registered model name"),
 ])
 def test_bad_registrations_are_refused(finished, value, message):
     with pytest.raises(CohortError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         parse_registrations([value], finished["topology"])
-    assert str(error.value).startswith("--register: ")
+    assert str(error.value).startswith("--register: ") and "\n" not in str(error.value)
 
 
 def test_a_peer_registered_twice_is_refused(finished):
@@ -382,7 +397,8 @@ def unfinished_run(finished):
     ("{run} --peer student_a", "nothing to do: give --register NAME and/or --format onnx --out FILE"),
     ("{run} --peer student_a --format onnx", "--out: --format and --out go together (--format onnx --out FILE)"),
     ("{run} --peer student_a --register a:b",
-     "--register: 'a:b' is not a registered model name (not blank, no '/' or ':', at most 256 characters)"),
+     "--register: 'a:b' is not a registered model name: it must be letters, digits, '_', '.' or '-' (at most 100, "
+     "no leading punctuation, no '..')"),
     ("{run} --peer student_a --format onnx --out /nonexistent-folder/s.onnx",
      "--out: folder '/nonexistent-folder' does not exist"),
 ])

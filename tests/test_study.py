@@ -14,10 +14,11 @@ from scipy import stats
 
 from cohort.console.display import clock, estimate_left
 from cohort.datasets import describe_dataset
-from cohort.studies.file import load_study, with_seed
+from cohort.studies.file import check_metrics, load_study, reported_metrics, with_seed
 from cohort.studies.tables import Outcome, best_arms, build_tables, render
 from cohort.study import main
 from cohort.worker.peer import build_peer
+from cohort.worker.report import ENSEMBLE, report_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = ROOT / "topologies"
@@ -49,10 +50,26 @@ def changed(**changes) -> dict:
 # --------------------------------------------------------------------------- the study file
 
 
-def test_shipped_studies_load():
-    for path in sorted((ROOT / "studies").glob("*.yaml")):
-        study = load_study(path)
-        assert study.baseline in study.arms and len(study.seeds) >= 2, path.name
+SHIPPED_STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=[path.name for path in SHIPPED_STUDIES])
+def test_shipped_studies_load(path):
+    """Every arm of every shipped study: its topology valid with each of the study's seeds, its roles
+    peers of it (each starting from its role's weights) or the ensemble, and every metric of the study
+    reported by some arm (what the dry run checks, without fetching the arms' checkpoints)."""
+    study = load_study(path)
+    assert study.baseline in study.arms and len(study.arms) >= 2 and len(study.seeds) >= 2
+    reported = {}
+    for name, arm in study.arms.items():
+        for seed in study.seeds:
+            assert with_seed(arm.topology, seed).seed == seed, (name, seed)
+        assert arm.roles and len(set(arm.roles.values())) == len(arm.roles), name
+        for role, peer in arm.roles.items():
+            assert peer == ENSEMBLE or arm.topology.peers[peer].init_seed is not None, (name, role)
+        reported[name] = reported_metrics(arm, report_keys(arm.topology, describe_dataset(arm.topology.data)))
+        assert {"acc", "nll"} <= reported[name], name
+    check_metrics(study, reported)
 
 
 def test_a_study_crosses_arms_and_seeds_seed_by_seed(tmp_path):
@@ -75,8 +92,7 @@ def test_relative_topologies_start_at_the_study_file(tmp_path):
 
 
 def test_overrides_apply_study_then_arm_then_command_line(tmp_path):
-    study = changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "set": {"train.epochs": 2,
-                                                                                          "seed": 5}}})
+    study = changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "set": {"train.epochs": 2}}})
     loaded = load_study(write_study(tmp_path, study), ["data.batch_size=32"])
     topology = loaded.arms["dml"].topology
     assert (topology.train.epochs, topology.data.batch_size) == (2, 32)
@@ -123,6 +139,23 @@ BAD = {
         changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "set": {"edges.0.temperature": -1}}}),
         "arms.dml: edges[0].temperature"),
     "unknown key": (changed(seed=[1]), "seed: unknown key (did you mean 'seeds'?)"),
+    "boolean seeds": (changed(seeds=[True, False]), "seeds[0]: must be a number, not true"),
+    "negative seed": (changed(seeds=[0, -1]), "seeds[1]: must be a whole number from 0 to 4294967295"),
+    "seed numpy cannot take": (changed(seeds=[0, 2**32]), "seeds[1]: must be a whole number from 0 to 4294967295"),
+    "too many runs": (changed(seeds=None, repeats=10**8),
+                      "repeats: 2 arm(s) x 100000000 seeds = 200000000 runs; a study runs at most 1000"),
+    "too many seeds": (changed(seeds=list(range(501))), "seeds: 2 arm(s) x 501 seeds = 1002 runs; a study runs at most"),
+    "a seed set for every arm": (changed(set={"seed": 3}), "set.seed: the study sets every run's seed from seeds:"),
+    "a seed set for an arm": (changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "set": {"seed": 3}}}),
+                              "arms.dml.set.seed: the study sets every run's seed from seeds:"),
+    "two roles on one peer": (
+        changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "roles": {"teacher": "net_a",
+                                                                                        "student": "net_a"}}}),
+        "arms.dml.roles.student: 'net_a' already plays the role 'teacher' (each role needs its own peer)"),
+    "a name that is a path": (changed(name="../elsewhere"), "name: '../elsewhere' must be letters, digits"),
+    "an arm's topology name that is a path": (
+        changed(arms={"dml": {"topology": str(TOPOLOGIES / "dml_pair.yaml"), "set": {"name": "a/b"}}}),
+        "arms.dml: name: 'a/b' must be letters"),
     "metric no arm reports": (changed(metrics=["acc", "eec"]),
                               "metrics: no arm reports 'eec' (did you mean 'ece'?) (they report: acc, acc_top5,"),
 }
@@ -140,6 +173,12 @@ def test_bad_study_is_one_line_exit_2_before_anything_starts(tmp_path, capsys, c
     assert err.startswith("study.yaml: ") and expected in err, err
     assert len(err.strip().splitlines()) == 1
     assert not ray.is_initialized() and not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_seed_on_the_command_line_is_refused(tmp_path, capsys):
+    assert main([str(write_study(tmp_path, STUDY)), "--dry-run", "--set", "seed=3"]) == 2
+    assert capsys.readouterr().err.strip() == ("study.yaml: --set seed: the study sets every run's seed from seeds: "
+                                               "(or repeats:), not --set")
 
 
 def test_single_seed_runs_only_when_allowed(tmp_path, capsys):

@@ -225,6 +225,47 @@ def test_bad_topology_is_one_line_naming_file_and_key(capsys, tmp_path, case):
     assert expected in line, line
 
 
+SEED_RANGE = "seed: must be a whole number from 0 to 4294967295 (2**32 - 1, what numpy's seeding takes)"
+REFUSED_SETS = {
+    "seed=4294967296": SEED_RANGE,
+    "seed=100000000000000000000000": SEED_RANGE,
+    "seed=-1": SEED_RANGE,
+    "seed=true": "seed: must be a number, not true",
+    "train.epochs=true": "train.epochs: must be a number, not true",
+    "train.ce_weight=false": "train.ce_weight: must be a number, not false",
+    "train.optimizer.lr=.inf": "train.optimizer.lr: must be a finite number, not inf",
+    "peers.student.optimizer.lr=.nan": "peers.student.optimizer.lr: must be a finite number, not nan",
+    "edges.0.weight=.inf": "edges[0].weight: must be a finite number, not inf",
+    "name=../x": "name: '../x' must be letters, digits, '_', '.' or '-'",
+    "name=a/b": "name: 'a/b' must be letters",
+    "name=.hidden": "name: '.hidden' must be letters",
+    "name=a..b": "name: 'a..b' must be letters",
+}
+
+
+@pytest.mark.parametrize("assignment", list(REFUSED_SETS))
+def test_values_that_would_fail_in_training_or_escape_the_store_are_refused(capsys, tmp_path, assignment):
+    """Seeds numpy cannot take, booleans read as numbers, infinities and names that are paths:
+    refused at validation (the dry run), one line naming the key."""
+    line = dry_run_error(capsys, write(tmp_path, BASE), "--set", assignment)
+    assert line.startswith("bad.yaml (with --set): " + REFUSED_SETS[assignment]), line
+
+
+def test_plain_values_at_the_edges_are_accepted():
+    """The largest seed, a whole number a sweep's quniform gives as a float, 1e-3 (YAML reads it as a
+    string) and a name with dots and dashes."""
+    topology = topology_from_dict(BASE, "t", ["seed=4294967295", "train.epochs=2.0", "train.optimizer.lr=1e-3",
+                                              "name=v1.2-run_3"])
+    assert (topology.seed, topology.train.epochs, topology.train.optimizer.lr, topology.name) == \
+        (4294967295, 2, 0.001, "v1.2-run_3")
+    assert isinstance(topology.train.epochs, int)
+
+
+def test_a_name_with_a_control_character_is_refused(capsys, tmp_path):
+    line = dry_run_error(capsys, write(tmp_path, {**BASE, "name": "a\nb"}))
+    assert line.startswith("bad.yaml: name: 'a\\nb' must be letters"), line
+
+
 def test_unknown_set_key(capsys, tmp_path):
     line = dry_run_error(capsys, write(tmp_path, BASE), "--set", "edges.0.temprature=2")
     assert "--set edges.0.temprature: unknown key 'edges.0.temprature' (did you mean 'temperature'?)" in line

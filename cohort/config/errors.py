@@ -75,7 +75,7 @@ def describe(error: Mapping[str, Any], root: type[BaseModel]) -> str:
     if kind.startswith(("greater_than", "less_than")):
         return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
     if kind in ("float_parsing", "int_parsing", "float_type", "int_type", "bool_parsing", "bool_type", "string_type",
-                "int_from_float", "tuple_type", "too_short"):
+                "int_from_float", "tuple_type", "too_short", "finite_number"):
         return f"{path}: {error['msg'].replace('Input should be', 'must be')}, not {quoted(value)}"
     return f"{path}: {error['msg']}"
 

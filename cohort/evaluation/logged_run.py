@@ -37,6 +37,7 @@ def load_finished_run(client, run_id: str) -> FinishedRun:
 
     from cohort.config.loader import read_yaml
     from cohort.topology import topology_from_dict
+    from cohort.worker.peer import read_weights
 
     try:
         run = client.get_run(run_id)
@@ -56,7 +57,7 @@ def load_finished_run(client, run_id: str) -> FinishedRun:
         weights = {}
         for peer in topology.peer_names:
             path = client.download_artifacts(run_id, f"weights/{peer}.pt", scratch)
-            weights[peer] = torch.load(path, map_location="cpu", weights_only=True)
+            weights[peer] = read_weights(path, f"run {run_id}", f"weights/{peer}.pt")
     metrics = dict(run.data.metrics)
     temperatures = {owner: metrics[metric_key(owner, TEMPERATURE_KEY)] for owner in [*topology.peer_names, ENSEMBLE]
                     if metric_key(owner, TEMPERATURE_KEY) in metrics}

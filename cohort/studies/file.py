@@ -22,13 +22,11 @@ weights in every arm (with the same model and seed): the study sets each role's 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -39,15 +37,17 @@ from pydantic import (
 from cohort.config.errors import CohortError, describe, did_you_mean, named, quoted
 from cohort.config.loader import read_yaml
 from cohort.config.overrides import parse_assignment
+from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE, Int, SafeName, Seed, Strict
 from cohort.topology import Topology, topology_from_dict
 from cohort.worker.report import ENSEMBLE
 
 DEFAULT_METRICS = ("acc", "ece", "adaece", "nll", "brier")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MAX_RUNS = 1000  # arms x seeds: a study is one Tune experiment, planned and printed whole
+SEED_FROM_SEEDS = "the study sets every run's seed from seeds: (or repeats:)"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class _Strict(Strict):
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class ArmConfig(_Strict):
@@ -57,42 +57,43 @@ class ArmConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str
-    seeds: list[int] | None = Field(None, description="the seeds every arm runs with")
-    repeats: int | None = Field(None, ge=1, description="seeds 0..repeats-1 (instead of seeds)")
+    name: SafeName
+    seeds: list[Seed] | None = Field(None, description="the seeds every arm runs with")
+    repeats: Int | None = Field(None, ge=1, description="seeds 0..repeats-1 (instead of seeds)")
     baseline: str = Field(description="the arm every other arm is compared with")
     arms: dict[str, ArmConfig] = Field(min_length=1)
     metrics: list[str] = Field(list(DEFAULT_METRICS), min_length=1, description="the tables' columns")
     overrides: dict[str, Any] = Field({}, alias="set", description="dotted topology keys -> values, for every arm")
     experiment: str | None = Field(None, description="the MLflow experiment (default: the study's name)")
-    max_concurrent: int | None = Field(None, ge=1, description="runs at once (default: what the cluster allows)")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not NAME.fullmatch(name):
-            raise ValueError(f"{quoted(name)} must be letters, digits, '_', '.' or '-' (at most 100, no leading "
-                             "punctuation): it names folders and MLflow runs")
-        return name
+    max_concurrent: Int | None = Field(None, ge=1, description="runs at once (default: what the cluster allows)")
 
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, arms: dict[str, ArmConfig]) -> dict[str, ArmConfig]:
         for arm in arms:
-            if not NAME.fullmatch(arm):
-                raise ValueError(f"arms: {quoted(arm)} must be letters, digits, '_', '.' or '-'")
+            if not SAFE_NAME.fullmatch(arm):
+                raise ValueError(f"arms: {quoted(arm)} must be {SAFE_NAME_RULE}")
         return arms
 
     @model_validator(mode="after")
     def _seeds_and_baseline(self) -> "StudyConfig":
         if (self.seeds is None) == (self.repeats is None):
             raise ValueError("seeds: give either seeds: [0, 1, ...] or repeats: N (seeds 0..N-1)")
+        runs = len(self.arms) * (len(self.seeds) if self.seeds is not None else self.repeats)
+        if runs > MAX_RUNS:
+            raise ValueError(f"{'seeds' if self.seeds is not None else 'repeats'}: {len(self.arms)} arm(s) x "
+                             f"{runs // len(self.arms)} seeds = {runs} runs; a study runs at most {MAX_RUNS}")
         if self.seeds is not None:
             seen = set()
             for seed in self.seeds:
                 if seed in seen:
                     raise ValueError(f"seeds: {seed} is listed twice (each seed is one run of every arm)")
                 seen.add(seed)
+        if "seed" in self.overrides:
+            raise ValueError(f"set.seed: {SEED_FROM_SEEDS}, not set")
+        for name, arm in self.arms.items():
+            if "seed" in arm.overrides:
+                raise ValueError(f"arms.{name}.set.seed: {SEED_FROM_SEEDS}, not set")
         if self.baseline not in self.arms:
             raise ValueError(f"baseline: {quoted(self.baseline)} is not an arm{did_you_mean(self.baseline, list(self.arms))}"
                              f" (arms: {', '.join(self.arms)})")
@@ -166,6 +167,8 @@ def load_study(path: str | Path, overrides: Iterable[str] = (), allow_single_see
         raise CohortError(f"seeds: {len(seeds)} seed gives no standard deviation and no interval (a study needs two "
                           "or more; --allow-single-seed runs it without them)", where)
     command_line = dict(parse_assignment(item) for item in overrides)
+    if "seed" in command_line:
+        raise CohortError(f"--set seed: {SEED_FROM_SEEDS}, not --set", where)
     arms = {name: load_arm(path, name, arm, config, command_line) for name, arm in config.arms.items()}
     return Study(path.resolve(), config, arms)
 
@@ -183,11 +186,16 @@ def load_arm(study_path: Path, name: str, arm: ArmConfig, config: StudyConfig, c
         located = f" ({error.where})" if error.where else ""
         raise CohortError(f"arms.{name}: {error.message}{located}", where) from None
     roles = dict(arm.roles) or {peer: peer for peer in topology.peer_names}
+    taken: dict[str, str] = {}
     for role, peer in roles.items():
         if peer != ENSEMBLE and peer not in topology.peers:
             raise CohortError(f"arms.{name}.roles.{named(role)}: {quoted(peer)} is not a peer of {topology_path.name}"
                               f"{did_you_mean(peer, topology.peer_names)} (peers: {', '.join(topology.peer_names)}, "
                               f"or {ENSEMBLE})", where)
+        if peer in taken:
+            raise CohortError(f"arms.{name}.roles.{named(role)}: {quoted(peer)} already plays the role "
+                              f"{quoted(taken[peer])} (each role needs its own peer)", where)
+        taken[peer] = role
     # The same role starts from the same weights in every arm: its peer's initial weights are keyed
     # by the role (cohort.worker.peer.peer_seed), unless the topology chose a key itself.
     seeds = {f"peers.{peer}.init_seed": role for role, peer in roles.items()

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
-from cohort.config.schema import Strict, problem
+from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
@@ -31,7 +31,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class LongTailConfig(Strict):
-    imbalance: float = Field(ge=1, description="n_max / n_min of the training set")
+    imbalance: Number = Field(ge=1, description="n_max / n_min of the training set")
     profile: Literal["exponential", "step"] = "exponential"
 
 
@@ -39,14 +39,14 @@ class DataConfig(Strict):
     dataset: str = "digits"
     root: str | None = None
     download: bool = False
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    num_workers: int = Field(0, ge=0)
-    image_size: int | None = Field(None, ge=8, description="resize (crop) images to this size (datasets that take it)")
+    batch_size: Int = Field(64, ge=1)
+    eval_batch_size: Int = Field(512, ge=1)
+    num_workers: Int = Field(0, ge=0)
+    image_size: Int | None = Field(None, ge=8, description="resize (crop) images to this size (datasets that take it)")
     long_tail: LongTailConfig | None = None
     groups: Literal["thirds", "shots"] | None = Field(
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
-    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
+    val_fraction: Number = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
                                                               "the validation split (0: none)")
 
     @model_validator(mode="after")
@@ -71,9 +71,9 @@ class DataConfig(Strict):
 
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    lr: Number = Field(0.05, gt=0)
+    momentum: Number = Field(0.9, ge=0, lt=1)
+    weight_decay: Number = Field(5e-4, ge=0)
     nesterov: bool = False
 
 
@@ -81,16 +81,16 @@ class OptimizerOverride(Strict):
     """A peer's changes to the cohort's optimizer; unset fields keep the cohort's value."""
 
     name: Literal["sgd", "adam", "adamw"] | None = None
-    lr: float | None = Field(None, gt=0)
-    momentum: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
+    lr: Number | None = Field(None, gt=0)
+    momentum: Number | None = Field(None, ge=0, lt=1)
+    weight_decay: Number | None = Field(None, ge=0)
     nesterov: bool | None = None
 
 
 class ScheduleConfig(Strict):
     name: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = Field(0.1, gt=0, le=1)
+    milestones: tuple[Int, ...] = ()
+    gamma: Number = Field(0.1, gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -111,17 +111,17 @@ class ScheduleConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: Int = Field(10, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    ce_weight: float = Field(1.0, ge=0)
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always has one)")
-    keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints the storage keeps")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before failing")
-    check_batches_every: int = Field(50, ge=0, description="steps between cross-peer batch fingerprint checks (0: off)")
+    ce_weight: Number = Field(1.0, ge=0)
+    checkpoint_every: Int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always has one)")
+    keep_checkpoints: Int = Field(2, ge=1, description="how many of the latest checkpoints the storage keeps")
+    max_failures: Int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before failing")
+    check_batches_every: Int = Field(50, ge=0, description="steps between cross-peer batch fingerprint checks (0: off)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the forward pass's autocast type; logits, losses and the exchange stay fp32")
-    calibrate_every: int = Field(0, ge=0, description="epochs between temperature-scaling fits on the validation "
+    calibrate_every: Int = Field(0, ge=0, description="epochs between temperature-scaling fits on the validation "
                                                       "split (0: after the last epoch only)")
 
 
@@ -134,10 +134,10 @@ class PeerConfig(Strict):
     optimizer: OptimizerOverride = OptimizerOverride()
     frozen: bool = False
     checkpoint: str | None = None
-    replicas: int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
+    replicas: Int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
     sync_batchnorm: bool = Field(True, description="with replicas, BatchNorm statistics over the whole batch "
                                                    "(all-reduced within the peer's replicas); false: per shard")
-    init_seed: Union[int, str, None] = Field(None, description="the key of the peer's initial weights (default: "
+    init_seed: Union[Int, str, None] = Field(None, description="the key of the peer's initial weights (default: "
                                                                "its name): same key, model and seed, same weights")
 
     @field_validator("model")
@@ -174,9 +174,9 @@ class TrackingConfig(Strict):
 
 
 class ResourcesConfig(Strict):
-    cpus_per_peer: float | None = Field(None, gt=0, description="default: the machine's CPUs shared by the workers, at most 1 each")
+    cpus_per_peer: Number | None = Field(None, gt=0, description="default: the machine's CPUs shared by the workers, at most 1 each")
     use_gpu: bool = False
-    gpus_per_peer: float | None = Field(
+    gpus_per_peer: Number | None = Field(
         None, gt=0, le=1, description="GPUs per worker with use_gpu (default 1); a fraction shares a GPU between workers")
     accelerator_type: str | None = Field(None, min_length=1, description="Ray accelerator type of the GPUs, e.g. A100")
     node_labels: dict[str, str] = Field({}, description="Ray node labels every worker's node must have")
@@ -197,8 +197,8 @@ class ResourcesConfig(Strict):
 
 
 class Topology(Strict):
-    name: str = Field(min_length=1)
-    seed: int = Field(0, ge=0)
+    name: SafeName = Field(description="names the MLflow experiment (by default), artifact folders and Ray's storage")
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     peers: dict[str, PeerConfig]

@@ -2,13 +2,12 @@
 through a registered loss, whose parameters the edge carries."""
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cohort.config.errors import quoted
-from cohort.config.schema import Strict, problem
+from cohort.config.schema import Int, Number, Strict, problem
 from cohort.config.signatures import keyword_parameters
 from cohort.losses import LOSSES
 
@@ -29,14 +28,14 @@ class Edge(BaseModel):
     topology shows every value a run used.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     source: Union[str, EnsembleSource] = Field(alias="from")
     to: str
     loss: str
-    weight: float = Field(1.0, ge=0)
+    weight: Number = Field(1.0, ge=0)
     reduce: Literal["mean", "sum"] = "mean"
-    warmup: int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
+    warmup: Int = Field(0, ge=0, description="epochs over which the weight ramps up linearly (DKD's warm-up)")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -51,13 +50,6 @@ class Edge(BaseModel):
         if name not in LOSSES:
             raise problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
         return name
-
-    @field_validator("weight")
-    @classmethod
-    def _finite_weight(cls, weight: float) -> float:
-        if not math.isfinite(weight):
-            raise problem("must be a finite number")
-        return weight
 
     @model_validator(mode="after")
     def _loss_parameters(self) -> "Edge":

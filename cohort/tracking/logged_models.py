@@ -5,7 +5,7 @@ topology and a peer's weights back (for ``cohort.export``).
 A peer's model takes the image batch its dataset serves (float32 ``[N, C, H, W]``, already
 normalized: the model's metadata says how) and returns logits ``[N, classes]``. It is saved as
 ``torch.export``'s graph (MLflow's ``pt2`` format): loading it needs torch, not cohort's code, and
-runs no pickled code. Only the driver calls this module (MLflow has one writer per run).
+the archive holds no pickled object (docs/trained-peers.md: how a loader has MLflow check that). Only the driver calls this module (MLflow has one writer per run).
 
 The cohort's ensemble (``ensemble``: the mean of every peer's probabilities, as the run's
 ``ensemble/*`` metrics) is a model too, taken out of a finished run by ``cohort.export``: one
@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from cohort.config.errors import CohortError, first_line, quoted
+from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE
 from cohort.worker.report import ENSEMBLE
 
 MODELS_FOLDER = "models"  # a peer's model: runs:/RUN_ID/models/<peer>
@@ -217,10 +218,10 @@ def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[s
 
 
 def check_registered_name(name: str, where: str) -> str:
-    """A registered model's name as the registry accepts it (no ``/`` or ``:``, not blank)."""
-    if not name or name != name.strip() or any(c in name for c in "/:") or name in (".", "..") or len(name) > 256:
-        raise CohortError(f"{quoted(name)} is not a registered model name (not blank, no '/' or ':', "
-                          "at most 256 characters)", where)
+    """A registered model's name: a plain, safe name (``cohort.config.schema.SAFE_NAME``), as a
+    topology's; it names the registry's folders and is printed in ``models:/NAME/VERSION``."""
+    if not SAFE_NAME.fullmatch(name):
+        raise CohortError(f"{quoted(name)} is not a registered model name: it must be {SAFE_NAME_RULE}", where)
     return name
 
 

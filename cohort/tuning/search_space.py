@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -31,24 +29,21 @@ from pydantic import (
 
 from cohort.config.errors import CohortError, describe, named, quoted
 from cohort.config.loader import read_yaml
+from cohort.config.schema import Int, Number, Strict
 from cohort.config.signatures import finite_number
 from cohort.topology import Topology, topology_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Scheduler(_Strict):
+class Scheduler(Strict):
     name: Literal["asha", "fifo", "pbt"] = "fifo"
-    grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(2, gt=1, description="asha: keep 1/reduction_factor of the trials at each rung")
-    perturbation_interval: int = Field(2, ge=1, description="pbt: epochs between exploit/explore decisions")
-    quantile_fraction: float = Field(0.25, gt=0, le=0.5,
+    grace_period: Int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
+    reduction_factor: Number = Field(2, gt=1, description="asha: keep 1/reduction_factor of the trials at each rung")
+    perturbation_interval: Int = Field(2, ge=1, description="pbt: epochs between exploit/explore decisions")
+    quantile_fraction: Number = Field(0.25, gt=0, le=0.5,
                                      description="pbt: the bottom fraction copies a trial of the top fraction")
-    resample_probability: float = Field(0.25, ge=0, le=1,
+    resample_probability: Number = Field(0.25, ge=0, le=1,
                                         description="pbt: chance of a fresh sample instead of a x0.8 / x1.2 step")
     synch: bool = Field(False, description="pbt: decide when every trial has reached the perturbation epoch")
 
@@ -68,15 +63,15 @@ SCHEDULER_FIELDS = {
 }
 
 
-class Search(_Strict):
+class Search(Strict):
     name: Literal["random", "grid", "optuna"] = "random"
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Strict):
     metric: str = Field(min_length=1)
     mode: Literal["min", "max"]
-    num_samples: int = Field(8, ge=1)
-    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's CPUs allow")
+    num_samples: Int = Field(8, ge=1)
+    max_concurrent: Int | None = Field(None, ge=1, description="default: what the cluster's CPUs allow")
     scheduler: Scheduler = Scheduler()
     search: Search = Search()
     space: dict[str, dict[str, Any]] = Field(min_length=1)
