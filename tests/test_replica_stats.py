@@ -165,3 +165,12 @@ def test_conversion_keeps_weights_and_requires_grad():
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
     assert sync_batch_norm(model, group=object()).layers == 0  # already synchronized
+
+
+def test_conversion_keeps_the_dtype():
+    # A float64 network stays float64: its batch norm's parameters and statistics too (they were
+    # made float32, which rounded every update of a float64 run with replicas to float32).
+    model = net().double()
+    sync_batch_norm(model, group=object())
+    assert {value.dtype for key, value in model.state_dict().items() if "num_batches" not in key} == {torch.float64}
+    assert model[1].num_batches_tracked.dtype == torch.long

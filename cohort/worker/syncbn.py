@@ -126,8 +126,10 @@ def _converted(layer: nn.Module, group, mode: str) -> nn.Module:
     options = {} if mode == "torch" else {"on_host": mode == "host"}
     synced = kind(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
                   process_group=group, **options)
+    # The layer's device and floating dtype (a float64 network keeps float64 statistics and affine parameters).
+    like = next((t for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()), torch.empty(0))
+    synced.to(device=like.device, dtype=like.dtype)
     synced.load_state_dict(layer.state_dict())
-    synced.to(next(layer.buffers(), next(layer.parameters(), torch.empty(0))).device)
     synced.train(layer.training)
     for parameter, original in zip(synced.parameters(), layer.parameters()):
         parameter.requires_grad_(original.requires_grad)
