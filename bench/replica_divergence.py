@@ -4,7 +4,7 @@ Trains a topology's cohort twice on the same batches, in lockstep:
 
 - ``one``: every peer on the whole batch (``replicas: 1``);
 - ``two``: every peer as M replicas would (``replicas: M``): each shard's forward, batch norm
-  over all shards' moments (what ``cohort.syncbn`` all-reduces: sums of the shards' sums), each
+  over all shards' moments (what ``cohort.worker.syncbn`` all-reduces: sums of the shards' sums), each
   shard's loss times ``shard_loss_scale``, the replicas' gradients averaged (DDP), one step.
 
 At every step it records, for every ``bdkd`` edge, how many samples' switch (the entropy
@@ -19,18 +19,17 @@ not is a real difference of the computation.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 import torch.nn as nn
 import yaml
 
 from cohort.datasets import load_dataset
-from cohort.grid import shard_bounds, shard_loss_scale
 from cohort.losses.combine import peer_objective
 from cohort.losses.divergence import entropy, log_probs
-from cohort.peer import build_optimizer, build_peer, cohort_groups
 from cohort.topology import topology_from_dict
+from cohort.worker.grid import shard_bounds, shard_loss_scale
+from cohort.worker.peer import build_optimizer, build_peer, cohort_groups
 
 
 def shard_forward(model: nn.Sequential, shards: list[torch.Tensor], synced: bool = True) -> list[torch.Tensor]:

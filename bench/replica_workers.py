@@ -1,7 +1,7 @@
-"""The worker's own training code (``cohort.worker.train_epoch``: DDP, cohort.syncbn, the exchange,
+"""The worker's own training code (``cohort.worker.loop.train_epoch``: DDP, cohort.worker.syncbn, the exchange,
 the batch guard, the shard loss scale) in gloo processes without Ray: ``replicas: M`` against
 ``replicas: 1`` on a topology, in float32 (as the workers train) or float64 (every ``.float()``
-of the worker and of cohort.syncbn made a no-op, and the batches cast).
+of the worker and of cohort.worker.syncbn made a no-op, and the batches cast).
 
 Prints, for every step of the bdkd edges' receiver, how many samples' switch (entropy comparison)
 differs between the two runs, and at the end the largest weight difference of every peer and the
@@ -39,14 +39,19 @@ def worker(rank: int, world: int, port: int, config: dict, dtype_name: str, queu
 
     bdkd_module = importlib.import_module("cohort.losses.bdkd")
     from cohort.datasets import load_dataset
-    from cohort.exchange import LogitExchange, ReplicaBatch, gather_in_group, grid_groups
-    from cohort.grid import slot_of
-    from cohort.guard import BatchGuard
     from cohort.losses.batch import WHOLE_BATCH
-    from cohort.peer import build_optimizer, build_peer, cohort_groups
-    from cohort.syncbn import sync_batch_norm
     from cohort.topology import topology_from_dict
-    from cohort.worker import PeerStep, train_epoch
+    from cohort.worker.exchange import (
+        LogitExchange,
+        ReplicaBatch,
+        gather_in_group,
+        grid_groups,
+    )
+    from cohort.worker.grid import slot_of
+    from cohort.worker.guard import BatchGuard
+    from cohort.worker.loop import PeerStep, train_epoch
+    from cohort.worker.peer import build_optimizer, build_peer, cohort_groups
+    from cohort.worker.syncbn import sync_batch_norm
 
     entropies: list[torch.Tensor] = []
     plain_entropy = bdkd_module.entropy
