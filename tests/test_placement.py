@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
+from cohort.console.plan import describe_plan
 from cohort.driver.launch import fit_cluster, make_plan
 from cohort.driver.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
 from cohort.driver.startup import describe_startup, startup_breakdown
 from cohort.models import build_model
-from cohort.run import describe_plan
 from cohort.topology import topology_from_dict
 
 

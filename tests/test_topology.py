@@ -447,9 +447,9 @@ def test_resume_reads_the_stored_topology_strictly():
     # resume needs Ray and MLflow; this checks it reads topology.yaml with the strict loader.
     import inspect
 
-    from cohort import run
+    from cohort.driver import training
 
-    source = inspect.getsource(run.resume)
+    source = inspect.getsource(training.resume_run)
     assert "read_yaml(" in source and "safe_load" not in source
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -216,7 +217,17 @@ def start_local(init: Callable[[], Any], shutdown: Callable[[], Any], attempts: 
 
 
 
-def timed_start_ray(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+@dataclass(frozen=True, kw_only=True)
+class RayOptions:
+    """How a command reaches Ray: ``address`` ('auto' or HOST:PORT; None: a new Ray on this machine),
+    Ray's own logs (``verbose``), its dashboard when Ray is started here."""
+
+    address: str | None = None
+    verbose: bool = False
+    dashboard: bool = False
+
+
+def timed_start_ray(args: RayOptions | argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """``start_ray``, and the driver's start-up marks (cohort.driver.startup)."""
     from cohort.driver.startup import driver_marks, process_started
 

@@ -1,0 +1,158 @@
+"""The plan's text: what a run will do (peers, models, parameters, edges, gates, resources, the
+worker grid), printed before it starts and by ``--dry-run``, and the summary table at its end."""
+from __future__ import annotations
+
+from typing import Any
+
+from cohort.driver.launch import Plan
+from cohort.worker.grid import exchange_backend, worker_grid
+from cohort.worker.report import ENSEMBLE, evaluated, metric_key
+
+
+def describe_classes(plan: Plan) -> list[str]:
+    """Training images per class, and the class groups, where the set is long-tailed or grouped."""
+    info = plan.info
+    if plan.groups is None and not plan.topology.data.long_tail:
+        return []
+    lines = [f"  training images per class: {', '.join(map(str, info.train_class_counts))}"]
+    if plan.groups is not None:
+        groups, names = plan.groups
+        for index, name in enumerate(names):
+            members = [c for c in range(info.num_classes) if int(groups[c]) == index]
+            images = sum(info.train_class_counts[c] for c in members)
+            lines.append(f"  group {name}: {len(members)} classes ({images} images): {_ranges(members)}")
+    return lines
+
+
+def _ranges(classes: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    parts, start = [], None
+    for index, cls in enumerate(classes):
+        if start is None:
+            start = cls
+        if index + 1 == len(classes) or classes[index + 1] != cls + 1:
+            parts.append(f"{start}-{cls}" if cls != start else f"{cls}")
+            start = None
+    return ", ".join(parts)
+
+
+def describe_calibration(topology, info) -> str:
+    """What the plan says about the validation split and temperature scaling."""
+    if not info.val_size:
+        return "temperature scaling: off (no validation split; set data.val_fraction, e.g. 0.1)"
+    every = topology.train.calibrate_every
+    when = f"every {every} epochs and after the last" if every else "after the last epoch"
+    return (f"validation split: {info.val_size} training images held out (data.val_fraction "
+            f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
+
+
+def describe_plan(plan: Plan) -> str:
+    topology, info = plan.topology, plan.info
+    # Columns as wide as their longest name, and a space after it: long names never run together.
+    width = max(14, max(len(peer) for peer in topology.peer_names) + 1)
+    model_width = max(16, max(len(config.model) for config in topology.peers.values()) + 1)
+    lines = [
+        f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
+        f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
+        f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}"
+        + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
+        *(f"  note: {note}" for note in info.notes),
+        *describe_classes(plan),
+        f"  {describe_calibration(topology, info)}",
+        "",
+        f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
+    ]
+    for rank, peer in enumerate(topology.peer_names):
+        config = topology.peers[peer]
+        optimizer = topology.optimizer_for(peer)
+        training = "frozen, from " + str(config.checkpoint) if config.frozen else (
+            f"{optimizer.name} lr={optimizer.lr:g} wd={optimizer.weight_decay:g}")
+        lines.append(f"  {rank:<5}{peer:<{width}}{config.model:<{model_width}}{plan.parameters[peer]:>10,}"
+                     f"{plan.compute[peer] / 1e9:>9.3f}"
+                     f"{plan.threads[peer]:>9}  {training}")
+    lines += ["", "  edges (receiver <- sender: loss, weight, parameters)"]
+    if not topology.edges:
+        lines.append("    none: every peer trains on its labels alone")
+    for edge in topology.edges:
+        params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in edge.params.items())
+        extra = f" reduce={edge.reduce}" + (f" warmup={edge.warmup}" if edge.warmup else "")
+        lines.append(f"    {edge.to} <- {'+'.join(edge.senders)}: {edge.loss}, weight {edge.weight:g}, {params}{extra}")
+    lines += describe_gates(topology)
+    resources = topology.resources
+    gpus = resources.gpus_per_worker
+    backend = exchange_backend(resources.use_gpu, gpus)
+    lines += [
+        "",
+        f"  resources: {topology.num_workers} Ray Train workers x {plan.cpus_per_peer:g} CPU"
+        f"{f' + {gpus:g} GPU' if gpus else ''}; torch threads in proportion to each peer's compute "
+        "(GFLOPs: one step, per sample)"
+        + "".join(f", {text}" for text in placement_constraints(resources)),
+        f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
+        *describe_grid(topology),
+        f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
+    ]
+    return "\n".join(lines)
+
+
+def describe_gates(topology) -> list[str]:
+    """The gates: per step, from the exchanged logits, which edges switch off and who pauses (cohort.gates)."""
+    if not topology.gates:
+        return []
+    lines = ["", "  gates (decided every step from the exchanged logits; firing switches the teacher's edges from "
+                 "the student off, and a teacher all of whose gates fire takes no optimizer step)"]
+    for gate in topology.gates:
+        params = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in gate.params.items())
+        edges = [edge.label for edge in topology.incoming_edges(gate.teacher) if edge.senders == (gate.student,)]
+        lines.append(f"    {gate.rule}: teacher {gate.teacher}, student {gate.student}{params}; switches "
+                     + (", ".join(edges) if edges else "no edge (pauses only)"))
+    return lines
+
+
+def describe_grid(topology) -> list[str]:
+    """The worker grid, where peers have replicas: rank -> peer, replica (= data shard), device."""
+    if topology.replicas == 1:
+        return []
+    gpus = topology.resources.gpus_per_worker
+    device = "CPU" if not gpus else ("own GPU" if gpus >= 1 else f"{gpus:g} of a shared GPU")
+    lines = [f"  worker grid: {topology.replicas} replicas per peer, each batch of {topology.data.batch_size} split "
+             f"into {topology.replicas} shards; logits exchanged per shard, gradients averaged per peer (DDP)",
+             f"    {'rank':<6}{'peer':<14}{'replica/shard':<15}device"]
+    for slot in worker_grid(topology.peer_names, topology.replicas):
+        frozen = " (frozen: no DDP)" if topology.peers[slot.peer].frozen else ""
+        lines.append(f"    {slot.rank:<6}{slot.peer:<14}{slot.shard:<15}{device}{frozen}")
+    lines.append("  batch norm: " + "; ".join(f"{peer}: {batch_norm_text(topology, peer)}" for peer in topology.peer_names))
+    return lines
+
+
+def batch_norm_text(topology, peer: str) -> str:
+    """How a peer with replicas normalizes its BatchNorm layers (cohort.worker.syncbn)."""
+    config = topology.peers[peer]
+    if config.frozen:
+        return "running statistics (frozen)"
+    if not config.sync_batchnorm:
+        return "per-shard statistics (sync_batchnorm: false)"
+    return f"synchronized over its {topology.replicas} replicas"
+
+
+def placement_constraints(resources) -> list[str]:
+    return ([f"accelerator {resources.accelerator_type}"] if resources.accelerator_type else []) + [
+        f"node label {key}={value}" for key, value in resources.node_labels.items()]
+
+
+def summary_table(plan: Plan, final: dict[str, Any]) -> str:
+    """The end of a run: each peer's final test metrics; with temperature scaling, the ECE and NLL
+    after it and the fitted temperature beside them."""
+    topology = plan.topology
+    scaled = any(metric_key(peer, "ece_ts") in final for peer in evaluated(topology))
+    header = f"{'peer':<14}{'model':<16}{'params':>10}{'top-1':>9}{'ECE':>8}{'NLL':>8}{'Brier':>8}"
+    rows = [header + (f"{'T':>7}{'ECE(TS)':>9}{'NLL(TS)':>9}" if scaled else "")]
+    for peer in evaluated(topology):
+        model = topology.peers[peer].model if peer != ENSEMBLE else "(mean of probs)"
+        params = f"{plan.parameters[peer]:,}" if peer in plan.parameters else ""
+        acc, ece, nll, brier = (final[metric_key(peer, metric)] for metric in ("acc", "ece", "nll", "brier"))
+        row = f"{peer:<14}{model:<16}{params:>10}{100 * acc:>8.1f}%{ece:>8.4f}{nll:>8.4f}{brier:>8.4f}"
+        if scaled:
+            values = [final.get(metric_key(peer, key), float("nan")) for key in ("ts_temperature", "ece_ts", "nll_ts")]
+            row += f"{values[0]:>7.2f}{values[1]:>9.4f}{values[2]:>9.4f}"
+        rows.append(row)
+    return "\n".join(rows)
