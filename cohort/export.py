@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cohort.display import Display, add_display_options, mode_of
 from cohort.errors import CohortError, run_command
+from cohort.outputs import OVERWRITE_HELP
 
 CHECK_IMAGES = 64  # test images of the ONNX check
 
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --register: register the peer with its logits divided by the temperature its run "
                              "fitted (data.val_fraction), so served probabilities are the calibrated ones")
     parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
-    parser.add_argument("--out", metavar="FILE", help="the file --format writes")
+    parser.add_argument("--out", metavar="FILE", help="the file --format writes (an existing one only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     add_display_options(parser)
     return parser.parse_args(argv)
@@ -37,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> int:
     from cohort.onnx_export import require_onnx
+    from cohort.outputs import check_output_file
     from cohort.peer_models import check_registered_name
     from cohort.tracking import existing_store_client, resolve_uri
 
@@ -51,9 +54,7 @@ def export(args: argparse.Namespace) -> int:
     out = None
     if args.format:
         require_onnx()
-        out = Path(args.out).expanduser().resolve()
-        if not out.parent.is_dir():
-            raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
+        out = check_output_file(args.out, "--out", args.overwrite)
     uri = resolve_uri(args.tracking_uri)
     client = existing_store_client(uri, f"run {args.run_id}")
     return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated, Display(mode_of(args)))
