@@ -21,7 +21,7 @@ def check_output_file(path: str | Path, where: str, overwrite: bool, make_folder
     ``make_folders``: missing folders above it are made (inside one that exists and is writable)."""
     path = Path(path).expanduser().absolute()
     if path.is_dir():
-        raise CohortError(f"{shown(path)} is a folder; give a file name", where)
+        raise CohortError(f"{shown(path)} is a folder, not a file", where)
     if path.exists() and not overwrite:
         raise CohortError(f"{shown(path)} exists: give --overwrite to replace it, or another --out", where)
     if path.exists() and not os.access(path, os.W_OK):

@@ -387,7 +387,7 @@ def unfinished_run(finished):
      "--out: folder '/nonexistent-folder' does not exist"),
     ("{run} --peer student_a --format onnx --out {folder}/teacher.pt",
      "--out: '{folder}/teacher.pt' exists: give --overwrite to replace it, or another --out"),
-    ("{run} --peer student_a --format onnx --out {folder}/weights", "--out: '{folder}/weights' is a folder; give a file name"),
+    ("{run} --peer student_a --format onnx --out {folder}/weights", "--out: '{folder}/weights' is a folder, not a file"),
     ("{run} --peer student_a --format onnx --out {folder}/teacher.pt/s.onnx --overwrite",
      "--out: '{folder}/teacher.pt' is a file, not a folder"),
     # Control characters come back escaped, on one line: never written to the terminal as they are.

@@ -375,7 +375,7 @@ def write_data_file(path: Path, root: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["existing figure", "file as folder", "under a file", "control characters in --out",
+@pytest.mark.parametrize("case", ["existing figure", "folder as figure", "file as folder", "under a file", "control characters in --out",
                                   "control characters in --peer", "--data that cannot be shifted",
                                   "--data that does not exist"])
 def test_bad_input_is_one_line_before_anything_is_logged(image_run, tmp_path, monkeypatch, capsys, case):
@@ -384,11 +384,14 @@ def test_bad_input_is_one_line_before_anything_is_logged(image_run, tmp_path, mo
     (tmp_path / "taken").write_text("a file")
     (tmp_path / "earlier").mkdir()
     (tmp_path / "earlier" / "shift_severity.png").write_bytes(b"an earlier figure")
+    (tmp_path / "folders" / "shift_severity.png").mkdir(parents=True)
     small = write_data_file(tmp_path / "small.yaml", image_table(tmp_path / "small.parquet", size=16))
     argv, expected = {
         "existing figure": (["--out", str(tmp_path / "earlier")],
                             f"--out: {str(tmp_path / 'earlier' / 'shift_severity.png')!r} exists: give --overwrite to "
                             "replace it, or another --out"),
+        "folder as figure": (["--out", str(tmp_path / "folders")],
+                             f"--out: {str(tmp_path / 'folders' / 'shift_severity.png')!r} is a folder, not a file"),
         "file as folder": (["--out", str(tmp_path / "taken")], f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
         "under a file": (["--out", str(tmp_path / "taken" / "figures")],
                          f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),

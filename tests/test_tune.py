@@ -144,7 +144,7 @@ def test_an_unusable_out_stops_before_ray(tmp_path, capsys, monkeypatch, case):
         "the sweep's best file exists": (tmp_path / "out", f"--out: {str(best)!r} exists: give --overwrite to replace "
                                                            "it, or another --out"),
         "a file as --out": (tmp_path / "t.yaml", f"--out: {str(tmp_path / 't.yaml')!r} is a file, not a folder"),
-        "a folder as the best file": (tmp_path / "out", f"--out: {str(best)!r} is a folder; give a file name"),
+        "a folder as the best file": (tmp_path / "out", f"--out: {str(best)!r} is a folder, not a file"),
     }[case]
     if case == "a folder as the best file":
         best.mkdir()
