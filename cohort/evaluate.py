@@ -93,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         refusal = shift_refusal(data.info)
         if refusal:
             raise CohortError(f"--shift: {refusal}")
-        run_data = finished.topology.with_absolute_paths(os.getcwd()).data  # as evaluation_data resolves --set
-        source = shift_source(run_data, topology.data, data, args.data)
+        here = os.getcwd()  # both data sections' roots as evaluation_data resolves them
+        source = shift_source(finished.topology.with_absolute_paths(here).data,
+                              topology.with_absolute_paths(here).data, data, args.data)
         out = Path(args.out or f"evaluate-{finished.run_id[:8]}")
         figure = check_output_file(out / source.figure_name, "--out", args.overwrite, make_folders=True)
     models = build_models(finished.topology, finished.weights, data.info)

@@ -145,3 +145,16 @@ def test_evaluation_means_rows_and_mlflow_keys():
     keys = {(key, step) for key, _, step in shift_metric_items(results)}
     assert ("shift/fog/student/acc", 3) in keys and ("shift/mean/ensemble/ece", 1) in keys
     assert not any(key.startswith("shift/clean") for key, _ in keys)
+
+
+def test_shifted_results_on_other_data_have_their_own_keys():
+    from cohort.evaluation import same_test_data, shift_metric_items
+    from cohort.topology import DataConfig
+
+    run = DataConfig(dataset="parquet", root="/data/a.parquet")
+    assert same_test_data(run, run.model_copy(update={"batch_size": 7, "eval_batch_size": 9, "val_fraction": 0.2}))
+    assert not same_test_data(run, run.model_copy(update={"root": "/data/b.parquet"}))
+    results = {("clean", 0): {"a": {"acc": 0.9}}, ("fog", 2): {"a": {"acc": 0.5}}, ("mean", 2): {"a": {"acc": 0.5}}}
+    assert shift_metric_items(results, "parquet-0123abcd") == [("shift/data/parquet-0123abcd/fog/a/acc", 0.5, 2),
+                                                               ("shift/data/parquet-0123abcd/mean/a/acc", 0.5, 2)]
+    assert [key for key, _, _ in shift_metric_items(results)] == ["shift/fog/a/acc", "shift/mean/a/acc"]
