@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from cohort.comparison.figures import make_figures, publish
 from cohort.comparison.queries import connect, experiment_names, find_runs, load_runs
@@ -28,6 +27,7 @@ from cohort.comparison.side_by_side import (
 from cohort.config.errors import CohortError
 from cohort.console.command import run_command
 from cohort.console.display import Display, add_display_options, mode_of
+from cohort.console.outputs import check_output_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sort", metavar="COLUMN", help="sort rows by this column: accuracies high to low, "
                                                          "everything else low to high")
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table", help="default: table")
-    parser.add_argument("--out", default="compare", metavar="DIR", help="where the figures go (default: ./compare)")
+    parser.add_argument("--out", default="compare", metavar="DIR",
+                        help="where the figures go (default: ./compare); a folder that holds files (an earlier "
+                             "comparison's) only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write the figures into a folder that holds files")
     parser.add_argument("--no-figures", action="store_true",
                         help="print the table only: draw nothing and log nothing to MLflow")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
@@ -60,6 +63,7 @@ def compare(args: argparse.Namespace) -> int:
     from cohort.tracking.tracker import resolve_uri
 
     display = Display(mode_of(args))
+    out = None if args.no_figures else check_output_folder(args.out, "--out", args.overwrite)
     uri = resolve_uri(args.tracking_uri)
     columns = columns_for(args.metrics)
     order_by = sort_column(args.sort, columns)
@@ -94,10 +98,9 @@ def compare(args: argparse.Namespace) -> int:
     if args.no_figures:
         return 0
 
-    out = Path(args.out).resolve()
     try:
         belongs = make_figures(client, runs, args.peer, out)
-    except OSError as error:
+    except OSError as error:  # checked before: the disk filled up, or the folder changed meanwhile
         raise CohortError(f"--out {args.out!r}: cannot write the figures: {error.strerror or error}") from None
     publish(client, belongs)
     files = sorted({path for paths in belongs.values() for path in paths})

@@ -4,7 +4,8 @@ On the run's own test split by default (it reproduces the run's final metrics), 
 with the same classes (``--data FILE`` or ``--set data.root=...``), or on corrupted test data
 (``--shift``, CIFAR-10-C style: ``cohort.evaluation.shift``). Every peer and the ensemble, before and after
 the temperatures the run fitted (``data.val_fraction``). Shifted results are logged into the same
-MLflow run under ``shift/...`` (evaluating a setting again replaces its values).
+MLflow run under ``shift/...``, those on other data under ``shift/data/<its name>/...`` (evaluating
+a setting again replaces its values).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from cohort.config.errors import CohortError
 from cohort.console.command import run_command
 from cohort.console.display import Display, TaskProgress, add_display_options, mode_of
+from cohort.console.outputs import OVERWRITE_HELP
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer", help="show only this peer (or ensemble)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
-    parser.add_argument("--out", help="folder for the figure (default: evaluate-<run id prefix>)")
+    parser.add_argument("--out", help="folder for the --shift figure (default: evaluate-<run id prefix>); a figure "
+                                      "there from an earlier evaluation is replaced only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_display_options(parser)
     return parser.parse_args(argv)
 
@@ -66,6 +70,7 @@ def evaluation_data(args: argparse.Namespace, finished):
 
 def run(args: argparse.Namespace) -> int:
     from cohort.comparison.queries import connect
+    from cohort.console.outputs import check_creatable, check_output_file
     from cohort.evaluation.logged_run import (
         CLEAN,
         MEAN,
@@ -91,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise CohortError("--severity applies to corrupted test data: give it with --shift")
     corruptions = parse_corruptions(args.shift) if args.shift else []
     severities = parse_severities(args.severity or "1-5") if args.shift else []
+    if corruptions and args.out is not None:
+        check_creatable(Path(args.out).expanduser().absolute(), "--out", make_folders=True)
     uri = resolve_uri(args.tracking_uri)
     client = connect(uri)
     finished = load_finished_run(client, args.run_id)
@@ -98,10 +105,16 @@ def run(args: argparse.Namespace) -> int:
     owners = [*topology.peer_names, "ensemble"]
     if args.peer is not None and args.peer not in owners:
         raise CohortError(f"--peer {args.peer!r}: the run has {', '.join(owners)}")
+    source = figure = None
     if corruptions:
         refusal = shift_refusal(data.info)
         if refusal:
             raise CohortError(f"--shift: {refusal}")
+        here = os.getcwd()  # both data sections' roots as evaluation_data resolves them
+        source = shift_source(finished.topology.with_absolute_paths(here).data,
+                              topology.with_absolute_paths(here).data, data, args.data)
+        out = Path(args.out or f"evaluate-{finished.run_id[:8]}")
+        figure = check_output_file(out / source.figure_name, "--out", args.overwrite, make_folders=True)
     models = build_models(finished.topology, finished.weights, data.info)
     batch = topology.data.eval_batch_size
     settings = [(CLEAN, 0)] + [(name, severity) for name in corruptions for severity in severities]
@@ -128,30 +141,44 @@ def run(args: argparse.Namespace) -> int:
     else:
         display.summary(render(rows, args.format))
     if corruptions:
-        log_shift(client, finished.run_id, results, Path(args.out or f"evaluate-{finished.run_id[:8]}"), display)
+        log_shift(client, finished.run_id, results, figure, source, display)
     return 0
 
 
-def log_shift(client, run_id: str, results, out: Path, display: Display | None = None) -> None:
+def shift_source(run_data, data_config, data, data_file: str | None = None):
+    """Which data the shifted results come from (``cohort.evaluation.logged_run.ShiftSource``): the run's own
+    test split, or other data named by its dataset and its clean test images' fingerprint."""
+    from cohort.evaluation.logged_run import ShiftSource, same_test_data
+    from cohort.evaluation.shift import clean_test_split, fingerprint, plain_name
+
+    digest = fingerprint(clean_test_split(data)[0])
+    own = same_test_data(run_data, data_config)
+    return ShiftSource(None if own else f"{plain_name(data.info.name)}-{digest[:8]}", data.info.name, digest,
+                       data.info.test_size, data_config.model_dump(mode="json"), data_file)
+
+
+def log_shift(client, run_id: str, results, figure: Path, source, display: Display | None = None) -> None:
     """The shifted results into the run (the same key, step and timestamp for a setting evaluated
-    again: MLflow keeps one value, never a duplicate), with the table and the figure."""
+    again: MLflow keeps one value, never a duplicate), with the table and the figure. Both files
+    are written before anything is logged: a failure leaves the run as it was."""
     import json
 
     from mlflow.entities import Metric
 
     from cohort.evaluation.logged_run import severity_figure, shift_metric_items
 
-    items = [Metric(key, value, severity, severity) for key, value, severity in shift_metric_items(results)]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start:start + 1000])
-    figure = severity_figure(results, out / "shift_severity.png")
-    client.log_artifact(run_id, str(figure), "shift")
+    figure = severity_figure(results, figure)
+    items = [Metric(key, value, severity, severity) for key, value, severity in shift_metric_items(results, source.label)]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "shift_results.json"
-        path.write_text(json.dumps({f"{name}/{severity}": owners for (name, severity), owners in results.items()},
-                                   indent=2, sort_keys=True))
-        client.log_artifact(run_id, str(path), "shift")
-    (display or Display("log")).info(f"\nlogged under shift/ in MLflow run {run_id}; figure: {figure}", stderr=True)
+        path.write_text(json.dumps({"data": source.description(), "results": {
+            f"{name}/{severity}": owners for (name, severity), owners in results.items()}}, indent=2, sort_keys=True))
+        for start in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[start:start + 1000])
+        client.log_artifact(run_id, str(figure), source.prefix)
+        client.log_artifact(run_id, str(path), source.prefix)
+    (display or Display("log")).info(f"\nlogged under {source.prefix}/ in MLflow run {run_id}; figure: {figure}",
+                                     stderr=True)
 
 
 def main(argv: list[str] | None = None) -> int:

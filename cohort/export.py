@@ -16,6 +16,7 @@ from pathlib import Path
 from cohort.config.errors import CohortError
 from cohort.console.command import run_command
 from cohort.console.display import Display, add_display_options, mode_of
+from cohort.console.outputs import OVERWRITE_HELP
 
 CHECK_IMAGES = 64  # test images of the ONNX check
 
@@ -30,13 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --register: register the peer with its logits divided by the temperature its run "
                              "fitted (data.val_fraction), so served probabilities are the calibrated ones")
     parser.add_argument("--format", choices=["onnx"], help="write the peer to --out in this format")
-    parser.add_argument("--out", metavar="FILE", help="the file --format writes")
+    parser.add_argument("--out", metavar="FILE", help="the file --format writes (an existing one only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     add_display_options(parser)
     return parser.parse_args(argv)
 
 
 def export(args: argparse.Namespace) -> int:
+    from cohort.console.outputs import check_output_file
     from cohort.tracking.logged_models import check_registered_name
     from cohort.tracking.onnx import require_onnx
     from cohort.tracking.tracker import existing_store_client, resolve_uri
@@ -52,9 +55,7 @@ def export(args: argparse.Namespace) -> int:
     out = None
     if args.format:
         require_onnx()
-        out = Path(args.out).expanduser().resolve()
-        if not out.parent.is_dir():
-            raise CohortError(f"folder {str(out.parent)!r} does not exist", "--out")
+        out = check_output_file(args.out, "--out", args.overwrite)
     uri = resolve_uri(args.tracking_uri)
     client = existing_store_client(uri, f"run {args.run_id}")
     return take_out(client, uri, args.run_id, args.peer, args.register, out, args.calibrated, Display(mode_of(args)))

@@ -32,7 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the tables and draw the figures from MLflow, without training")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
     parser.add_argument("--format", choices=FORMATS, default="table", help="how the tables print (default: table)")
-    parser.add_argument("--out", help="folder for the figures (default: study-<name> in the working directory)")
+    parser.add_argument("--out", help="folder for the figures (default: study-<name> in the working directory); "
+                                      "one that holds files (an earlier report's) only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write the figures into an --out folder that holds "
+                                                                 "files (default: refuse, before anything starts)")
     parser.add_argument("--register", action="append", default=[], metavar="ROLE=NAME",
                         help="at the end (or with --report), register the role's peer of the best arm's best run in "
                              "the MLflow Model Registry under NAME (repeatable)")
@@ -168,6 +171,13 @@ def figures_folder(args: argparse.Namespace, study) -> Path:
     return Path(args.out or f"study-{study.name}")
 
 
+def check_figures_folder(args: argparse.Namespace, study) -> Path:
+    """The figures' folder, checked before anything starts (``cohort.console.outputs``)."""
+    from cohort.console.outputs import check_output_folder
+
+    return check_output_folder(figures_folder(args, study), "--out", args.overwrite)
+
+
 def report(args: argparse.Namespace, study, tracking_uri: str) -> int:
     """Tables and figures from MLflow, for a finished, running or interrupted study."""
     from cohort.comparison.queries import connect
@@ -256,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         raise CohortError("--report reads MLflow only: give it without --dry-run or --resume")
     study, tracking_uri, weights = prepare(args, load_weights=not (args.dry_run or args.report))
     args.registrations = registrations(args.register, study)
+    if not args.dry_run:
+        check_figures_folder(args, study)
     if args.report:
         return report(args, study, tracking_uri)
     if args.dry_run:
@@ -267,26 +279,22 @@ def run(args: argparse.Namespace) -> int:
 def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[str, Any]) -> int:
     from cohort.driver.cluster import start_ray
     from cohort.studies.experiment import (
-        StudyCallback,
-        grid,
-        objective_key,
-        study_trial,
+        end_stopped,
     )
-    from cohort.studies.results import find_parent, outcomes
     from cohort.tracking.tracker import Tracker
-    from cohort.tuning.sweep import TRIAL_CPU, unfinished_trials
 
     storage = os.path.abspath(os.path.expanduser(args.storage or "~/ray_results/cohort-study"))
     study_dir = Path(storage) / study.name
     state_file = Path(storage) / f"{study.name}.cohort.json"
-    tracker = Tracker(tracking_uri, study.experiment)
-    existing = find_parent(tracker.client, study.experiment, study.name)
+    children_file = Path(storage) / f"{study.name}.children.json"
+    existing = existing_parent(tracking_uri, study)  # read only: a refused command creates no store, no experiment
     if not args.resume and (existing is not None or study_dir.exists()):
         raise CohortError(f"a study named {study.name!r} exists (MLflow experiment {study.experiment!r} or "
                           f"{storage}): --resume it, or rename the study")
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
     if args.resume and (existing is None or state.get("parent_run_id") != existing.info.run_id):
         raise CohortError(f"--resume: no interrupted study named {study.name!r} in {storage}")
+    tracker = Tracker(tracking_uri, study.experiment)
 
     cluster = start_ray(args.address, args.verbose, dashboard=True)
     concurrent, cpus_per_peer = plan_concurrency(study, float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)))
@@ -294,6 +302,63 @@ def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[st
 
     if args.resume and not ray.tune.Tuner.can_restore(str(study_dir)):
         raise CohortError(f"--resume: the study's Tune state in {study_dir} is gone")
+    previous = existing.info.status if existing is not None else None
+    tracker.run_id = existing.info.run_id if existing is not None else None
+    try:
+        # From here on the parent run is RUNNING: however the command ends, it does not stay so.
+        if existing is None:
+            parent_run_id = start_parent(tracker, study, state_file)
+        else:
+            parent_run_id = existing.info.run_id
+            tracker.client.update_run(parent_run_id, status="RUNNING")
+        return train(args, study, tracking_uri, weights, tracker, existing, parent_run_id, storage, children_file,
+                     concurrent, cpus_per_peer)
+    except BaseException as error:
+        end_stopped(tracker.client, tracker.run_id, children_file, stopped_status(error, previous))
+        raise
+
+
+def existing_parent(tracking_uri: str, study):
+    """The study's parent run in the store, or None; reading only (a missing SQLite file stays missing)."""
+    from cohort.config.errors import first_line
+    from cohort.studies.results import find_parent
+    from cohort.tracking.tracker import existing_store_client
+
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file():
+        return None
+    try:
+        return find_parent(existing_store_client(tracking_uri, "--tracking-uri"), study.experiment, study.name)
+    except Exception as error:  # noqa: BLE001 - any failure here means the store is not usable
+        raise CohortError(f"MLflow tracking store {tracking_uri!r} is not usable: {first_line(error)}",
+                          "tracking.uri") from None
+
+
+def stopped_status(error: BaseException, previous: str | None) -> str:
+    """The parent run's status when the command stops on ``error`` with the parent RUNNING: FINISHED
+    again for a study that had finished before (a --resume that found nothing to do), KILLED on
+    Ctrl-C, else FAILED."""
+    if previous == "FINISHED":
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def train(args: argparse.Namespace, study, tracking_uri: str, weights: dict[str, Any], tracker, existing,
+          parent_run_id: str, storage: str, children_file: Path, concurrent: int, cpus_per_peer: float) -> int:
+    """The study's runs through Ray Tune (started, or resumed), then the tables and figures."""
+    import ray.tune
+
+    from cohort.studies.experiment import (
+        StudyCallback,
+        end_stopped,
+        grid,
+        objective_key,
+        study_trial,
+    )
+    from cohort.studies.results import outcomes
+    from cohort.tuning.sweep import TRIAL_CPU, unfinished_trials
+
+    study_dir = Path(storage) / study.name
     runs = study.runs()
     objectives = {name: objective_key(arm.roles) for name, arm in study.arms.items()}
     arms = {name: arm.topology.to_dict() for name, arm in study.arms.items()}
@@ -302,16 +367,10 @@ def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[st
                                  threads=max(1, int(cpus_per_peer)), storage=str(Path(storage) / f"{study.name}-trainers"),
                                  weights=weights),
         {"CPU": TRIAL_CPU})
-    if existing is None:
-        parent_run_id = start_parent(tracker, study, state_file)
-    else:
-        parent_run_id = existing.info.run_id
-        tracker.client.update_run(parent_run_id, status="RUNNING")
     already = sum(o.status in ("FINISHED", "FAILED") for o in outcomes(tracker.client, existing)) if existing else 0
     callback = StudyCallback(tracking_uri, study.experiment, parent_run_id, study.name, arms,
                              {name: arm.roles for name, arm in study.arms.items()}, len(runs),
-                             Path(storage) / f"{study.name}.children.json", already_done=already,
-                             display=saved_mode(args))
+                             children_file, already_done=already, display=saved_mode(args))
     display = Display(mode_of(args))
     display.info(f"study {study.name}: {len(runs)} runs ({len(study.arms)} arms x {len(study.seeds)} seeds), "
           f"{concurrent} at a time ({cpus_per_peer:g} CPU per worker)" + (f", {already} done before" if already else "")
@@ -336,8 +395,9 @@ def execute(args: argparse.Namespace, study, tracking_uri: str, weights: dict[st
     unfinished = unfinished_trials(study_dir, len(runs))
     tracker.run_id = parent_run_id
     if unfinished:
-        # Tune catches Ctrl-C itself and returns what it had: the study is not over.
-        tracker.finish("KILLED")
+        # Tune catches Ctrl-C itself and returns what it had: the study is not over; its running
+        # children are KILLED, as its parent.
+        end_stopped(tracker.client, parent_run_id, children_file, "KILLED")
         raise CohortError(f"study {study.name} interrupted with {unfinished} run(s) unfinished: continue with "
                           f"python -m cohort.study {args.study} --resume")
     display.summary(f"\nstudy {study.name} done in {time.perf_counter() - started:.0f}s\n")

@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage", help="where Tune keeps the sweep (default: ~/ray_results/cohort-tune)")
     parser.add_argument("--name", help="the sweep's name (default: <topology name>-<space file name>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
-    parser.add_argument("--out", default=".", help="folder for best_<name>.yaml (default: the working directory)")
+    parser.add_argument("--out", default=".", help="folder for best_<sweep name>.yaml (default: the working "
+                                                   "directory); checked before the sweep starts")
+    parser.add_argument("--overwrite", action="store_true", help="replace a best_<sweep name>.yaml that exists "
+                                                                 "(default: refuse, before the sweep starts)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     add_display_options(parser)
     return parser.parse_args(argv)
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     topology, tracking_uri, weights, space, samples = prepare(args)
     name = args.name or f"{topology.name}-{Path(args.space).stem}"
+    args.best_file = best_file(args, name)  # checked before the sweep starts
     storage = os.path.abspath(os.path.expanduser(args.storage or "~/ray_results/cohort-tune"))
     sweep_dir = Path(storage) / name
     tracker = Tracker(tracking_uri, topology.experiment)
@@ -194,7 +198,7 @@ def finish(args: argparse.Namespace, tracker, topology, space, results, name: st
         tracker.finish(status)
         raise CohortError("no trial finished: see the reasons above")
     best_topology = topology_from_dict(topology.to_dict(), "best", best["config"])
-    out = Path(args.out) / f"best_{topology.name}.yaml"
+    out = args.best_file
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Best of sweep {name}: {space.metric} = {best['value']:.6g} ({space.mode}), trial {best['trial']}\n"
               f"# Sampled: {sampled_text(best['config'])}\n")
@@ -209,6 +213,14 @@ def finish(args: argparse.Namespace, tracker, topology, space, results, name: st
     display.json("done", sweep=name, parent_run_id=parent_run_id, best_trial=best["trial"], best_value=best["value"],
                  best_config=best["config"], topology=str(out))
     return 0
+
+
+def best_file(args: argparse.Namespace, name: str) -> Path:
+    """Where the sweep's best topology goes, ``--out/best_<sweep name>.yaml``: a sweep does not
+    replace another's, nor (without --overwrite) its own of an earlier session."""
+    from cohort.console.outputs import check_output_file
+
+    return check_output_file(Path(args.out) / f"best_{name}.yaml", "--out", args.overwrite, make_folders=True)
 
 
 def trials_table(rows: list[dict[str, Any]], metric: str, keys: list[str]) -> str:

@@ -224,3 +224,14 @@ def test_a_pickled_object_in_a_runs_weights_is_one_line_and_never_runs(tmp_path,
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"run {run.info.run_id}: cannot load checkpoint 'weights/net.pt': cannot load "), err
     assert "as weights only" in err[0] and not marker.exists()
+def test_shifted_results_on_other_data_have_their_own_keys():
+    from cohort.evaluation.logged_run import same_test_data, shift_metric_items
+    from cohort.topology import DataConfig
+
+    run = DataConfig(dataset="parquet", root="/data/a.parquet")
+    assert same_test_data(run, run.model_copy(update={"batch_size": 7, "eval_batch_size": 9, "val_fraction": 0.2}))
+    assert not same_test_data(run, run.model_copy(update={"root": "/data/b.parquet"}))
+    results = {("clean", 0): {"a": {"acc": 0.9}}, ("fog", 2): {"a": {"acc": 0.5}}, ("mean", 2): {"a": {"acc": 0.5}}}
+    assert shift_metric_items(results, "parquet-0123abcd") == [("shift/data/parquet-0123abcd/fog/a/acc", 0.5, 2),
+                                                               ("shift/data/parquet-0123abcd/mean/a/acc", 0.5, 2)]
+    assert [key for key, _, _ in shift_metric_items(results)] == ["shift/fog/a/acc", "shift/mean/a/acc"]

@@ -392,7 +392,8 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
     noisy = {row["peer"]: float(row["acc"]) for row in rows if row["data"] == "gaussian_noise"}
     assert clean["teacher"] == pytest.approx(run.data.metrics["teacher/acc"])  # the run's own test split, again
     assert noisy["teacher"] < clean["teacher"]
-    assert evaluate(command) == 0
+    assert evaluate(command) == 2  # the figure is there: replaced only with --overwrite
+    assert evaluate(command + ["--overwrite"]) == 0
     capsys.readouterr()
     client = mlflow.tracking.MlflowClient(uri)
     history = client.get_metric_history(run.info.run_id, "shift/gaussian_noise/teacher/acc")

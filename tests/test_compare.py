@@ -363,13 +363,26 @@ def test_bad_input(store, capsys, case):
         assert "cmp-bdkd" in err and "cmp-dml" in err
 
 
-@pytest.mark.ray
-def test_unwritable_out(store, capsys, tmp_path):
-    blocker = tmp_path / "taken"
-    blocker.write_text("a file, not a folder")
-    code, _, err = compare_main(store, capsys, "--experiment", "cmp-dml", "--out", str(blocker))
-    assert code == 2
-    assert err.splitlines()[-1].startswith(f"--out {str(blocker)!r}: cannot write the figures")
+@pytest.mark.parametrize("case", ["a file", "under a file", "a folder with files"])
+def test_an_unusable_out_is_one_line_before_the_store_is_read(capsys, tmp_path, case):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "reliability.png").write_bytes(b"an earlier comparison's")
+    out, expected = {
+        "a file": (tmp_path / "taken", f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "under a file": (tmp_path / "taken" / "figures", f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "a folder with files": (tmp_path / "earlier", f"--out: folder {str(tmp_path / 'earlier')!r} is not empty: give "
+                                                      "--overwrite to write over its files, or another --out"),
+    }[case]
+    uri = f"sqlite:///{tmp_path}/absent.db"
+    code = compare.main(["--tracking-uri", uri, "--experiment", "x", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == expected + "\n", err
+    assert (tmp_path / "earlier" / "reliability.png").read_bytes() == b"an earlier comparison's"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier", "taken"]
+    # --no-figures writes nothing: its --out is not looked at.
+    assert compare.main(["--tracking-uri", uri, "--experiment", "x", "--out", str(out), "--no-figures"]) == 2
+    assert capsys.readouterr().err.startswith(f"MLflow tracking store {uri!r}: no such database file")
 
 
 @pytest.mark.parametrize("store_kind", ["missing file", "not a database", "no server"])

@@ -299,8 +299,13 @@ def test_export_writes_an_onnx_file_that_onnx_runtime_runs(finished, tmp_path, c
                         "dynamic batch size)")
     assert lines[1].startswith("ONNX Runtime vs torch on 64 test images: largest logit difference ")
     assert "(within 0.0001;" in lines[1]
-    assert export_main([finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out", str(out),
-                        "--tracking-uri", finished["uri"], "--log-format", "json"]) == 0
+    written = out.read_bytes()
+    again = [finished["run_id"], "--peer", "student_a", "--format", "onnx", "--out", str(out),
+             "--tracking-uri", finished["uri"], "--log-format", "json"]
+    assert export_main(again) == 2  # an existing file is replaced only with --overwrite
+    assert capsys.readouterr().err.strip() == f"--out: {str(out)!r} exists: give --overwrite to replace it, or another --out"
+    assert out.read_bytes() == written
+    assert export_main(again + ["--overwrite"]) == 0
     (event,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {key: event[key] for key in ("event", "peer", "path", "opset", "input_shape", "classes", "passed")} == {
         "event": "onnx", "peer": "student_a", "path": str(out), "opset": 18, "input_shape": ["batch", 1, 8, 8],
@@ -401,15 +406,29 @@ def unfinished_run(finished):
      "no leading punctuation, no '..')"),
     ("{run} --peer student_a --format onnx --out /nonexistent-folder/s.onnx",
      "--out: folder '/nonexistent-folder' does not exist"),
+    ("{run} --peer student_a --format onnx --out {folder}/teacher.pt",
+     "--out: '{folder}/teacher.pt' exists: give --overwrite to replace it, or another --out"),
+    ("{run} --peer student_a --format onnx --out {folder}/weights", "--out: '{folder}/weights' is a folder, not a file"),
+    ("{run} --peer student_a --format onnx --out {folder}/teacher.pt/s.onnx --overwrite",
+     "--out: '{folder}/teacher.pt' is a file, not a folder"),
+    # Control characters come back escaped, on one line: never written to the terminal as they are.
+    ("{run} --peer gh\x1b[2Jost\x07 --register x", "--peer: run {run} has no peer 'gh\\x1b[2Jost\\x07' (peers: teacher, "
+                                                 "student_a, student_b; or ensemble, the mean of their probabilities)"),
+    ("{run} --peer student_a --format onnx --out /nonexistent\x07\x1b[2J/s.onnx",
+     "--out: folder '/nonexistent\\x07\\x1b[2J' does not exist"),
 ])
 def test_bad_input_is_one_line(finished, run_without_weights, unfinished_run, capsys, argv, expected):
     if "--out" in argv:
         pytest.importorskip("onnxruntime")  # without the extra, the missing extra is the first complaint
     names = {"run": finished["run_id"], "uri": finished["uri"], "no_weights": run_without_weights,
-             "unfinished": unfinished_run}
+             "unfinished": unfinished_run, "folder": finished["folder"]}
+    before = {path: path.read_bytes() for path in finished["folder"].rglob("*")
+              if path.is_file() and path.suffix != ".db"}
     code = export_main(argv.format(**names).split() + ["--tracking-uri", finished["uri"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [expected.format(**names)], err
+    assert {path: path.read_bytes() for path in finished["folder"].rglob("*")
+              if path.is_file() and path.suffix != ".db"} == before
 
 
 def test_a_missing_store_is_one_line(tmp_path, capsys):

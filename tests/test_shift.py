@@ -289,3 +289,125 @@ def test_without_the_library_one_line(monkeypatch):
     with pytest.raises(CohortError) as error:
         shift.corrupt_images(synthetic(1), "fog", 1, seed=0)
     assert str(error.value) == "shifted data needs the imagecorruptions-imaug package: pip install 'cohort[shift]'"
+
+
+# --------------------------------------------------------------------------- cohort.evaluate --shift, without Ray
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A finished cohort run on a parquet table of 32x32 images (2 classes), as the driver leaves one:
+    its topology and its peers' final weights (untrained: the metrics' values do not matter here)."""
+    from cohort.topology import topology_from_dict
+    from cohort.tracking.tracker import Tracker
+    from cohort.worker.peer import build_peer
+
+    folder = tmp_path_factory.mktemp("evaluate")
+    topology = topology_from_dict({
+        "name": "image-run", "seed": 1, "data": {"dataset": "parquet", "root": str(image_table(folder / "own.parquet"))},
+        "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
+        "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
+    data = load_dataset(topology.data)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    tracker = Tracker(uri, topology.experiment)
+    run_id = tracker.start(topology)
+    (folder / "weights").mkdir()
+    for peer in topology.peer_names:
+        torch.manual_seed(0)
+        torch.save(build_peer(topology, peer, data.info).state_dict(), folder / "weights" / f"{peer}.pt")
+        tracker.log_file(folder / "weights" / f"{peer}.pt", "weights")
+    tracker.finish("FINISHED")
+    other = image_table(folder / "other.parquet", test=5)  # the same classes, other test images
+    return {"uri": uri, "run_id": run_id, "folder": folder, "other": other, "client": tracker.client}
+
+
+def evaluate_run(image_run, *argv: str) -> int:
+    from cohort.evaluate import main as evaluate
+
+    return evaluate([image_run["run_id"], "--tracking-uri", image_run["uri"], "--quiet", *argv])
+
+
+def shift_keys(image_run) -> dict[str, float]:
+    metrics = image_run["client"].get_run(image_run["run_id"]).data.metrics
+    return {key: value for key, value in metrics.items() if key.startswith("shift/")}
+
+
+def test_shifted_results_on_other_data_go_under_keys_that_name_it(image_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("COHORT_CACHE", str(tmp_path / "cache"))
+    client, run_id = image_run["client"], image_run["run_id"]
+    own = ["--shift", "pixelate", "--severity", "2", "--out", str(tmp_path / "own")]
+    assert evaluate_run(image_run, *own) == 0, capsys.readouterr().err
+    first = shift_keys(image_run)
+    assert "shift/pixelate/b/acc" in first and "shift/mean/ensemble/ece" in first
+    other = ["--shift", "pixelate", "--severity", "2", "--set", f"data.root={image_run['other']}",
+             "--out", str(tmp_path / "other")]
+    assert evaluate_run(image_run, *other) == 0, capsys.readouterr().err
+    assert evaluate_run(image_run, *other, "--overwrite") == 0, capsys.readouterr().err  # again: idempotent
+    added = {key: value for key, value in shift_keys(image_run).items() if key not in first}
+    label = next(iter(added)).split("/")[2]
+    assert label.startswith("parquet-") and set(added) == {key.replace("shift/", f"shift/data/{label}/", 1)
+                                                           for key in first}
+    for key, value in first.items():  # the run's own keys hold their one value, from the run's test split
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(2, value)], key
+    for key in added:
+        assert len(client.get_metric_history(run_id, key)) == 1, key
+    assert (tmp_path / "own" / "shift_severity.png").is_file()
+    assert (tmp_path / "other" / f"shift_severity_{label}.png").is_file()
+    logged = {}
+    for prefix in ("shift", f"shift/data/{label}"):
+        path = client.download_artifacts(run_id, f"{prefix}/shift_results.json", str(tmp_path / prefix))
+        logged[prefix] = json.loads(Path(path).read_text())
+    assert logged["shift"]["data"]["source"] == "the run's test split" and logged["shift"]["data"]["test_images"] == 4
+    assert logged[f"shift/data/{label}"]["data"] | {"section": None} == {
+        "source": "other data", "label": label, "keys": f"shift/data/{label}/<corruption>/<peer>/<metric>",
+        "dataset": "parquet", "test_images": 5, "fingerprint": logged[f"shift/data/{label}"]["data"]["fingerprint"],
+        "section": None, "data_file": None}
+    assert logged[f"shift/data/{label}"]["data"]["section"]["root"] == str(image_run["other"])
+    assert set(logged["shift"]["results"]) == {"clean/0", "pixelate/2", "mean/2"}
+
+
+def write_data_file(path: Path, root: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"data": {"dataset": "parquet", "root": str(root)}}))
+    return path
+
+
+@pytest.mark.parametrize("case", ["existing figure", "folder as figure", "file as folder", "under a file", "control characters in --out",
+                                  "control characters in --peer", "--data that cannot be shifted",
+                                  "--data that does not exist"])
+def test_bad_input_is_one_line_before_anything_is_logged(image_run, tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setenv("COHORT_CACHE", str(tmp_path / "cache"))
+    shift_args = ["--shift", "pixelate", "--severity", "1"]
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "shift_severity.png").write_bytes(b"an earlier figure")
+    (tmp_path / "folders" / "shift_severity.png").mkdir(parents=True)
+    small = write_data_file(tmp_path / "small.yaml", image_table(tmp_path / "small.parquet", size=16))
+    argv, expected = {
+        "existing figure": (["--out", str(tmp_path / "earlier")],
+                            f"--out: {str(tmp_path / 'earlier' / 'shift_severity.png')!r} exists: give --overwrite to "
+                            "replace it, or another --out"),
+        "folder as figure": (["--out", str(tmp_path / "folders")],
+                             f"--out: {str(tmp_path / 'folders' / 'shift_severity.png')!r} is a folder, not a file"),
+        "file as folder": (["--out", str(tmp_path / "taken")], f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "under a file": (["--out", str(tmp_path / "taken" / "figures")],
+                         f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "control characters in --out": (["--out", str(tmp_path / "taken" / "a\x1b[2Jb\rc")],
+                                        f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "control characters in --peer": (["--peer", "gh\x1b[2Jost\n"], "--peer 'gh\\x1b[2Jost\\n': the run has a, b, "
+                                                                       "ensemble"),
+        "--data that cannot be shifted": (["--data", str(small)],
+                                          "--shift: shifted data needs images of at least 32x32 pixels with 1 or 3 "
+                                          "channels; parquet images are 3x16x16 (channels x height x width)"),
+        "--data that does not exist": (["--data", str(tmp_path / "absent.yaml")], f"{tmp_path / 'absent.yaml'}: no such file"),
+    }[case]
+    before = shift_keys(image_run)
+    code = evaluate_run(image_run, *shift_args, *argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(expected), err
+    assert shift_keys(image_run) == before  # nothing logged
+    assert (tmp_path / "earlier" / "shift_severity.png").read_bytes() == b"an earlier figure"
+    assert not (tmp_path / "cache").exists()  # nothing corrupted: refused before the work

@@ -205,6 +205,93 @@ def test_a_study_that_exists_needs_resume(tmp_path, capsys):
     assert code == 2 and "--resume: no interrupted study named 'other'" in capsys.readouterr().err
 
 
+def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys):
+    from cohort.tracking.tracker import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [str(write_study(tmp_path, STUDY)), "--tracking-uri", uri, "--resume", "--storage", str(tmp_path / "tune")]
+    assert main(argv) == 2
+    assert "--resume: no interrupted study named 'small-study'" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "tune").exists()
+    tracker = Tracker(uri, "another-experiment")  # a store without the study's experiment
+    assert main(argv) == 2 and "--resume: no interrupted study" in capsys.readouterr().err
+    assert tracker.client.get_experiment_by_name("small-study") is None
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "a folder with files", "a folder with files, --report"])
+def test_an_unusable_out_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch, case):
+    import cohort.driver.cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cohort.driver.cluster, "start_ray", no_ray)
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "metric_acc.png").write_bytes(b"an earlier report's")
+    out, expected = {
+        "a file": (tmp_path / "taken", f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "under a file": (tmp_path / "taken" / "figures", f"--out: {str(tmp_path / 'taken')!r} is a file, not a folder"),
+        "a folder with files": (tmp_path / "earlier", f"--out: folder {str(tmp_path / 'earlier')!r} is not empty: give "
+                                                      "--overwrite to write over its files, or another --out"),
+    }[case.partition(",")[0]]
+    report = ["--report"] if case.endswith("--report") else []
+    code = main([str(write_study(tmp_path, STUDY)), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--storage", str(tmp_path / "tune"), "--out", str(out), *report])
+    assert code == 2 and capsys.readouterr().err == expected + "\n"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "tune").exists()
+    assert (tmp_path / "earlier" / "metric_acc.png").read_bytes() == b"an earlier report's"
+
+
+@pytest.mark.parametrize("before, failure, after", [
+    ("FINISHED", RuntimeError("Tune failed"), "FINISHED"),  # a finished study resumed: as it was
+    ("KILLED", RuntimeError("Tune failed"), "FAILED"),
+    ("KILLED", KeyboardInterrupt(), "KILLED"),
+])
+def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch, before, failure, after):
+    """Whatever stops a study once its parent run is RUNNING again (here Tune's restore, with Ray
+    and Tune stubbed out), the parent ends FAILED, KILLED or as it was, and its children that were
+    RUNNING end KILLED."""
+    import json
+
+    import ray.tune
+
+    import cohort.driver.cluster
+    from cohort.tracking.tracker import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "small-study")
+    parent = tracker.client.create_run(tracker.experiment_id, tags={"cohort.study": "small-study",
+                                                                     "cohort.study.parent": "true"}).info.run_id
+    tracker.client.set_terminated(parent, status=before)
+    child = tracker.client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    done = tracker.client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    tracker.client.set_terminated(done, status="FINISHED")
+    storage = tmp_path / "tune"
+    (storage / "small-study").mkdir(parents=True)
+    (storage / "small-study.cohort.json").write_text(json.dumps({"parent_run_id": parent}))
+    (storage / "small-study.children.json").write_text(json.dumps({"dml/seed-0": done, "dml/seed-1": child}))
+
+    def stop(*args, **kwargs):
+        assert tracker.client.get_run(parent).info.status == "RUNNING"
+        raise failure
+
+    monkeypatch.setattr(cohort.driver.cluster, "start_ray", lambda *args, **kwargs: {"CPU": 2.0})
+    monkeypatch.setattr(ray.tune, "with_parameters", lambda trainable, **kwargs: trainable)
+    monkeypatch.setattr(ray.tune, "with_resources", lambda trainable, resources: trainable)
+    monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path, **kwargs: True))
+    monkeypatch.setattr(ray.tune.Tuner, "restore", staticmethod(stop))
+    argv = [str(write_study(tmp_path, STUDY)), "--tracking-uri", uri, "--storage", str(storage), "--resume",
+            "--out", str(tmp_path / "figures")]
+    if isinstance(failure, KeyboardInterrupt):
+        assert main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="Tune failed"):
+            main(argv)
+    status = {run_id: tracker.client.get_run(run_id).info.status for run_id in (parent, child, done)}
+    assert status == {parent: after, child: "KILLED", done: "FINISHED"}
+
+
 def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert main([str(write_study(tmp_path, STUDY)), "--dry-run"]) == 0
     out = capsys.readouterr().out

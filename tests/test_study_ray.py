@@ -50,6 +50,14 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     assert "--resume" in err, err
     first = re.search(r"\] (\w+/seed-\d) done: teacher [\d.]+%, student [\d.]+%", seen).group(1)
     assert first == "dml/seed-0", seen  # seed by seed, arms in the file's order
+    # Interrupted: the parent KILLED, a run that had started training (if Ctrl-C found one) KILLED
+    # as well: none left RUNNING.
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny-study").experiment_id])
+    statuses = dict((run.data.tags.get("cohort.study.arm", "parent") + run.data.tags.get("cohort.study.seed", ""),
+                     run.info.status) for run in runs)
+    assert statuses.pop("parent") == "KILLED" and statuses.pop("dml0") == "FINISHED", statuses
+    assert set(statuses.values()) <= {"KILLED"}, statuses
 
     resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -58,7 +66,6 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     assert "role student: mean ± std over seeds (2 per arm)" in resumed.stdout
     assert "difference to dml [95% CI] (paired t-test)" in resumed.stdout
 
-    client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny-study").experiment_id])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]

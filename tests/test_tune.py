@@ -128,6 +128,36 @@ def test_metric_that_no_trial_reports_stops_before_ray(tmp_path, capsys):
     assert "student/ece" in err
 
 
+@pytest.mark.parametrize("case", ["the sweep's best file exists", "a file as --out", "a folder as the best file"])
+def test_an_unusable_out_stops_before_ray(tmp_path, capsys, monkeypatch, case):
+    """The best topology is named after the sweep (best_<sweep>.yaml: another sweep of the same
+    topology does not replace it), and where it goes is checked before Ray starts."""
+    import cohort.driver.cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(cohort.driver.cluster, "start_ray", no_ray)
+    (tmp_path / "out").mkdir()
+    best = tmp_path / "out" / "best_sweep-me-space.yaml"
+    out, expected = {
+        "the sweep's best file exists": (tmp_path / "out", f"--out: {str(best)!r} exists: give --overwrite to replace "
+                                                           "it, or another --out"),
+        "a file as --out": (tmp_path / "t.yaml", f"--out: {str(tmp_path / 't.yaml')!r} is a file, not a folder"),
+        "a folder as the best file": (tmp_path / "out", f"--out: {str(best)!r} is a folder, not a file"),
+    }[case]
+    if case == "a folder as the best file":
+        best.mkdir()
+    else:
+        best.write_text("# an earlier session's best topology\n")
+    code = tune_main([str(write(tmp_path, "t.yaml", TOPOLOGY)), str(write(tmp_path, "space.yaml", GOOD_SPACE)),
+                      "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", str(tmp_path / "tune"),
+                      "--out", str(out)])
+    assert code == 2 and capsys.readouterr().err == expected + "\n"
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "tune").exists()
+    assert best.is_dir() or best.read_text() == "# an earlier session's best topology\n"
+
+
 @pytest.mark.parametrize("settings, expected", [
     ({"perturbation_interval": 2}, "scheduler.perturbation_interval: 2 epochs leaves no perturbation in a run of 2 "
                                    "epochs (train.epochs)"),
@@ -329,7 +359,7 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
         assert trial_topology.train.optimizer.lr == float(run.data.params["train.optimizer.lr"])
         assert trial_topology.edges[0].temperature == pytest.approx(float(run.data.params["edges.0.temperature"]))
 
-    best = tmp_path / "best_sweep-me.yaml"
+    best = tmp_path / "best_sweep-me-s.yaml"  # named after the sweep (topology sweep-me, space s.yaml)
     assert best.exists()
     from cohort.run import main as run_main
 

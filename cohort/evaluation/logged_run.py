@@ -166,15 +166,61 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
                      for line in [header] + body)
 
 
-def shift_metric_items(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> list[tuple[str, float, int]]:
+# Settings of the data section that change how it is loaded, not which test images it holds.
+LOADER_SETTINGS = ("batch_size", "eval_batch_size", "num_workers", "download", "val_fraction")
+
+
+def same_test_data(run_data, data) -> bool:
+    """Whether two data sections hold the same test split (they differ in loader settings at most)."""
+    return (run_data.model_dump(exclude=set(LOADER_SETTINGS), mode="json")
+            == data.model_dump(exclude=set(LOADER_SETTINGS), mode="json"))
+
+
+def shift_prefix(label: str | None) -> str:
+    """The MLflow keys' and artifacts' prefix: ``shift`` (the run's test split), or ``shift/data/<label>``."""
+    return "shift" if label is None else f"shift/data/{label}"
+
+
+@dataclass(frozen=True)
+class ShiftSource:
+    """The data shifted results come from: the run's own test split (``label`` None) or other data,
+    labelled ``<dataset>-<fingerprint prefix>`` (the same test images give the same label)."""
+
+    label: str | None
+    dataset: str
+    fingerprint: str  # of the clean test images (cohort.evaluation.shift.fingerprint)
+    test_images: int
+    section: dict[str, Any]  # the data section evaluated
+    data_file: str | None = None  # --data FILE, if given
+
+    @property
+    def prefix(self) -> str:
+        return shift_prefix(self.label)
+
+    @property
+    def figure_name(self) -> str:
+        return "shift_severity.png" if self.label is None else f"shift_severity_{self.label}.png"
+
+    def description(self) -> dict[str, Any]:
+        return {"source": "the run's test split" if self.label is None else "other data", "label": self.label,
+                "keys": f"{self.prefix}/<corruption>/<peer>/<metric>", "dataset": self.dataset,
+                "test_images": self.test_images, "fingerprint": self.fingerprint, "section": self.section,
+                "data_file": self.data_file}
+
+
+def shift_metric_items(results: dict[tuple[str, int], dict[str, dict[str, float]]],
+                       label: str | None = None) -> list[tuple[str, float, int]]:
     """(key, value, step) for MLflow: ``shift/<corruption>/<owner>/<metric>`` at step = severity, and
-    ``shift/mean/...`` for the means over corruptions. The clean setting is the run's own metrics."""
+    ``shift/mean/...`` for the means over corruptions. The clean setting is the run's own metrics.
+    Results on other data than the run's (``label``: ``ShiftSource.label``) go under
+    ``shift/data/<label>/...``: never the keys of the run's own test split."""
+    prefix = shift_prefix(label)
     items = []
     for (corruption, severity), owners in results.items():
         if corruption == CLEAN:
             continue
         for owner, values in owners.items():
-            items += [(f"shift/{corruption}/{owner}/{name}", value, severity) for name, value in values.items()
+            items += [(f"{prefix}/{corruption}/{owner}/{name}", value, severity) for name, value in values.items()
                       if math.isfinite(value)]
     return items
 

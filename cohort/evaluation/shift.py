@@ -270,13 +270,17 @@ def fingerprint(images: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def plain_name(name: str) -> str:
+    """A dataset's name as a file name or an MLflow key part: letters, digits, ``-_.``; ``_`` for the rest."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def cache_path(name: str, clean: torch.Tensor, corruption: str, severity: int, seed: int,
                cache_dir: str | Path | None = None) -> Path:
     """Where the corrupted images of one setting are cached: by dataset, corruption, severity,
     seed, the clean images' fingerprint and the corruption library's version."""
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return folder / (f"{safe}-{fingerprint(clean)}-{corruption}-s{severity}-seed{seed}"
+    return folder / (f"{plain_name(name)}-{fingerprint(clean)}-{corruption}-s{severity}-seed{seed}"
                      f"-ic{library_version()}.pt")
 
 

@@ -85,7 +85,7 @@ class StudyCallback(Callback):
             self.already_done = sum(status in ("FINISHED", "FAILED") for status in statuses)
 
     def children(self) -> dict[str, str]:
-        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        return children_of(self.state_file)
 
     def _child(self, trial) -> str:
         """The (arm, seed)'s MLflow run: created on first sight, found again after --resume."""
@@ -124,7 +124,9 @@ class StudyCallback(Callback):
         return self._runs
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._child(trial)
+        run_id = self._child(trial)
+        if self.tracker.client.get_run(run_id).info.status == "KILLED":  # interrupted before, resumed now
+            self.tracker.client.update_run(run_id, status="RUNNING")
         runs = self.runs()
         runs.update(self.finished_here, count_trials(trials)[1])
         arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
@@ -173,6 +175,21 @@ class StudyCallback(Callback):
         runs.update(self.finished_here, count_trials([t for t in trials if t is not trial])[1])
         arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
         runs.event(event, True, arm=arm, seed=seed, **fields)
+
+
+def children_of(state_file: Path) -> dict[str, str]:
+    """The study's child runs so far: ``arm/seed-N`` -> MLflow run id (the callback's state file)."""
+    return json.loads(Path(state_file).read_text()) if Path(state_file).exists() else {}
+
+
+def end_stopped(client, parent_run_id: str | None, state_file: Path, parent_status: str) -> None:
+    """After a study stops early (Ctrl-C, a failure): its children still RUNNING marked KILLED, and
+    its parent, if still RUNNING, ``parent_status``: no run of the study is left RUNNING."""
+    for run_id in children_of(state_file).values():
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+    if parent_run_id is not None and client.get_run(parent_run_id).info.status == "RUNNING":
+        client.set_terminated(parent_run_id, status=parent_status)
 
 
 def accuracies(roles: dict[str, str], result: dict[str, Any]) -> str:
