@@ -90,7 +90,7 @@ class Cohort:
         xs = [inputs[a:b] for a, b in bounds]
         ys = [labels[a:b] for a, b in bounds]
         logits = {p: shard_forward(m, xs, synced) if shards > 1 else [m(inputs)] for p, m in self.models.items()}
-        for peer, model in self.models.items():
+        for peer in self.models:
             optimizer, _ = self.optimizers[peer]
             total = 0
             for s in range(shards):
@@ -105,7 +105,7 @@ class Cohort:
         return {p: torch.cat(v).detach() for p, v in logits.items()}
 
     def end_epoch(self):
-        for optimizer, scheduler in self.optimizers.values():
+        for _, scheduler in self.optimizers.values():
             scheduler.step()
 
     @torch.no_grad()

@@ -126,11 +126,11 @@ def train(config: dict, replicas: int, dtype: str) -> dict:
             if any(p.exitcode not in (None, 0) for p in processes):
                 for p in processes:
                     p.kill()
-                raise SystemExit("a worker failed")
+                raise SystemExit("a worker failed") from None
     for process in processes:
         process.join()
     out = {}
-    for rank, peer, shard, state, gaps, snapshots, grads in sorted(results, key=lambda r: r[0]):
+    for _rank, peer, _shard, state, gaps, snapshots, grads in sorted(results, key=lambda r: r[0]):
         entry = out.setdefault(peer, {"state": state, "gaps": [], "snapshots": snapshots, "grads": grads})
         entry["gaps"].append(gaps)
     for entry in out.values():  # the shards' gaps of each step, in batch order
@@ -165,8 +165,8 @@ def main(argv=None) -> None:
             for name, g in a["grads"].items():
                 print(f"    first step's gradient {name}: |g| {float(g.abs().max()):.2e}, "
                       f"difference {float((g - b['grads'][name]).abs().max()):.2e}")
-        worst = max(((float((a['state'][k] - b['state'][k]).abs().max()), k) for k in a["state"]
-                     if a["state"][k].is_floating_point()))
+        worst = max((float((a['state'][k] - b['state'][k]).abs().max()), k) for k in a["state"]
+                     if a["state"][k].is_floating_point())
         print(f"  {peer}: largest weight difference {worst[0]:.3e} ({worst[1]})")
 
 

@@ -10,8 +10,9 @@ imports nothing heavy: torch, Ray and MLflow load when a function needs them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from cohort.config.errors import CohortError
 

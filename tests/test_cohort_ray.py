@@ -474,3 +474,34 @@ def test_validation_split_and_temperature_scaling(ray_cluster, tmp_path, capsys)
     assert "unknown corruption 'fgo' (did you mean 'fog'?)" in capsys.readouterr().err
     assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog", "--severity", "6"]) == 2
     assert "--severity" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_the_python_api_trains_a_cohort_and_gives_back_its_result(ray_cluster, tmp_path, monkeypatch):
+    """cohort.load_topology and cohort.train, as a notebook uses them (docs/python-api.md): the result's
+    run id is the MLflow run, its metrics the run's, each peer's module scores the run's accuracy."""
+    import mlflow
+
+    import cohort
+
+    monkeypatch.chdir(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    topology = cohort.load_topology(repo / "topologies" / "three_peers.yaml", overrides={"train.epochs": 1})
+    with pytest.raises(cohort.CohortError, match="train.epochs"):
+        cohort.load_topology(repo / "topologies" / "three_peers.yaml", overrides={"train.epochs": 0})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cohort.train(topology, tracking_uri=uri, storage=str(tmp_path / "ray"), display="quiet")
+
+    assert result.peers == ("teacher", "student_a", "student_b") and result.tracking_uri == uri
+    run = mlflow.tracking.MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.metrics["epoch"] == 1
+    for key in ("student_a/acc", "student_a/ece", "ensemble/nll"):
+        assert result.metrics[key] == pytest.approx(run.data.metrics[key])
+    data = load_dataset(topology.data)
+    model = result.model("student_a")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    with torch.no_grad():
+        accuracy = (model(data.test_x).argmax(dim=1) == data.test_y).float().mean().item()
+    assert accuracy == pytest.approx(result.metrics["student_a/acc"])
+    with pytest.raises(cohort.CohortError, match="unknown peer"):
+        result.model("nobody")

@@ -447,9 +447,9 @@ def test_resume_reads_the_stored_topology_strictly():
     # resume needs Ray and MLflow; this checks it reads topology.yaml with the strict loader.
     import inspect
 
-    from cohort.driver import training
+    from cohort.tracking import tracker
 
-    source = inspect.getsource(training.resume_run)
+    source = inspect.getsource(tracker.logged_topology)
     assert "read_yaml(" in source and "safe_load" not in source
 
 

@@ -3,7 +3,6 @@ topology each run logged."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ from cohort.comparison.runs import (
     topology_edges,
 )
 from cohort.config.errors import CohortError, first_line
-
-TOPOLOGY_ARTIFACT = "topology.yaml"
+from cohort.tracking.tracker import logged_topology
 
 
 def connect(uri: str):
@@ -52,8 +50,8 @@ def find_runs(client, experiments: list[str], run_ids: list[str]) -> list:
         if experiment is None or experiment.lifecycle_stage != "active":
             raise CohortError(f"--experiment {name!r}: no such experiment "
                               f"(experiments: {', '.join(experiment_names(client)) or 'none'})")
-        runs = all_pages(lambda page_token=None: client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time ASC"], page_token=page_token))
+        runs = all_pages(lambda page_token=None, experiment_id=experiment.experiment_id: client.search_runs(
+            [experiment_id], order_by=["attributes.start_time ASC"], page_token=page_token))
         found.update((run.info.run_id, run) for run in runs)
     for run_id in run_ids:
         run = get_run(client, run_id)
@@ -143,21 +141,8 @@ def logged_edges(client, run_id: str) -> tuple[Edge, ...] | None:
     validates (logged by an older cohort): the params still describe those.
     """
     if run_id not in LOGGED_EDGES:
-        topology = logged_topology(client, run_id)
+        topology = logged_topology(client, run_id, required=False)
         LOGGED_EDGES[run_id] = topology_edges(topology) if topology is not None else None
     return LOGGED_EDGES[run_id]
 
 
-def logged_topology(client, run_id: str):
-    """The run's ``topology.yaml`` artifact as a ``cohort.topology.Topology``, or None."""
-    from cohort.config.loader import read_yaml
-    from cohort.topology import topology_from_dict
-
-    with tempfile.TemporaryDirectory(prefix="cohort-compare-") as scratch:
-        try:
-            if TOPOLOGY_ARTIFACT not in {Path(item.path).name for item in client.list_artifacts(run_id)}:
-                return None
-            local = client.download_artifacts(run_id, TOPOLOGY_ARTIFACT, scratch)
-            return topology_from_dict(read_yaml(local), TOPOLOGY_ARTIFACT)
-        except Exception:  # noqa: BLE001 - an unreadable artifact store or file: the params still tell
-            return None

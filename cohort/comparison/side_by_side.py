@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from cohort.comparison.runs import CohortRun, gap_of, method_of, model_of
 from cohort.config.errors import CohortError

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 import reprlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pydantic import BaseModel
 

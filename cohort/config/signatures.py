@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from cohort.config.errors import did_you_mean, quoted
 from cohort.config.schema import problem

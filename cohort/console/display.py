@@ -28,7 +28,8 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, Mapping, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
 
 from cohort.worker.ticker import STEP
 

@@ -1,7 +1,7 @@
 """Small images in memory with the CIFAR training augmentation (cifar10, cifar100, parquet)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

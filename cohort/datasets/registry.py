@@ -9,8 +9,9 @@ several names). A topology that gives a dataset a setting its loader does not ta
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 from cohort.config.errors import CohortError
 from cohort.datasets.base import CohortDataset, DatasetInfo
@@ -36,8 +37,8 @@ class DatasetSpec:
     loader: Callable[..., CohortDataset]
     settings: dict[str, Any]  # setting -> the loader's default
     wants_name: bool
-    refusal: Optional[str] = None
-    preview: Optional[Callable[..., Optional[DatasetInfo]]] = None
+    refusal: str | None = None
+    preview: Callable[..., DatasetInfo | None] | None = None
 
     def arguments(self, config: Any) -> dict[str, Any]:
         """The loader's keyword arguments for a topology's data section."""
@@ -70,7 +71,7 @@ def _settings_from_signature(name: str, loader: Callable[..., CohortDataset]) ->
 
 
 def register_dataset(name: str, *, refusal: str | None = None,
-                     preview: Callable[..., Optional[DatasetInfo]] | None = None):
+                     preview: Callable[..., DatasetInfo | None] | None = None):
     """Register a loader under ``name``; the loader is returned unchanged.
 
     ``refusal``: the one-line reason given when the topology sets a source setting (root, download)

@@ -3,7 +3,7 @@ out from training, served without augmentation. The same images for every peer a
 the same seed; with a long-tailed set it is carved from what the long tail kept, class by class."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

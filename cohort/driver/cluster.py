@@ -8,9 +8,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from cohort.config.errors import CohortError, first_line
 from cohort.console.display import is_terminal

@@ -8,7 +8,7 @@ peer's compute is its number of torch threads.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,8 @@ parts below follow one another and add up to the time to the first step.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # (part, the milestone that ends it), in order; the driver's marks, then the workers' latest ones.
 PARTS = (

@@ -107,10 +107,8 @@ def resume_run(reference_text: str, tracking_uri: str | None, ray: RayOptions, r
                display: Display) -> Trained:
     """Continue a stopped run (an MLflow run id, or its storage folder) from its last checkpoint, in
     the same MLflow run."""
-    from cohort.config.loader import read_yaml
-    from cohort.topology import topology_from_dict
     from cohort.tracking.logged_models import parse_registrations
-    from cohort.tracking.tracker import existing_store_client, resolve_uri
+    from cohort.tracking.tracker import existing_store_client, logged_topology, resolve_uri
 
     reference = Path(os.path.expanduser(reference_text))
     if (reference / RUN_FILE).is_file():
@@ -129,8 +127,7 @@ def resume_run(reference_text: str, tracking_uri: str | None, ray: RayOptions, r
     storage, run_name = run.data.tags.get("cohort.ray_storage"), run.data.tags.get("cohort.ray_name")
     if not storage or ("://" not in storage and not (Path(storage) / run_name).is_dir()):
         raise CohortError(f"--resume {reference_text}: the run's checkpoints ({storage}/{run_name}) are gone")
-    topology_file = client.download_artifacts(run_id, "topology.yaml")
-    topology = topology_from_dict(read_yaml(topology_file), "topology.yaml")
+    topology = logged_topology(client, run_id)
     registrations = parse_registrations(register, topology)
     history = client.get_metric_history(run_id, metric_key(topology.peer_names[0], "acc"))
     logged = max((metric.step for metric in history), default=0)

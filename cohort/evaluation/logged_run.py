@@ -35,8 +35,7 @@ def load_finished_run(client, run_id: str) -> FinishedRun:
     """The run's resolved topology, every peer's final weights and the temperatures it fitted."""
     from mlflow.exceptions import MlflowException
 
-    from cohort.config.loader import read_yaml
-    from cohort.topology import topology_from_dict
+    from cohort.tracking.tracker import logged_topology
     from cohort.worker.peer import read_weights
 
     try:
@@ -44,11 +43,7 @@ def load_finished_run(client, run_id: str) -> FinishedRun:
     except MlflowException:
         raise CohortError(f"{run_id!r}: no such MLflow run (give a run id, and --tracking-uri for another store)") from None
     with tempfile.TemporaryDirectory(prefix="cohort-evaluate-") as scratch:
-        logged = {item.path for item in client.list_artifacts(run_id)}
-        if "topology.yaml" not in logged:
-            raise CohortError(f"run {run_id} has no topology.yaml: not a cohort run")
-        topology = topology_from_dict(read_yaml(client.download_artifacts(run_id, "topology.yaml", scratch)),
-                                      "topology.yaml")
+        topology = logged_topology(client, run_id)
         files = {Path(item.path).name for item in client.list_artifacts(run_id, "weights")}
         missing = [peer for peer in topology.peer_names if f"{peer}.pt" not in files]
         if missing:

@@ -35,7 +35,7 @@ class Gate(BaseModel):
         return name
 
     @model_validator(mode="after")
-    def _rule_parameters(self) -> "Gate":
+    def _rule_parameters(self) -> Gate:
         resolved = keyword_parameters(f"gate rule {quoted(self.rule)}", GATES[self.rule].params,
                                       dict(self.__pydantic_extra__ or {}), GATE_FIELD_NAMES)
         self.__pydantic_extra__.clear()

@@ -9,8 +9,9 @@ mode, otherwise it learns from those in learning mode).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -30,13 +31,13 @@ class StepDecision:
     paused: frozenset[str]  # peers that take no optimizer step
     off: frozenset[tuple[str, str]]  # (teacher, student): the teacher's edges from the student are off
 
-    def edges_off(self, peer: str, edges: Sequence["Edge"]) -> frozenset[int]:
+    def edges_off(self, peer: str, edges: Sequence[Edge]) -> frozenset[int]:
         """Indices into ``edges`` (the edges into ``peer``) that are off this step."""
         return frozenset(index for index, edge in enumerate(edges)
                          if len(edge.senders) == 1 and (peer, edge.senders[0]) in self.off)
 
 
-def decide(gates: Sequence["Gate"], peer_logits: Mapping[str, Tensor], target: Tensor,
+def decide(gates: Sequence[Gate], peer_logits: Mapping[str, Tensor], target: Tensor,
            batch: WholeBatch = WHOLE_BATCH, states: Sequence[dict[str, Any]] | None = None) -> StepDecision:
     """The step's decision from every peer's logits and the labels (a shard of them with replicas:
     then ``batch`` reduces over the whole batch)."""
@@ -61,7 +62,7 @@ def decide(gates: Sequence["Gate"], peer_logits: Mapping[str, Tensor], target: T
 class Gating:
     """A worker's gates: the step's decision, and the state the stateful ones keep (in checkpoints)."""
 
-    def __init__(self, gates: Sequence["Gate"], batch: WholeBatch = WHOLE_BATCH):
+    def __init__(self, gates: Sequence[Gate], batch: WholeBatch = WHOLE_BATCH):
         self.gates = tuple(gates)
         self.batch = batch
         self.states: list[dict[str, Any]] = [{} for _ in self.gates]

@@ -19,8 +19,8 @@ no optimizer step at all (``cohort.gates.decision``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cohort.config.signatures import read_signature
 from cohort.losses.batch import WHOLE_BATCH

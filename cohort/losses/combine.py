@@ -1,7 +1,8 @@
 """A peer's objective: its cross-entropy plus the distillation terms of the edges into it."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from cohort.topology.edges import Edge
 
 
-def edge_weights(edges: Sequence["Edge"], epoch: int = 1) -> list[float]:
+def edge_weights(edges: Sequence[Edge], epoch: int = 1) -> list[float]:
     """Each edge's effective weight.
 
     Edges with ``reduce: mean`` share their weights over their count (DML averages over its
@@ -31,7 +32,7 @@ def edge_weights(edges: Sequence["Edge"], epoch: int = 1) -> list[float]:
     return weights
 
 
-def sender_logits(edge: "Edge", peer_logits: Mapping[str, Tensor]) -> Tensor:
+def sender_logits(edge: Edge, peer_logits: Mapping[str, Tensor]) -> Tensor:
     """The sender's logits, detached; an ensemble sender is the mean of its peers' logits."""
     senders = [peer_logits[name] for name in edge.senders]
     return torch.stack(senders).mean(dim=0).detach()
@@ -40,7 +41,7 @@ def sender_logits(edge: "Edge", peer_logits: Mapping[str, Tensor]) -> Tensor:
 def peer_objective(
     receiver_logits: Tensor,
     labels: Tensor,
-    edges: Sequence["Edge"],
+    edges: Sequence[Edge],
     peer_logits: Mapping[str, Tensor],
     ce_weight: float = 1.0,
     epoch: int = 1,

@@ -10,8 +10,8 @@ name must not be one of ``EDGE_FIELD_NAMES``, the edge's own keys).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 

@@ -5,9 +5,9 @@ core lives in ``cohort.metrics.scores``), and the PNG diagram of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class ReliabilityBins:
         return float((share * (self.accuracy[occupied] - self.confidence[occupied]).abs()).sum())
 
     @classmethod
-    def merge(cls, parts: Sequence["ReliabilityBins"]) -> "ReliabilityBins":
+    def merge(cls, parts: Sequence[ReliabilityBins]) -> ReliabilityBins:
         """Pool bins computed on disjoint shards of the data (same edges required)."""
         if not parts:
             raise ValueError("nothing to merge")

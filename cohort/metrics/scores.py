@@ -27,7 +27,7 @@ averages probabilities) share it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cohort.comparison.figures import draw_bins, new_figure, save
 from cohort.studies.stats import mean_half_width

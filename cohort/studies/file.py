@@ -22,9 +22,10 @@ weights in every arm (with the same model and seed): the study sets each role's 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import (
     ConfigDict,
@@ -76,7 +77,7 @@ class StudyConfig(_Strict):
         return arms
 
     @model_validator(mode="after")
-    def _seeds_and_baseline(self) -> "StudyConfig":
+    def _seeds_and_baseline(self) -> StudyConfig:
         if (self.seeds is None) == (self.repeats is None):
             raise ValueError("seeds: give either seeds: [0, 1, ...] or repeats: N (seeds 0..N-1)")
         runs = len(self.arms) * (len(self.seeds) if self.seeds is not None else self.repeats)

@@ -22,8 +22,8 @@ Degenerate cases, chosen deliberately:
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping
 
 import numpy as np
 from scipy import stats

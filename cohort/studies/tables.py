@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from cohort.studies.stats import (
     EMPTY_CELL,

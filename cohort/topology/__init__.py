@@ -7,8 +7,9 @@ Every problem becomes a ``CohortError`` whose text is one line naming the file a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -50,7 +51,7 @@ class DataConfig(Strict):
                                                               "the validation split (0: none)")
 
     @model_validator(mode="after")
-    def _settings_fit_the_dataset(self) -> "DataConfig":
+    def _settings_fit_the_dataset(self) -> DataConfig:
         # The dataset's loader declares the settings it takes (cohort.datasets.registry).
         refused = refused_setting(self.dataset, {name: getattr(self, name) for name in DATASET_SETTINGS})
         if refused is not None:
@@ -99,7 +100,7 @@ class ScheduleConfig(Strict):
         return {"name": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _milestones_fit(self) -> "ScheduleConfig":
+    def _milestones_fit(self) -> ScheduleConfig:
         if self.name == "multistep":
             if not self.milestones:
                 raise problem("a multistep schedule needs milestones (epochs at which lr *= gamma)", "milestones")
@@ -130,14 +131,14 @@ class TrainConfig(Strict):
 
 class PeerConfig(Strict):
     model: str
-    model_args: dict[str, Union[bool, int, float, str]] = {}
+    model_args: dict[str, bool | int | float | str] = {}
     optimizer: OptimizerOverride = OptimizerOverride()
     frozen: bool = False
     checkpoint: str | None = None
     replicas: Int = Field(1, ge=1, description="data-parallel workers of this peer (DDP within the peer)")
     sync_batchnorm: bool = Field(True, description="with replicas, BatchNorm statistics over the whole batch "
                                                    "(all-reduced within the peer's replicas); false: per shard")
-    init_seed: Union[Int, str, None] = Field(None, description="the key of the peer's initial weights (default: "
+    init_seed: Int | str | None = Field(None, description="the key of the peer's initial weights (default: "
                                                                "its name): same key, model and seed, same weights")
 
     @field_validator("model")
@@ -148,7 +149,7 @@ class PeerConfig(Strict):
         return name
 
     @model_validator(mode="after")
-    def _model_args_fit(self) -> "PeerConfig":
+    def _model_args_fit(self) -> PeerConfig:
         options = model_options(self.model)
         if options is None:
             return self
@@ -159,7 +160,7 @@ class PeerConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _frozen_needs_weights(self) -> "PeerConfig":
+    def _frozen_needs_weights(self) -> PeerConfig:
         if self.frozen and not self.checkpoint:
             raise problem("a frozen peer needs a checkpoint to load its weights from", "checkpoint")
         return self
@@ -182,7 +183,7 @@ class ResourcesConfig(Strict):
     node_labels: dict[str, str] = Field({}, description="Ray node labels every worker's node must have")
 
     @model_validator(mode="after")
-    def _gpu_settings_need_gpus(self) -> "ResourcesConfig":
+    def _gpu_settings_need_gpus(self) -> ResourcesConfig:
         for key in ("gpus_per_peer", "accelerator_type"):
             if getattr(self, key) is not None and not self.use_gpu:
                 raise problem("applies to GPUs only: set resources.use_gpu: true", key)
@@ -223,7 +224,7 @@ class Topology(Strict):
         return peers
 
     @model_validator(mode="after")
-    def _edges_connect_peers(self) -> "Topology":
+    def _edges_connect_peers(self) -> Topology:
         for index, edge in enumerate(self.edges):
             if edge.to not in self.peers:
                 raise problem(f"unknown peer {quoted(edge.to)} (peers: {', '.join(self.peers)})", f"edges[{index}].to")
@@ -237,7 +238,7 @@ class Topology(Strict):
         return self
 
     @model_validator(mode="after")
-    def _gates_connect_peers(self) -> "Topology":
+    def _gates_connect_peers(self) -> Topology:
         pairs: dict[tuple[str, str], int] = {}
         for index, gate in enumerate(self.gates):
             for role in ("teacher", "student"):
@@ -257,7 +258,7 @@ class Topology(Strict):
         return self
 
     @model_validator(mode="after")
-    def _replicas_form_a_grid(self) -> "Topology":
+    def _replicas_form_a_grid(self) -> Topology:
         # Every data shard needs one worker of every peer (its logits), so the counts must agree.
         first, *others = self.peer_names
         for name in others:
@@ -271,7 +272,7 @@ class Topology(Strict):
         return self
 
     @model_validator(mode="after")
-    def _precision_fits_the_device(self) -> "Topology":
+    def _precision_fits_the_device(self) -> Topology:
         if self.train.precision == "fp16" and not self.resources.use_gpu:
             raise problem("fp16 needs GPUs (resources.use_gpu: true); on CPUs use bf16", "train.precision")
         return self
@@ -309,7 +310,7 @@ class Topology(Strict):
         override = self.peers[peer].optimizer.model_dump(exclude_none=True)
         return self.train.optimizer.model_copy(update=override)
 
-    def with_absolute_paths(self, base: str | Path) -> "Topology":
+    def with_absolute_paths(self, base: str | Path) -> Topology:
         """The same topology with ``data.root`` and checkpoints absolute: workers and Tune trials
         run in other directories."""
         def absolute(path: str | None) -> str | None:

@@ -2,7 +2,7 @@
 through a registered loss, whose parameters the edge carries."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,7 +30,7 @@ class Edge(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
-    source: Union[str, EnsembleSource] = Field(alias="from")
+    source: str | EnsembleSource = Field(alias="from")
     to: str
     loss: str
     weight: Number = Field(1.0, ge=0)
@@ -52,7 +52,7 @@ class Edge(BaseModel):
         return name
 
     @model_validator(mode="after")
-    def _loss_parameters(self) -> "Edge":
+    def _loss_parameters(self) -> Edge:
         resolved = keyword_parameters(f"loss {quoted(self.loss)}", LOSSES[self.loss].params,
                                       dict(self.__pydantic_extra__ or {}), EDGE_FIELDS)
         self.__pydantic_extra__.clear()

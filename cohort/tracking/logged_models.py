@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -288,9 +289,7 @@ def registered_line(peer: str, name: str, version: int, existed: bool) -> str:
 
 def finished_run(client, run_id: str, uri: str):
     """The MLflow run ``run_id`` and its topology, refused unless it finished."""
-    from cohort.config.loader import read_yaml
-    from cohort.topology import topology_from_dict
-    from cohort.tracking.tracker import RUN_ID
+    from cohort.tracking.tracker import RUN_ID, logged_topology
 
     if not RUN_ID.fullmatch(run_id):
         raise CohortError(f"{quoted(run_id)} is not an MLflow run id (32 hex characters)")
@@ -300,13 +299,7 @@ def finished_run(client, run_id: str, uri: str):
         raise CohortError(f"no MLflow run {run_id} in {uri} (give --tracking-uri where the run is)") from None
     if run.info.status != "FINISHED":
         raise CohortError(f"run {run_id} is {run.info.status}, not FINISHED: it has no final weights")
-    with tempfile.TemporaryDirectory(prefix="cohort-export-") as folder:
-        try:
-            path = client.download_artifacts(run_id, "topology.yaml", folder)
-        except Exception:  # noqa: BLE001
-            raise CohortError(f"run {run_id} has no topology.yaml: not a cohort run") from None
-        topology = topology_from_dict(read_yaml(path), "topology.yaml")
-    return run, topology
+    return run, logged_topology(client, run_id)
 
 
 def model_weights(client, run_id: str, topology, name: str) -> dict[str, dict[str, torch.Tensor]]:

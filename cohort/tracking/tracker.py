@@ -10,8 +10,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cohort.config.errors import CohortError, first_line
 from cohort.topology import DEFAULT_TRACKING_URI, Topology
@@ -218,3 +219,33 @@ def fetch_checkpoint(reference: str, uri: str, where: str, folder: str | Path) -
         return mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target), tracking_uri=uri)
     except Exception as error:  # noqa: BLE001
         raise CohortError(f"{reference!r}: cannot fetch from MLflow at {uri}: {first_line(error)}", where) from None
+
+
+TOPOLOGY_FILE = "topology.yaml"  # every cohort run logs its resolved topology under this name
+
+
+def logged_topology(client, run_id: str, required: bool = True) -> Topology | None:
+    """A cohort run's resolved topology as it logged it, read with the strict loader: the one reader of
+    ``topology.yaml`` (evaluate, export, compare, resume). Absent or unreadable: one line when
+    ``required``, else None."""
+    import tempfile
+
+    from cohort.config.loader import read_yaml
+    from cohort.topology import topology_from_dict
+
+    with tempfile.TemporaryDirectory(prefix="cohort-run-") as scratch:
+        try:
+            if TOPOLOGY_FILE in {Path(item.path).name for item in client.list_artifacts(run_id)}:
+                return topology_from_dict(read_yaml(client.download_artifacts(run_id, TOPOLOGY_FILE, scratch)),
+                                          TOPOLOGY_FILE)
+        except CohortError:
+            if required:
+                raise
+            return None
+        except Exception as error:  # noqa: BLE001 - an unreachable artifact store or a broken file: one answer
+            if required:
+                raise CohortError(f"run {run_id}: cannot read its {TOPOLOGY_FILE} ({first_line(error)})") from None
+            return None
+    if required:
+        raise CohortError(f"run {run_id} has no {TOPOLOGY_FILE}: not a cohort run")
+    return None

@@ -17,8 +17,9 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import (
     Field,
@@ -48,7 +49,7 @@ class Scheduler(Strict):
     synch: bool = Field(False, description="pbt: decide when every trial has reached the perturbation epoch")
 
     @model_validator(mode="after")
-    def _fields_of_this_scheduler(self) -> "Scheduler":
+    def _fields_of_this_scheduler(self) -> Scheduler:
         for field in sorted(self.model_fields_set - {"name"}):
             if field not in SCHEDULER_FIELDS[self.name]:
                 takes = ", ".join(SCHEDULER_FIELDS[self.name]) or "no settings"
@@ -89,7 +90,7 @@ class SearchSpace(Strict):
         return space
 
     @model_validator(mode="after")
-    def _grid_needs_grid_search(self) -> "SearchSpace":
+    def _grid_needs_grid_search(self) -> SearchSpace:
         kinds = {next(iter(spec)) for spec in self.space.values()}
         if self.search.name == "grid" and kinds != {"grid"}:
             raise ValueError("search: grid needs every space entry to be {grid: [...]}")
@@ -107,7 +108,7 @@ class SearchSpace(Strict):
         """The entries PBT may perturb: all but grid entries, which only set starting points."""
         return {key: spec for key, spec in self.space.items() if next(iter(spec)) != "grid"}
 
-    def parsed_metric(self) -> "MetricExpression":
+    def parsed_metric(self) -> MetricExpression:
         return MetricExpression(self.metric)
 
 

@@ -9,8 +9,9 @@ naming the workers and the step. The comparison itself is a pure function (``fin
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

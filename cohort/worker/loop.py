@@ -180,9 +180,12 @@ def _step_ended(stats: EpochStats, step_started: tuple[float, float]) -> tuple[f
     return now
 
 
+CPU = torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: int, num_workers: int = 0,
-             device: torch.device = torch.device("cpu"), precision: str = "fp32", shard: int = 0, shards: int = 1,
+             device: torch.device = CPU, precision: str = "fp32", shard: int = 0, shards: int = 1,
              peer_group=None, batches=None):
     """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU
     (``batches``: other batches than the test split's, e.g. the validation split's).

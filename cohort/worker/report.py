@@ -100,14 +100,14 @@ class EpochStats:
         return summary
 
     @classmethod
-    def for_peer(cls, topology: Topology, peer: str) -> "EpochStats":
+    def for_peer(cls, topology: Topology, peer: str) -> EpochStats:
         """An epoch's empty record for ``peer``: with the gate counts where it has gates to count."""
         if not topology.gates or topology.peers[peer].frozen:
             return cls()
         return cls(paused_steps=0, gate_steps={gate.expert_metric: 0 for _, gate in topology.gates_on(peer)})
 
     @classmethod
-    def merged(cls, replicas: list["EpochStats"]) -> "EpochStats":
+    def merged(cls, replicas: list[EpochStats]) -> EpochStats:
         """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
         first = replicas[0]
         # The replicas of a peer take the same gate decisions: the first's counts are everyone's.

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 STEP = "step"  # the key of a step message; an epoch report has "epoch" instead
 TICK_SECONDS = 0.25  # rank 0 sends the step counter at most this often
