@@ -121,6 +121,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def unknown(kind: str, name: object, known: Iterable[str], sort: bool = True) -> str:
+    """The one wording of a name a registry does not have: ``unknown loss 'kdd' (known: bdkd, dkd, kd, ...)``."""
+    known = sorted(known) if sort else list(known)
+    return f"unknown {kind} {quoted(name)} (known: {', '.join(known) or 'none'})"
+
+
 def kind_of(value: Any) -> str:
     """A value's kind in YAML's words: mapping, list, string, number, ..."""
     return {list: "list", dict: "mapping", str: "string", int: "number", float: "number", bool: "boolean",

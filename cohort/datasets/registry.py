@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cohort.config.errors import CohortError
+from cohort.config.errors import CohortError, unknown
 from cohort.datasets.base import CohortDataset, DatasetInfo
 from cohort.datasets.long_tail import LongTailed, long_tail_counts
 from cohort.datasets.validation import ValidationSplit, split_info
@@ -112,7 +112,7 @@ def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
     """The dataset of a topology's data section (``cohort.topology.DataConfig``); ``seed`` (the
     topology's) chooses the validation split's images."""
     if config.dataset not in DATASETS:
-        raise CohortError(f"unknown dataset {config.dataset!r} (known: {', '.join(sorted(DATASETS))})", "data.dataset")
+        raise CohortError(unknown("dataset", config.dataset, DATASETS), "data.dataset")
     spec = DATASETS[config.dataset]
     dataset = spec.loader(**spec.arguments(config))
     if config.long_tail is not None:

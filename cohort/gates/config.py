@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from cohort.config.errors import quoted
+from cohort.config.errors import quoted, unknown
 from cohort.config.schema import problem
 from cohort.config.signatures import keyword_parameters
 
@@ -31,7 +31,7 @@ class Gate(BaseModel):
     @classmethod
     def _known_rule(cls, name: str) -> str:
         if name not in GATES:
-            raise problem(f"unknown gate rule {quoted(name)} (known: {', '.join(sorted(GATES))})")
+            raise problem(unknown("gate rule", name, GATES))
         return name
 
     @model_validator(mode="after")

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from cohort.config.errors import unknown
+
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -55,7 +57,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **options) ->
             raise ValueError(f"{name} expects 3-channel images, the dataset has {in_channels}")
         return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], num_classes=num_classes, **options)
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r} (known: {', '.join(known_models())})")
+        raise KeyError(unknown("model", name, known_models(), sort=False))
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted
+from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted, unknown
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
 from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
@@ -63,7 +63,7 @@ class DataConfig(Strict):
     @classmethod
     def _known_dataset(cls, name: str) -> str:
         if name not in DATASETS:
-            raise problem(f"unknown dataset {quoted(name)} (known: {', '.join(sorted(DATASETS))})")
+            raise problem(unknown("dataset", name, DATASETS))
         return name
 
 
@@ -145,7 +145,7 @@ class PeerConfig(Strict):
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise problem(f"unknown model {quoted(name)} (known: {', '.join(known_models())})")
+            raise problem(unknown("model", name, known_models(), sort=False))
         return name
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cohort.config.errors import quoted
+from cohort.config.errors import quoted, unknown
 from cohort.config.schema import Int, Number, Strict, problem
 from cohort.config.signatures import keyword_parameters
 from cohort.losses import LOSSES
@@ -48,7 +48,7 @@ class Edge(BaseModel):
     @classmethod
     def _known_loss(cls, name: str) -> str:
         if name not in LOSSES:
-            raise problem(f"unknown loss {quoted(name)} (known: {', '.join(sorted(LOSSES))})")
+            raise problem(unknown("loss", name, LOSSES))
         return name
 
     @model_validator(mode="after")
