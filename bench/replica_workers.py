@@ -80,8 +80,8 @@ def worker(rank: int, world: int, port: int, config: dict, dtype_name: str, queu
         guard = BatchGuard(peer, slot.shard, shards, topology.train.check_batches_every,
                            lambda record: gather_in_group(record, dist.group.WORLD))
         model = nn.parallel.DistributedDataParallel(net, process_group=peer_group) if peer_group is not None else net
-        run = PeerStep(topology, peer, model, optimizer, exchange, guard,
-                       grouping[0] if grouping else None, shard=slot.shard,
+        run = PeerStep(topology=topology, peer=peer, model=model, optimizer=optimizer, exchange=exchange, guard=guard,
+                       groups=grouping[0] if grouping else None, shard=slot.shard,
                        batch=ReplicaBatch(peer_group) if peer_group is not None else WHOLE_BATCH)
         snapshots, grads = [], {}
         plain_step = optimizer.step

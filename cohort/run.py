@@ -14,6 +14,7 @@ from pathlib import Path
 from cohort.config.errors import CohortError
 from cohort.console.command import run_command
 from cohort.console.display import Display, add_display_options, mode_of
+from cohort.topology import Topology
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def dry_run_text(topology, tracking_uri: str | None, register: list[str]) -> str:
+def dry_run_text(topology: Topology, tracking_uri: str | None, register: list[str]) -> str:
     """The plan and the resolved topology, with everything checked that can be without Ray."""
     from cohort.console.plan import describe_plan
     from cohort.driver.launch import fetch_checkpoints, make_plan

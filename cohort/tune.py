@@ -21,6 +21,7 @@ from typing import Any
 from cohort.config.errors import CohortError, quoted
 from cohort.console.command import run_command
 from cohort.console.display import Display, add_display_options, mode_of, saved_mode
+from cohort.topology import Topology
 from cohort.tuning.sweep import (
     TRIAL_CPU,
     SweepCallback,
@@ -92,7 +93,7 @@ def prepare(args: argparse.Namespace):
     return topology, tracking_uri, weights, space, samples
 
 
-def start_parent(args: argparse.Namespace, tracker, topology, space, samples: int, name: str, state_file: Path,
+def start_parent(args: argparse.Namespace, tracker, topology: Topology, space, samples: int, name: str, state_file: Path,
                  state: dict[str, Any]) -> str:
     """The sweep's parent MLflow run: created, or found again (--resume); its id."""
     if state:
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     return finish(args, tracker, topology, space, results, name, parent_run_id, tracking_uri, display)
 
 
-def finish(args: argparse.Namespace, tracker, topology, space, results, name: str, parent_run_id: str,
+def finish(args: argparse.Namespace, tracker, topology: Topology, space, results, name: str, parent_run_id: str,
            tracking_uri: str, display: Display | None = None) -> int:
     """The trials' table, the best topology written and logged, the parent run ended."""
     from cohort.topology import topology_from_dict

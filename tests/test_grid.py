@@ -207,7 +207,8 @@ def test_bf16_trains_on_the_cpu_with_fp32_logits():
     optimizer, _ = build_optimizer(model, topology.optimizer_for("solo"), topology)
     exchange = OnePeerExchange()
     guard = BatchGuard("solo", 0, 1, every=10, gather=lambda record: [record])
-    stats = train_epoch(PeerStep(topology, "solo", model, optimizer, exchange, guard), data, 1)
+    stats = train_epoch(PeerStep(topology=topology, peer="solo", model=model, optimizer=optimizer, exchange=exchange,
+                                  guard=guard), data, 1)
     assert guard.step == stats.steps == 12  # 1,437 digits in batches of 128
     assert set(exchange.dtypes) == {torch.float32}
     assert torch.isfinite(torch.tensor(stats.summary()["train_loss"]))

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cohort.topology import Topology
+
 ENSEMBLE = "ensemble"
 NOT_PEERS = {ENSEMBLE, "cohort"}  # metric prefixes that are not peers
 ENSEMBLE_MODEL = "(mean of probs)"
@@ -78,7 +80,7 @@ def overlay(base: dict[str, str], override: dict[str, str]) -> dict[str, str]:
     return merged
 
 
-def topology_edges(topology) -> tuple[Edge, ...]:
+def topology_edges(topology: Topology) -> tuple[Edge, ...]:
     """The edges of a ``cohort.topology.Topology``, in file order."""
     return tuple(Edge(tuple(edge.senders), edge.to, edge.loss) for edge in topology.edges)
 

@@ -12,16 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from cohort.config.errors import CohortError
+from cohort.datasets import DatasetInfo
 from cohort.driver.cluster import timed_start_ray
+from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, gpus_needed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """What a run will do, checked before anything starts."""
 
-    topology: Any
-    info: Any
+    topology: Topology
+    info: DatasetInfo
     groups: Any  # (class -> group tensor, group names), or None
     parameters: dict[str, int]
     cpus_per_peer: float
@@ -34,7 +36,7 @@ class Plan:
     weights: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def fetch_checkpoints(topology, tracking_uri: str):
+def fetch_checkpoints(topology: Topology, tracking_uri: str):
     """The topology with each ``mlflow:EXPERIMENT/PEER`` checkpoint pinned to the run it means
     (``runs:/RUN_ID/weights/PEER.pt``), and every ``runs:/`` reference checked. Nothing is
     downloaded: ``load_checkpoints`` reads the weights, once, for the workers."""
@@ -49,7 +51,7 @@ def fetch_checkpoints(topology, tracking_uri: str):
     return topology.model_copy(update={"peers": peers})
 
 
-def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
+def load_checkpoints(topology: Topology, tracking_uri: str) -> dict[str, Any]:
     """Every peer checkpoint's state_dict (``weights_only``), read here once: files from their
     path, MLflow references through a temporary download. The workers receive these through Ray's
     object store and never open a checkpoint path, which on a cluster only the driver may have."""
@@ -70,7 +72,7 @@ def load_checkpoints(topology, tracking_uri: str) -> dict[str, Any]:
     return weights
 
 
-def make_plan(topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
+def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.datasets import describe_dataset, load_dataset
     from cohort.driver.placement import peer_threads, step_flops
     from cohort.models import count_parameters
@@ -88,11 +90,12 @@ def make_plan(topology, tracking_uri: str | None, available_cpus: float, downloa
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
     cpus = cpus_per_peer(topology, available_cpus)
-    return Plan(topology, info, cohort_groups(topology, info), parameters, cpus, compute, peer_threads(compute, cpus),
-                uri, dataset, weights)
+    return Plan(topology=topology, info=info, groups=cohort_groups(topology, info), parameters=parameters,
+                cpus_per_peer=cpus, compute=compute, threads=peer_threads(compute, cpus), tracking_uri=uri,
+                dataset=dataset, weights=weights)
 
 
-def cpus_per_peer(topology, available_cpus: float) -> float:
+def cpus_per_peer(topology: Topology, available_cpus: float) -> float:
     """CPUs per worker: the topology's setting, else the CPUs shared by the workers, at most one each."""
     if topology.resources.cpus_per_peer is not None:
         return topology.resources.cpus_per_peer
@@ -142,13 +145,13 @@ def fit_cluster(plan: Plan, cluster: dict[str, float], node_labels: list[dict[st
     return plan
 
 
-def workers_text(topology) -> str:
+def workers_text(topology: Topology) -> str:
     peers = f"{len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''}"
     return f"{peers} x {topology.replicas} replicas" if topology.replicas > 1 else peers
 
 
 
-def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str):
+def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking_uri: str):
     """The plan and the MLflow store, made in a thread while Ray starts (or is joined) in this one.
 
     Both take seconds: the plan imports torch, loads the data and builds every peer on one core,
@@ -190,7 +193,7 @@ def plan_while_ray_starts(args: argparse.Namespace, topology, tracking_uri: str)
 
 
 
-def make_trainer(topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
+def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
                  dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for

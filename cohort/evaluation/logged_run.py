@@ -15,6 +15,7 @@ import torch
 
 from cohort.config.errors import CohortError
 from cohort.metrics.temperature import CALIBRATED, TEMPERATURE_KEY, log_probs_of
+from cohort.topology import Topology
 from cohort.worker.report import ENSEMBLE, metric_key
 
 METRICS = ("acc", "ece", "adaece", "nll", "brier")
@@ -25,7 +26,7 @@ MEAN = "mean"
 @dataclass
 class FinishedRun:
     run_id: str
-    topology: Any  # cohort.topology.Topology
+    topology: Topology
     weights: dict[str, dict[str, torch.Tensor]]  # peer -> state_dict
     temperatures: dict[str, float]  # peer or ensemble -> fitted T (absent: none fitted)
     final: dict[str, float] = field(default_factory=dict)  # the run's last logged metrics
@@ -245,7 +246,7 @@ def severity_figure(results: dict[tuple[str, int], dict[str, dict[str, float]]],
     return save(figure, path)
 
 
-def build_models(topology, weights: dict[str, dict[str, torch.Tensor]], info) -> dict[str, torch.nn.Module]:
+def build_models(topology: Topology, weights: dict[str, dict[str, torch.Tensor]], info) -> dict[str, torch.nn.Module]:
     """The peers' networks with the run's final weights, in evaluation mode on the CPU."""
     from cohort.worker.peer import build_peer, check_weights
 

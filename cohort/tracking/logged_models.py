@@ -24,6 +24,7 @@ import torch
 
 from cohort.config.errors import CohortError, first_line, quoted
 from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE
+from cohort.topology import Topology
 from cohort.worker.report import ENSEMBLE
 
 MODELS_FOLDER = "models"  # a peer's model: runs:/RUN_ID/models/<peer>
@@ -74,22 +75,22 @@ class PeerEnsemble(torch.nn.Module):
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.peers))
 
 
-def exported_peers(topology) -> list[str]:
+def exported_peers(topology: Topology) -> list[str]:
     """The peers a run logs as models: the ones it trained (a frozen peer comes from elsewhere)."""
     return [peer for peer in topology.peer_names if not topology.peers[peer].frozen]
 
 
-def takeable(topology) -> list[str]:
+def takeable(topology: Topology) -> list[str]:
     """What ``cohort.export`` takes out of a finished run: a trained peer, or the ensemble of all."""
     return [*exported_peers(topology), ENSEMBLE]
 
 
-def needed_weights(topology, name: str) -> list[str]:
+def needed_weights(topology: Topology, name: str) -> list[str]:
     """The peers whose weights the model ``name`` (a peer, or the ensemble) is made of."""
     return list(topology.peer_names) if name == ENSEMBLE else [name]
 
 
-def model_of(topology, name: str, info, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.nn.Module:
+def model_of(topology: Topology, name: str, info, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.nn.Module:
     """The model ``name`` with its final weights (``weights``: each needed peer's state_dict), in eval mode."""
     if name == ENSEMBLE:
         return PeerEnsemble({peer: trained_peer(topology, peer, info, weights[peer])
@@ -97,16 +98,16 @@ def model_of(topology, name: str, info, weights: Mapping[str, Mapping[str, torch
     return trained_peer(topology, name, info, weights[name])
 
 
-def architecture(topology, name: str) -> str:
+def architecture(topology: Topology, name: str) -> str:
     """``resnet8x4``, or ``ensemble(teacher+student)``."""
     return f"{ENSEMBLE}({'+'.join(topology.peer_names)})" if name == ENSEMBLE else topology.peers[name].model
 
 
-def method_of(topology, name: str) -> str:
+def method_of(topology: Topology, name: str) -> str:
     return "mean of the peers' probabilities" if name == ENSEMBLE else incoming_methods(topology, name)
 
 
-def trained_peer(topology, peer: str, info, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+def trained_peer(topology: Topology, peer: str, info, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """The peer's network with its final weights (checked against the model), in eval mode."""
     from cohort.worker.peer import build_peer, check_weights
 
@@ -118,7 +119,7 @@ def trained_peer(topology, peer: str, info, weights: Mapping[str, torch.Tensor])
 # --------------------------------------------------------------------------- what a model records
 
 
-def incoming_methods(topology, peer: str) -> str:
+def incoming_methods(topology: Topology, peer: str) -> str:
     """The methods of the edges into ``peer``, e.g. ``bdkd from teacher; kd from ensemble(a+b)``."""
     parts = []
     for edge in topology.incoming_edges(peer):
@@ -127,7 +128,7 @@ def incoming_methods(topology, peer: str) -> str:
     return "; ".join(parts) or "labels only"
 
 
-def test_metric_names(topology, info, groups) -> list[str]:
+def test_metric_names(topology: Topology, info, groups) -> list[str]:
     """The names of a peer's test metrics in an epoch's report (``acc``, ``ece``, ... and the
     per-group ones where the run has groups), computed by the metric code itself."""
     from cohort.metrics import scores as metrics
@@ -150,7 +151,7 @@ def peer_test_metrics(final: Mapping[str, Any], peer: str, names: list[str]) -> 
             and (key[len(prefix):] in wanted or key.endswith("_ts") or key[len(prefix):] == "ts_temperature")}
 
 
-def model_metadata(topology, peer: str, info, preprocessing: Mapping[str, Any], test_metrics: Mapping[str, float],
+def model_metadata(topology: Topology, peer: str, info, preprocessing: Mapping[str, Any], test_metrics: Mapping[str, float],
                    run_id: str) -> dict[str, Any]:
     """What the MLmodel file records under ``metadata.cohort``."""
     return {"cohort": {
@@ -184,7 +185,7 @@ def save_peer_model(model: torch.nn.Module, example: torch.Tensor, folder: str |
                               pip_requirements=pip_requirements())
 
 
-def log_peer_models(tracker, topology, info, dataset, groups, weights: Mapping[str, Mapping[str, torch.Tensor]],
+def log_peer_models(tracker, topology: Topology, info, dataset, groups, weights: Mapping[str, Mapping[str, torch.Tensor]],
                     final: Mapping[str, Any], peers: list[str] | None = None,
                     temperature: float | None = None) -> dict[str, str]:
     """Log every trained peer of a finished run (or those of ``peers``, which may name the ensemble)
@@ -226,7 +227,7 @@ def check_registered_name(name: str, where: str) -> str:
     return name
 
 
-def parse_registrations(values: list[str], topology, where: str = "--register") -> dict[str, str]:
+def parse_registrations(values: list[str], topology: Topology, where: str = "--register") -> dict[str, str]:
     """``--register PEER=NAME`` options as {peer: name}, each peer a trained peer of the topology
     (or ``ensemble``: the cohort's ensemble)."""
     registrations: dict[str, str] = {}
@@ -245,7 +246,7 @@ def parse_registrations(values: list[str], topology, where: str = "--register") 
     return registrations
 
 
-def registry_tags(topology, peer: str, test_metrics: Mapping[str, float], run_id: str) -> dict[str, str]:
+def registry_tags(topology: Topology, peer: str, test_metrics: Mapping[str, float], run_id: str) -> dict[str, str]:
     """The tags of a registered version: where it comes from and how good and calibrated it is."""
     tags = {"topology": topology.name, "peer": peer, "model": architecture(topology, peer),
             "method": method_of(topology, peer), "run_id": run_id}
@@ -302,7 +303,7 @@ def finished_run(client, run_id: str, uri: str):
     return run, logged_topology(client, run_id)
 
 
-def model_weights(client, run_id: str, topology, name: str) -> dict[str, dict[str, torch.Tensor]]:
+def model_weights(client, run_id: str, topology: Topology, name: str) -> dict[str, dict[str, torch.Tensor]]:
     """The final state_dicts the model ``name`` (a trained peer, or the ensemble) is made of,
     {peer: state_dict}; a frozen peer refused (the run did not train it)."""
     if name not in topology.peers and name != ENSEMBLE:
@@ -313,7 +314,7 @@ def model_weights(client, run_id: str, topology, name: str) -> dict[str, dict[st
     return {peer: run_weights(client, run_id, topology, peer) for peer in needed_weights(topology, name)}
 
 
-def run_weights(client, run_id: str, topology, peer: str) -> dict[str, torch.Tensor]:
+def run_weights(client, run_id: str, topology: Topology, peer: str) -> dict[str, torch.Tensor]:
     """The final state_dict of ``peer`` logged by the run."""
     from cohort.worker.peer import read_weights
 

@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from cohort.config.errors import CohortError
 from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
+from cohort.topology import Topology
 from cohort.worker.report import OBJECTIVE, is_metric
 
 # The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
@@ -255,7 +256,7 @@ def short_value(value: Any) -> str:
 # --------------------------------------------------------------------------- the sweep
 
 
-def make_scheduler(space, topology):
+def make_scheduler(space, topology: Topology):
     """Tune's scheduler for the space file's ``scheduler`` section; every one counts in epochs."""
     from ray.tune.schedulers import (
         ASHAScheduler,
@@ -287,7 +288,7 @@ def make_scheduler(space, topology):
     return FIFOScheduler()
 
 
-def check_pbt(space, topology, where: str) -> None:
+def check_pbt(space, topology: Topology, where: str) -> None:
     """PBT copies checkpoints at its perturbation epochs: there must be some, inside the run."""
     if space.scheduler.name != "pbt":
         return
@@ -340,7 +341,7 @@ def ranked_trials(results, mode: str) -> list[dict[str, Any]]:
 
 
 
-def make_search(space, topology, concurrent: int):
+def make_search(space, topology: Topology, concurrent: int):
     """Tune's search algorithm for the space file's ``search``."""
     if space.search.name == "optuna":
         from ray.tune.search.optuna import OptunaSearch

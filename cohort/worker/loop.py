@@ -68,7 +68,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PeerStep:
     """What one worker's training step needs besides the batch: its peer, network and optimizer,
     the exchange, and where it sits in the grid (``shard`` of ``topology.replicas``)."""
@@ -241,7 +241,7 @@ def train_cohort(config: dict[str, Any]) -> None:
         end_epoch(worker, epoch, report, evaluation)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorkerState:
     """What one worker holds from its set-up to its last epoch."""
 
@@ -322,10 +322,12 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
                     else WHOLE_BATCH) if topology.gates else None
     startup["model_built"] = time.time()
     return WorkerState(
-        topology, rank, peer, slot.shard, device, data, net, optimizer, scheduler, scaler, exchange, guard,
-        peer_group, grouping[0].to(device) if grouping else None, metric_groups(topology, grouping),
-        backend.host_copies, workers, config.get("progress"),
-        MetricExpression(config["objective"]) if config.get("objective") else None, startup, gating=gating)
+        topology=topology, rank=rank, peer=peer, shard=slot.shard, device=device, data=data, net=net,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, exchange=exchange, guard=guard, peer_group=peer_group,
+        groups=grouping[0].to(device) if grouping else None, metric_groups=metric_groups(topology, grouping),
+        host_copies=backend.host_copies, workers=workers, progress=config.get("progress"),
+        objective=MetricExpression(config["objective"]) if config.get("objective") else None, startup=startup,
+        gating=gating)
 
 
 def restore(worker: WorkerState, checkpoint) -> None:
@@ -367,10 +369,11 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
         topology = worker.topology
         ticker = StepTicker(queue_sender(worker.progress),
                             epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas))
-    return PeerStep(worker.topology, worker.peer, model, worker.optimizer, worker.exchange, worker.guard,
-                    worker.groups, device, worker.shard, worker.scaler,
-                    ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
-                    worker.gating, ticker)
+    return PeerStep(topology=worker.topology, peer=worker.peer, model=model, optimizer=worker.optimizer,
+                    exchange=worker.exchange, guard=worker.guard, groups=worker.groups, device=device,
+                    shard=worker.shard, scaler=worker.scaler,
+                    batch=ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
+                    gating=worker.gating, ticker=ticker)
 
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:
