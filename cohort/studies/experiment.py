@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
-
 from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
-from cohort.worker.report import OBJECTIVE, is_metric, metric_key
+from cohort.tracking.tracker import Tracker
+from cohort.tuning.callbacks import ChildRunsCallback
+from cohort.worker.report import is_metric, metric_key
 
 ARM_TAG, SEED_TAG, STUDY_TAG = "cohort.study.arm", "cohort.study.seed", "cohort.study"
 
@@ -37,31 +37,20 @@ def grid(runs: list[tuple[str, int]]) -> dict[str, Any]:
     return {"run": ray.tune.grid_search([{"arm": arm, "seed": seed} for arm, seed in runs])}
 
 
-class StudyCallback(Callback):
+class StudyCallback(ChildRunsCallback):
     """Tune callback (in the driver, the one MLflow writer): a child run per (arm, seed), its epochs,
     its final artifacts (weights, reliability bins, final metrics: what ``cohort.run`` logs), and
-    the progress lines. Keeps only plain data, so a resumed study gets it back; the children's ids
-    live in ``state_file`` (arm/seed -> run id)."""
+    the progress lines. The children's ids live in ``state_file`` (arm/seed -> run id)."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, study_name: str,
                  arms: dict[str, dict[str, Any]], roles: dict[str, dict[str, str]], total: int, state_file: Path,
                  already_done: int = 0, display: str = "auto"):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.parent_run_id, self.study_name = parent_run_id, study_name
+        super().__init__(tracking_uri, experiment, parent_run_id, state_file, total, display)
+        self.study_name = study_name
         self.arms = arms  # arm -> its resolved topology as plain data
         self.roles = roles  # arm -> {role: peer}
-        self.total, self.already_done = total, already_done
-        self.state_file = Path(state_file)
-        self.finished_here = 0
+        self.already_done = already_done
         self.started = time.perf_counter()
-        self.last_epoch: dict[str, int] = {}
-        self.display = display  # the display mode (cohort.console.display)
-        self._tracker = None
-        self._runs = None
-
-    def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key not in ("_tracker", "_runs")} | {
-            "_tracker": None, "_runs": None}
 
     def __setstate__(self, state):
         # Tune gives a resumed study back the callback it saved: a new session, with its own clock;
@@ -70,49 +59,31 @@ class StudyCallback(Callback):
         self.finished_here, self.started, self.already_done = 0, time.perf_counter(), None
         self._runs = None
 
-    @property
-    def tracker(self):
-        if self._tracker is None:
-            from cohort.tracking.tracker import Tracker
-
-            self._tracker = Tracker(self.tracking_uri, self.experiment)
-        return self._tracker
-
     def session_start(self) -> None:
         """After --resume: the runs that had finished (or failed) before this session."""
         if self.already_done is None:
-            statuses = [self.tracker.client.get_run(run_id).info.status for run_id in self.children().values()]
+            statuses = [self.store.client.get_run(run_id).info.status for run_id in self.children.values()]
             self.already_done = sum(status in ("FINISHED", "FAILED") for status in statuses)
 
-    def children(self) -> dict[str, str]:
-        return children_of(self.state_file)
+    def child_key(self, trial) -> str:
+        return run_label(trial.config["run"]["arm"], int(trial.config["run"]["seed"]))
 
-    def _child(self, trial) -> str:
-        """The (arm, seed)'s MLflow run: created on first sight, found again after --resume."""
+    def child(self, trial) -> Tracker:
+        self.session_start()
+        return super().child(trial)
+
+    def create_child(self, trial) -> Tracker:
         from cohort.studies.file import with_seed
         from cohort.topology import topology_from_dict
 
-        self.session_start()
         arm, seed = trial.config["run"]["arm"], int(trial.config["run"]["seed"])
-        label = run_label(arm, seed)
-        children = self.children()
-        if label not in children:
-            topology = with_seed(topology_from_dict(self.arms[arm], arm), seed)
-            run = self.tracker.client.create_run(self.tracker.experiment_id, run_name=f"{arm}-seed{seed}", tags={
-                "mlflow.parentRunId": self.parent_run_id, STUDY_TAG: self.study_name, ARM_TAG: arm,
-                SEED_TAG: str(seed), "cohort.topology": topology.name, "cohort.peers": ",".join(topology.peer_names),
-                "cohort.trial_id": trial.trial_id})
-            self.tracker.run_id = run.info.run_id
-            self.tracker.log_params(topology.flatten())
-            self.tracker.log_text(topology.to_yaml(), "topology.yaml")
-            children[label] = run.info.run_id
-            self.state_file.write_text(json.dumps(children))
-        self.tracker.run_id = children[label]
-        if trial.trial_id not in self.last_epoch:
-            # After --resume the epochs the run already holds in MLflow are done.
-            history = self.tracker.client.get_metric_history(self.tracker.run_id, OBJECTIVE)
-            self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
-        return self.tracker.run_id
+        topology = with_seed(topology_from_dict(self.arms[arm], arm), seed)
+        run = self.new_child(f"{arm}-seed{seed}", {
+            STUDY_TAG: self.study_name, ARM_TAG: arm, SEED_TAG: str(seed), "cohort.topology": topology.name,
+            "cohort.peers": ",".join(topology.peer_names), "cohort.trial_id": trial.trial_id})
+        run.log_params(topology.flatten())
+        run.log_text(topology.to_yaml(), "topology.yaml")
+        return run
 
     def runs(self) -> RunsDisplay:
         """The overall progress line, from this session's start (``session_start``)."""
@@ -124,47 +95,32 @@ class StudyCallback(Callback):
         return self._runs
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._child(trial)
-        if self.tracker.client.get_run(run_id).info.status == "KILLED":  # interrupted before, resumed now
-            self.tracker.client.update_run(run_id, status="RUNNING")
+        run = self.child(trial)
+        if run.client.get_run(run.run_id).info.status == "KILLED":  # interrupted before, resumed now
+            run.client.update_run(run.run_id, status="RUNNING")
         runs = self.runs()
         runs.update(self.finished_here, count_trials(trials)[1])
         arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
         runs.event(f"{run_label(arm, seed)} started", arm=arm, seed=seed)
 
-    def on_experiment_end(self, trials, **info):
-        if getattr(self, "_runs", None) is not None:
-            self._runs.close()
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._child(trial)
-        epoch = int(result.get("epoch", 0))
-        if epoch > self.last_epoch.get(trial.trial_id, 0):
-            self.tracker.log_epoch({**{k: v for k, v in result.items() if is_metric(k) or k == OBJECTIVE},
-                                    "epoch": epoch})
-        self.last_epoch[trial.trial_id] = epoch
+        self.log_result(self.child(trial), trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from cohort.tracking.tracker import flat_metrics, log_checkpoint_artifacts
 
-        self._child(trial)
+        run = self.child(trial)
         result = trial.last_result or {}
-        self.tracker.log_json({"epoch": result.get("epoch"),
-                               **flat_metrics({k: v for k, v in result.items() if is_metric(k)})},
-                              "final_metrics.json")
-        log_checkpoint_artifacts(self.tracker, trial.checkpoint)
-        self.tracker.finish("FINISHED")
+        run.log_json({"epoch": result.get("epoch"), **flat_metrics({k: v for k, v in result.items() if is_metric(k)})},
+                     "final_metrics.json")
+        log_checkpoint_artifacts(run, trial.checkpoint)
+        run.finish("FINISHED")
         arm, seed = trial.config["run"]["arm"], trial.config["run"]["seed"]
         self.progress(trials, trial, f"{run_label(arm, seed)} done: {accuracies(self.roles[arm], result)}",
                       metrics={role: result.get(metric_key(peer, "acc")) for role, peer in self.roles[arm].items()})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from cohort.tuning.sweep import trial_failure
-
-        self._child(trial)
-        reason = trial_failure(trial)
-        self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
-        self.tracker.finish("FAILED")
+        reason = self.log_failure(self.child(trial), trial)
         self.progress(trials, trial, f"{run_label(trial.config['run']['arm'], trial.config['run']['seed'])} "
                                      f"failed: {reason}", error=reason)
 

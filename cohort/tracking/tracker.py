@@ -5,6 +5,7 @@ the driver, and the driver logs them here.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -87,6 +88,13 @@ class Tracker:
                 raise CohortError(f"MLflow tracking store {uri!r}: folder {str(folder)!r} does not exist", "tracking.uri")
             if not os.access(folder, os.W_OK):
                 raise CohortError(f"MLflow tracking store {uri!r}: folder {str(folder)!r} is not writable", "tracking.uri")
+
+    def for_run(self, run_id: str) -> Tracker:
+        """A tracker of the run ``run_id``, in the same store and experiment (one client): a callback
+        holds one per child run rather than moving one tracker from run to run."""
+        other = copy.copy(self)
+        other.run_id = run_id
+        return other
 
     def start(self, topology: Topology, run_name: str | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name or topology.name,

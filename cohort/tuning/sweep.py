@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
-from ray.tune import Callback
 
 from cohort.config.errors import CohortError
 from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
 from cohort.topology import Topology
-from cohort.worker.report import OBJECTIVE, is_metric
+from cohort.tracking.tracker import Tracker
+from cohort.tuning.callbacks import ChildRunsCallback
+from cohort.worker.report import OBJECTIVE
 
 # The trial's own process only waits for its trainer: the peers' workers hold the CPUs. (Tune
 # refuses a trial with no resources at all.)
@@ -94,33 +95,27 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
 # --------------------------------------------------------------------------- MLflow and the trial lines
 
 
-class SweepCallback(Callback):
+class SweepCallback(ChildRunsCallback):
     """Tune callback (runs in the driver): child MLflow runs, and one line per trial event.
 
-    Tune saves it with the sweep; it keeps only plain data, so a resumed sweep gets it back.
     Every child run holds the trial's resolved topology as ``topology.yaml``, as ``cohort.run``'s
     runs do (``base``: the sweep's topology as plain data; PBT's new values rewrite the file).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, epochs: int, metric: str,
                  state_file: Path, base: dict[str, Any] | None = None, total: int = 0, display: str = "auto"):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.total, self.display = total, display  # the trials expected; the display mode (cohort.console.display)
-        self.finished_here = 0
+        super().__init__(tracking_uri, experiment, parent_run_id, state_file, total, display)
         self.base = base
-        self.parent_run_id = parent_run_id
         self.epochs = epochs
         self.metric = metric
-        self.state_file = Path(state_file)
-        self.last_epoch: dict[str, int] = {}
         self.configs: dict[str, dict[str, Any]] = {}  # each trial's values as last started (PBT changes them)
         self.changes: dict[str, dict[str, Any]] = {}  # values PBT changed, to log with the trial's next epoch
-        self._tracker = None
-        self._runs = None
 
-    def __getstate__(self):
-        return {key: value for key, value in self.__dict__.items() if key not in ("_tracker", "_runs")} | {
-            "_tracker": None, "_runs": None, "finished_here": 0}
+    def create_child(self, trial) -> Tracker:
+        run = self.new_child(f"trial-{trial.trial_id}", {"cohort.trial_id": trial.trial_id})
+        run.log_params(dict(trial.config))
+        self.log_topology(run, trial.config)
+        return run
 
     def runs(self, trials) -> RunsDisplay:
         """The overall progress line (made at this session's first event: what finished before counts as done)."""
@@ -131,48 +126,13 @@ class SweepCallback(Callback):
                                      max(getattr(self, "total", 0), len(trials)), already_done=finished)
         return self._runs
 
-    def on_experiment_end(self, trials, **info):
-        if getattr(self, "_runs", None) is not None:
-            self._runs.close()
-
     def show(self, trials, text: str, finished: bool = False, **fields: Any) -> None:
         runs = self.runs(trials)
         _, running = count_trials(trials)
         runs.update(self.finished_here, running)
         runs.event(text, finished, **fields)
 
-    @property
-    def tracker(self):
-        if self._tracker is None:
-            from cohort.tracking.tracker import Tracker
-
-            self._tracker = Tracker(self.tracking_uri, self.experiment)
-        return self._tracker
-
-    @property
-    def children(self) -> dict[str, str]:
-        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-
-    def _child(self, trial) -> str:
-        """The trial's MLflow run (created on first sight; kept in a file so a resumed sweep finds it)."""
-        children = self.children
-        if trial.trial_id not in children:
-            run = self.tracker.client.create_run(
-                self.tracker.experiment_id, run_name=f"trial-{trial.trial_id}",
-                tags={"mlflow.parentRunId": self.parent_run_id, "cohort.trial_id": trial.trial_id})
-            children[trial.trial_id] = run.info.run_id
-            self.state_file.write_text(json.dumps(children))
-            self.tracker.run_id = run.info.run_id
-            self.tracker.log_params(dict(trial.config))
-            self.log_topology(trial.config)
-        self.tracker.run_id = children[trial.trial_id]
-        if trial.trial_id not in self.last_epoch:
-            # A resumed sweep: the epochs its run already holds in MLflow are done.
-            history = self.tracker.client.get_metric_history(self.tracker.run_id, OBJECTIVE)
-            self.last_epoch[trial.trial_id] = max((metric.step for metric in history), default=0)
-        return self.tracker.run_id
-
-    def log_topology(self, config: dict[str, Any]) -> None:
+    def log_topology(self, run: Tracker, config: dict[str, Any]) -> None:
         """The trial's topology, with these sampled values, as its run's ``topology.yaml``."""
         if self.base is None:
             return
@@ -180,69 +140,50 @@ class SweepCallback(Callback):
             topology = trial_topology(self.base, dict(config))
         except CohortError:
             return  # an invalid sample: the trial fails, and its run says why (cohort.error)
-        self.tracker.log_text(topology.to_yaml(), "topology.yaml")
+        run.log_text(topology.to_yaml(), "topology.yaml")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._child(trial)
+        run = self.child(trial)
         config = dict(trial.config)
         before = self.configs.setdefault(trial.trial_id, config)
         if config != before:
             # PBT restarts this trial from a better trial's checkpoint with perturbed values.
             self.changes[trial.trial_id] = {key: value for key, value in config.items() if before.get(key) != value}
             self.configs[trial.trial_id] = config
-            self.log_topology(config)
+            self.log_topology(run, config)
         self.show(trials, f"trial {trial.trial_id} started: {sampled_text(trial.config)}", trial=trial.trial_id,
                   config=dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._child(trial)
+        run = self.child(trial)
         epoch = int(result.get("epoch", 0))
         changed = self.changes.pop(trial.trial_id, None)
         if changed:
-            self.tracker.client.set_tag(self.tracker.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
+            run.client.set_tag(run.run_id, f"cohort.pbt.epoch_{epoch:03d}", json.dumps(changed))
             self.show(trials, f"trial {trial.trial_id} continues from a better trial's checkpoint (PBT) at epoch "
                               f"{epoch} with {sampled_text(changed)}", trial=trial.trial_id, epoch=epoch, changed=changed)
             self.last_epoch[trial.trial_id] = epoch - 1  # the trial's history goes on from the copied epoch
-        # A resumed trial trains again the epochs after its last checkpoint: log each epoch once.
-        if epoch > self.last_epoch.get(trial.trial_id, 0):
-            self.tracker.log_epoch({**{k: v for k, v in result.items() if is_metric(k) or k == OBJECTIVE}, "epoch": epoch})
-        self.last_epoch[trial.trial_id] = epoch
+        self.log_result(run, trial, result)
         value = result.get(OBJECTIVE, math.nan)
         self.show(trials, f"trial {trial.trial_id} epoch {epoch}/{self.epochs}: {self.metric} = {value:.4f}",
                   trial=trial.trial_id, epoch=epoch, epochs=self.epochs, objective=value)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._child(trial)
+        run = self.child(trial)
         epoch = self.last_epoch.get(trial.trial_id, 0)
         early = epoch < self.epochs
-        self.tracker.client.set_tag(self.tracker.run_id, "cohort.stopped_early", str(early).lower())
-        self.tracker.finish("FINISHED")
+        run.client.set_tag(run.run_id, "cohort.stopped_early", str(early).lower())
+        run.finish("FINISHED")
         self.finished_here += 1
         self.show([t for t in trials if t is not trial], f"trial {trial.trial_id} stopped early by the scheduler after "
                   f"epoch {epoch}" if early else f"trial {trial.trial_id} finished", True, trial=trial.trial_id,
                   epoch=epoch, stopped_early=early)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._child(trial)
-        reason = trial_failure(trial)
-        self.tracker.client.set_tag(self.tracker.run_id, "cohort.error", reason[:5000])
-        self.tracker.finish("FAILED")
+        reason = self.log_failure(self.child(trial), trial)
         self.finished_here += 1
         self.show([t for t in trials if t is not trial], f"trial {trial.trial_id} failed: {reason}", True,
                   trial=trial.trial_id, error=reason)
-
-
-def trial_failure(trial) -> str:
-    """The one line that says why a trial failed."""
-    from cohort.driver.launch import failure_reason
-
-    path = getattr(trial, "error_file", None) or ""
-    text = Path(path).read_text() if path and Path(path).exists() else str(getattr(trial, "error_msg", "") or "")
-    for marker in ("CohortError:",):
-        for line in text.splitlines():
-            if marker in line:
-                return line.split(marker, 1)[1].strip()
-    return failure_reason(RuntimeError(text)) if text else "unknown error"
 
 
 def sampled_text(config: dict[str, Any]) -> str:
