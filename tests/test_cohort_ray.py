@@ -301,7 +301,8 @@ def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
 def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # NaN injection: an absurd learning rate on one peer.
-    diverging = {**THREE_PEERS, "name": "diverges", "train": {"epochs": 3},
+    # max_failures 0: a non-finite loss comes back at every restart from the checkpoint (two by default, 50 s here).
+    diverging = {**THREE_PEERS, "name": "diverges", "train": {"epochs": 3, "max_failures": 0},
                  "peers": {**THREE_PEERS["peers"], "student_a": {"model": "mlp", "optimizer": {"lr": 1e6}}}}
     code = main([str(write_topology(tmp_path, diverging)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     err = capsys.readouterr().err.strip().splitlines()
