@@ -22,8 +22,9 @@ import argparse
 
 import torch
 import torch.nn as nn
-import yaml
 
+from cohort.config.loader import read_yaml
+from cohort.config.overrides import parse_assignment
 from cohort.datasets import load_dataset
 from cohort.losses.combine import peer_objective
 from cohort.losses.divergence import entropy, log_probs
@@ -151,15 +152,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    config = yaml.safe_load(open(args.topology))
+    config = read_yaml(args.topology)  # the project's strict loader
     config["train"]["epochs"] = args.epochs
     if args.batch_size:
         config["data"]["batch_size"] = args.batch_size
     for item in args.set:
-        key, value = item.split("=", 1)
+        key, value = parse_assignment(item)
         for edge in config["edges"]:
             if edge["loss"] == "bdkd":
-                edge[key] = yaml.safe_load(value)
+                edge[key] = value
     topology = topology_from_dict(config)
     data = load_dataset(topology.data, topology.seed)
     grouping = cohort_groups(topology, data.info)

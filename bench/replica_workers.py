@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-import yaml
+
+from cohort.config.loader import read_yaml
 
 
 def free_port() -> int:
@@ -146,7 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int)
     args = parser.parse_args(argv)
-    config = yaml.safe_load(open(args.topology))
+    config = read_yaml(args.topology)  # the project's strict loader
     config["train"]["epochs"] = args.epochs
     if args.batch_size:
         config["data"]["batch_size"] = args.batch_size

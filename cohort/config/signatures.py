@@ -109,3 +109,12 @@ def finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond a float's range
         return False
+
+
+def resolve_extras(model: Any, what: str, params: dict[str, Any], fields) -> None:
+    """A topology entry (an edge, a gate) whose extra keys are a registered function's parameters:
+    replace them by every parameter, checked, its default where not given (``keyword_parameters``)."""
+    extra = model.__pydantic_extra__
+    resolved = keyword_parameters(what, params, dict(extra or {}), fields)
+    extra.clear()
+    extra.update(resolved)

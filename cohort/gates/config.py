@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from cohort.config.errors import quoted, unknown
 from cohort.config.schema import problem
-from cohort.config.signatures import keyword_parameters
+from cohort.config.signatures import resolve_extras
 
 from .registry import GATE_FIELD_NAMES, GATES
 
@@ -36,10 +36,7 @@ class Gate(BaseModel):
 
     @model_validator(mode="after")
     def _rule_parameters(self) -> Gate:
-        resolved = keyword_parameters(f"gate rule {quoted(self.rule)}", GATES[self.rule].params,
-                                      dict(self.__pydantic_extra__ or {}), GATE_FIELD_NAMES)
-        self.__pydantic_extra__.clear()
-        self.__pydantic_extra__.update(resolved)
+        resolve_extras(self, f"gate rule {quoted(self.rule)}", GATES[self.rule].params, GATE_FIELD_NAMES)
         return self
 
     @property

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cohort.config.errors import quoted, unknown
 from cohort.config.schema import Int, Number, Strict, problem
-from cohort.config.signatures import keyword_parameters
+from cohort.config.signatures import resolve_extras
 from cohort.losses import LOSSES
 
 
@@ -53,10 +53,7 @@ class Edge(BaseModel):
 
     @model_validator(mode="after")
     def _loss_parameters(self) -> Edge:
-        resolved = keyword_parameters(f"loss {quoted(self.loss)}", LOSSES[self.loss].params,
-                                      dict(self.__pydantic_extra__ or {}), EDGE_FIELDS)
-        self.__pydantic_extra__.clear()
-        self.__pydantic_extra__.update(resolved)
+        resolve_extras(self, f"loss {quoted(self.loss)}", LOSSES[self.loss].params, EDGE_FIELDS)
         return self
 
     @property
