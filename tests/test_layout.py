@@ -130,3 +130,49 @@ def test_no_two_modules_are_named_alike():
              if path.parent != REPO / "cohort" and path.stem != "__init__"} | PACKAGES
     alike = [(a, b) for a, b in itertools.combinations(sorted(names), 2) if b.startswith(a)]
     assert not alike, alike
+
+
+def run_id_assignments(tree: ast.AST) -> list[int]:
+    """Lines that set some object's ``run_id`` from outside it (``x.run_id = ...``, ``setattr(x, "run_id", ...)``);
+    a class setting its own (``self.run_id``) is not one."""
+    def targets(node: ast.AST) -> list[ast.AST]:
+        if isinstance(node, ast.Assign):
+            found = []
+            for target in node.targets:
+                found += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+            return found
+        if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            return [node.target]
+        return []
+
+    lines = []
+    for node in ast.walk(tree):
+        for target in targets(node):
+            if isinstance(target, ast.Attribute) and target.attr == "run_id" and not (
+                    isinstance(target.value, ast.Name) and target.value.id == "self"):
+                lines.append(node.lineno)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "run_id"):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_a_tracker_is_one_run_never_a_cursor_moved_from_outside():
+    """A parent or child run is its own tracker (``Tracker.for_run``): no code but the Tracker's own sets
+    a tracker's ``run_id``."""
+    moved = [f"{name}:{line}" for name, path in modules("cohort", "bench").items() if name != "cohort.tracking.tracker"
+             for line in run_id_assignments(ast.parse(path.read_text()))]
+    assert not moved, moved
+    assert run_id_assignments(ast.parse("tracker.run_id = parent\na.b, t.run_id = 1, 2\nsetattr(t, 'run_id', 3)\n"
+                                        "self.run_id = 4")) == [1, 2, 3]  # the check can fail
+
+
+def test_importing_cohort_loads_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, cohort; cohort.study, cohort.tune, cohort.evaluate, cohort.study_report;"
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": ""}).stdout
+    assert out.strip() == "[]"

@@ -67,8 +67,27 @@ def mode_of(args: argparse.Namespace) -> str:
 def saved_mode(args: argparse.Namespace) -> str:
     """The mode for an object Tune saves with a sweep (a callback): ``json`` or ``quiet`` when asked,
     else ``auto``, told from stdout when it shows something (:func:`runtime_mode`)."""
-    mode = mode_of(args)
+    return lasting_mode(mode_of(args))
+
+
+def lasting_mode(mode: str) -> str:
+    """``saved_mode`` of a display mode: ``json`` and ``quiet`` kept, a terminal's or a log's ``auto``."""
     return mode if mode in ("json", "quiet") else "auto"
+
+
+DISPLAYS = ("auto", *MODES)
+
+
+def make_display(display: str | Display) -> Display:
+    """A display from the Python API's ``display`` argument: a :class:`Display`, or one of
+    ``DISPLAYS`` (``auto``: a terminal's bar, else log lines)."""
+    if not isinstance(display, str):
+        return display
+    if display not in DISPLAYS:
+        from cohort.config.errors import CohortError
+
+        raise CohortError(f"display {display!r}: one of {', '.join(DISPLAYS)}")
+    return Display(choose_mode() if display == "auto" else display)
 
 
 def runtime_mode(mode: str) -> str:

@@ -132,7 +132,7 @@ def resume_run(reference_text: str, tracking_uri: str | None, ray: RayOptions, r
     history = client.get_metric_history(run_id, metric_key(topology.peer_names[0], "acc"))
     logged = max((metric.step for metric in history), default=0)
     plan, tracker, cluster, marks = plan_while_ray_starts(ray, topology, tracking_uri)
-    tracker.run_id = run_id
+    tracker = tracker.for_run(run_id)
     plan = fit_cluster(plan, cluster, cluster_node_labels())
     client.update_run(run_id, status="RUNNING")
     display.info(f"resuming MLflow run {run_id} ({topology.name}) after epoch {logged} of {topology.train.epochs}")
