@@ -14,6 +14,8 @@ imports nothing heavy: torch, Ray and MLflow load when a function needs them.
 """
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,3 +162,22 @@ def evaluate(run_id: str, *, tracking_uri: str | None = None, data: str | Path |
 def check_choice(what: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise CohortError(f"{what} {value!r}: one of {', '.join(choices)}")
+
+
+# ``cohort.study``, ``cohort.tune`` and ``cohort.evaluate`` are both functions of this API and the
+# commands' modules (``python -m cohort.study``). Importing a submodule sets it as an attribute of
+# its package: here the function keeps the name, and the command's module is ``sys.modules["cohort.study"]``
+# (``from cohort.study import main`` finds it there).
+NAMED_AS_COMMANDS = ("study", "tune", "evaluate")
+
+
+class Package(types.ModuleType):
+    """The ``cohort`` package: its API functions are not replaced by the command modules of the same names."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in NAMED_AS_COMMANDS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = Package
