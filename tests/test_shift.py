@@ -368,6 +368,38 @@ def test_shifted_results_on_other_data_go_under_keys_that_name_it(image_run, tmp
     assert set(logged["shift"]["results"]) == {"clean/0", "pixelate/2", "mean/2"}
 
 
+def test_the_python_api_evaluates_as_the_command_does(image_run, tmp_path, monkeypatch, capsys):
+    """cohort.evaluate (docs/python-api.md): its table is the command's --format csv, row for row; it
+    says where the shifted results went (the command's keys) and where the figure is."""
+    import csv
+    import io
+    import math
+
+    import cohort
+
+    monkeypatch.setenv("COHORT_CACHE", str(tmp_path / "cache"))
+    argv = ["--shift", "pixelate", "--severity", "2", "--format", "csv"]
+    assert evaluate_run(image_run, *argv, "--out", str(tmp_path / "command")) == 0
+    printed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    result = cohort.evaluate(image_run["run_id"], tracking_uri=image_run["uri"], shift=["pixelate"], severity=2,
+                             out=tmp_path / "api")
+    assert capsys.readouterr().out.strip()  # 'quiet': the table only
+    table = result.table()
+    assert len(table) == len(printed) == 9  # clean, pixelate 2 and their mean: a, b, ensemble each
+    for row, line in zip(table.to_dict("records"), printed):
+        assert (row["data"], str(row["severity"]), row["peer"]) == (line["data"], line["severity"], line["peer"])
+        for key, value in line.items():
+            if key not in ("data", "severity", "peer"):
+                assert math.isclose(row[key], float(value), rel_tol=1e-12), (key, row, line)
+    assert result.run_id == image_run["run_id"] and result.logged_under == "shift/"
+    assert result.figure == tmp_path / "api" / "shift_severity.png" and result.figure.is_file()
+    logged = shift_keys(image_run)
+    assert logged["shift/pixelate/ensemble/acc"] == pytest.approx(
+        table.query("data == 'pixelate' and peer == 'ensemble'")["acc"].item())
+    with pytest.raises(cohort.CohortError, match="^--severity applies to corrupted test data"):
+        cohort.evaluate(image_run["run_id"], tracking_uri=image_run["uri"], severity=3)
+
+
 def write_data_file(path: Path, root: Path) -> Path:
     import yaml
 

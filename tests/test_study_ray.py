@@ -2,8 +2,10 @@
 its first run and resumed (that run is not run again), then re-reported from MLflow."""
 from __future__ import annotations
 
+import math
 import re
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,33 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     assert "'tiny-best' version 1" in report.stdout, report.stdout
     version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
     assert version.run_id in best
+
+    # The Python API reads the same study back (cohort.study_report: no training): its tables are the
+    # printed ones, from the runs' values in MLflow.
+    import cohort
+
+    api = cohort.study_report(path, tracking_uri=uri, out=tmp_path / "api")
+    assert (api.name, api.experiment, api.parent_run_id, api.status, api.tracking_uri) == (
+        "tiny-study", "tiny-study", parents[0].info.run_id, "FINISHED", uri)
+    assert sorted((o.arm, o.seed, o.status) for o in api.outcomes) == [
+        ("bdkd", 0, "FINISHED"), ("bdkd", 1, "FINISHED"), ("dml", 0, "FINISHED"), ("dml", 1, "FINISHED")]
+    assert {"metric_acc.png", "reliability_student.png"} <= {figure.name for figure in api.figures}
+    assert all(figure.is_file() for figure in api.figures) and api.roles == ("teacher", "student")
+    student = api.table("student")
+    assert list(student.index) == ["dml", "bdkd"] and list(student["peer"]) == ["net_b", "student"]
+    assert list(student["n"]) == [2, 2] and list(student["failed"]) == [0, 0]
+    acc = {name: {int(run.data.tags["cohort.study.seed"]): student_acc(run) for run in runs}
+           for name, runs in by_arm.items()}
+    for arm in ("dml", "bdkd"):
+        mean, std = statistics.mean(acc[arm].values()), statistics.stdev(acc[arm].values())
+        assert (student.loc[arm, "acc_mean"], student.loc[arm, "acc_std"]) == (pytest.approx(mean), pytest.approx(std))
+        assert f"| {arm} | {student.loc[arm, 'peer']} | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in report.stdout
+    one = api.table("student", "acc")
+    assert one.loc["bdkd", "pairs"] == 2
+    assert one.loc["bdkd", "difference"] == pytest.approx(statistics.mean(acc["bdkd"][seed] - acc["dml"][seed]
+                                                                          for seed in (0, 1)))
+    assert one.loc["bdkd", "ci_low"] <= one.loc["bdkd", "difference"] <= one.loc["bdkd", "ci_high"]
+    assert 0 <= one.loc["bdkd", "p_value"] <= 1 and math.isnan(one.loc["dml", "difference"])
+    assert student.loc["bdkd", "acc_difference"] == one.loc["bdkd", "difference"]
+    with pytest.raises(cohort.CohortError, match="role 'nobody': the study's roles are teacher, student"):
+        api.table("nobody")

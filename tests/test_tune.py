@@ -325,10 +325,13 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
         "search": "random",
         "space": {"train.optimizer.lr": {"grid": [0.2, 0.0001]}, "edges.0.temperature": {"uniform": [-1.0, 6.0]}},
     }
+    import cohort
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [str(write(tmp_path, "t.yaml", TOPOLOGY)), str(write(tmp_path, "s.yaml", space)), "--num-samples", "2",
-            "--tracking-uri", uri, "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
-    assert tune_main(args) == 0
+    # Through the Python API (python -m cohort.tune calls it): its lines as the command's, and its result.
+    topology = cohort.load_topology(write(tmp_path, "t.yaml", TOPOLOGY))
+    result = cohort.tune(topology, write(tmp_path, "s.yaml", space), num_samples=2, tracking_uri=uri,
+                         storage=str(tmp_path / "tune"), out=tmp_path, display="log")
     out = capsys.readouterr().out
     assert "rank" in out and "best: trial" in out
 
@@ -365,6 +368,20 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
 
     assert run_main([str(best), "--dry-run"]) == 0
     assert parents[0].data.metrics["best_objective"] == pytest.approx(max(r.data.metrics["objective"] for r in finished))
+
+    # The result is the sweep as MLflow and the best file hold it.
+    assert (result.name, result.parent_run_id, result.tracking_uri) == ("sweep-me-s", parents[0].info.run_id, uri)
+    assert result.best_file == best and result.best_value == pytest.approx(parents[0].data.metrics["best_objective"])
+    assert f"trial {result.best_trial}" in out
+    assert {key: float(value) for key, value in result.best_config.items()} == pytest.approx(
+        {key[len("best."):]: float(value) for key, value in parents[0].data.params.items() if key.startswith("best.")})
+    assert result.best_topology.train.optimizer.lr == result.best_config["train.optimizer.lr"]
+    table = result.table()
+    assert list(table.index) == [1, 2, 3, 4] and table.loc[1, "value"] == result.best_value
+    assert table.loc[1, "trial"] == result.best_trial
+    assert {"train.optimizer.lr", "edges.0.temperature", "epochs", "value", "failed"} <= set(table.columns)
+    assert int(table["failed"].sum()) == len(invalid) and table["value"].isna().sum() == len(invalid)
+    assert sorted(table["value"].dropna()) == pytest.approx(sorted(r.data.metrics["objective"] for r in finished))
 
 
 @pytest.mark.ray
