@@ -4,8 +4,8 @@
     topology = cohort.load_topology("topologies/three_peers.yaml", overrides={"train.epochs": 3})
     result = cohort.train(topology, tracking_uri="sqlite:///mlflow.db")  # blocks; shows its progress
     result.run_id, result.metrics["student_a/ece"], result.model("student_a")
-    cohort.study("studies/bdkd_vs_dml.yaml").table("student")     # python -m cohort.study
-    cohort.study_report("studies/bdkd_vs_dml.yaml").table("student", "acc")   # --report: no training
+    cohort.study("studies/bdkd_vs_dml_digits.yaml").table("student")     # python -m cohort.study
+    cohort.study_report("studies/bdkd_vs_dml_digits.yaml").table("student", "acc")   # --report: no training
     cohort.tune(topology, "tune_spaces/bdkd.yaml").best_topology  # python -m cohort.tune
     cohort.evaluate(result.run_id, shift="fog", severity=3).table()  # python -m cohort.evaluate
 
