@@ -335,11 +335,12 @@ def has_model(client, run_id: str, peer: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
 class RunWriter:
     """The one method of cohort.tracking.tracker.Tracker that logging a model uses, on an existing run."""
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    client: Any
+    run_id: str
 
     def log_folder(self, folder, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
