@@ -4,18 +4,16 @@
     topology = cohort.load_topology("topologies/three_peers.yaml", overrides={"train.epochs": 3})
     result = cohort.train(topology, tracking_uri="sqlite:///mlflow.db")  # blocks; shows its progress
     result.run_id, result.metrics["student_a/ece"], result.model("student_a")
-    cohort.study("studies/bdkd_vs_dml_digits.yaml").table("student")     # python -m cohort.study
-    cohort.study_report("studies/bdkd_vs_dml_digits.yaml").table("student", "acc")   # --report: no training
-    cohort.tune(topology, "tune_spaces/bdkd.yaml").best_topology  # python -m cohort.tune
-    cohort.evaluate(result.run_id, shift="fog", severity=3).table()  # python -m cohort.evaluate
+    cohort.run_study("studies/bdkd_vs_dml_digits.yaml").table("student")     # python -m cohort.study
+    cohort.read_study("studies/bdkd_vs_dml_digits.yaml").table("student", "acc")   # --report: no training
+    cohort.sweep(topology, "tune_spaces/bdkd.yaml").best_topology  # python -m cohort.tune
+    cohort.evaluate_run(result.run_id, shift="fog", severity=3).table()  # python -m cohort.evaluate
 
 Errors are ``cohort.CohortError``, with the one-line message the commands print. Importing cohort
 imports nothing heavy: torch, Ray and MLflow load when a function needs them.
 """
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ if TYPE_CHECKING:
     from cohort.topology import Topology
     from cohort.tuning.session import SweepResult
 
-__all__ = ["CohortError", "evaluate", "load_topology", "study", "study_report", "train", "tune"]
+__all__ = ["CohortError", "evaluate_run", "load_topology", "read_study", "run_study", "sweep", "train"]
 
 
 def load_topology(path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Topology:
@@ -69,7 +67,7 @@ def train(topology: Topology, *, tracking_uri: str | None = None, storage: str |
     return start_run(topology, uri, ray or RayOptions(address=address), storage, registrations, display)
 
 
-def study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
+def run_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
           storage: str | None = None, address: str | None = None, resume: bool = False,
           register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
           out: str | Path | None = None, overwrite: bool = False, format: str = "table",
@@ -96,7 +94,7 @@ def study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str 
                    display=display)
 
 
-def study_report(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
+def read_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
                  register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
                  out: str | Path | None = None, overwrite: bool = False, format: str = "table",
                  display: str | Display = "quiet") -> StudyResult:
@@ -116,7 +114,7 @@ def study_report(path: str | Path, *, overrides: Iterable[str] = (), tracking_ur
     return report(prepared, format, display)
 
 
-def tune(topology: Topology, space: str | Path, *, num_samples: int | None = None, name: str | None = None,
+def sweep(topology: Topology, space: str | Path, *, num_samples: int | None = None, name: str | None = None,
          resume: bool = False, tracking_uri: str | None = None, storage: str | None = None,
          address: str | None = None, out: str | Path = ".", overwrite: bool = False,
          display: str | Display = "auto", verbose: bool = False) -> SweepResult:
@@ -136,7 +134,7 @@ def tune(topology: Topology, space: str | Path, *, num_samples: int | None = Non
                  display=make_display(display))
 
 
-def evaluate(run_id: str, *, tracking_uri: str | None = None, data: str | Path | None = None,
+def evaluate_run(run_id: str, *, tracking_uri: str | None = None, data: str | Path | None = None,
              overrides: Iterable[str] = (), shift: str | Iterable[str] | None = None,
              severity: str | int | Iterable[int] | None = None, peer: str | None = None,
              out: str | Path | None = None, overwrite: bool = False, format: str = "table",
@@ -162,22 +160,3 @@ def evaluate(run_id: str, *, tracking_uri: str | None = None, data: str | Path |
 def check_choice(what: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise CohortError(f"{what} {value!r}: one of {', '.join(choices)}")
-
-
-# ``cohort.study``, ``cohort.tune`` and ``cohort.evaluate`` are both functions of this API and the
-# commands' modules (``python -m cohort.study``). Importing a submodule sets it as an attribute of
-# its package: here the function keeps the name, and the command's module is ``sys.modules["cohort.study"]``
-# (``from cohort.study import main`` finds it there).
-NAMED_AS_COMMANDS = ("study", "tune", "evaluate")
-
-
-class Package(types.ModuleType):
-    """The ``cohort`` package: its API functions are not replaced by the command modules of the same names."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in NAMED_AS_COMMANDS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = Package

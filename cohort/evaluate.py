@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     import cohort
 
-    cohort.evaluate(args.run_id, tracking_uri=args.tracking_uri, data=args.data, overrides=args.overrides,
+    cohort.evaluate_run(args.run_id, tracking_uri=args.tracking_uri, data=args.data, overrides=args.overrides,
                     shift=args.shift, severity=args.severity, peer=args.peer, out=args.out, overwrite=args.overwrite,
                     format=args.format, display=Display(mode_of(args)))
     return 0

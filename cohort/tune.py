@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import cohort
 
     topology = cohort.load_topology(args.topology, args.overrides)
-    cohort.tune(topology, args.space, num_samples=args.num_samples, name=args.name, resume=args.resume,
+    cohort.sweep(topology, args.space, num_samples=args.num_samples, name=args.name, resume=args.resume,
                 tracking_uri=args.tracking_uri, storage=args.storage, address=args.address, out=args.out,
                 overwrite=args.overwrite, display=Display(mode_of(args)), verbose=args.verbose)
     return 0

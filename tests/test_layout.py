@@ -171,7 +171,7 @@ def test_importing_cohort_loads_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, cohort; cohort.study, cohort.tune, cohort.evaluate, cohort.study_report;"
+    code = ("import sys, cohort; cohort.run_study, cohort.sweep, cohort.evaluate_run, cohort.read_study;"
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO), "PATH": ""}).stdout

@@ -369,7 +369,7 @@ def test_shifted_results_on_other_data_go_under_keys_that_name_it(image_run, tmp
 
 
 def test_the_python_api_evaluates_as_the_command_does(image_run, tmp_path, monkeypatch, capsys):
-    """cohort.evaluate (docs/python-api.md): its table is the command's --format csv, row for row; it
+    """cohort.evaluate_run (docs/python-api.md): its table is the command's --format csv, row for row; it
     says where the shifted results went (the command's keys) and where the figure is."""
     import csv
     import io
@@ -381,7 +381,7 @@ def test_the_python_api_evaluates_as_the_command_does(image_run, tmp_path, monke
     argv = ["--shift", "pixelate", "--severity", "2", "--format", "csv"]
     assert evaluate_run(image_run, *argv, "--out", str(tmp_path / "command")) == 0
     printed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    result = cohort.evaluate(image_run["run_id"], tracking_uri=image_run["uri"], shift=["pixelate"], severity=2,
+    result = cohort.evaluate_run(image_run["run_id"], tracking_uri=image_run["uri"], shift=["pixelate"], severity=2,
                              out=tmp_path / "api")
     assert capsys.readouterr().out.strip()  # 'quiet': the table only
     table = result.table()
@@ -397,7 +397,7 @@ def test_the_python_api_evaluates_as_the_command_does(image_run, tmp_path, monke
     assert logged["shift/pixelate/ensemble/acc"] == pytest.approx(
         table.query("data == 'pixelate' and peer == 'ensemble'")["acc"].item())
     with pytest.raises(cohort.CohortError, match="^--severity applies to corrupted test data"):
-        cohort.evaluate(image_run["run_id"], tracking_uri=image_run["uri"], severity=3)
+        cohort.evaluate_run(image_run["run_id"], tracking_uri=image_run["uri"], severity=3)
 
 
 def write_data_file(path: Path, root: Path) -> Path:

@@ -112,7 +112,7 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     # printed ones, from the runs' values in MLflow.
     import cohort
 
-    api = cohort.study_report(path, tracking_uri=uri, out=tmp_path / "api")
+    api = cohort.read_study(path, tracking_uri=uri, out=tmp_path / "api")
     assert (api.name, api.experiment, api.parent_run_id, api.status, api.tracking_uri) == (
         "tiny-study", "tiny-study", parents[0].info.run_id, "FINISHED", uri)
     assert sorted((o.arm, o.seed, o.status) for o in api.outcomes) == [

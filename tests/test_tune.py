@@ -330,7 +330,7 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Through the Python API (python -m cohort.tune calls it): its lines as the command's, and its result.
     topology = cohort.load_topology(write(tmp_path, "t.yaml", TOPOLOGY))
-    result = cohort.tune(topology, write(tmp_path, "s.yaml", space), num_samples=2, tracking_uri=uri,
+    result = cohort.sweep(topology, write(tmp_path, "s.yaml", space), num_samples=2, tracking_uri=uri,
                          storage=str(tmp_path / "tune"), out=tmp_path, display="log")
     out = capsys.readouterr().out
     assert "rank" in out and "best: trial" in out

@@ -1,5 +1,5 @@
 """One evaluation of a finished run (the library of ``python -m cohort.evaluate`` and
-``cohort.evaluate``): the arguments checked, the run's peers and temperatures read from MLflow, the
+``cohort.evaluate_run``): the arguments checked, the run's peers and temperatures read from MLflow, the
 data to evaluate on (the run's test split, other data with its classes, or corrupted data), every
 setting evaluated, the table shown, and shifted results logged into the run with their figure.
 

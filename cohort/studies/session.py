@@ -1,4 +1,4 @@
-"""One session of a study (the library of ``python -m cohort.study`` and ``cohort.study``): the
+"""One session of a study (the library of ``python -m cohort.study`` and ``cohort.run_study``): the
 study prepared and checked before Ray starts, its plan, its runs through Ray Tune under one parent
 MLflow run (started, or resumed), and at the end the tables and figures; or, without training, the
 tables and figures of a finished, running or interrupted study read back from MLflow.

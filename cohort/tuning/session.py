@@ -1,4 +1,4 @@
-"""One session of a sweep (the library of ``python -m cohort.tune`` and ``cohort.tune``): the
+"""One session of a sweep (the library of ``python -m cohort.tune`` and ``cohort.sweep``): the
 topology and space checked before Ray starts, the parent MLflow run (started, or found again to
 resume), the Tuner, and at the end the ranked trials, the best topology written and logged.
 
