@@ -88,6 +88,7 @@ def describe_plan(plan: Plan) -> str:
         "(GFLOPs: one step, per sample)"
         + "".join(f", {text}" for text in placement_constraints(resources)),
         f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
+        *describe_payload(plan),
         *describe_grid(topology),
         f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
     ]
@@ -156,3 +157,17 @@ def summary_table(plan: Plan, final: dict[str, Any]) -> str:
             row += f"{values[0]:>7.2f}{values[1]:>9.4f}{values[2]:>9.4f}"
         rows.append(row)
     return "\n".join(rows)
+
+
+def describe_payload(plan: Plan) -> list[str]:
+    """What each peer sends per step when representations travel (cohort.worker.payload)."""
+    layout = plan.payload
+    if layout is None:
+        return []
+    batch = plan.topology.data.batch_size
+    lines = [f"  exchanged per step (batch {batch}, one all_gather, rows padded to the widest peer's "
+             f"{layout.row} floats per image):"]
+    for peer, parts in layout.parts.items():
+        sent = ", ".join(f"{part.name} {part.width}" for part in parts)
+        lines.append(f"    {peer}: {sent} floats per image; {layout.bytes_per_image(peer) * batch / 1024:,.1f} KiB")
+    return lines

@@ -34,6 +34,8 @@ class Plan:
     dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
     # The peers' checkpoints as read here, {peer: state_dict}, sent to the workers the same way.
     weights: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # What each peer sends per step when more than logits travel (cohort.worker.payload), else None.
+    payload: Any = None
 
 
 def fetch_checkpoints(topology: Topology, tracking_uri: str):
@@ -78,6 +80,7 @@ def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: floa
     from cohort.models import count_parameters
     from cohort.tracking.tracker import resolve_uri
     from cohort.worker.peer import build_peer, cohort_groups
+    from cohort.worker.representations import check_representations
 
     uri = resolve_uri(tracking_uri or topology.tracking.uri)
     dataset = load_dataset(topology.data, topology.seed) if download else None
@@ -89,10 +92,11 @@ def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: floa
     parameters = {peer: count_parameters(model) for peer, model in models.items()}
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
+    payload = check_representations(topology, models, info.input_size, info.num_classes)
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology=topology, info=info, groups=cohort_groups(topology, info), parameters=parameters,
                 cpus_per_peer=cpus, compute=compute, threads=peer_threads(compute, cpus), tracking_uri=uri,
-                dataset=dataset, weights=weights)
+                dataset=dataset, weights=weights, payload=payload)
 
 
 def cpus_per_peer(topology: Topology, available_cpus: float) -> float:

@@ -21,7 +21,7 @@ from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
 from cohort.models import known_models, model_exists, model_options
-from cohort.topology.edges import EDGE_FIELDS, Edge
+from cohort.topology.edges import EDGE_FIELDS, Edge, EnsembleSource
 
 PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_PEER_NAMES = {"ensemble", "cohort"}
@@ -129,6 +129,16 @@ class TrainConfig(Strict):
 # --------------------------------------------------------------------------- peers and edges
 
 
+class EmbeddingConfig(Strict):
+    """MCL's embedding head, which the peer owns: Linear → ReLU → Linear → L2 norm over its
+    penultimate feature (built with the peer, trained by its optimizer, saved with it)."""
+
+    dim: Int = Field(128, ge=1, description="the embedding's size D (MCL: 128)")
+    vcl: Number = Field(0.1, ge=0, description="α, the weight of the peer's own contrastive term C(S_ii) (MCL: 0.1; "
+                                               "0: none)")
+    tau: Number = Field(0.07, gt=0, description="the temperature τ of that term's similarities (MCL: 0.07)")
+
+
 class PeerConfig(Strict):
     model: str
     model_args: dict[str, bool | int | float | str] = {}
@@ -140,6 +150,8 @@ class PeerConfig(Strict):
                                                    "(all-reduced within the peer's replicas); false: per shard")
     init_seed: Int | str | None = Field(None, description="the key of the peer's initial weights (default: "
                                                                "its name): same key, model and seed, same weights")
+    embedding: EmbeddingConfig | None = Field(None, description="an embedding head on the penultimate feature, for "
+                                                                "mcl edges (docs/representations.md)")
 
     @field_validator("model")
     @classmethod
@@ -235,6 +247,34 @@ class Topology(Strict):
                 raise problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
                 raise problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
+        return self
+
+    @model_validator(mode="after")
+    def _representation_edges_fit(self) -> Topology:
+        for index, edge in enumerate(self.edges):
+            payload = LOSSES[edge.loss].payload
+            if payload == "logits":
+                continue
+            if isinstance(edge.source, EnsembleSource):
+                raise problem(f"loss {quoted(edge.loss)} exchanges {payload}, which are not averaged: one peer per edge",
+                              f"edges[{index}].from")
+            if payload == "embedding":
+                for peer in (edge.senders[0], edge.to):
+                    if self.peers[peer].embedding is None:
+                        raise problem(f"loss {quoted(edge.loss)} contrasts embeddings: peer {quoted(peer)} needs an "
+                                      f"embedding head (peers.{peer}.embedding: {{dim: 128}})", f"edges[{index}]")
+                dims = {peer: self.peers[peer].embedding.dim for peer in (edge.senders[0], edge.to)}
+                if len(set(dims.values())) > 1:
+                    raise problem("the two peers' embeddings differ in size ("
+                                  + ", ".join(f"{peer} {dim}" for peer, dim in dims.items()) + ")", f"edges[{index}]")
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_without_replicas(self) -> Topology:
+        for name, peer in self.peers.items():
+            if peer.embedding is not None and peer.replicas > 1:
+                raise problem("MCL's similarities span the whole batch: peers with an embedding head train "
+                              "without replicas (replicas: 1)", f"peers.{name}.embedding")
         return self
 
     @model_validator(mode="after")
