@@ -411,3 +411,13 @@ def test_payload_is_recorded_and_unknown_payloads_are_refused(clean_registry):
     with pytest.raises(ValueError, match="payload must be one of logits, embedding, maps, not 'features'"):
         register_loss("bad", payload="features")
     assert "bad" not in LOSSES
+
+
+def test_the_logit_objective_refuses_an_edge_of_another_payload():
+    from cohort.losses.combine import peer_objective as logit_objective
+    from cohort.topology.edges import Edge
+
+    edge = Edge.model_validate({"from": "a", "to": "b", "loss": "mcl"})
+    logits = {"a": torch.randn(4, 3), "b": torch.randn(4, 3)}
+    with pytest.raises(ValueError, match="loss 'mcl' exchanges embedding, not logits"):
+        logit_objective(logits["b"], torch.tensor([0, 0, 1, 1]), [edge], logits)
