@@ -99,6 +99,9 @@ def peer_objective(
         if index in off:
             continue
         spec = LOSSES[edge.loss]
+        if spec.payload != "logits":
+            # Its receiver and sender are not logits (cohort.losses.registry): the caller computes it.
+            raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}, not logits")
         needed = {name: context[name] for name in spec.context}
         if spec.batch_statistics:
             needed["batch"] = batch

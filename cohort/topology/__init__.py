@@ -36,6 +36,13 @@ class LongTailConfig(Strict):
     profile: Literal["exponential", "step"] = "exponential"
 
 
+class SamplerConfig(Strict):
+    """Class-balanced batches (cohort.datasets.sampling): ``batch_size / m_per_class`` classes,
+    ``m_per_class`` images of each, in every batch (MCL's batches: every image has a positive)."""
+
+    m_per_class: Int = Field(ge=2, description="images of each class drawn into a batch")
+
+
 class DataConfig(Strict):
     dataset: str = "digits"
     root: str | None = None
@@ -49,6 +56,7 @@ class DataConfig(Strict):
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
     val_fraction: Number = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
                                                               "the validation split (0: none)")
+    sampler: SamplerConfig | None = Field(None, description="class-balanced batches (default: a shuffled epoch)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> DataConfig:
@@ -57,6 +65,13 @@ class DataConfig(Strict):
         if refused is not None:
             setting, reason = refused
             raise problem(reason, setting)
+        return self
+
+    @model_validator(mode="after")
+    def _batches_fit_the_sampler(self) -> DataConfig:
+        if self.sampler is not None and self.batch_size % self.sampler.m_per_class:
+            raise problem(f"batch_size {self.batch_size} is not a multiple of m_per_class {self.sampler.m_per_class}",
+                          "sampler.m_per_class")
         return self
 
     @field_validator("dataset")
