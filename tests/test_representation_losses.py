@@ -413,11 +413,25 @@ def test_payload_is_recorded_and_unknown_payloads_are_refused(clean_registry):
     assert "bad" not in LOSSES
 
 
-def test_the_logit_objective_refuses_an_edge_of_another_payload():
-    from cohort.losses.combine import peer_objective as logit_objective
+def test_the_peer_objective_adds_vcl_and_representation_edges_and_refuses_them_without_representations():
+    from cohort.losses.combine import Representations, maps_part, peer_objective
     from cohort.topology.edges import Edge
 
-    edge = Edge.model_validate({"from": "a", "to": "b", "loss": "mcl"})
-    logits = {"a": torch.randn(4, 3), "b": torch.randn(4, 3)}
-    with pytest.raises(ValueError, match="loss 'mcl' exchanges embedding, not logits"):
-        logit_objective(logits["b"], torch.tensor([0, 0, 1, 1]), [edge], logits)
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = {"a": torch.randn(4, 3), "b": torch.randn(4, 3, requires_grad=True)}
+    z = {name: torch.nn.functional.normalize(torch.randn(4, 8), dim=1) for name in "ab"}
+    stages = [torch.randn(4, 2, 4, 4, requires_grad=True)]
+    sent_maps = [attention_map(torch.randn(4, 3, 2, 2))]
+    edges = [Edge.model_validate({"from": "a", "to": "b", "loss": "mcl", "weight": 0.5, "reduce": "sum", "tau": 0.1}),
+             Edge.model_validate({"from": "a", "to": "b", "loss": "attention", "reduce": "sum", "beta": 10.0})]
+    representations = Representations(receiver="b", embedding=z["b"], stages=stages,
+                                      received={"a": {"embedding": [z["a"]], maps_part("b"): sent_maps}},
+                                      vcl=(0.3, 0.2))
+    total, terms = peer_objective(logits["b"], labels, edges, logits, 0.7, representations=representations)
+    expected = (0.7 * torch.nn.functional.cross_entropy(logits["b"], labels) + 0.3 * vcl(z["b"], labels, 0.2)
+                + 0.5 * mcl(z["b"], z["a"], labels, tau=0.1) + attention(stages, sent_maps, beta=10.0))
+    torch.testing.assert_close(total, expected)
+    assert set(terms) == {"ce", "vcl", "a->b:mcl", "a->b:attention"}
+    with pytest.raises(ValueError, match="loss 'mcl' exchanges embedding: the receiver's representations are needed"):
+        peer_objective(logits["b"], labels, edges[:1], logits)

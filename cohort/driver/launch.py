@@ -76,6 +76,7 @@ def load_checkpoints(topology: Topology, tracking_uri: str) -> dict[str, Any]:
 
 def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.datasets import describe_dataset, load_dataset
+    from cohort.datasets.sampling import check_sampler
     from cohort.driver.placement import peer_threads, step_flops
     from cohort.models import count_parameters
     from cohort.tracking.tracker import resolve_uri
@@ -92,6 +93,7 @@ def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: floa
     parameters = {peer: count_parameters(model) for peer, model in models.items()}
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
+    check_sampler(info, topology.data.batch_size, topology.data.sampler)
     payload = check_representations(topology, models, info.input_size, info.num_classes)
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology=topology, info=info, groups=cohort_groups(topology, info), parameters=parameters,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batch import WHOLE_BATCH, WholeBatch
+from .mcl import vcl
 from .registry import LOSSES
 
 if TYPE_CHECKING:
@@ -82,16 +83,14 @@ def peer_objective(
 
     The terms are named ``ce``, ``vcl`` and ``<edge.label>`` so that a non-finite value can be traced
     to its source. Edges whose loss takes embeddings or maps (``LossSpec.payload``) read them from
-    ``representations``; their losses return the batch's value already. ``batch``: how losses with batch statistics reduce over the batch (with replicas,
-    over the peer's replicas). ``off``: indices of edges a gate switched off for this step
+    ``representations``; their losses return the batch's value already. ``batch``: how losses with
+    batch statistics reduce over the batch (with replicas, over the peer's replicas). ``off``: indices of edges a gate switched off for this step
     (cohort.gates): they add nothing, and the others keep their weights.
     """
     context = {"target": labels, "groups": groups}
     terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
     total = ce_weight * terms["ce"]
     if representations.vcl is not None:
-        from .mcl import vcl
-
         weight, tau = representations.vcl
         terms["vcl"] = vcl(representations.embedding, labels, tau)
         total = total + weight * terms["vcl"]
@@ -99,9 +98,9 @@ def peer_objective(
         if index in off:
             continue
         spec = LOSSES[edge.loss]
-        if spec.payload != "logits":
-            # Its receiver and sender are not logits (cohort.losses.registry): the caller computes it.
-            raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}, not logits")
+        if spec.payload != "logits" and representations.receiver != edge.to:
+            raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}: the receiver's "
+                             "representations are needed")
         needed = {name: context[name] for name in spec.context}
         if spec.batch_statistics:
             needed["batch"] = batch

@@ -49,7 +49,6 @@ from cohort.worker.peer import (
     cohort_groups,
 )
 from cohort.worker.precision import autocast, grad_scaler
-from cohort.worker.representations import PeerTaps, peer_taps
 from cohort.worker.report import (
     ENSEMBLE,
     OBJECTIVE,
@@ -59,6 +58,7 @@ from cohort.worker.report import (
     metric_groups,
     peer_epoch_metrics,
 )
+from cohort.worker.representations import PeerTaps, peer_taps
 from cohort.worker.syncbn import sync_batch_norm
 from cohort.worker.ticker import StepTicker, epoch_steps, queue_sender
 
@@ -99,7 +99,8 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         run.ticker.begin(epoch)
     step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
-                                                                     topology.data.num_workers, shards)):
+                                                                     topology.data.num_workers, shards,
+                                                                     sampler=topology.data.sampler)):
         batch_size = len(labels)
         start, stop = shard_bounds(batch_size, shards, run.shard)
         # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
@@ -387,7 +388,8 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
     if live_steps and worker.rank == 0 and worker.progress is not None:
         topology = worker.topology
         ticker = StepTicker(queue_sender(worker.progress),
-                            epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas))
+                            epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas,
+                                        whole_batches=topology.data.sampler is not None))
     return PeerStep(topology=worker.topology, peer=worker.peer, model=model, optimizer=worker.optimizer,
                     exchange=worker.exchange, guard=worker.guard, groups=worker.groups, device=device,
                     shard=worker.shard, scaler=worker.scaler,

@@ -20,6 +20,7 @@ import torch
 
 from cohort.config.errors import CohortError
 from cohort.losses import LOSSES
+from cohort.losses.attention import matched_sizes
 from cohort.losses.combine import maps_part
 from cohort.topology import Topology
 
@@ -110,7 +111,7 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
             parts[sender].append(Part(EMBEDDING, ((shapes[sender].embedding,),)))
         elif payload == "maps" and maps_part(edge.to) not in names:
             try:
-                sizes = matched_sizes(shapes[sender].stages, shapes[edge.to].stages)
+                sizes = stage_sizes(shapes[sender].stages, shapes[edge.to].stages)
             except ValueError as error:
                 raise CohortError(f"{sender}'s and {edge.to}'s attention maps cannot be matched: {error}",
                                   f"edges[{index}]") from None
@@ -118,11 +119,8 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
     return PayloadLayout({peer: tuple(found) for peer, found in parts.items()})
 
 
-def matched_sizes(sender: Sequence[tuple[int, int, int]], receiver: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
-    """Each matched stage's map size: the smaller of the two feature maps' (the larger is pooled)."""
+def stage_sizes(sender: Sequence[tuple[int, int, int]], receiver: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Each matched stage's map size, from the two peers' stage shapes ``(C, H, W)``."""
     if not sender or not receiver:
         raise ValueError("a peer without stages has no attention maps (declare them: peers.<name>.taps.stages)")
-    if len(sender) != len(receiver):
-        raise ValueError(f"{len(sender)} stages against {len(receiver)} (maps are matched stage by stage: "
-                         "choose as many with peers.<name>.taps.stages)")
-    return [(min(s[1], r[1]), min(s[2], r[2])) for s, r in zip(sender, receiver)]
+    return matched_sizes([shape[1:] for shape in sender], [shape[1:] for shape in receiver])
