@@ -20,7 +20,7 @@ from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
-from cohort.models import known_models, model_exists, model_options
+from cohort.models import model_exists, model_options, unknown_model
 from cohort.topology.edges import EDGE_FIELDS, Edge, EnsembleSource
 
 PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -154,6 +154,22 @@ class EmbeddingConfig(Strict):
     tau: Number = Field(0.07, gt=0, description="the temperature τ of that term's similarities (MCL: 0.07)")
 
 
+class TapsConfig(Strict):
+    """Where a peer's network is tapped (cohort.models.taps), overriding what its model declares."""
+
+    penultimate: str | None = Field(None, min_length=1, description="the classifier (an nn.Linear) whose input is "
+                                                                    "the penultimate feature (default: the model's)")
+    stages: tuple[str, ...] | None = Field(None, description="modules whose outputs are the stages, in forward "
+                                                             "order (default: those the model declares)")
+
+    @field_validator("stages")
+    @classmethod
+    def _named_stages(cls, stages: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if stages is not None and (not all(stages) or len(set(stages)) != len(stages)):
+            raise problem(f"module names, each once, not {quoted(list(stages))}")
+        return stages
+
+
 class PeerConfig(Strict):
     model: str
     model_args: dict[str, bool | int | float | str] = {}
@@ -167,12 +183,14 @@ class PeerConfig(Strict):
                                                                "its name): same key, model and seed, same weights")
     embedding: EmbeddingConfig | None = Field(None, description="an embedding head on the penultimate feature, for "
                                                                 "mcl edges (docs/representations.md)")
+    taps: TapsConfig | None = Field(None, description="where the peer's network is tapped for representations "
+                                                      "(penultimate classifier, stages): default the model's own")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise problem(unknown("model", name, known_models(), sort=False))
+            raise problem(unknown_model(name))
         return name
 
     @model_validator(mode="after")
