@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cohort.driver.launch import Plan
+from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, worker_grid
 from cohort.worker.report import ENSEMBLE, evaluated, metric_key
 
@@ -55,6 +56,7 @@ def describe_plan(plan: Plan) -> str:
         f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
         f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}"
+        + describe_sampler(topology)
         + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
@@ -171,3 +173,10 @@ def describe_payload(plan: Plan) -> list[str]:
         sent = ", ".join(f"{part.name} {part.width}" for part in parts)
         lines.append(f"    {peer}: {sent} floats per image; {layout.bytes_per_image(peer) * batch / 1024:,.1f} KiB")
     return lines
+
+
+def describe_sampler(topology: Topology) -> str:
+    sampler = topology.data.sampler
+    if sampler is None:
+        return ""
+    return f", each batch {topology.data.batch_size // sampler.m_per_class} classes x {sampler.m_per_class} images"

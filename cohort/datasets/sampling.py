@@ -7,14 +7,18 @@ draws the same batches without coordination.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from cohort.config.errors import CohortError
 
-if TYPE_CHECKING:
-    from cohort.datasets.base import DatasetInfo
+
+class TrainingClasses(Protocol):
+    """What the check reads of a dataset (``cohort.datasets.base.DatasetInfo`` has it)."""
+
+    name: str
+    train_class_counts: tuple[int, ...]
 
 SAMPLER_SEED = 0xBA1A  # mixed with the topology's seed: the draws differ from epoch_order's
 
@@ -68,7 +72,7 @@ def class_balanced_batches(targets: torch.Tensor, batch_size: int, m: int, seed:
     return batches
 
 
-def check_sampler(info: DatasetInfo, batch_size: int, sampler: Any) -> None:
+def check_sampler(info: TrainingClasses, batch_size: int, sampler: Any) -> None:
     """``CohortError`` naming ``data.sampler.m_per_class`` or ``data.batch_size`` when the dataset's
     training classes (``info.train_class_counts``, after a long tail or a validation split) cannot
     fill class-balanced batches; ``sampler``: the topology's ``data.sampler`` (None: nothing to check)."""

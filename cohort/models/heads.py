@@ -28,9 +28,28 @@ class EmbeddingHead(nn.Module):
         return F.normalize(self.project(feature), dim=1)
 
 
+class HeadedSequential(nn.Sequential):
+    """A network built as a plain ``nn.Sequential`` (the digits nets) that carries heads: its forward
+    runs its layers in order and skips the heads, which a Sequential would otherwise run as its
+    last layer. Its state_dict keys are the Sequential's (``0.weight``, ..., ``cohort_heads.…``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        for name, module in self._modules.items():
+            if name != HEADS_ATTRIBUTE:
+                input = module(input)
+        return input
+
+
 def attach_heads(model: nn.Module, heads: dict[str, nn.Module]) -> nn.Module:
     """``model`` with ``heads`` as its ``cohort_heads`` ModuleDict (replacing any it had), so that
-    they are among its parameters and in its state_dict (``cohort_heads.<name>.…``); returns it."""
+    they are among its parameters and in its state_dict (``cohort_heads.<name>.…``); returns it.
+    A plain ``nn.Sequential`` becomes a ``HeadedSequential`` (the same layers and keys), whose
+    forward does not run the heads."""
+    if isinstance(model, nn.Sequential) and not isinstance(model, HeadedSequential):
+        if type(model) is not nn.Sequential:
+            raise TypeError(f"cannot attach heads to a {type(model).__name__}: a Sequential subclass runs every "
+                            "module it holds")
+        model.__class__ = HeadedSequential
     setattr(model, HEADS_ATTRIBUTE, nn.ModuleDict(heads))
     return model
 

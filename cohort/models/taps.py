@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from cohort.config.errors import CohortError, did_you_mean
+from cohort.models.heads import HEADS_ATTRIBUTE
 from cohort.models.registry import TIMM_PREFIX, declared_stages
 
 # How many top-level module names an error lists before "...".
@@ -134,7 +135,8 @@ def default_classifier(model: nn.Module, model_name: str) -> str | None:
         for name, module in model.named_modules():
             if module is head and isinstance(module, nn.Linear):
                 return name
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and name.split(".")[0] != HEADS_ATTRIBUTE]  # not a head's own
     return linear[-1] if linear else None
 
 

@@ -39,7 +39,7 @@ def own_shapes(topology: Topology, peer: str, net: nn.Module, input_size: Sequen
     stages = ()
     if uses_stages(topology, peer):
         spec = resolve_taps(net, config.model, config.taps, peer=peer)
-        stages = tuple(tuple(shape) for shape in tap_shapes(net, spec, tuple(input_size))["stages"])
+        stages = tuple(tuple(shape) for shape in tap_shapes(net, spec, tuple(input_size))["stages"].values())
     return TapShapes(embedding=config.embedding.dim if config.embedding is not None else None, stages=stages)
 
 
