@@ -114,7 +114,7 @@ def resolve_taps(model: nn.Module, model_name: str, declared: Mapping[str, Any] 
     if not isinstance(classifier, nn.Linear):
         raise CohortError(f"peer {peer!r}: module {classifier_name!r} is a {type(classifier).__name__}, not the "
                           f"nn.Linear classifier whose input is the penultimate feature "
-                          f"(its classifier: {default or 'none'})", where)
+                          f"(its classifier: {default or 'none'}; top-level modules: {top_level(model)})", where)
     return TapSpec(classifier_name, classifier.in_features, stage_names)
 
 
