@@ -113,8 +113,7 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
             try:
                 sizes = stage_sizes(shapes[sender].stages, shapes[edge.to].stages)
             except ValueError as error:
-                raise CohortError(f"{sender}'s and {edge.to}'s attention maps cannot be matched: {error}",
-                                  f"edges[{index}]") from None
+                raise CohortError(f"{sender} -> {edge.to}: {error}", f"edges[{index}]") from None
             parts[sender].append(Part(maps_part(edge.to), tuple(sizes)))
     return PayloadLayout({peer: tuple(found) for peer, found in parts.items()})
 
@@ -122,5 +121,6 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
 def stage_sizes(sender: Sequence[tuple[int, int, int]], receiver: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """Each matched stage's map size, from the two peers' stage shapes ``(C, H, W)``."""
     if not sender or not receiver:
-        raise ValueError("a peer without stages has no attention maps (declare them: peers.<name>.taps.stages)")
+        raise ValueError("attention maps cannot be matched: a peer without stages has none (declare them: "
+                         "peers.<name>.taps.stages)")
     return matched_sizes([shape[1:] for shape in sender], [shape[1:] for shape in receiver])
