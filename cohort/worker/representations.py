@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from cohort.config.errors import CohortError
 from cohort.losses import LOSSES
 from cohort.losses.attention import attention_map
 from cohort.losses.combine import Representations
@@ -39,7 +40,12 @@ def own_shapes(topology: Topology, peer: str, net: nn.Module, input_size: Sequen
     stages = ()
     if uses_stages(topology, peer):
         spec = resolve_taps(net, config.model, config.taps, peer=peer)
-        stages = tuple(tuple(shape) for shape in tap_shapes(net, spec, tuple(input_size))["stages"].values())
+        found = tap_shapes(net, spec, tuple(input_size))["stages"]
+        for name, shape in found.items():
+            if len(shape) != 3:
+                raise CohortError(f"peer {peer!r}: stage {name!r} gives {tuple(shape)} per image, not a C x H x W map "
+                                  "(attention maps need feature maps: name other stages)", f"peers.{peer}.taps.stages")
+        stages = tuple(tuple(shape) for shape in found.values())
     return TapShapes(embedding=config.embedding.dim if config.embedding is not None else None, stages=stages)
 
 
