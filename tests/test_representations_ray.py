@@ -29,7 +29,9 @@ COHORT = {
     "name": "representations-equivalence",
     "seed": 5,
     "data": {"dataset": "digits", "batch_size": 60, "sampler": {"m_per_class": 6}},
-    "train": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
+    # One epoch (23 steps): longer, MCL on these small CNNs turns chaotic, and float rounding of a
+    # different summation order (per peer against the total) grows past any tolerance.
+    "train": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
               "schedule": "cosine", "ce_weight": CE},
     "peers": {"a": {"model": "cnn_small", "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}},
               "b": {"model": "cnn_medium", "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}},
@@ -78,12 +80,14 @@ def one_process(config: dict, wrong: bool = False) -> dict[str, dict[str, torch.
     data = load_dataset(topology.data, topology.seed)
     models = {n: build_peer(topology, n, data.info) for n in PEERS}
     read = {n: taps(models[n], topology.peers[n].model, n in ("a", "b")) for n in PEERS}
-    optimizers = {n: torch.optim.SGD(models[n].parameters(), lr=0.05, momentum=0.9, weight_decay=0.0005) for n in PEERS}
-    schedules = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=2) for n in PEERS}
-    for epoch in (1, 2):
+    lr, epochs = config["train"]["optimizer"]["lr"], config["train"]["epochs"]
+    optimizers = {n: torch.optim.SGD(models[n].parameters(), lr=lr, momentum=0.9, weight_decay=0.0005) for n in PEERS}
+    schedules = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=epochs) for n in PEERS}
+    for epoch in range(1, epochs + 1):
         for model in models.values():
             model.train()
-        for inputs, labels in data.train_batches(60, topology.seed, epoch, sampler=topology.data.sampler):
+        for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch,
+                                                 sampler=topology.data.sampler):
             outputs = {}
             for n in PEERS:
                 logits = models[n](inputs)
@@ -114,7 +118,7 @@ def test_mcl_of_three_and_attention_train_through_ray_as_the_one_process_total(r
         for key, value in expected[n].items():
             torch.testing.assert_close(result.weights[n][key], value, rtol=1e-4, atol=1e-5, msg=f"{n}.{key}")
     # The same comparison, against the one-process training of a wrong decomposition, fails by far.
-    assert largest_gap(result.weights, one_process(COHORT, wrong=True)) > 100 * 1e-4
+    assert largest_gap(result.weights, one_process(COHORT, wrong=True)) > 1e-2
     # Each step, a peer sent its logits (10), its embedding (16) and, for an attention edge from it,
     # its 8x8 and 4x4 maps (80): rows padded to the widest (106 floats) for one all_gather.
     for n in PEERS:
