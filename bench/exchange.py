@@ -51,12 +51,25 @@ from cohort.worker.report import cohort_key, metric_key
 
 DEFAULT_OUT = REPO / "bench" / "results" / "exchange.json"
 DISPLAY_OUT = REPO / "bench" / "results" / "display.json"
+REPRESENTATIONS_OUT = REPO / "bench" / "results" / "representations.json"
 EXCHANGE_SHAPES = ((64, 10), (128, 100), (256, 1000))
 
 # Two equal peers (DML), and a big teacher with a small student (BD-KD), as in the KD literature.
 EQUAL = {"peers": {"net_a": {"model": "resnet20"}, "net_b": {"model": "resnet20"}},
          "edges": [{"from": "net_a", "to": "net_b", "loss": "kd", "temperature": 1.0},
                    {"from": "net_b", "to": "net_a", "loss": "kd", "temperature": 1.0}]}
+# The same pair exchanging logits (DML), embeddings (MCL) or attention maps (AT): docs/representations.md.
+EMBEDDED = {"model": "resnet20", "embedding": {"dim": 128}}
+BY_PAYLOAD = {
+    "logits": {"peers": {"net_a": {"model": "resnet20"}, "net_b": {"model": "resnet20"}},
+               "edges": EQUAL["edges"]},
+    "mcl": {"peers": {"net_a": EMBEDDED, "net_b": EMBEDDED},
+            "edges": [{"from": "net_a", "to": "net_b", "loss": "mcl", "reduce": "sum"},
+                      {"from": "net_b", "to": "net_a", "loss": "mcl", "reduce": "sum"}]},
+    "attention": {"peers": {"net_a": {"model": "resnet20"}, "net_b": {"model": "resnet20"}},
+                  "edges": [{"from": "net_a", "to": "net_b", "loss": "attention", "reduce": "sum"},
+                            {"from": "net_b", "to": "net_a", "loss": "attention", "reduce": "sum"}]},
+}
 UNEQUAL = {"peers": {"teacher": {"model": "resnet20"}, "student": {"model": "resnet8"}},
            "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
                      {"from": "student", "to": "teacher", "loss": "reverse_kd"}]}
@@ -78,10 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--display-only", action="store_true",
                         help="measure only the live display's cost: the cohort with rank 0's step counter off, "
                              "on, off, --rounds times")
+    parser.add_argument("--representations", action="store_true",
+                        help="measure only the step of a resnet20 pair exchanging embeddings (MCL) and attention "
+                             "maps (AT) against the same pair exchanging logits")
     parser.add_argument("--rounds", type=int, default=1, help="off/on/off triples of the live display's "
                                                               "measurement (default: %(default)s)")
     args = parser.parse_args(argv)
-    args.out = args.out or str(DISPLAY_OUT if args.display_only else DEFAULT_OUT)
+    if args.display_only and args.representations:
+        parser.error("--display-only and --representations are separate measurements: give one")
+    args.out = args.out or str(DISPLAY_OUT if args.display_only else REPRESENTATIONS_OUT if args.representations
+                               else DEFAULT_OUT)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.quick:
@@ -96,12 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 
-def bench_topology(name: str, peers_and_edges: dict, data: Path, epochs: int):
+def bench_topology(name: str, peers_and_edges: dict, data: Path, epochs: int, sampler: dict | None = None):
     from cohort.topology import topology_from_dict
 
     return topology_from_dict({
         "name": name, "seed": 0,
-        "data": {"dataset": "parquet", "root": str(data), "batch_size": 64, "eval_batch_size": TEST_IMAGES},
+        "data": {"dataset": "parquet", "root": str(data), "batch_size": 64, "eval_batch_size": TEST_IMAGES,
+                 "sampler": sampler},
         # A constant schedule keeps every epoch's work the same; one checkpoint, at the end.
         "train": {"epochs": epochs, "schedule": "constant", "checkpoint_every": epochs},
         **peers_and_edges,
@@ -497,6 +517,57 @@ def measure_display(args: argparse.Namespace, log: Callable[[str], None]) -> dic
             "machine": machine()}
 
 
+def measure_representations(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--representations``: the step of the same resnet20 pair exchanging logits, embeddings (MCL)
+    and attention maps (AT), one after the other and then the logits pair again (bracketed); every
+    batch drawn with 8 images of 8 classes, as MCL needs positives."""
+    from cohort.driver.cluster import start_ray
+    from cohort.driver.launch import make_plan
+    from cohort.driver.placement import peer_threads
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-representations-") as scratch:
+        folder = Path(scratch)
+        data = write_slice(Path(args.data).expanduser(), folder, args.steps * 64)
+        topologies = {name: bench_topology(f"bench-{name}", spec, data, args.repeats + 1, {"m_per_class": 8})
+                      for name, spec in BY_PAYLOAD.items()}
+        plan = make_plan(topologies["logits"], f"sqlite:///{folder}/plan.db", os.cpu_count() or 1)
+        threads = peer_threads(plan.compute, 1.0)
+        start_ray(None, verbose=False)
+        for name in ("logits", "mcl", "attention", "logits_after"):
+            topology = topologies[name.removesuffix("_after")]
+            log(f"the resnet20 pair exchanging {name.removesuffix('_after')}")
+            reports = cohort_in_process(topology, threads, folder)
+            results[name] = {**cohort_steps(topology, reports),
+                             "exchange_seconds": summarize([max(report[metric_key(peer, "exchange_seconds")]
+                                                                for peer in topology.peer_names)
+                                                            for report in reports[1:]]),
+                             "exchange_bytes": max(reports[-1][metric_key(peer, "exchange_bytes")]
+                                                   for peer in topology.peer_names)}
+    before, after = results["logits"], results.pop("logits_after")
+    # Bracketed: repeat by repeat, the mean of the runs just before and just after the others.
+    logits = {**summarize([(b + a) / 2 for b, a in zip(before["values"], after["values"])]),
+              "exchange_bytes": before["exchange_bytes"]}
+    return {"step_seconds": {**results, "logits": logits},
+            "step_ratio": {name: ratio(results[name], logits) for name in ("mcl", "attention")},
+            "setup": {"peers": "2 x resnet20", "batch": 64, "sampler": "8 images of 8 classes", "steps": args.steps,
+                      "repeats": args.repeats, "warmup_epochs": 1},
+            "machine": machine()}
+
+
+def representation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    steps = results["step_seconds"]
+    ms = lambda entry: f"{1000 * entry['median']:.0f} ms ({1000 * entry['min']:.0f}–{1000 * entry['max']:.0f})"  # noqa: E731
+    rows = [(f"step, 2 x resnet20 exchanging logits: {steps['logits']['exchange_bytes']:,.0f} bytes a step "
+             "(before and after the others)", ms(steps["logits"]), "")]
+    for name, title in (("mcl", "embeddings (MCL)"), ("attention", "attention maps (AT)")):
+        entry, share = steps[name], results["step_ratio"][name]
+        rows.append((f"step, the same pair exchanging {title}: {entry['exchange_bytes']:,.0f} bytes a step; "
+                     f"÷ logits", f"{ms(entry)}; {share['value']:.2f} ({share['min']:.2f}–{share['max']:.2f})",
+                     "(the method's cost)"))
+    return rows
+
+
 def machine() -> dict[str, Any]:
     import ray
     import torch
@@ -608,13 +679,15 @@ def main_command(args: argparse.Namespace) -> int:
               flush=True)
 
     started = time.perf_counter()
-    results = (measure_display if args.display_only else measure)(args, log)
+    results = (measure_display if args.display_only else measure_representations if args.representations
+               else measure)(args, log)
     results["setup"]["bench_seconds"] = time.perf_counter() - started
     results["machine"]["load_average_by_phase"] = loads
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(display_rows(results["live_display"])) if args.display_only else markdown(results))
+    print(table(display_rows(results["live_display"])) if args.display_only
+          else table(representation_rows(results)) if args.representations else markdown(results))
     log(f"done in {results['setup']['bench_seconds']:.0f} s; results in {out}")
     return 0
 

@@ -14,11 +14,13 @@ import torch
 from cohort.losses import (
     LOSSES,
     LossSpec,
+    attention,
     bdkd,
     dkd,
     get_loss,
     kd,
     ltkd,
+    mcl,
     register_loss,
     reverse_kd,
 )
@@ -171,17 +173,22 @@ def test_registry_contents():
             },
             ("groups",),
         ),
+        "mcl": ({"beta": 0.1, "gamma": 1.0, "lam": 1.0, "tau": 0.07, "temperature": 3.0}, ("target",)),
+        "attention": ({"beta": 1000.0}, ()),
     }
+    payloads = {"mcl": "embedding", "attention": "maps"}
     assert set(LOSSES) == set(expected)
-    functions = {"kd": kd, "reverse_kd": reverse_kd, "bdkd": bdkd, "dkd": dkd, "ltkd": ltkd}
+    functions = {"kd": kd, "reverse_kd": reverse_kd, "bdkd": bdkd, "dkd": dkd, "ltkd": ltkd, "mcl": mcl,
+                 "attention": attention}
     for name, (params, context) in expected.items():
         spec = get_loss(name)
         assert isinstance(spec, LossSpec)
-        assert (spec.name, spec.fn, spec.params, spec.context) == (
+        assert (spec.name, spec.fn, spec.params, spec.context, spec.payload) == (
             name,
             functions[name],
             params,
             context,
+            payloads.get(name, "logits"),
         )
 
 
@@ -507,11 +514,11 @@ def test_ltkd_rejects_bad_groups(batch, groups):
 # ---------------------------------------------------------------- batch statistics and replicas
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(name for name, spec in LOSSES.items() if spec.payload == "logits"))
 def test_every_loss_is_per_sample_unless_it_declares_batch_statistics(batch, name):
-    """A loss computed on two halves of a batch equals the whole batch's, or the loss takes its
+    """A logit loss computed on two halves of a batch equals the whole batch's, or the loss takes its
     statistics through ``batch`` (then replicas get the whole batch's): nothing breaks silently
-    under replicas."""
+    under replicas. (Losses of other payloads return a scalar: tests/test_representation_losses.py.)"""
     receiver, sender, target, groups = batch
     spec = get_loss(name)
     whole = call(name, receiver, sender, target, groups)

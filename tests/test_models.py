@@ -123,3 +123,20 @@ def test_torchvision_models_are_reachable():
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     assert not model_exists("torchvision:not_a_model")
+
+
+# timm models for 1000 classes: the exact counts, each against the figure published for it.
+TIMM_PARAMETERS_1000 = {
+    "resnet18": 11_689_512,  # torchvision's and timm's ResNet-18: 11,689,512 (11.69M)
+    "efficientnet_b0": 5_288_548,  # timm's model card: 5.3M; the paper (Tan & Le, 2019): 5.3M
+    "convnext_atto": 3_695_520,  # timm's model card: 3.7M
+    "vit_tiny_patch16_224": 5_717_416,  # timm's model card: 5.7M
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PARAMETERS_1000))
+def test_timm_parameter_counts(name):
+    pytest.importorskip("timm", reason="timm not installed: pip install 'cohort[timm]'")
+    assert model_exists(f"timm:{name}")
+    assert count_parameters(build_model(f"timm:{name}", num_classes=1000)) == TIMM_PARAMETERS_1000[name]
+    assert not model_exists("timm:not_a_model")

@@ -23,6 +23,8 @@ from cohort.config.schema import problem
 
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+# Parameters that divide (a softmax temperature, MCL's similarity scale τ): 0 is refused as well.
+POSITIVE_PARAMETERS = ("temperature", "tau")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def loss_parameter(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, (int, float)):
         if not finite_number(value):
             raise problem(f"must be a number, not {quoted(value)}", key)
-        if key == "temperature" and value <= 0:
+        if key in POSITIVE_PARAMETERS and value <= 0:
             raise problem(f"must be > 0, not {quoted(value)}", key)
         if value < 0:
             raise problem(f"must be >= 0, not {quoted(value)}", key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cohort.driver.launch import Plan
+from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, worker_grid
 from cohort.worker.report import ENSEMBLE, evaluated, metric_key
 
@@ -55,6 +56,7 @@ def describe_plan(plan: Plan) -> str:
         f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
         f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}"
+        + describe_sampler(topology)
         + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
@@ -88,6 +90,7 @@ def describe_plan(plan: Plan) -> str:
         "(GFLOPs: one step, per sample)"
         + "".join(f", {text}" for text in placement_constraints(resources)),
         f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
+        *describe_payload(plan),
         *describe_grid(topology),
         f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
     ]
@@ -156,3 +159,24 @@ def summary_table(plan: Plan, final: dict[str, Any]) -> str:
             row += f"{values[0]:>7.2f}{values[1]:>9.4f}{values[2]:>9.4f}"
         rows.append(row)
     return "\n".join(rows)
+
+
+def describe_payload(plan: Plan) -> list[str]:
+    """What each peer sends per step when representations travel (cohort.worker.payload)."""
+    layout = plan.payload
+    if layout is None:
+        return []
+    batch = plan.topology.data.batch_size
+    lines = [f"  exchanged per step (batch {batch}, one all_gather, rows padded to the widest peer's "
+             f"{layout.row} floats per image):"]
+    for peer, parts in layout.parts.items():
+        sent = ", ".join(f"{part.name} {part.width}" for part in parts)
+        lines.append(f"    {peer}: {sent} floats per image; {layout.bytes_per_image(peer) * batch / 1024:,.1f} KiB")
+    return lines
+
+
+def describe_sampler(topology: Topology) -> str:
+    sampler = topology.data.sampler
+    if sampler is None:
+        return ""
+    return f", each batch {topology.data.batch_size // sampler.m_per_class} classes x {sampler.m_per_class} images"

@@ -26,6 +26,7 @@ from cohort.datasets.registry import (
     refused_setting,
     register_dataset,
 )
+from cohort.datasets.sampling import check_sampler, class_balanced_batches
 
 # The built-in datasets first, in the order messages list them; then any other file of the package.
 from cohort.datasets import digits, cifar, parquet, folder  # noqa: E402,F401  isort: skip
@@ -37,4 +38,5 @@ __all__ = [
     "Batch", "CohortDataset", "DatasetInfo", "TensorSplits", "ImageArrays", "LongTailed", "DatasetSpec",
     "DATASETS", "DATASET_SETTINGS", "register_dataset", "load_dataset", "describe_dataset", "refused_setting",
     "batch_indices", "batch_seed", "epoch_order", "class_counts", "need_root", "long_tail_counts",
+    "class_balanced_batches", "check_sampler",
 ]

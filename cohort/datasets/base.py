@@ -11,10 +11,12 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cohort.config.errors import CohortError
+from cohort.datasets.sampling import class_balanced_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,11 +88,19 @@ class CohortDataset:
         return iter(())
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
-                      shards: int = 1) -> Iterator[Batch]:
-        """The epoch's whole batches (``shards``: how many replicas will split each of them)."""
-        order = epoch_order(self.info.train_size, seed, epoch)
-        plan = [(index, True, batch_seed(seed, epoch, number))
-                for number, index in enumerate(batch_indices(order, batch_size, shards))]
+                      shards: int = 1, sampler: Any = None) -> Iterator[Batch]:
+        """The epoch's whole batches (``shards``: how many replicas will split each of them).
+
+        ``sampler``: the topology's ``data.sampler`` (``cohort.topology.SamplerConfig``): with one,
+        class-balanced batches of exactly ``batch_size`` (``cohort.datasets.sampling``) drawn from
+        ``train_targets``, in the same index space as ``make_batch``'s training indices (what a long
+        tail or a validation split kept); each class's ``m`` images are contiguous in the batch.
+        """
+        if sampler is None:
+            indices = batch_indices(epoch_order(self.info.train_size, seed, epoch), batch_size, shards)
+        else:
+            indices = class_balanced_batches(self.train_targets, batch_size, sampler.m_per_class, seed, epoch)
+        plan = [(index, True, batch_seed(seed, epoch, number)) for number, index in enumerate(indices)]
         return self._serve(plan, num_workers)
 
     def test_batches(self, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:

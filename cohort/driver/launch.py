@@ -34,6 +34,8 @@ class Plan:
     dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
     # The peers' checkpoints as read here, {peer: state_dict}, sent to the workers the same way.
     weights: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # What each peer sends per step when more than logits travel (cohort.worker.payload), else None.
+    payload: Any = None
 
 
 def fetch_checkpoints(topology: Topology, tracking_uri: str):
@@ -74,10 +76,12 @@ def load_checkpoints(topology: Topology, tracking_uri: str) -> dict[str, Any]:
 
 def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.datasets import describe_dataset, load_dataset
+    from cohort.datasets.sampling import check_sampler
     from cohort.driver.placement import peer_threads, step_flops
     from cohort.models import count_parameters
     from cohort.tracking.tracker import resolve_uri
     from cohort.worker.peer import build_peer, cohort_groups
+    from cohort.worker.representations import check_representations
 
     uri = resolve_uri(tracking_uri or topology.tracking.uri)
     dataset = load_dataset(topology.data, topology.seed) if download else None
@@ -89,10 +93,12 @@ def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: floa
     parameters = {peer: count_parameters(model) for peer, model in models.items()}
     compute = {peer: step_flops(model, info.input_size, topology.peers[peer].frozen) if info.input_size
                else float(parameters[peer]) for peer, model in models.items()}
+    check_sampler(info, topology.data.batch_size, topology.data.sampler)
+    payload = check_representations(topology, models, info.input_size, info.num_classes)
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology=topology, info=info, groups=cohort_groups(topology, info), parameters=parameters,
                 cpus_per_peer=cpus, compute=compute, threads=peer_threads(compute, cpus), tracking_uri=uri,
-                dataset=dataset, weights=weights)
+                dataset=dataset, weights=weights, payload=payload)
 
 
 def cpus_per_peer(topology: Topology, available_cpus: float) -> float:

@@ -213,6 +213,10 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     seconds = time.perf_counter() - started
     display.summary(f"\ndone in {seconds:.0f}s\n")
     display.summary(summary_table(plan, final))
+    if plan.payload is not None:  # representations travelled: what each peer sent per step
+        display.summary("\nexchanged per step: " + ", ".join(
+            f"{peer} {final.get(metric_key(peer, 'exchange_bytes'), float('nan')):,.0f} bytes"
+            for peer in topology.peer_names) + " (docs/representations.md)")
     display.summary(f"\nMLflow run {tracker.run_id} in experiment {topology.experiment!r} at {plan.tracking_uri}")
     display.summary(f"  look at it with: mlflow ui --backend-store-uri {plan.tracking_uri}")
     if models:

@@ -3,11 +3,13 @@ docs/losses.md). Every module of this package is imported with it, so a new loss
 import importlib
 import pkgutil
 
+from .attention import attention
 from .bdkd import bdkd
 from .dkd import dkd
 from .kd import kd
 from .ltkd import ltkd
-from .registry import LOSSES, LossSpec, get_loss, register_loss
+from .mcl import mcl
+from .registry import LOSSES, PAYLOADS, LossSpec, get_loss, register_loss
 from .reverse_kd import reverse_kd
 
 for _module in pkgutil.iter_modules(__path__):
@@ -19,7 +21,10 @@ __all__ = [
     "bdkd",
     "dkd",
     "ltkd",
+    "mcl",
+    "attention",
     "LOSSES",
+    "PAYLOADS",
     "register_loss",
     "LossSpec",
     "get_loss",

@@ -1,7 +1,9 @@
-"""A peer's objective: its cross-entropy plus the distillation terms of the edges into it."""
+"""A peer's objective: its cross-entropy, its own representation term (MCL's VCL), and the
+distillation terms of the edges into it."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batch import WHOLE_BATCH, WholeBatch
+from .mcl import vcl
 from .registry import LOSSES
 
 if TYPE_CHECKING:
@@ -32,6 +35,32 @@ def edge_weights(edges: Sequence[Edge], epoch: int = 1) -> list[float]:
     return weights
 
 
+@dataclass(frozen=True)
+class Representations:
+    """What a peer's representation edges need besides logits.
+
+    ``embedding`` and ``stages``: the peer's own, live (its MCL embedding, its tapped stage
+    features); ``received``: each sender's exchanged parts by name (``cohort.worker.payload``:
+    ``"embedding"``, ``"maps-><receiver>"``), detached; ``vcl``: the weight and temperature of the
+    peer's own within-network contrastive term (MCL's α·C(S_ii)), or None.
+    """
+
+    receiver: str
+    embedding: Tensor | None = None
+    stages: Sequence[Tensor] = ()
+    received: Mapping[str, Mapping[str, Sequence[Tensor]]] = field(default_factory=dict)
+    vcl: tuple[float, float] | None = None
+
+
+NO_REPRESENTATIONS = Representations(receiver="")
+
+
+def maps_part(receiver: str) -> str:
+    """The name of the part a sender sends for its attention edges into ``receiver``: its maps at
+    the sizes matched with the receiver's (cohort.worker.payload)."""
+    return f"maps->{receiver}"
+
+
 def sender_logits(edge: Edge, peer_logits: Mapping[str, Tensor]) -> Tensor:
     """The sender's logits, detached; an ensemble sender is the mean of its peers' logits."""
     senders = [peer_logits[name] for name in edge.senders]
@@ -48,27 +77,49 @@ def peer_objective(
     groups: Tensor | None = None,
     batch: WholeBatch = WHOLE_BATCH,
     off: Collection[int] = (),
+    representations: Representations = NO_REPRESENTATIONS,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``ce_weight · CE + Σ_e weight_e · mean_batch(loss_e)``, and each term (unweighted) by name.
+    """``ce_weight · CE [+ α · VCL] + Σ_e weight_e · mean_batch(loss_e)``, and each term (unweighted) by name.
 
-    The terms are named ``ce`` and ``<edge.label>`` so that a non-finite value can be traced to
-    its source. ``batch``: how losses with batch statistics reduce over the batch (with replicas,
-    over the peer's replicas). ``off``: indices of edges a gate switched off for this step
+    The terms are named ``ce``, ``vcl`` and ``<edge.label>`` so that a non-finite value can be traced
+    to its source. Edges whose loss takes embeddings or maps (``LossSpec.payload``) read them from
+    ``representations``; their losses return the batch's value already. ``batch``: how losses with
+    batch statistics reduce over the batch (with replicas, over the peer's replicas). ``off``: indices of edges a gate switched off for this step
     (cohort.gates): they add nothing, and the others keep their weights.
     """
     context = {"target": labels, "groups": groups}
     terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
     total = ce_weight * terms["ce"]
+    if representations.vcl is not None:
+        weight, tau = representations.vcl
+        terms["vcl"] = vcl(representations.embedding, labels, tau)
+        total = total + weight * terms["vcl"]
     for index, (edge, weight) in enumerate(zip(edges, edge_weights(edges, epoch))):
         if index in off:
             continue
         spec = LOSSES[edge.loss]
+        if spec.payload != "logits" and representations.receiver != edge.to:
+            raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}: the receiver's "
+                             "representations are needed")
         needed = {name: context[name] for name in spec.context}
         if spec.batch_statistics:
             needed["batch"] = batch
         if needed.get("groups", 0) is None:
             raise ValueError(f"edge {edge.label} needs class groups, and none were given")
-        per_sample = spec.fn(receiver_logits, sender_logits(edge, peer_logits), **needed, **edge.params)
+        receiver, sender = edge_inputs(edge, spec.payload, receiver_logits, peer_logits, representations)
+        per_sample = spec.fn(receiver, sender, **needed, **edge.params)
         terms[edge.label] = per_sample.mean()
         total = total + weight * terms[edge.label]
     return total, terms
+
+
+def edge_inputs(edge: Edge, payload: str, receiver_logits: Tensor, peer_logits: Mapping[str, Tensor],
+                representations: Representations) -> tuple[object, object]:
+    """The receiver's own (live) and the sender's (exchanged) inputs of an edge's loss."""
+    if payload == "logits":
+        return receiver_logits, sender_logits(edge, peer_logits)
+    (sender,) = edge.senders
+    received = representations.received[sender]
+    if payload == "embedding":
+        return representations.embedding, received["embedding"][0]
+    return list(representations.stages), list(received[maps_part(edge.to)])

@@ -1,7 +1,10 @@
 """The model zoo: a name in a topology's ``peers.<name>.model`` resolves here.
 
 Builders are registered by decorator and called as ``builder(num_classes=..., in_channels=...)``.
-Any torchvision classification model is also available as ``torchvision:<name>``.
+Any torchvision classification model is also available as ``torchvision:<name>``, and with the
+optional timm (``pip install 'cohort[timm]'``) any timm model as ``timm:<name>``. A model's taps
+(its penultimate feature and its stages) are in cohort.models.taps, the heads a method attaches
+to a peer's network in cohort.models.heads.
 """
 # Registration happens on import of each family's module.
 from cohort.models import (
@@ -13,16 +16,21 @@ from cohort.models import (
                                     wrn,  # noqa: E402,F401
 )
 from cohort.models.registry import (
+                                    MODEL_STAGES,
                                     MODELS,
+                                    TIMM_PREFIX,
                                     TORCHVISION_PREFIX,
                                     build_model,
                                     count_parameters,
+                                    declared_stages,
                                     init_weights,
                                     known_models,
                                     model_exists,
                                     model_options,
                                     register_model,
+                                    unknown_model,
 )
 
-__all__ = ["MODELS", "TORCHVISION_PREFIX", "build_model", "count_parameters", "init_weights", "known_models",
-           "model_exists", "model_options", "register_model"]
+__all__ = ["MODELS", "MODEL_STAGES", "TIMM_PREFIX", "TORCHVISION_PREFIX", "build_model", "count_parameters",
+           "declared_stages", "init_weights", "known_models", "model_exists", "model_options", "register_model",
+           "unknown_model"]

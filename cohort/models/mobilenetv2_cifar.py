@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from cohort.models.registry import init_weights, register_model
+from cohort.models.taps import resolution_ends
 
 EXPANSION = 6
 # (expansion, output channels at width 1, blocks, stride of the first block) for each stage.
@@ -52,6 +53,12 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The last module at each resolution after the stride-2 stem (16, 8, 4 and 2 pixels on a 32x32
+    input: the last block at each of the first three, the final 1x1 convolution's ReLU)."""
+    return resolution_ends(model.features, "features")
+
+
 class CifarMobileNetV2(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0):
         super().__init__()
@@ -77,12 +84,12 @@ class CifarMobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("mobilenetv2")
+@register_model("mobilenetv2", stages=stage_names)
 def mobilenetv2(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     """``width`` multiplies every channel count except the 1280-wide head (which only grows)."""
     return CifarMobileNetV2(num_classes, in_channels, width)
 
 
-@register_model("mobilenetv2_half")
+@register_model("mobilenetv2_half", stages=stage_names)
 def mobilenetv2_half(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarMobileNetV2(num_classes, in_channels, width=0.5)

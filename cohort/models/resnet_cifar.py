@@ -18,6 +18,8 @@ from cohort.models.registry import init_weights, register_model
 # Stem width followed by the three stage widths.
 NARROW = (16, 16, 32, 64)
 WIDE_X4 = (32, 64, 128, 256)
+# The three stages (32, 16 and 8 pixels on a 32x32 input), tapped by attention transfer.
+STAGE_NAMES = ("layer1", "layer2", "layer3")
 
 
 class BasicBlock(nn.Module):
@@ -72,46 +74,46 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@register_model("resnet8")
+@register_model("resnet8", stages=STAGE_NAMES)
 def resnet8(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(8, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet14")
+@register_model("resnet14", stages=STAGE_NAMES)
 def resnet14(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(14, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet20")
+@register_model("resnet20", stages=STAGE_NAMES)
 def resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(20, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet32")
+@register_model("resnet32", stages=STAGE_NAMES)
 def resnet32(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(32, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet44")
+@register_model("resnet44", stages=STAGE_NAMES)
 def resnet44(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(44, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet56")
+@register_model("resnet56", stages=STAGE_NAMES)
 def resnet56(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(56, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet110")
+@register_model("resnet110", stages=STAGE_NAMES)
 def resnet110(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(110, NARROW, num_classes, in_channels)
 
 
-@register_model("resnet8x4")
+@register_model("resnet8x4", stages=STAGE_NAMES)
 def resnet8x4(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(8, WIDE_X4, num_classes, in_channels)
 
 
-@register_model("resnet32x4")
+@register_model("resnet32x4", stages=STAGE_NAMES)
 def resnet32x4(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarResNet(32, WIDE_X4, num_classes, in_channels)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from cohort.models.registry import register_model
+from cohort.models.taps import resolution_ends
 
 # Stage widths and the width of the final 1x1 convolution, per the paper's Table 5. For 2x the
 # reference CIFAR code has 224 in the first stage, a slip for the paper's 244 (which torchvision
@@ -82,6 +83,12 @@ class DownUnit(nn.Module):
         return _shuffle(torch.cat([self.left(x), self.right(x)], 1))
 
 
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The end of each of the three stages (16, 8 and 4 pixels on a 32x32 input; the last one's
+    end is the final 1x1 convolution's ReLU). The 32x32 resolution holds only the 1x1 stem."""
+    return resolution_ends(model.features, "features")[1:]
+
+
 class CifarShuffleNetV2(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, net_size: float = 1.0):
         super().__init__()
@@ -104,7 +111,7 @@ class CifarShuffleNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("shufflenetv2")
+@register_model("shufflenetv2", stages=stage_names)
 def shufflenetv2(num_classes: int, in_channels: int = 3, net_size: float = 1.0) -> nn.Module:
     """``net_size`` picks the paper's width: 0.5, 1, 1.5 or 2 (the "x" in ShuffleNetV2 1x)."""
     return CifarShuffleNetV2(num_classes, in_channels, net_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cohort.models.registry import register_model
+from cohort.models.taps import resolution_ends
 
 
 def _dropout(p: float) -> list[nn.Module]:
@@ -58,11 +59,12 @@ def mlp(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Modu
     return _mlp(in_channels * 64, 128, num_classes, dropout)
 
 
-@register_model("cnn_small")
+# The CNNs' stages: the ReLU ending each resolution (8x8 and 4x4 on digits).
+@register_model("cnn_small", stages=resolution_ends)
 def cnn_small(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
     return _cnn(in_channels, (16, 32), num_classes, dropout)
 
 
-@register_model("cnn_medium")
+@register_model("cnn_medium", stages=resolution_ends)
 def cnn_medium(num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
     return _cnn(in_channels, (32, 64), num_classes, dropout)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from cohort.models.registry import init_weights, register_model
+from cohort.models.taps import resolution_ends
 
 # Output channels of the convolutions in each of the five stages.
 STAGES = {
@@ -17,6 +18,12 @@ STAGES = {
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
     "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
 }
+
+
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The ReLU ending each resolution (32, 16, 8 and 4 pixels on a 32x32 input: the last two
+    stages share the 4x4 one)."""
+    return resolution_ends(model.features, "features")
 
 
 class CifarVGG(nn.Module):
@@ -45,16 +52,16 @@ class CifarVGG(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("vgg8")
+@register_model("vgg8", stages=stage_names)
 def vgg8(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarVGG(STAGES["vgg8"], num_classes, in_channels)
 
 
-@register_model("vgg11")
+@register_model("vgg11", stages=stage_names)
 def vgg11(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarVGG(STAGES["vgg11"], num_classes, in_channels)
 
 
-@register_model("vgg13")
+@register_model("vgg13", stages=stage_names)
 def vgg13(num_classes: int, in_channels: int = 3) -> nn.Module:
     return CifarVGG(STAGES["vgg13"], num_classes, in_channels)

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 from cohort.models.registry import init_weights, register_model
 
+# The three groups' outputs (32, 16 and 8 pixels on a 32x32 input; before the final BN-ReLU, as
+# Zagoruyko & Komodakis's attention transfer taps them).
+STAGE_NAMES = ("block1", "block2", "block3")
+
 
 class WideBlock(nn.Module):
     """Pre-activation block: (BN-ReLU-conv) twice, with a 1x1 projection when the shape changes."""
@@ -69,31 +73,31 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@register_model("wrn_16_1")
+@register_model("wrn_16_1", stages=STAGE_NAMES)
 def wrn_16_1(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(16, 1, num_classes, in_channels, dropout)
 
 
-@register_model("wrn_16_2")
+@register_model("wrn_16_2", stages=STAGE_NAMES)
 def wrn_16_2(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(16, 2, num_classes, in_channels, dropout)
 
 
-@register_model("wrn_16_4")
+@register_model("wrn_16_4", stages=STAGE_NAMES)
 def wrn_16_4(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(16, 4, num_classes, in_channels, dropout)
 
 
-@register_model("wrn_16_8")
+@register_model("wrn_16_8", stages=STAGE_NAMES)
 def wrn_16_8(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(16, 8, num_classes, in_channels, dropout)
 
 
-@register_model("wrn_40_1")
+@register_model("wrn_40_1", stages=STAGE_NAMES)
 def wrn_40_1(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(40, 1, num_classes, in_channels, dropout)
 
 
-@register_model("wrn_40_2")
+@register_model("wrn_40_2", stages=STAGE_NAMES)
 def wrn_40_2(num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
     return WideResNet(40, 2, num_classes, in_channels, dropout)

@@ -20,8 +20,8 @@ from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
-from cohort.models import known_models, model_exists, model_options
-from cohort.topology.edges import EDGE_FIELDS, Edge
+from cohort.models import model_exists, model_options, unknown_model
+from cohort.topology.edges import EDGE_FIELDS, Edge, EnsembleSource
 
 PEER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_PEER_NAMES = {"ensemble", "cohort"}
@@ -34,6 +34,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 class LongTailConfig(Strict):
     imbalance: Number = Field(ge=1, description="n_max / n_min of the training set")
     profile: Literal["exponential", "step"] = "exponential"
+
+
+class SamplerConfig(Strict):
+    """Class-balanced batches (cohort.datasets.sampling): ``batch_size / m_per_class`` classes,
+    ``m_per_class`` images of each, in every batch (MCL's batches: every image has a positive)."""
+
+    m_per_class: Int = Field(ge=2, description="images of each class drawn into a batch")
 
 
 class DataConfig(Strict):
@@ -49,6 +56,7 @@ class DataConfig(Strict):
         None, description="class groups for ltkd edges and per-group metrics (default: thirds when long-tailed)")
     val_fraction: Number = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
                                                               "the validation split (0: none)")
+    sampler: SamplerConfig | None = Field(None, description="class-balanced batches (default: a shuffled epoch)")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> DataConfig:
@@ -57,6 +65,13 @@ class DataConfig(Strict):
         if refused is not None:
             setting, reason = refused
             raise problem(reason, setting)
+        return self
+
+    @model_validator(mode="after")
+    def _batches_fit_the_sampler(self) -> DataConfig:
+        if self.sampler is not None and self.batch_size % self.sampler.m_per_class:
+            raise problem(f"batch_size {self.batch_size} is not a multiple of m_per_class {self.sampler.m_per_class}",
+                          "sampler.m_per_class")
         return self
 
     @field_validator("dataset")
@@ -129,6 +144,32 @@ class TrainConfig(Strict):
 # --------------------------------------------------------------------------- peers and edges
 
 
+class EmbeddingConfig(Strict):
+    """MCL's embedding head, which the peer owns: Linear → ReLU → Linear → L2 norm over its
+    penultimate feature (built with the peer, trained by its optimizer, saved with it)."""
+
+    dim: Int = Field(128, ge=1, description="the embedding's size D (MCL: 128)")
+    vcl: Number = Field(0.1, ge=0, description="α, the weight of the peer's own contrastive term C(S_ii) (MCL: 0.1; "
+                                               "0: none)")
+    tau: Number = Field(0.07, gt=0, description="the temperature τ of that term's similarities (MCL: 0.07)")
+
+
+class TapsConfig(Strict):
+    """Where a peer's network is tapped (cohort.models.taps), overriding what its model declares."""
+
+    penultimate: str | None = Field(None, min_length=1, description="the classifier (an nn.Linear) whose input is "
+                                                                    "the penultimate feature (default: the model's)")
+    stages: tuple[str, ...] | None = Field(None, description="modules whose outputs are the stages, in forward "
+                                                             "order (default: those the model declares)")
+
+    @field_validator("stages")
+    @classmethod
+    def _named_stages(cls, stages: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if stages is not None and (not all(stages) or len(set(stages)) != len(stages)):
+            raise problem(f"module names, each once, not {quoted(list(stages))}")
+        return stages
+
+
 class PeerConfig(Strict):
     model: str
     model_args: dict[str, bool | int | float | str] = {}
@@ -140,12 +181,16 @@ class PeerConfig(Strict):
                                                    "(all-reduced within the peer's replicas); false: per shard")
     init_seed: Int | str | None = Field(None, description="the key of the peer's initial weights (default: "
                                                                "its name): same key, model and seed, same weights")
+    embedding: EmbeddingConfig | None = Field(None, description="an embedding head on the penultimate feature, for "
+                                                                "mcl edges (docs/representations.md)")
+    taps: TapsConfig | None = Field(None, description="where the peer's network is tapped for representations "
+                                                      "(penultimate classifier, stages): default the model's own")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
         if not model_exists(name):
-            raise problem(unknown("model", name, known_models(), sort=False))
+            raise problem(unknown_model(name))
         return name
 
     @model_validator(mode="after")
@@ -235,6 +280,34 @@ class Topology(Strict):
                 raise problem(f"a peer cannot distill from itself ({quoted(edge.to)})", f"edges[{index}]")
             if self.peers[edge.to].frozen:
                 raise problem(f"peer {quoted(edge.to)} is frozen and cannot receive an edge", f"edges[{index}].to")
+        return self
+
+    @model_validator(mode="after")
+    def _representation_edges_fit(self) -> Topology:
+        for index, edge in enumerate(self.edges):
+            payload = LOSSES[edge.loss].payload
+            if payload == "logits":
+                continue
+            if isinstance(edge.source, EnsembleSource):
+                raise problem(f"loss {quoted(edge.loss)} exchanges {payload}, which are not averaged: one peer per edge",
+                              f"edges[{index}].from")
+            if payload == "embedding":
+                for peer in (edge.senders[0], edge.to):
+                    if self.peers[peer].embedding is None:
+                        raise problem(f"loss {quoted(edge.loss)} contrasts embeddings: peer {quoted(peer)} needs an "
+                                      f"embedding head (peers.{peer}.embedding: {{dim: 128}})", f"edges[{index}]")
+                dims = {peer: self.peers[peer].embedding.dim for peer in (edge.senders[0], edge.to)}
+                if len(set(dims.values())) > 1:
+                    raise problem("the two peers' embeddings differ in size ("
+                                  + ", ".join(f"{peer} {dim}" for peer, dim in dims.items()) + ")", f"edges[{index}]")
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_without_replicas(self) -> Topology:
+        for name, peer in self.peers.items():
+            if peer.embedding is not None and peer.replicas > 1:
+                raise problem("MCL's similarities span the whole batch: peers with an embedding head train "
+                              "without replicas (replicas: 1)", f"peers.{name}.embedding")
         return self
 
     @model_validator(mode="after")

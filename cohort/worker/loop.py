@@ -22,7 +22,7 @@ from cohort.config.errors import CohortError
 from cohort.datasets import CohortDataset, load_dataset
 from cohort.gates.decision import Gating, StepDecision
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
-from cohort.losses.combine import peer_objective
+from cohort.losses.combine import NO_REPRESENTATIONS, Representations, peer_objective
 from cohort.metrics import reliability
 from cohort.metrics import scores as metrics
 from cohort.metrics.temperature import log_probs_of, scaled_metrics, validation_metrics
@@ -58,6 +58,7 @@ from cohort.worker.report import (
     metric_groups,
     peer_epoch_metrics,
 )
+from cohort.worker.representations import PeerTaps, peer_taps
 from cohort.worker.syncbn import sync_batch_norm
 from cohort.worker.ticker import StepTicker, epoch_steps, queue_sender
 
@@ -86,6 +87,7 @@ class PeerStep:
     batch: WholeBatch = WHOLE_BATCH  # batch statistics of losses: over the peer's replicas when it has them
     gating: Gating | None = None  # the topology's gates (every worker decides every step alike), if any
     ticker: StepTicker | None = None  # rank 0's step counter for the driver's display (cohort.run only)
+    taps: PeerTaps | None = None  # the peer's representations and what it sends, when more than logits travel
 
 
 def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
@@ -97,7 +99,8 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         run.ticker.begin(epoch)
     step_started = (time.perf_counter(), time.process_time())
     for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
-                                                                     topology.data.num_workers, shards)):
+                                                                     topology.data.num_workers, shards,
+                                                                     sampler=topology.data.sampler)):
         batch_size = len(labels)
         start, stop = shard_bounds(batch_size, shards, run.shard)
         # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
@@ -107,10 +110,12 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
                                                                                                      non_blocking=True)
         with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, run.device):
             own_logits = run.model(inputs)
+            embedding, stages = run.taps.own() if run.taps is not None else (None, [])
         own_logits = own_logits.float()
         exchange_started = time.perf_counter()
-        peer_logits = run.exchange(own_logits)
+        peer_logits, representations, sent = exchange_step(run, own_logits, embedding, stages)
         stats.exchange_seconds.append(time.perf_counter() - exchange_started)
+        stats.exchange_bytes.append(sent.numel() * sent.element_size())
         decision = run.gating(peer_logits, labels) if run.gating is not None else None
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
@@ -118,7 +123,7 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
             hold(run, own_logits)
             stats.add(float(nn.functional.cross_entropy(own_logits.detach(), labels)), own_logits.detach(), labels)
         else:
-            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision)
+            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision, representations)
             stats.add(loss, own_logits.detach(), labels)
         if decision is not None and not frozen:
             stats.count_gates(run.peer, decision, run.gating.gates)
@@ -130,6 +135,18 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     return stats
 
 
+def exchange_step(run: PeerStep, own_logits: torch.Tensor, embedding: torch.Tensor | None,
+                  stages: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], Representations, torch.Tensor]:
+    """One collective: every peer's logits, this peer's representation inputs, and what it sent."""
+    if run.taps is None:
+        return run.exchange(own_logits), NO_REPRESENTATIONS, own_logits
+    embedding = embedding.float() if embedding is not None else None
+    stages = [stage.float() for stage in stages]
+    sent = run.taps.layout.pack(run.peer, run.taps.outgoing(own_logits, embedding, stages))
+    peer_logits, representations = run.taps.received(run.exchange(sent), embedding, stages)
+    return peer_logits, representations, sent
+
+
 def hold(run: PeerStep, own_logits: torch.Tensor) -> None:
     """A paused step (cohort.gates): no optimizer step at all, so no weight decay and no momentum;
     the forward ran in training mode. A DDP forward waits for its backward: with replicas a zero
@@ -139,14 +156,15 @@ def hold(run: PeerStep, own_logits: torch.Tensor) -> None:
 
 
 def optimize(run: PeerStep, own_logits: torch.Tensor, labels: torch.Tensor, peer_logits: dict[str, torch.Tensor],
-             epoch: int, step: int, batch_size: int, decision: StepDecision | None = None) -> float:
+             epoch: int, step: int, batch_size: int, decision: StepDecision | None = None,
+             representations: Representations = NO_REPRESENTATIONS) -> float:
     """The peer's loss (without the edges the step's gates switched off), backward and optimizer
     step; the loss's value."""
     topology, peer, scaler, optimizer = run.topology, run.peer, run.scaler, run.optimizer
     edges = topology.incoming_edges(peer)
     off = decision.edges_off(peer, edges) if decision is not None else ()
     loss, terms = peer_objective(own_logits, labels, edges, peer_logits,
-                                 topology.train.ce_weight, epoch, run.groups, run.batch, off)
+                                 topology.train.ce_weight, epoch, run.groups, run.batch, off, representations)
     if not torch.isfinite(loss):
         bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
         raise NonFiniteLoss(f"peer {peer!r}: non-finite loss at epoch {epoch}, step {step} (term: {bad})")
@@ -268,6 +286,7 @@ class WorkerState:
     history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports so far, kept in its checkpoints
     first_epoch: int = 1
     gating: Gating | None = None  # the topology's gates, if any (their state is in the checkpoints)
+    taps: PeerTaps | None = None  # the peer's representations, when the cohort exchanges more than logits
 
     @property
     def frozen(self) -> bool:
@@ -320,6 +339,7 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
     # reduces over the shards: every peer's group gets the same sums).
     gating = Gating(topology.gates, ReplicaBatch(peer_group, backend.host_copies) if peer_group is not None
                     else WHOLE_BATCH) if topology.gates else None
+    taps = peer_taps(topology, peer, net, data.info.input_size, data.info.num_classes, exchange.gather_objects)
     startup["model_built"] = time.time()
     return WorkerState(
         topology=topology, rank=rank, peer=peer, shard=slot.shard, device=device, data=data, net=net,
@@ -327,7 +347,7 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
         groups=grouping[0].to(device) if grouping else None, metric_groups=metric_groups(topology, grouping),
         host_copies=backend.host_copies, workers=workers, progress=config.get("progress"),
         objective=MetricExpression(config["objective"]) if config.get("objective") else None, startup=startup,
-        gating=gating)
+        gating=gating, taps=taps)
 
 
 def restore(worker: WorkerState, checkpoint) -> None:
@@ -368,12 +388,13 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
     if live_steps and worker.rank == 0 and worker.progress is not None:
         topology = worker.topology
         ticker = StepTicker(queue_sender(worker.progress),
-                            epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas))
+                            epoch_steps(worker.data.info.train_size, topology.data.batch_size, topology.replicas,
+                                        whole_batches=topology.data.sampler is not None))
     return PeerStep(topology=worker.topology, peer=worker.peer, model=model, optimizer=worker.optimizer,
                     exchange=worker.exchange, guard=worker.guard, groups=worker.groups, device=device,
                     shard=worker.shard, scaler=worker.scaler,
                     batch=ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
-                    gating=worker.gating, ticker=ticker)
+                    gating=worker.gating, ticker=ticker, taps=worker.taps)
 
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:

@@ -15,8 +15,11 @@ from cohort.datasets import DatasetInfo
 from cohort.losses import LOSSES
 from cohort.metrics import scores as metrics
 from cohort.models import build_model
+from cohort.models.heads import EmbeddingHead, attach_heads
+from cohort.models.taps import resolve_taps
 from cohort.topology import OptimizerConfig, Topology
 from cohort.worker.checkpoint import load_tensors
+from cohort.worker.payload import EMBEDDING
 
 
 def peer_seed(topology: Topology, peer: str) -> int:
@@ -32,8 +35,8 @@ def peer_seed(topology: Topology, peer: str) -> int:
 
 def build_peer(topology: Topology, peer: str, info: DatasetInfo,
                weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The peer's network, initialized from its seed, or given its checkpoint's weights if it has
-    one: ``weights``, the state_dict the driver read from the checkpoint (and sent through Ray's
+    """The peer's network (with the heads it owns: MCL's embedding head), initialized from its
+    seed, or given its checkpoint's weights if it has one: ``weights``, the state_dict the driver read from the checkpoint (and sent through Ray's
     object store), else read here from the checkpoint's path. Either way checked against the model."""
     torch.manual_seed(peer_seed(topology, peer))
     config = topology.peers[peer]
@@ -42,6 +45,10 @@ def build_peer(topology: Topology, peer: str, info: DatasetInfo,
                             **config.model_args)
     except (TypeError, ValueError) as error:
         raise CohortError(f"cannot build {config.model!r}: {error}", f"peers.{peer}.model") from None
+    if config.embedding is not None:
+        # MCL's head belongs to the peer: part of its network, its optimizer, checkpoints and logged model.
+        taps = resolve_taps(model, config.model, config.taps, peer=peer)
+        attach_heads(model, {EMBEDDING: EmbeddingHead(taps.feature_size, config.embedding.dim)})
     if config.checkpoint:
         where = f"peers.{peer}.checkpoint"
         state = read_weights(config.checkpoint, where) if weights is None else weights

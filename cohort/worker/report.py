@@ -76,6 +76,8 @@ class EpochStats:
     # it (as teacher) the steps in which the gate fired, by metric name; None without gates.
     paused_steps: int | None = None
     gate_steps: dict[str, int] = field(default_factory=dict)
+    # Bytes this peer put into each step's exchange (logits, and the representations edges need).
+    exchange_bytes: list[int] = field(default_factory=list)
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -93,7 +95,7 @@ class EpochStats:
     def summary(self) -> dict[str, float]:
         summary = {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
                    "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
-                   "step_cpu_seconds": _median(self.step_cpu_seconds)}
+                   "step_cpu_seconds": _median(self.step_cpu_seconds), "exchange_bytes": _median(self.exchange_bytes)}
         if self.paused_steps is not None:
             summary["paused"] = self.paused_steps / max(self.steps, 1)
             summary.update((key, count / max(self.steps, 1)) for key, count in self.gate_steps.items())
@@ -111,10 +113,12 @@ class EpochStats:
         """A peer's epoch over all its replicas' shards (its timings: the first replica's)."""
         first = replicas[0]
         # The replicas of a peer take the same gate decisions: the first's counts are everyone's.
-        return cls(sum(r.loss_sum for r in replicas), sum(r.correct for r in replicas),
-                   sum(r.seen for r in replicas), max(r.steps for r in replicas), first.step_seconds,
-                   first.exchange_seconds, first.step_cpu_seconds, first.first_step_at, first.paused_steps,
-                   dict(first.gate_steps))
+        return cls(loss_sum=sum(r.loss_sum for r in replicas), correct=sum(r.correct for r in replicas),
+                   seen=sum(r.seen for r in replicas), steps=max(r.steps for r in replicas),
+                   step_seconds=first.step_seconds, exchange_seconds=first.exchange_seconds,
+                   step_cpu_seconds=first.step_cpu_seconds, first_step_at=first.first_step_at,
+                   paused_steps=first.paused_steps, gate_steps=dict(first.gate_steps),
+                   exchange_bytes=first.exchange_bytes)
 
 
 def _median(values: list[float]) -> float:

@@ -23,9 +23,12 @@ def is_step(message: dict[str, Any]) -> bool:
     return STEP in message and "epoch" not in message
 
 
-def epoch_steps(train_size: int, batch_size: int, shards: int = 1) -> int:
+def epoch_steps(train_size: int, batch_size: int, shards: int = 1, whole_batches: bool = False) -> int:
     """How many steps an epoch has (cohort.datasets.base.batch_indices: a too-small last batch
-    is folded into the one before)."""
+    is folded into the one before; ``whole_batches``: a class-balanced sampler's epoch, whole
+    batches only, cohort.datasets.sampling)."""
+    if whole_batches:
+        return train_size // batch_size
     steps = -(-train_size // batch_size)
     last = train_size - (steps - 1) * batch_size
     return steps - 1 if steps > 1 and last < max(2, shards) else steps
