@@ -13,9 +13,21 @@ collects them.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+from cohort.driver.cluster import driver_environment
+
+# Every Ray the tests start (the fixtures here and in the test modules, and the commands they run
+# in subprocesses) runs as a command's own Ray does (cohort.driver.cluster.driver_environment): Ray
+# Train's controller polling every 0.5 s instead of 2 s, workers at a plain priority, no preemption
+# watcher. Ray Train's metrics stay as Ray has them (a dashboard's Ray uses them); the fixture below
+# turns them off for its Ray, as a command does without a dashboard.
+RAY_TRAIN_METRICS = "RAY_TRAIN_METRICS_ENABLED"
+for _key, _value in driver_environment(None, dashboard=True, stdout_is_terminal=False).items():
+    os.environ.setdefault(_key, _value)
 
 # Fixtures that start Ray, here or in a test module (a module's own may differ, e.g. test_tune.py's
 # Ray with a dashboard; it keeps the name).
@@ -27,7 +39,13 @@ def ray_cluster():
     """A Ray of 2 CPUs on this machine, started once per test module and shut down after it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    before = os.environ.get(RAY_TRAIN_METRICS)
+    os.environ.setdefault(RAY_TRAIN_METRICS, "0")
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    finally:
+        if before is None:
+            os.environ.pop(RAY_TRAIN_METRICS, None)
     yield ray
     ray.shutdown()
 
