@@ -66,10 +66,16 @@ def expected_fingerprint(topology) -> int:
 
 @pytest.mark.ray
 def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
+    """Through the Python API, which ``python -m cohort.run`` calls (docs/python-api.md): what the
+    run prints, what MLflow holds, and the result ``cohort.train`` gives back."""
+    import cohort
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_topology(tmp_path, THREE_PEERS)
-    assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray"),
-                 "--register", "student_a=digits-student", "--register", "ensemble=digits-ensemble"]) == 0
+    with pytest.raises(cohort.CohortError, match="train.epochs"):
+        cohort.load_topology(path, overrides={"train.epochs": 0})
+    result = cohort.train(cohort.load_topology(path), tracking_uri=uri, storage=str(tmp_path / "ray"),
+                          register={"student_a": "digits-student", "ensemble": "digits-ensemble"}, display="log")
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "top-1" in out
     assert "registered student_a as 'digits-student' version 1;" in out
@@ -78,6 +84,19 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     client, run = finished_run(uri, "e2e-three")
     assert run.info.status == "FINISHED"
     peers = ["teacher", "student_a", "student_b"]
+    # The API's result: the run, its final metrics, each peer's trained module.
+    assert result.run_id == run.info.run_id and result.peers == tuple(peers) and result.tracking_uri == uri
+    assert result.metrics["epoch"] == 2
+    for key in ("student_a/acc", "student_a/ece", "ensemble/nll"):
+        assert result.metrics[key] == pytest.approx(run.data.metrics[key])
+    model = result.model("student_a")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    test_data = load_dataset(DataConfig())
+    with torch.no_grad():
+        accuracy = (model(test_data.test_x).argmax(dim=1) == test_data.test_y).float().mean().item()
+    assert accuracy == pytest.approx(result.metrics["student_a/acc"])
+    with pytest.raises(cohort.CohortError, match="unknown peer"):
+        result.model("nobody")
     for peer in peers + ["ensemble"]:
         for metric in ("acc", "ece", "nll", "brier", "entropy"):
             history = client.get_metric_history(run.info.run_id, f"{peer}/{metric}")
@@ -477,32 +496,3 @@ def test_validation_split_and_temperature_scaling(ray_cluster, tmp_path, capsys)
     assert "--severity" in capsys.readouterr().err
 
 
-@pytest.mark.ray
-def test_the_python_api_trains_a_cohort_and_gives_back_its_result(ray_cluster, tmp_path, monkeypatch):
-    """cohort.load_topology and cohort.train, as a notebook uses them (docs/python-api.md): the result's
-    run id is the MLflow run, its metrics the run's, each peer's module scores the run's accuracy."""
-    import mlflow
-
-    import cohort
-
-    monkeypatch.chdir(tmp_path)
-    repo = Path(__file__).resolve().parents[1]
-    topology = cohort.load_topology(repo / "topologies" / "three_peers.yaml", overrides={"train.epochs": 1})
-    with pytest.raises(cohort.CohortError, match="train.epochs"):
-        cohort.load_topology(repo / "topologies" / "three_peers.yaml", overrides={"train.epochs": 0})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = cohort.train(topology, tracking_uri=uri, storage=str(tmp_path / "ray"), display="quiet")
-
-    assert result.peers == ("teacher", "student_a", "student_b") and result.tracking_uri == uri
-    run = mlflow.tracking.MlflowClient(uri).get_run(result.run_id)
-    assert run.info.status == "FINISHED" and result.metrics["epoch"] == 1
-    for key in ("student_a/acc", "student_a/ece", "ensemble/nll"):
-        assert result.metrics[key] == pytest.approx(run.data.metrics[key])
-    data = load_dataset(topology.data)
-    model = result.model("student_a")
-    assert isinstance(model, torch.nn.Module) and not model.training
-    with torch.no_grad():
-        accuracy = (model(data.test_x).argmax(dim=1) == data.test_y).float().mean().item()
-    assert accuracy == pytest.approx(result.metrics["student_a/acc"])
-    with pytest.raises(cohort.CohortError, match="unknown peer"):
-        result.model("nobody")
