@@ -68,3 +68,23 @@ def test_display_only_refuses_missing_data_before_starting_anything(tmp_path, ca
     assert main(["--display-only", "--data", str(missing), "--quick", "--out", str(tmp_path / "d.json")]) == 2
     assert capsys.readouterr().err.strip().startswith(f"{missing}: no such file")
     assert not (tmp_path / "d.json").exists()
+
+
+def test_the_representations_row_shows_each_methods_bytes_and_its_step_against_logits():
+    from bench.exchange import representation_rows
+
+    entry = lambda median, sent: {"median": median, "min": median, "max": median, "exchange_bytes": sent}  # noqa: E731
+    results = {"step_seconds": {"logits": entry(0.1, 5120), "mcl": entry(0.12, 70656), "attention": entry(0.15, 1.0e6)},
+               "step_ratio": {"mcl": {"value": 1.2, "min": 1.1, "max": 1.3},
+                              "attention": {"value": 1.5, "min": 1.4, "max": 1.6}}}
+    logits, mcl, attention = representation_rows(results)
+    assert "5,120 bytes a step" in logits[0] and logits[1] == "100 ms (100–100)"
+    assert "embeddings (MCL): 70,656 bytes a step" in mcl[0] and mcl[1] == "120 ms (120–120); 1.20 (1.10–1.30)"
+    assert "attention maps (AT): 1,000,000 bytes" in attention[0]
+
+
+def test_representations_refuse_missing_data_before_starting_anything(tmp_path, capsys):
+    missing = tmp_path / "nowhere.parquet"
+    assert main(["--representations", "--data", str(missing), "--quick", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"{missing}: no such file")
+    assert not (tmp_path / "r.json").exists()
