@@ -1,5 +1,5 @@
-"""Representations through Ray: an MCL cohort of three networks of different architectures, two of
-them also transferring attention, trains to the same weights as one process that minimizes the
+"""Representations through Ray: an MCL cohort of three networks of different architectures, and a
+pair with MCL and attention transfer, each train to the same weights as one process that minimizes the
 spec's TOTAL loss over all networks at once (../shared/spec/representations.md), written out here;
 each peer's worker computes only its own terms from the others' exchanged tensors. The same
 one-process check with a wrong per-peer decomposition (one orientation of S_ji left out) is far
@@ -22,24 +22,31 @@ from cohort.topology import topology_from_dict
 from cohort.worker.peer import build_peer
 
 ALPHA, BETA, GAMMA, LAM, TAU, T, BETA_AT, CE = 0.1, 0.1, 1.0, 1.0, 0.1, 3.0, 50.0, 0.8
-PEERS = ("a", "b", "c")
-ATTENTION = (("a", "b"), ("b", "a"))  # (sender, receiver): the two CNNs match their 8x8 and 4x4 maps
+MODELS = {"a": "cnn_small", "b": "cnn_medium", "c": "mlp"}
 
-COHORT = {
-    "name": "representations-equivalence",
-    "seed": 5,
-    "data": {"dataset": "digits", "batch_size": 60, "sampler": {"m_per_class": 6}},
-    # One epoch (23 steps): longer, MCL on these small CNNs turns chaotic, and float rounding of a
-    # different summation order (per peer against the total) grows past any tolerance.
-    "train": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
-              "schedule": "cosine", "ce_weight": CE},
-    "peers": {"a": {"model": "cnn_small", "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}},
-              "b": {"model": "cnn_medium", "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}},
-              "c": {"model": "mlp", "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}}},
-    "edges": [{"from": j, "to": i, "loss": "mcl", "reduce": "sum", "beta": BETA, "gamma": GAMMA, "lam": LAM,
-               "tau": TAU, "temperature": T} for j, i in itertools.permutations(PEERS, 2)]
-             + [{"from": j, "to": i, "loss": "attention", "reduce": "sum", "beta": BETA_AT} for j, i in ATTENTION],
-}
+
+def cohort_config(peers: tuple[str, ...], attention: tuple[tuple[str, str], ...]) -> dict:
+    """MCL between every two of ``peers`` (both directions); ``attention``: (sender, receiver) edges
+    between the CNNs, which match their 8x8 and 4x4 maps."""
+    return {
+        "name": "representations-equivalence",
+        "seed": 5,
+        "data": {"dataset": "digits", "batch_size": 60, "sampler": {"m_per_class": 6}},
+        # One epoch (23 steps) at a small learning rate: MCL on these small CNNs turns chaotic beyond,
+        # and float rounding of a different summation order (per peer against the total) grows past
+        # any tolerance (1e-3 after 2 epochs at lr 0.05; 1e-6 here, a wrong decomposition 2e-2).
+        "train": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005},
+                  "schedule": "cosine", "ce_weight": CE},
+        "peers": {n: {"model": MODELS[n], "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}} for n in peers},
+        "edges": [{"from": j, "to": i, "loss": "mcl", "reduce": "sum", "beta": BETA, "gamma": GAMMA, "lam": LAM,
+                   "tau": TAU, "temperature": T} for j, i in itertools.permutations(peers, 2)]
+                 + [{"from": j, "to": i, "loss": "attention", "reduce": "sum", "beta": BETA_AT} for j, i in attention],
+    }
+
+
+# MCL of three networks of different architectures; a pair with MCL and attention transfer both ways.
+THREE = cohort_config(("a", "b", "c"), ())
+PAIR = cohort_config(("a", "b"), (("a", "b"), ("b", "a")))
 
 
 def taps(model, name: str, stages: bool):
@@ -53,20 +60,21 @@ def taps(model, name: str, stages: bool):
     return lambda: (seen["penultimate"], [seen[stage] for stage in (spec.stages if stages else ())])
 
 
-def total_loss(outputs, labels, wrong: bool = False):
+def total_loss(outputs, labels, attention: tuple[tuple[str, str], ...] = (), wrong: bool = False):
     """The spec's one-process total over all networks (MCL for N networks, plus AT over the
     attention edges); ``wrong``: C(S_mn) left out of ICL, as a per-peer decomposition that forgets
     the orientation S_ji would train."""
+    peers = tuple(outputs)
     logits = {n: out[0] for n, out in outputs.items()}
     z = {n: out[1] for n, out in outputs.items()}
-    s = {(p, q): similarity(z[p], z[q], TAU) for p in PEERS for q in PEERS}
-    total = sum(CE * F.cross_entropy(logits[n], labels) for n in PEERS)
-    total = total + ALPHA * sum(contrastive(s[n, n], labels) for n in PEERS)
-    total = total + GAMMA * sum(soft_relation(s[n, n], s[m, m].detach(), T) for n in PEERS for m in PEERS if m != n)
-    for n, m in itertools.combinations(PEERS, 2):
+    s = {(p, q): similarity(z[p], z[q], TAU) for p in peers for q in peers}
+    total = sum(CE * F.cross_entropy(logits[n], labels) for n in peers)
+    total = total + ALPHA * sum(contrastive(s[n, n], labels) for n in peers)
+    total = total + GAMMA * sum(soft_relation(s[n, n], s[m, m].detach(), T) for n in peers for m in peers if m != n)
+    for n, m in itertools.combinations(peers, 2):
         total = total + BETA * (contrastive(s[n, m], labels) + (0 if wrong else contrastive(s[m, n], labels)))
         total = total + LAM * (soft_relation(s[n, m], s[m, n].detach(), T) + soft_relation(s[m, n], s[n, m].detach(), T))
-    for sender, receiver in ATTENTION:
+    for sender, receiver in attention:
         for f_i, f_j in zip(outputs[receiver][2], outputs[sender][2]):
             size = (min(f_i.shape[-2], f_j.shape[-2]), min(f_i.shape[-1], f_j.shape[-1]))
             total = total + BETA_AT * (attention_map(f_i, size) - attention_map(f_j, size).detach()).pow(2).mean()
@@ -77,25 +85,27 @@ def one_process(config: dict, wrong: bool = False) -> dict[str, dict[str, torch.
     """The cohort in one process: one total loss, one backward, one optimizer step per network."""
     torch.set_num_threads(1)
     topology = topology_from_dict(config)
+    peers = tuple(topology.peer_names)
+    attention = tuple((edge.senders[0], edge.to) for edge in topology.edges if edge.loss == "attention")
     data = load_dataset(topology.data, topology.seed)
-    models = {n: build_peer(topology, n, data.info) for n in PEERS}
-    read = {n: taps(models[n], topology.peers[n].model, n in ("a", "b")) for n in PEERS}
+    models = {n: build_peer(topology, n, data.info) for n in peers}
+    read = {n: taps(models[n], topology.peers[n].model, any(n in pair for pair in attention)) for n in peers}
     lr, epochs = config["train"]["optimizer"]["lr"], config["train"]["epochs"]
-    optimizers = {n: torch.optim.SGD(models[n].parameters(), lr=lr, momentum=0.9, weight_decay=0.0005) for n in PEERS}
-    schedules = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=epochs) for n in PEERS}
+    optimizers = {n: torch.optim.SGD(models[n].parameters(), lr=lr, momentum=0.9, weight_decay=0.0005) for n in peers}
+    schedules = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=epochs) for n in peers}
     for epoch in range(1, epochs + 1):
         for model in models.values():
             model.train()
         for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch,
                                                  sampler=topology.data.sampler):
             outputs = {}
-            for n in PEERS:
+            for n in peers:
                 logits = models[n](inputs)
                 feature, stages = read[n]()
                 outputs[n] = (logits, heads_of(models[n])["embedding"](feature), stages)
             for optimizer in optimizers.values():
                 optimizer.zero_grad()
-            total_loss(outputs, labels, wrong).backward()
+            total_loss(outputs, labels, attention, wrong).backward()
             for optimizer in optimizers.values():
                 optimizer.step()
         for schedule in schedules.values():
@@ -104,23 +114,24 @@ def one_process(config: dict, wrong: bool = False) -> dict[str, dict[str, torch.
 
 
 def largest_gap(trained, expected) -> float:
-    return max(float((trained[n][key] - value).abs().max()) for n in PEERS for key, value in expected[n].items()
+    return max(float((trained[n][key] - value).abs().max()) for n in expected for key, value in expected[n].items()
                if value.is_floating_point())
 
 
 @pytest.mark.ray
-def test_mcl_of_three_and_attention_train_through_ray_as_the_one_process_total(ray_cluster, tmp_path):
-    result = cohort.train(topology_from_dict(COHORT), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+@pytest.mark.parametrize("config, row", [(THREE, 10 + 16), (PAIR, 10 + 16 + 80)], ids=["mcl-of-three", "mcl-and-at-pair"])
+def test_representations_train_through_ray_as_the_one_process_total(ray_cluster, tmp_path, config, row):
+    result = cohort.train(topology_from_dict(config), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                           storage=str(tmp_path / "ray"), display="quiet")
-    expected = one_process(COHORT)
-    for n in PEERS:
+    expected = one_process(config)
+    for n in expected:
         assert any(key.startswith("cohort_heads.embedding.") for key in result.weights[n]), f"{n}: no head saved"
         for key, value in expected[n].items():
             torch.testing.assert_close(result.weights[n][key], value, rtol=1e-4, atol=1e-5, msg=f"{n}.{key}")
     # The same comparison, against the one-process training of a wrong decomposition, fails by far.
-    assert largest_gap(result.weights, one_process(COHORT, wrong=True)) > 1e-2
+    assert largest_gap(result.weights, one_process(config, wrong=True)) > 1e-2
     # Each step, a peer sent its logits (10), its embedding (16) and, for an attention edge from it,
-    # its 8x8 and 4x4 maps (80): rows padded to the widest (106 floats) for one all_gather.
-    for n in PEERS:
-        assert result.metrics[f"{n}/exchange_bytes"] == 106 * 4 * 60
+    # its 8x8 and 4x4 maps (80), in rows padded to the widest peer's, for one all_gather.
+    for n in expected:
+        assert result.metrics[f"{n}/exchange_bytes"] == row * 4 * 60
     assert result.metrics["cohort/batches_identical"] == 1.0
