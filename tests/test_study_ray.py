@@ -108,7 +108,7 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
     assert version.run_id in best
 
-    # The Python API reads the same study back (cohort.study_report: no training): its tables are the
+    # The Python API reads the same study back (cohort.read_study: no training): its tables are the
     # printed ones, from the runs' values in MLflow.
     import cohort
 
