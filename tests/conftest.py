@@ -50,6 +50,17 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def clean_registry():
+    """The loss registry as it was before the test (tests that register losses of their own)."""
+    from cohort.losses import LOSSES
+
+    saved = dict(LOSSES)
+    yield
+    LOSSES.clear()
+    LOSSES.update(saved)
+
+
 NO_CUDA = "needs CUDA: torch sees no GPU here (run `python -m pytest -m gpu` on a machine with one)"
 
 

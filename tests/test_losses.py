@@ -132,14 +132,6 @@ def batch():
     return receiver, sender, target, torch.tensor(GROUPS)
 
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(LOSSES)
-    yield
-    LOSSES.clear()
-    LOSSES.update(saved)
-
-
 def call(name, receiver, sender, target, groups, **params):
     """Call a registered loss the way the trainer does: context by name, then edge parameters."""
     spec = get_loss(name)

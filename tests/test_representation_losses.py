@@ -391,14 +391,6 @@ def test_attention_refuses_what_cannot_be_matched():
 # ---------------------------------------------------------------- the registry's payloads
 
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(LOSSES)
-    yield
-    LOSSES.clear()
-    LOSSES.update(saved)
-
-
 def test_payload_is_recorded_and_unknown_payloads_are_refused(clean_registry):
     assert get_loss("mcl").payload == "embedding" and get_loss("attention").payload == "maps"
     assert get_loss("kd").payload == "logits"

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .batch import WHOLE_BATCH, WholeBatch
 from .mcl import vcl
-from .registry import LOSSES
+from .registry import EMBEDDING, LOGITS, LOSSES
 
 if TYPE_CHECKING:
     from cohort.topology.edges import Edge
@@ -98,7 +98,7 @@ def peer_objective(
         if index in off:
             continue
         spec = LOSSES[edge.loss]
-        if spec.payload != "logits" and representations.receiver != edge.to:
+        if spec.payload != LOGITS and representations.receiver != edge.to:
             raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}: the receiver's "
                              "representations are needed")
         needed = {name: context[name] for name in spec.context}
@@ -116,10 +116,10 @@ def peer_objective(
 def edge_inputs(edge: Edge, payload: str, receiver_logits: Tensor, peer_logits: Mapping[str, Tensor],
                 representations: Representations) -> tuple[object, object]:
     """The receiver's own (live) and the sender's (exchanged) inputs of an edge's loss."""
-    if payload == "logits":
+    if payload == LOGITS:
         return receiver_logits, sender_logits(edge, peer_logits)
     (sender,) = edge.senders
     received = representations.received[sender]
-    if payload == "embedding":
-        return representations.embedding, received["embedding"][0]
+    if payload == EMBEDDING:
+        return representations.embedding, received[EMBEDDING][0]
     return list(representations.stages), list(received[maps_part(edge.to)])

@@ -39,7 +39,8 @@ BATCH_NAME = "batch"
 # would be read as the edge's own setting, never reach the loss. Checked against Edge in the tests.
 EDGE_FIELD_NAMES = ("from", "to", "loss", "weight", "reduce", "warmup", "source")
 # What a loss exchanges (its receiver and sender), in the module docstring's words.
-PAYLOADS = ("logits", "embedding", "maps")
+LOGITS, EMBEDDING, MAPS = "logits", "embedding", "maps"
+PAYLOADS = (LOGITS, EMBEDDING, MAPS)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
+from cohort.losses.registry import EMBEDDING, LOGITS
 from cohort.models import model_exists, model_options, unknown_model
 from cohort.topology.edges import EDGE_FIELDS, Edge, EnsembleSource
 
@@ -286,12 +287,12 @@ class Topology(Strict):
     def _representation_edges_fit(self) -> Topology:
         for index, edge in enumerate(self.edges):
             payload = LOSSES[edge.loss].payload
-            if payload == "logits":
+            if payload == LOGITS:
                 continue
             if isinstance(edge.source, EnsembleSource):
                 raise problem(f"loss {quoted(edge.loss)} exchanges {payload}, which are not averaged: one peer per edge",
                               f"edges[{index}].from")
-            if payload == "embedding":
+            if payload == EMBEDDING:
                 for peer in (edge.senders[0], edge.to):
                     if self.peers[peer].embedding is None:
                         raise problem(f"loss {quoted(edge.loss)} contrasts embeddings: peer {quoted(peer)} needs an "

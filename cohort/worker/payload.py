@@ -22,10 +22,9 @@ from cohort.config.errors import CohortError
 from cohort.losses import LOSSES
 from cohort.losses.attention import matched_sizes
 from cohort.losses.combine import maps_part
+from cohort.losses.registry import EMBEDDING, LOGITS, MAPS
 from cohort.topology import Topology
 
-LOGITS = "logits"
-EMBEDDING = "embedding"  # the part and the peer's head of that name (cohort.models.heads)
 FLOAT_BYTES = 4  # the exchange is float32 whatever the forward's precision
 
 
@@ -109,7 +108,7 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
         names = [part.name for part in parts[sender]]
         if payload == EMBEDDING and EMBEDDING not in names:
             parts[sender].append(Part(EMBEDDING, ((shapes[sender].embedding,),)))
-        elif payload == "maps" and maps_part(edge.to) not in names:
+        elif payload == MAPS and maps_part(edge.to) not in names:
             try:
                 sizes = stage_sizes(shapes[sender].stages, shapes[edge.to].stages)
             except ValueError as error:

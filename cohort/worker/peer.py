@@ -13,13 +13,13 @@ import torch.nn as nn
 from cohort.config.errors import CohortError
 from cohort.datasets import DatasetInfo
 from cohort.losses import LOSSES
+from cohort.losses.registry import EMBEDDING
 from cohort.metrics import scores as metrics
 from cohort.models import build_model
 from cohort.models.heads import EmbeddingHead, attach_heads
 from cohort.models.taps import resolve_taps
 from cohort.topology import OptimizerConfig, Topology
 from cohort.worker.checkpoint import load_tensors
-from cohort.worker.payload import EMBEDDING
 
 
 def peer_seed(topology: Topology, peer: str) -> int:

@@ -17,15 +17,16 @@ from cohort.config.errors import CohortError
 from cohort.losses import LOSSES
 from cohort.losses.attention import attention_map
 from cohort.losses.combine import Representations
+from cohort.losses.registry import EMBEDDING, LOGITS, MAPS
 from cohort.models.heads import heads_of
 from cohort.models.taps import TapRecorder, resolve_taps, tap_shapes
 from cohort.topology import Topology
-from cohort.worker.payload import EMBEDDING, LOGITS, PayloadLayout, TapShapes, payload_layout
+from cohort.worker.payload import PayloadLayout, TapShapes, payload_layout
 
 
 def uses_stages(topology: Topology, peer: str) -> bool:
     """Whether ``peer`` sends or receives attention maps (an edge whose loss takes maps touches it)."""
-    return any(LOSSES[edge.loss].payload == "maps" and peer in (edge.to, *edge.senders) for edge in topology.edges)
+    return any(LOSSES[edge.loss].payload == MAPS and peer in (edge.to, *edge.senders) for edge in topology.edges)
 
 
 def has_representations(topology: Topology) -> bool:
