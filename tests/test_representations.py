@@ -3,6 +3,7 @@ bad input (unknown taps, maps that cannot be matched, mcl edges without embeddin
 batch or the dataset cannot fill), each one line and exit 2 before anything starts."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -147,12 +148,18 @@ def ensemble_sender() -> dict:
     (with_data(sampler={"m_per_class": 3}), "data.sampler.m_per_class: batch_size 64 is not a multiple of"),
     (with_data(sampler={"m_per_class": 2}), "data.batch_size:"),
     (with_data(sampler={"m_per_class": 1}), "data.sampler.m_per_class:"),
-    (with_replicas(), "peers.teacher.embedding: MCL's similarities span the whole batch"),
     (ensemble_sender(), "edges[0].from: loss 'attention' exchanges maps, which are not averaged"),
 ], ids=["unknown-tap", "unmatched-maps", "mcl-without-embedding", "m-not-dividing", "too-few-classes", "m-of-one",
-        "mcl-with-replicas", "ensemble-of-maps"])
+        "ensemble-of-maps"])
 def test_bad_representation_input_is_one_line_before_anything_starts(capsys, tmp_path, topology, expected):
     assert expected in dry_run_error(capsys, tmp_path, topology)
+
+
+def test_an_mcl_pair_with_replicas_plans_its_whole_batch_exchange(capsys, tmp_path):
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(with_replicas(), sort_keys=False))
+    assert main([str(path), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    assert "teacher: logits 10, embedding 128 floats per image" in capsys.readouterr().out
 
 
 def test_a_head_on_a_model_without_a_linear_classifier_is_one_line():
@@ -162,3 +169,112 @@ def test_a_head_on_a_model_without_a_linear_classifier_is_one_line():
     with pytest.raises(CohortError, match="has no nn.Linear classifier to take the penultimate feature from") as error:
         build_peer(topology, "a", info)
     assert error.value.where == "peers.a.taps"
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+class TinyPeer(torch.nn.Module):
+    """A stage (conv 8x8), a penultimate feature (pooled), a classifier and an embedding head."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.stage = torch.nn.Conv2d(1, width, 3, padding=1)
+        self.classifier = torch.nn.Linear(width, 10)
+        self.head = EmbeddingHead(width, 8)
+
+    def forward(self, inputs):
+        stage = self.stage(inputs).relu()
+        feature = stage.mean(dim=(2, 3))
+        return self.classifier(feature), self.head(feature), [stage]
+
+
+REPLICA_TOPOLOGY = {
+    "name": "r", "train": {"ce_weight": 0.8},
+    "peers": {"a": {"model": "cnn_small", "embedding": {"dim": 8, "vcl": 0.3, "tau": 0.2}},
+              "b": {"model": "cnn_medium", "embedding": {"dim": 8, "vcl": 0.2, "tau": 0.2}}},
+    "edges": [{"from": "b", "to": "a", "loss": "mcl", "reduce": "sum", "tau": 0.2, "beta": 0.5, "lam": 0.7},
+              {"from": "a", "to": "b", "loss": "mcl", "reduce": "sum", "tau": 0.2, "gamma": 0.4},
+              {"from": "a", "to": "b", "loss": "attention", "reduce": "sum", "beta": 30.0}]}
+
+
+def replica_gradients(replicas: int, broken: str = "") -> dict[str, list[torch.Tensor]]:
+    """Each peer's gradient, averaged over its replicas as DDP does, of what every replica's worker
+    computes (cohort.worker.loop: pack, gather, ``received``, ``peer_objective``, ``shard_loss_scale``)
+    on its shard of one batch of 14 (uneven shards with 3 replicas). ``broken``: ``"shard"`` (each
+    replica's loss over its shard only) or ``"scale"`` (the whole-batch terms not scaled)."""
+    from cohort.losses.combine import peer_objective
+    from cohort.worker.grid import shard_bounds, shard_loss_scale
+    from cohort.worker.payload import pad_rows
+    from cohort.worker.representations import BatchShards, PeerTaps
+
+    topology = topology_from_dict({**REPLICA_TOPOLOGY, "peers": {
+        name: {**peer, "replicas": replicas} for name, peer in REPLICA_TOPOLOGY["peers"].items()}})
+    layout = payload_layout(topology, 10, {name: TapShapes(8, ((4, 8, 8),)) for name in "ab"})
+    peers = {"a": TinyPeer(4), "b": TinyPeer(4)}
+    torch.manual_seed(0)
+    for net in peers.values():
+        for parameter in net.parameters():
+            parameter.data = torch.randn_like(parameter) * 0.5
+    inputs = torch.randn(14, 1, 8, 8)
+    labels = torch.tensor([3, 3, 1, 1, 7, 7, 3, 2, 2, 5, 5, 1, 9, 7])  # 9 has no positive
+    taps = {name: PeerTaps(name, layout, None, None, (topology.peers[name].embedding.vcl, 0.2),
+                           whole_batch=replicas > 1) for name in peers}
+    forwards, buffers = {}, []
+    for shard in range(replicas):  # rank order: shard by shard, peer by peer
+        start, stop = shard_bounds(14, replicas, shard)
+        for name, net in peers.items():
+            logits, embedding, stages = net(inputs[start:stop])
+            forwards[name, shard] = (logits, embedding, stages)
+            sent = layout.pack(name, taps[name].outgoing(logits, embedding, stages))
+            buffers.append(pad_rows(sent, shard_bounds(14, replicas, 0)[1]))
+    averaged = {}
+    for name, net in peers.items():
+        per_replica = []
+        for shard in range(replicas):
+            start, stop = shard_bounds(14, replicas, shard)
+            logits, embedding, stages = forwards[name, shard]
+            shards = BatchShards(labels, replicas, shard) if replicas > 1 and broken != "shard" else None
+            rows = (shards.whole(buffers, list(peers)) if shards is not None else
+                    {peer: buffers[shard * 2 + index][:stop - start] for index, peer in enumerate(peers)})
+            peer_logits, representations = taps[name].received(rows, embedding, stages, shards)
+            if broken == "scale":
+                representations = dataclasses.replace(representations, gradient=1.0)
+            loss, _ = peer_objective(logits, labels[start:stop], topology.incoming_edges(name), peer_logits,
+                                     topology.train.ce_weight, representations=representations)
+            scaled = loss * shard_loss_scale(stop - start, 14, replicas)
+            per_replica.append(torch.autograd.grad(scaled, list(net.parameters()), retain_graph=True))
+        averaged[name] = [torch.stack(grads).mean(dim=0) for grads in zip(*per_replica)]
+    return averaged
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_mcl_and_attention_with_replicas_give_the_whole_batch_gradient(replicas):
+    """Every replica computes MCL over the whole batch (its own rows live, the other shards'
+    gathered) and its shard's CE and attention terms; DDP's average of their gradients is each
+    peer's one-process gradient. Without the gather, or without the scale, it is not."""
+    whole = replica_gradients(1)
+    for name, averaged in replica_gradients(replicas).items():
+        assert len(averaged) == len(whole[name]) == 8  # the stage, the classifier and the head
+        for got, want in zip(averaged, whole[name]):
+            # float32, as the exchange is: the other shards' rows of a peer's own embedding are copies
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for broken in ("shard", "scale"):
+        wrong = replica_gradients(replicas, broken)
+        gap = max(float((g - w).abs().max()) for name in whole for g, w in zip(wrong[name], whole[name]))
+        assert gap > 1e-3, broken
+
+
+def test_with_replicas_a_peer_sends_the_embedding_its_own_loss_reads():
+    topology = topology_from_dict({
+        "name": "t", "peers": {"a": {"model": "cnn_small", "embedding": {"dim": 8}, "replicas": 2},
+                               "b": {"model": "cnn_small", "embedding": {"dim": 8, "vcl": 0}, "replicas": 2},
+                               "c": {"model": "cnn_small", "embedding": {"dim": 8, "vcl": 0}, "replicas": 2}},
+        "edges": [{"from": "c", "to": "b", "loss": "mcl"}]})
+    layout = payload_layout(topology, 10, {name: TapShapes(8, ()) for name in "abc"})
+    # a: its VCL; b: the edge into it; c: sends for the edge from it
+    assert {name: [part.name for part in layout.parts[name]] for name in "abc"} == {
+        "a": ["logits", "embedding"], "b": ["logits", "embedding"], "c": ["logits", "embedding"]}
+    single = topology_from_dict({**topology.model_dump(by_alias=True), "peers": {
+        name: {**peer.model_dump(exclude_none=True), "replicas": 1} for name, peer in topology.peers.items()}})
+    assert [part.name for part in payload_layout(single, 10, {n: TapShapes(8, ()) for n in "abc"}).parts["a"]] == ["logits"]

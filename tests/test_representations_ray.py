@@ -1,7 +1,9 @@
 """Representations through Ray: an MCL cohort of three networks of different architectures, and a
 pair with MCL and attention transfer, each train to the same weights as one process that minimizes the
 spec's TOTAL loss over all networks at once (../shared/spec/representations.md), written out here;
-each peer's worker computes only its own terms from the others' exchanged tensors. The same
+each peer's worker computes only its own terms from the others' exchanged tensors. The pair trains
+with 2 replicas per peer (4 workers, DDP within each peer): each replica computes MCL over the
+whole batch from every shard's embeddings, and the one-process total still gives its weights. The same
 one-process check with a wrong per-peer decomposition (one orientation of S_ji left out) is far
 from the cohort's weights: the comparison tells a wrong decomposition apart."""
 from __future__ import annotations
@@ -25,9 +27,9 @@ ALPHA, BETA, GAMMA, LAM, TAU, T, BETA_AT, CE = 0.1, 0.1, 1.0, 1.0, 0.1, 3.0, 50.
 MODELS = {"a": "cnn_small", "b": "cnn_medium", "c": "mlp"}
 
 
-def cohort_config(peers: tuple[str, ...], attention: tuple[tuple[str, str], ...]) -> dict:
+def cohort_config(peers: tuple[str, ...], attention: tuple[tuple[str, str], ...], replicas: int = 1) -> dict:
     """MCL between every two of ``peers`` (both directions); ``attention``: (sender, receiver) edges
-    between the CNNs, which match their 8x8 and 4x4 maps."""
+    between the CNNs, which match their 8x8 and 4x4 maps; ``replicas`` of every peer."""
     return {
         "name": "representations-equivalence",
         "seed": 5,
@@ -37,16 +39,18 @@ def cohort_config(peers: tuple[str, ...], attention: tuple[tuple[str, str], ...]
         # any tolerance (1e-3 after 2 epochs at lr 0.05; 1e-6 here, a wrong decomposition 2e-2).
         "train": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005},
                   "schedule": "cosine", "ce_weight": CE},
-        "peers": {n: {"model": MODELS[n], "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}} for n in peers},
+        "peers": {n: {"model": MODELS[n], "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}, "replicas": replicas}
+                  for n in peers},
         "edges": [{"from": j, "to": i, "loss": "mcl", "reduce": "sum", "beta": BETA, "gamma": GAMMA, "lam": LAM,
                    "tau": TAU, "temperature": T} for j, i in itertools.permutations(peers, 2)]
                  + [{"from": j, "to": i, "loss": "attention", "reduce": "sum", "beta": BETA_AT} for j, i in attention],
     }
 
 
-# MCL of three networks of different architectures; a pair with MCL and attention transfer both ways.
+# MCL of three networks of different architectures; a pair with MCL and attention transfer both ways,
+# each peer on 2 replicas (shards of 30 images: each holds 5 of the batch's 10 classes).
 THREE = cohort_config(("a", "b", "c"), ())
-PAIR = cohort_config(("a", "b"), (("a", "b"), ("b", "a")))
+PAIR = cohort_config(("a", "b"), (("a", "b"), ("b", "a")), replicas=2)
 
 
 def taps(model, name: str, stages: bool):
@@ -119,8 +123,9 @@ def largest_gap(trained, expected) -> float:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("config, row", [(THREE, 10 + 16), (PAIR, 10 + 16 + 80)], ids=["mcl-of-three", "mcl-and-at-pair"])
-def test_representations_train_through_ray_as_the_one_process_total(ray_cluster, tmp_path, config, row):
+@pytest.mark.parametrize("config, row, images", [(THREE, 10 + 16, 60), (PAIR, 10 + 16 + 80, 30)],
+                         ids=["mcl-of-three", "mcl-and-at-pair-with-replicas"])
+def test_representations_train_through_ray_as_the_one_process_total(ray_cluster, tmp_path, config, row, images):
     result = cohort.train(topology_from_dict(config), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                           storage=str(tmp_path / "ray"), display="quiet")
     expected = one_process(config)
@@ -131,7 +136,8 @@ def test_representations_train_through_ray_as_the_one_process_total(ray_cluster,
     # The same comparison, against the one-process training of a wrong decomposition, fails by far.
     assert largest_gap(result.weights, one_process(config, wrong=True)) > 1e-2
     # Each step, a peer sent its logits (10), its embedding (16) and, for an attention edge from it,
-    # its 8x8 and 4x4 maps (80), in rows padded to the widest peer's, for one all_gather.
+    # its 8x8 and 4x4 maps (80), in rows padded to the widest peer's, for one all_gather: one row per
+    # image of the worker's shard (with replicas, the gather is over every worker).
     for n in expected:
-        assert result.metrics[f"{n}/exchange_bytes"] == row * 4 * 60
+        assert result.metrics[f"{n}/exchange_bytes"] == row * 4 * images
     assert result.metrics["cohort/batches_identical"] == 1.0

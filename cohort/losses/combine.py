@@ -43,6 +43,11 @@ class Representations:
     features); ``received``: each sender's exchanged parts by name (``cohort.worker.payload``:
     ``"embedding"``, ``"maps-><receiver>"``), detached; ``vcl``: the weight and temperature of the
     peer's own within-network contrastive term (MCL's α·C(S_ii)), or None.
+
+    With replicas, the embeddings are the whole batch's (MCL's similarities span it): the replica's
+    own rows live, the other shards' exchanged; ``labels`` are then the whole batch's (None: the
+    step's), and ``gradient`` the factor on the gradient (not the value) of the terms over
+    embeddings (``cohort.worker.grid.whole_batch_gradient_scale``).
     """
 
     receiver: str
@@ -50,6 +55,8 @@ class Representations:
     stages: Sequence[Tensor] = ()
     received: Mapping[str, Mapping[str, Sequence[Tensor]]] = field(default_factory=dict)
     vcl: tuple[float, float] | None = None
+    labels: Tensor | None = None
+    gradient: float = 1.0
 
 
 NO_REPRESENTATIONS = Representations(receiver="")
@@ -59,6 +66,13 @@ def maps_part(receiver: str) -> str:
     """The name of the part a sender sends for its attention edges into ``receiver``: its maps at
     the sizes matched with the receiver's (cohort.worker.payload)."""
     return f"maps->{receiver}"
+
+
+def scale_gradient(value: Tensor, factor: float) -> Tensor:
+    """``value`` with its gradient multiplied by ``factor`` and its value unchanged."""
+    if factor == 1.0:
+        return value
+    return value * factor - value.detach() * (factor - 1.0)
 
 
 def sender_logits(edge: Edge, peer_logits: Mapping[str, Tensor]) -> Tensor:
@@ -83,17 +97,21 @@ def peer_objective(
 
     The terms are named ``ce``, ``vcl`` and ``<edge.label>`` so that a non-finite value can be traced
     to its source. Edges whose loss takes embeddings or maps (``LossSpec.payload``) read them from
-    ``representations``; their losses return the batch's value already. ``batch``: how losses with
-    batch statistics reduce over the batch (with replicas, over the peer's replicas). ``off``: indices of edges a gate switched off for this step
-    (cohort.gates): they add nothing, and the others keep their weights.
+    ``representations``; their losses return the batch's value already (with replicas, those over
+    embeddings the whole batch's, their gradient scaled by ``representations.gradient``). ``batch``:
+    how losses with batch statistics reduce over the batch (with replicas, over the peer's replicas).
+    ``off``: indices of edges a gate switched off for this step (cohort.gates): they add nothing,
+    and the others keep their weights.
     """
     context = {"target": labels, "groups": groups}
+    # The embeddings' rows and labels: the whole batch's with replicas, whose gradient is scaled.
+    embedding_labels = representations.labels if representations.labels is not None else labels
     terms: dict[str, Tensor] = {"ce": F.cross_entropy(receiver_logits, labels)}
     total = ce_weight * terms["ce"]
     if representations.vcl is not None:
         weight, tau = representations.vcl
-        terms["vcl"] = vcl(representations.embedding, labels, tau)
-        total = total + weight * terms["vcl"]
+        terms["vcl"] = vcl(representations.embedding, embedding_labels, tau)
+        total = total + weight * scale_gradient(terms["vcl"], representations.gradient)
     for index, (edge, weight) in enumerate(zip(edges, edge_weights(edges, epoch))):
         if index in off:
             continue
@@ -102,6 +120,8 @@ def peer_objective(
             raise ValueError(f"edge {edge.label}: loss {edge.loss!r} exchanges {spec.payload}: the receiver's "
                              "representations are needed")
         needed = {name: context[name] for name in spec.context}
+        if spec.payload == EMBEDDING and "target" in needed:
+            needed["target"] = embedding_labels
         if spec.batch_statistics:
             needed["batch"] = batch
         if needed.get("groups", 0) is None:
@@ -109,7 +129,8 @@ def peer_objective(
         receiver, sender = edge_inputs(edge, spec.payload, receiver_logits, peer_logits, representations)
         per_sample = spec.fn(receiver, sender, **needed, **edge.params)
         terms[edge.label] = per_sample.mean()
-        total = total + weight * terms[edge.label]
+        scale = representations.gradient if spec.payload == EMBEDDING else 1.0
+        total = total + weight * scale_gradient(terms[edge.label], scale)
     return total, terms
 
 

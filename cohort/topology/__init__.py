@@ -304,14 +304,6 @@ class Topology(Strict):
         return self
 
     @model_validator(mode="after")
-    def _embeddings_without_replicas(self) -> Topology:
-        for name, peer in self.peers.items():
-            if peer.embedding is not None and peer.replicas > 1:
-                raise problem("MCL's similarities span the whole batch: peers with an embedding head train "
-                              "without replicas (replicas: 1)", f"peers.{name}.embedding")
-        return self
-
-    @model_validator(mode="after")
     def _gates_connect_peers(self) -> Topology:
         pairs: dict[tuple[str, str], int] = {}
         for index, gate in enumerate(self.gates):

@@ -60,6 +60,18 @@ def grid_groups(peer_names: list[str], replicas: int, rank: int):
     return exchange[slot.shard], peers[slot.peer_index]
 
 
+def gather_rows(buffer: torch.Tensor, group: dist.ProcessGroup | None = None,
+                host_copies: bool = False) -> list[torch.Tensor]:
+    """Every member's ``buffer`` (one shape on all), in group rank order; the default group is every
+    worker (the whole batch's representations, with replicas). They arrive detached."""
+    local = buffer.detach().contiguous()
+    if host_copies:
+        local = local.cpu()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return [tensor.to(buffer.device, non_blocking=True) for tensor in gathered] if host_copies else gathered
+
+
 def gather_in_group(obj, group: dist.ProcessGroup | None):
     """Every member's object, in group rank order (just ``[obj]`` without a group)."""
     if group is None:

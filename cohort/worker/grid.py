@@ -10,7 +10,10 @@ Pure functions only: the process groups themselves are created in ``cohort.worke
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,25 @@ def shard_loss_scale(shard_size: int, batch_size: int, shards: int) -> float:
     equals the gradient of the whole batch's mean loss, even when the shards are uneven:
     ``(1/M) Σ_s ∇(mean_s · n_s · M / B) = ∇ Σ_i loss_i / B``."""
     return shard_size * shards / batch_size
+
+
+def whole_batch_gradient_scale(shard_size: int, batch_size: int) -> float:
+    """What the gradient of a term computed over the whole batch (MCL's, with the replica's rows
+    live and the other shards' constant) is multiplied by, besides ``shard_loss_scale``.
+
+    The term ``L`` is the one-process function of all rows, so its derivative for a replica's own
+    rows is exactly ``∂L/∂e_i``; the replicas' sum is the whole gradient and DDP's average divides it
+    by M: the term needs M in all, ``B / n_s`` times the shard's ``n_s · M / B``.
+    """
+    return batch_size / shard_size
+
+
+def whole_batch_rows(gathered: Sequence[torch.Tensor], num_peers: int,
+                     bounds: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each peer's rows of the whole batch, in peer order, from every worker's rows in rank order
+    (``rank = shard * num_peers + peer``, each padded to the largest shard: ``bounds`` trims them)."""
+    return [torch.cat([gathered[shard * num_peers + index][:stop - start] for shard, (start, stop) in enumerate(bounds)])
+            for index in range(num_peers)]
 
 
 # --------------------------------------------------------------------------- devices and the backend

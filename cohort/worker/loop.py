@@ -38,10 +38,12 @@ from cohort.worker.exchange import (
     LogitExchange,
     ReplicaBatch,
     gather_in_group,
+    gather_rows,
     grid_groups,
 )
 from cohort.worker.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.worker.guard import BatchGuard
+from cohort.worker.payload import pad_rows, reads_embedding
 from cohort.worker.peer import (
     apply_optimizer_settings,
     build_optimizer,
@@ -58,7 +60,7 @@ from cohort.worker.report import (
     metric_groups,
     peer_epoch_metrics,
 )
-from cohort.worker.representations import PeerTaps, peer_taps
+from cohort.worker.representations import BatchShards, PeerTaps, peer_taps
 from cohort.worker.syncbn import sync_batch_norm
 from cohort.worker.ticker import StepTicker, epoch_steps, queue_sender
 
@@ -106,6 +108,7 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
         if run.guard.see(inputs, labels, start, stop):
             run.guard.check(epoch)
+        whole_batch = batch_shards(run, labels)
         inputs, labels = inputs[start:stop].to(run.device, non_blocking=True), labels[start:stop].to(run.device,
                                                                                                      non_blocking=True)
         with torch.set_grad_enabled(not frozen), autocast(topology.train.precision, run.device):
@@ -113,14 +116,14 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
             embedding, stages = run.taps.own() if run.taps is not None else (None, [])
         own_logits = own_logits.float()
         exchange_started = time.perf_counter()
-        peer_logits, representations, sent = exchange_step(run, own_logits, embedding, stages)
+        peer_logits, representations, sent = exchange_step(run, own_logits, embedding, stages, whole_batch)
         stats.exchange_seconds.append(time.perf_counter() - exchange_started)
         stats.exchange_bytes.append(sent.numel() * sent.element_size())
         decision = run.gating(peer_logits, labels) if run.gating is not None else None
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
         elif decision is not None and run.peer in decision.paused:
-            hold(run, own_logits)
+            hold(run, own_logits, embedding)
             stats.add(float(nn.functional.cross_entropy(own_logits.detach(), labels)), own_logits.detach(), labels)
         else:
             loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision, representations)
@@ -135,24 +138,45 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     return stats
 
 
+def batch_shards(run: PeerStep, labels: torch.Tensor) -> BatchShards | None:
+    """This replica's place in the whole batch (``labels``: the whole batch's) when the step gathers
+    the whole batch's embeddings (replicas with MCL), else None."""
+    if run.taps is None or not run.taps.whole_batch:
+        return None
+    return BatchShards(labels.to(run.device, non_blocking=True), run.topology.replicas, run.shard)
+
+
 def exchange_step(run: PeerStep, own_logits: torch.Tensor, embedding: torch.Tensor | None,
-                  stages: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], Representations, torch.Tensor]:
-    """One collective: every peer's logits, this peer's representation inputs, and what it sent."""
+                  stages: list[torch.Tensor], shards: BatchShards | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], Representations, torch.Tensor]:
+    """One collective: every peer's logits, this peer's representation inputs, and what it sent.
+
+    ``shards``: the collective runs over every worker, so that this peer's loss sees every peer's
+    embeddings of the whole batch (cohort.worker.representations.BatchShards)."""
     if run.taps is None:
         return run.exchange(own_logits), NO_REPRESENTATIONS, own_logits
     embedding = embedding.float() if embedding is not None else None
     stages = [stage.float() for stage in stages]
     sent = run.taps.layout.pack(run.peer, run.taps.outgoing(own_logits, embedding, stages))
-    peer_logits, representations = run.taps.received(run.exchange(sent), embedding, stages)
+    if shards is None:
+        rows = run.exchange(sent)
+    else:
+        sent = pad_rows(sent, shards.largest)
+        rows = shards.whole(gather_rows(sent, host_copies=run.exchange.host_copies), run.topology.peer_names)
+    peer_logits, representations = run.taps.received(rows, embedding, stages, shards)
     return peer_logits, representations, sent
 
 
-def hold(run: PeerStep, own_logits: torch.Tensor) -> None:
+def hold(run: PeerStep, own_logits: torch.Tensor, embedding: torch.Tensor | None = None) -> None:
     """A paused step (cohort.gates): no optimizer step at all, so no weight decay and no momentum;
     the forward ran in training mode. A DDP forward waits for its backward: with replicas a zero
-    backward completes it (the replicas all pause alike), and no step follows."""
+    backward completes it (through the embedding head too, when the loss reads it; the replicas all
+    pause alike), and no step follows."""
     if isinstance(run.model, nn.parallel.DistributedDataParallel):
-        (own_logits.sum() * 0.0).backward()
+        zero = own_logits.sum() * 0.0
+        if embedding is not None and embedding.requires_grad:
+            zero = zero + embedding.sum() * 0.0
+        zero.backward()
 
 
 def optimize(run: PeerStep, own_logits: torch.Tensor, labels: torch.Tensor, peer_logits: dict[str, torch.Tensor],
@@ -382,8 +406,10 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
     model, device = worker.net, worker.device
     if worker.replicas_train:
         # Data parallelism within the peer's own replicas only: peers are different networks.
+        # An embedding head the peer's loss does not read (it only sends) gets no gradient: DDP is told.
         model = nn.parallel.DistributedDataParallel(worker.net, process_group=worker.peer_group,
-                                                    device_ids=[device.index] if device.type == "cuda" else None)
+                                                    device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=unused_head(worker))
     ticker = None
     if live_steps and worker.rank == 0 and worker.progress is not None:
         topology = worker.topology
@@ -395,6 +421,12 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
                     shard=worker.shard, scaler=worker.scaler,
                     batch=ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
                     gating=worker.gating, ticker=ticker, taps=worker.taps)
+
+
+def unused_head(worker: WorkerState) -> bool:
+    """Whether the peer has an embedding head that its own loss does not read (it only sends)."""
+    return (worker.topology.peers[worker.peer].embedding is not None
+            and not reads_embedding(worker.topology, worker.peer))
 
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:

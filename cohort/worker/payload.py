@@ -8,6 +8,10 @@ its own features, so only ``h·w`` floats per stage and image travel). Every pee
 the widest peer's, because ``all_gather`` needs one shape on every rank; the layout is a function of
 the topology and the peers' tap shapes, so every worker computes the same one.
 
+With replicas, MCL's terms span the whole batch: a peer whose own loss reads its embedding sends it
+too (its replicas need each other's shards), and the step's one gather runs over every worker
+(``whole_batch_exchange``), each shard's rows padded to the largest shard's.
+
 Pure: packing and unpacking are tested without Ray.
 """
 from __future__ import annotations
@@ -114,7 +118,32 @@ def payload_layout(topology: Topology, num_classes: int, shapes: Mapping[str, Ta
             except ValueError as error:
                 raise CohortError(f"{sender} -> {edge.to}: {error}", f"edges[{index}]") from None
             parts[sender].append(Part(maps_part(edge.to), tuple(sizes)))
+    for peer in topology.peer_names:
+        if topology.replicas > 1 and reads_embedding(topology, peer) and EMBEDDING not in [p.name for p in parts[peer]]:
+            parts[peer].append(Part(EMBEDDING, ((shapes[peer].embedding,),)))
     return PayloadLayout({peer: tuple(found) for peer, found in parts.items()})
+
+
+def reads_embedding(topology: Topology, peer: str) -> bool:
+    """Whether ``peer``'s own loss reads its embedding: its VCL term, or an edge into it whose loss
+    takes embeddings (a frozen peer has no loss)."""
+    config = topology.peers[peer]
+    if config.embedding is None or config.frozen:
+        return False
+    return bool(config.embedding.vcl) or any(LOSSES[edge.loss].payload == EMBEDDING and edge.to == peer
+                                             for edge in topology.edges)
+
+
+def whole_batch_exchange(topology: Topology) -> bool:
+    """Whether each step's gather runs over every worker, for the whole batch's embeddings: with
+    replicas, when some peer's loss reads embeddings (MCL's similarities span the whole batch)."""
+    return topology.replicas > 1 and any(reads_embedding(topology, peer) for peer in topology.peer_names)
+
+
+def pad_rows(buffer: torch.Tensor, rows: int) -> torch.Tensor:
+    """``buffer`` with zero rows appended up to ``rows`` (the largest shard's: ``all_gather`` needs one
+    shape on every rank)."""
+    return torch.nn.functional.pad(buffer, (0, 0, 0, rows - len(buffer))) if len(buffer) < rows else buffer
 
 
 def stage_sizes(sender: Sequence[tuple[int, int, int]], receiver: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
