@@ -20,6 +20,8 @@ from cohort.worker.grid import (
     shard_bounds,
     shard_loss_scale,
     slot_of,
+    whole_batch_gradient_scale,
+    whole_batch_rows,
     worker_grid,
 )
 
@@ -224,3 +226,20 @@ def test_bf16_trains_on_the_cpu_with_fp32_logits():
     assert low.dtype == torch.bfloat16
     assert not torch.equal(low.float(), model(inputs))
     torch.testing.assert_close(low.float(), model(inputs), rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("size,shards", [(13, 2), (14, 3), (60, 2), (7, 4)])
+def test_whole_batch_terms_get_the_replica_count_in_all(size, shards):
+    """A term over the whole batch (MCL's) is the one-process term on every replica: with the shard's
+    scale and its own, DDP's average of the replicas' gradients is its gradient (M/M)."""
+    for shard in range(shards):
+        start, stop = shard_bounds(size, shards, shard)
+        n = stop - start
+        assert shard_loss_scale(n, size, shards) * whole_batch_gradient_scale(n, size) == pytest.approx(shards)
+
+
+def test_the_whole_batch_rows_of_each_peer_come_from_every_shard_trimmed():
+    bounds = [shard_bounds(5, 2, shard) for shard in range(2)]  # 3 and 2 rows, padded to 3
+    gathered = [torch.full((3, 1), float(10 * rank)) + torch.arange(3.0)[:, None] for rank in range(4)]
+    a, b = whole_batch_rows(gathered, 2, bounds)  # ranks: (shard 0: a, b), (shard 1: a, b)
+    assert a.flatten().tolist() == [0, 1, 2, 20, 21] and b.flatten().tolist() == [10, 11, 12, 30, 31]

@@ -1,6 +1,7 @@
-"""Representations without Ray: the exchange's packed layout, heads on Sequential-built nets, and
-bad input (unknown taps, maps that cannot be matched, mcl edges without embeddings, samplers the
-batch or the dataset cannot fill), each one line and exit 2 before anything starts."""
+"""Representations without Ray: the exchange's packed layout, heads on Sequential-built nets, bad
+input (unknown taps, maps that cannot be matched, mcl edges without embeddings, samplers the batch or
+the dataset cannot fill), each one line and exit 2 before anything starts, and replicas: MCL and
+attention on shards give, averaged as DDP does, each peer's whole-batch gradient."""
 from __future__ import annotations
 
 import dataclasses

@@ -4,7 +4,8 @@ With ``replicas: M`` every peer trains on M workers. Each global batch is split 
 for each shard there is one worker of every peer. Ranks run shard by shard,
 ``rank = shard * num_peers + peer_index``, so ranks 0..N-1 are shard 0 and M = 1 keeps the ranks
 of a cohort without replicas. Logits are exchanged within a shard (its *exchange group*);
-gradients are averaged within a peer (its *peer group*, M workers).
+gradients are averaged within a peer (its *peer group*, M workers). MCL's embeddings span the
+whole batch: a cohort with them gathers each step over every worker (``whole_batch_rows``).
 
 Pure functions only: the process groups themselves are created in ``cohort.worker.exchange``.
 """
