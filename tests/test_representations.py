@@ -160,7 +160,20 @@ def test_an_mcl_pair_with_replicas_plans_its_whole_batch_exchange(capsys, tmp_pa
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(with_replicas(), sort_keys=False))
     assert main([str(path), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
-    assert "teacher: logits 10, embedding 128 floats per image" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "teacher: logits 10, embedding 128 floats per image" in out
+    assert "one all_gather over every worker: the whole batch's embeddings to each replica" in out
+
+
+def test_an_embedding_only_sent_is_computed_without_a_graph():
+    from types import SimpleNamespace
+
+    from cohort.worker.representations import PeerTaps
+
+    head = EmbeddingHead(4, 8)
+    recorder = SimpleNamespace(penultimate=torch.randn(3, 4), stages=None)
+    read, sent = (PeerTaps("a", None, recorder, head, None, live_embedding=live).own()[0] for live in (True, False))
+    assert read.requires_grad and not sent.requires_grad and torch.equal(read, sent)
 
 
 def test_a_head_on_a_model_without_a_linear_classifier_is_one_line():

@@ -7,6 +7,7 @@ from typing import Any
 from cohort.driver.launch import Plan
 from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, worker_grid
+from cohort.worker.payload import whole_batch_exchange
 from cohort.worker.report import ENSEMBLE, evaluated, metric_key
 
 
@@ -167,7 +168,9 @@ def describe_payload(plan: Plan) -> list[str]:
     if layout is None:
         return []
     batch = plan.topology.data.batch_size
-    lines = [f"  exchanged per step (batch {batch}, one all_gather, rows padded to the widest peer's "
+    gather = ("one all_gather over every worker: the whole batch's embeddings to each replica"
+              if whole_batch_exchange(plan.topology) else "one all_gather")
+    lines = [f"  exchanged per step (batch {batch}, {gather}, rows padded to the widest peer's "
              f"{layout.row} floats per image):"]
     for peer, parts in layout.parts.items():
         sent = ", ".join(f"{part.name} {part.width}" for part in parts)
