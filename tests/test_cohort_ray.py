@@ -252,22 +252,31 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
-    """cohort.run sends the dataset its plan loaded through the object store: the workers never
-    open ``data.root`` (here a table that does not exist; on a cluster, a file only the driver has)."""
+def test_workers_train_on_the_drivers_copy_of_the_data_and_weights(ray_cluster, tmp_path):
+    """cohort.run sends what its plan loaded through the object store: the dataset and every peer
+    checkpoint's weights (read once by the plan: a file here, an MLflow reference the same way). The
+    workers never open ``data.root`` (here a table that does not exist) nor the checkpoint's path
+    (deleted once the plan is made): on a cluster, files only the driver has."""
     from ray.util.queue import Queue
 
-    from cohort.driver.launch import make_trainer
+    from cohort.driver.launch import make_plan, make_trainer
 
-    topology = topology_from_dict({
-        "name": "driver-data", "data": {"dataset": "parquet", "root": str(tmp_path / "absent.parquet"),
-                                        "batch_size": 256},
-        "train": {"epochs": 1}, "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
-        "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
+    spec = {"name": "driver-copies", "data": {"batch_size": 256}, "train": {"epochs": 1},
+            "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
     digits = load_dataset(DataConfig())
+    state = {key: value * 1.5 for key, value in build_peer(topology_from_dict(spec), "a", digits.info).state_dict().items()}
+    checkpoint = tmp_path / "a.pt"
+    torch.save(state, checkpoint)
+    frozen = {**spec, "peers": {**spec["peers"], "a": {"model": "mlp_tiny", "frozen": True, "checkpoint": str(checkpoint)}}}
+    plan = make_plan(topology_from_dict(frozen), f"sqlite:///{tmp_path}/m.db", 2)
+    checkpoint.unlink()
+    assert set(plan.weights) == {"a"} and all(torch.equal(plan.weights["a"][k], v) for k, v in state.items())
+    topology = topology_from_dict({**frozen, "data": {"dataset": "parquet", "root": str(tmp_path / "absent.parquet"),
+                                                      "batch_size": 256}})
     progress = Queue()
-    make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-data", progress=progress, dataset=digits,
-                 live_steps=True).fit()
+    result = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-copies", progress=progress, dataset=digits,
+                          weights=plan.weights, live_steps=True).fit()
     messages = [progress.get(timeout=10) for _ in range(progress.qsize())]
     # live_steps: rank 0's step counter came first (at most 4 a second), ending at the epoch's last step
     # with every training image counted; then the epoch's report.
@@ -276,37 +285,9 @@ def test_workers_train_on_the_drivers_copy_of_the_data(ray_cluster, tmp_path):
     last = epoch_steps(digits.info.train_size, 256)
     assert steps[-1]["step"] == steps[-1]["steps"] == last and steps[-1]["images"] == digits.info.train_size
     assert all(m["in_epoch"] == 1 for m in steps) and [m["step"] for m in steps] == sorted({m["step"] for m in steps})
-    assert report["a/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
-    # Evaluated on digits' test split (360 images): a share of 360, not NaN, not another split's.
-    assert 0 < report["a/acc"] <= 1 and report["a/acc"] * 360 == pytest.approx(round(report["a/acc"] * 360))
-
-
-@pytest.mark.ray
-def test_workers_take_the_checkpoints_the_driver_read(ray_cluster, tmp_path):
-    """The plan reads every peer checkpoint once (a file here; an MLflow reference the same way)
-    and cohort.run sends the weights through the object store: the workers never open the path
-    (here deleted once the plan is made; on a cluster, a file only the driver has)."""
-    from ray.util.queue import Queue
-
-    from cohort.driver.launch import make_plan, make_trainer
-
-    spec = {"name": "driver-weights", "data": {"batch_size": 256}, "train": {"epochs": 1},
-            "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
-            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
-    info = load_dataset(DataConfig()).info
-    state = {key: value * 1.5 for key, value in build_peer(topology_from_dict(spec), "a", info).state_dict().items()}
-    checkpoint = tmp_path / "a.pt"
-    torch.save(state, checkpoint)
-    topology = topology_from_dict({**spec, "peers": {**spec["peers"], "a": {"model": "mlp_tiny", "frozen": True,
-                                                                              "checkpoint": str(checkpoint)}}})
-    plan = make_plan(topology, f"sqlite:///{tmp_path}/m.db", 2)
-    checkpoint.unlink()
-    assert set(plan.weights) == {"a"} and all(torch.equal(plan.weights["a"][k], v) for k, v in state.items())
-    progress = Queue()
-    result = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "driver-weights", progress=progress,
-                          dataset=plan.dataset, weights=plan.weights).fit()
-    report = progress.get(timeout=10)
     assert report["b/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
+    # Evaluated on digits' test split (360 images): a share of 360, not NaN, not another split's.
+    assert 0 < report["b/acc"] <= 1 and report["b/acc"] * 360 == pytest.approx(round(report["b/acc"] * 360))
     with result.checkpoint.as_directory() as folder:
         trained = torch.load(Path(folder) / "a.pt", weights_only=True)
     for key, value in state.items():
