@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.common import TEST_IMAGES, ratio, summarize, write_slice
 from bench.exchange import EQUAL, bench_topology, main
@@ -88,3 +89,35 @@ def test_representations_refuse_missing_data_before_starting_anything(tmp_path, 
     assert main(["--representations", "--data", str(missing), "--quick", "--out", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err.strip().startswith(f"{missing}: no such file")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_data_memory_pieces(tmp_path):
+    """bench.data_memory without a run: its short epochs, its topologies, its process tree and PSS."""
+    import os
+    import pickle
+    import subprocess
+
+    from bench.data_memory import FewSteps, cohort_topology, descendants, per_extra_peer, pss_kb, sample
+    from cohort.topology import DataConfig, topology_from_dict
+
+    digits = load_dataset(DataConfig())
+    short = pickle.loads(pickle.dumps(FewSteps(digits, 3)))
+    assert len(list(short.train_batches(64, 0, 1))) == 3 and short.info == digits.info
+    for (x, y), (x0, y0) in zip(short.test_batches(100), digits.test_batches(100), strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    ring = topology_from_dict(cohort_topology(4, "parquet", tmp_path / "t.parquet"))
+    assert len(ring.peers) == 4 and len(ring.edges) == 4 and ring.train.epochs == 1
+    assert not topology_from_dict(cohort_topology(1, "digits", tmp_path)).edges
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in descendants(os.getpid())
+        sizes = pss_kb(os.getpid())
+        assert sizes["pss"] > 0 and set(sizes) == {"pss", "anon", "file", "shmem"}
+        now = sample(os.getpid())
+        assert now["processes"] >= 2 and now["total"] == pytest.approx(now["driver"] + now["workers"] + now["ray"])
+    finally:
+        child.kill()
+        child.wait()
+    runs = {"1": {"peak_mb": {"total": 1000.0}}, "4": {"peak_mb": {"total": 2500.0}}}
+    assert per_extra_peer(runs) == 500.0 and per_extra_peer({"2": runs["1"]}) is None

@@ -103,6 +103,7 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
             assert [m.step for m in history] == [1, 2], (peer, metric)
     for peer in peers:
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"{peer}/train_loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{peer}/data_wait_seconds")] == [1, 2]
         assert run.data.metrics[f"{peer}/acc"] > 0.3  # two short epochs: well above chance (0.1)
     assert run.data.metrics["cohort/batches_identical"] == 1.0
     assert run.data.params["edges.0.delta_high"] == "1.0"
@@ -285,6 +286,9 @@ def test_workers_train_on_the_drivers_copy_of_the_data_and_weights(ray_cluster, 
     last = epoch_steps(digits.info.train_size, 256)
     assert steps[-1]["step"] == steps[-1]["steps"] == last and steps[-1]["images"] == digits.info.train_size
     assert all(m["in_epoch"] == 1 for m in steps) and [m["step"] for m in steps] == sorted({m["step"] for m in steps})
+    # Every peer's wait for its batches (made in its own process here: data.num_workers 0), within its epoch.
+    for peer in ("a", "b"):
+        assert 0 < report[f"{peer}/data_wait_seconds"] < report[f"{peer}/epoch_seconds"]
     assert report["b/train_acc"] > 0 and report["cohort/batches_identical"] == 1.0
     # Evaluated on digits' test split (360 images): a share of 360, not NaN, not another split's.
     assert 0 < report["b/acc"] <= 1 and report["b/acc"] * 360 == pytest.approx(round(report["b/acc"] * 360))
@@ -292,6 +296,43 @@ def test_workers_train_on_the_drivers_copy_of_the_data_and_weights(ray_cluster, 
         trained = torch.load(Path(folder) / "a.pt", weights_only=True)
     for key, value in state.items():
         assert torch.equal(trained[key], value), key  # the frozen peer ran on exactly the driver's weights
+
+
+@pytest.mark.ray
+def test_the_dataset_comes_out_of_the_object_store_shared_not_copied(ray_cluster):
+    """What cohort.run puts in the object store for its workers (here digits with a validation
+    split: a wrapper around the tensors): every ``ray.get``, in the driver or in a worker process,
+    reads the store's one copy (cohort.datasets.shared), with the values and batches of the original."""
+    import ray
+
+    data = load_dataset(DataConfig(val_fraction=0.1))
+    reference = ray.put(data)
+    first, second = ray.get(reference), ray.get(reference)
+    assert first.inner.train_x.data_ptr() == second.inner.train_x.data_ptr() != data.inner.train_x.data_ptr()
+    assert torch.equal(first.inner.train_x, data.inner.train_x) and torch.equal(first.val, data.val)
+    expected = [(x, y) for x, y in data.train_batches(256, seed=2, epoch=1)]
+    for (x, y), (x0, y0) in zip(first.train_batches(256, seed=2, epoch=1), expected, strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+    @ray.remote
+    def read_twice(holder: list) -> tuple[bool, str, int]:
+        import zlib
+
+        one, two = ray.get(holder[0]), ray.get(holder[0])
+        pointer = one.inner.train_x.data_ptr()
+        mapping = "?"  # the file this worker process has mapped at the pointer ('' for anonymous memory)
+        for line in open("/proc/self/maps").read().splitlines():
+            fields = line.split(maxsplit=5)
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low <= pointer < high:
+                mapping = fields[5].strip() if len(fields) > 5 else ""
+        return pointer == two.inner.train_x.data_ptr(), mapping, zlib.crc32(one.inner.train_x.numpy().tobytes())
+
+    same, mapping, checksum = ray.get(read_twice.remote([reference]))
+    # In the store's shared memory (a file Ray maps, /dev/shm/plasma... here), not a private copy.
+    assert same and mapping.startswith("/") and "plasma" in mapping, mapping
+    assert checksum == zlib.crc32(data.inner.train_x.numpy().tobytes())
+
 
 
 # --------------------------------------------------------------------------- failures

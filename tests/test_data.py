@@ -367,3 +367,95 @@ def test_dataset_settings_are_data_config_fields_and_every_dataset_file_is_impor
         assert DataConfig.model_fields[name].default == unset
     for module in pkgutil.iter_modules(cohort.datasets.__path__):
         assert f"cohort.datasets.{module.name}" in sys.modules
+
+
+# --------------------------------------------------------------------------- through Ray's object store, and the plan's data line
+
+
+def test_a_pickled_dataset_carries_numpy_arrays_and_comes_back_with_the_same_batches(tmp_path):
+    """What Ray stores of a dataset: its tensors as numpy arrays (which Ray reads back without a
+    copy, cohort.datasets.shared), through every wrapper; unpickled, the same batches and info."""
+    from cohort.datasets.shared import SharedArray
+
+    root = str(write_table(tmp_path / "t.parquet", tiny_rows()))
+    data = load_dataset(DataConfig(dataset="parquet", root=root, long_tail={"imbalance": 2}, val_fraction=0.25))
+    state = data.__getstate__()
+    assert isinstance(state["keep"], SharedArray) and isinstance(state["val"], SharedArray)
+    inner = state["inner"].inner.__getstate__()  # the validation split's long tail's image table
+    assert isinstance(inner["train_images"], SharedArray) and inner["train_images"].array.dtype == np.uint8
+    assert not any(isinstance(value, torch.Tensor) for value in inner.values())
+
+    again = pickle.loads(pickle.dumps(data))
+    assert isinstance(again.inner.inner.train_images, torch.Tensor) and again.info == data.info
+    assert_same_batches(all_batches(again.train_batches(3, seed=4, epoch=2)),
+                        all_batches(data.train_batches(3, seed=4, epoch=2)))
+    assert_same_batches(all_batches(again.test_batches(4)), all_batches(data.test_batches(4)))
+    assert_same_batches(all_batches(again.val_batches(2)), all_batches(data.val_batches(2)))
+
+
+def test_a_read_only_array_becomes_a_tensor_over_it_without_a_warning():
+    import warnings
+
+    from cohort.datasets.shared import tensor_over
+
+    array = np.arange(12, dtype=np.uint8)
+    array.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = tensor_over(array)
+    assert tensor.data_ptr() == array.ctypes.data and tensor.tolist() == list(range(12))
+
+
+def test_memory_bytes_are_the_arrays_sizes_and_wrappers_keep_them(tmp_path):
+    root = str(write_table(tmp_path / "t.parquet", tiny_rows()))
+    table = load_dataset(DataConfig(dataset="parquet", root=root))
+    # 18 images of 3x8x8 uint8, 18 int64 labels, the 3-channel mean and std in float32.
+    assert table.info.memory_bytes == 18 * 3 * 8 * 8 + 18 * 8 + 2 * 3 * 4
+    wrapped = load_dataset(DataConfig(dataset="parquet", root=root, long_tail={"imbalance": 2}, val_fraction=0.25))
+    assert wrapped.info.memory_bytes == table.info.memory_bytes
+    digits = load_dataset(DataConfig())
+    assert digits.info.memory_bytes == (1797 * 64 * 4 + 1797 * 8)  # float32 8x8 pixels, int64 labels
+    assert load_dataset(DataConfig(dataset="imagefolder", root=str(image_folder(tmp_path)))).info.memory_bytes == 0
+
+
+def test_the_plan_says_which_data_pipeline_runs_and_what_it_holds(tmp_path):
+    import yaml
+
+    from cohort import load_topology
+    from cohort.run import dry_run_text
+
+    def data_line(data: dict) -> str:
+        topology = {"name": "t", "data": data, "peers": {"a": {"model": "cnn_small"}}}
+        path = tmp_path / "t.yaml"
+        path.write_text(yaml.safe_dump(topology))
+        text = dry_run_text(load_topology(path), f"sqlite:///{tmp_path}/mlflow.db", [])
+        (line,) = [line for line in text.splitlines() if line.startswith("  data: ")]
+        return line
+
+    assert data_line({"dataset": "digits"}) == ("  data: in memory, shared through Ray's object store: 474 kB once "
+                                                 "per node (not per peer), loaded by the driver")
+    table = str(write_table(tmp_path / "t.parquet", tiny_rows()))
+    assert "object store: 3.6 kB once per node" in data_line({"dataset": "parquet", "root": table})
+    # CIFAR not downloaded yet: the size it will have, 60,000 uint8 images of 3x32x32 and their labels.
+    cifar = data_line({"dataset": "cifar10", "root": str(tmp_path / "cifar"), "download": True})
+    assert "object store: 185 MB once per node" in cifar
+    folder = data_line({"dataset": "imagefolder", "root": str(image_folder(tmp_path)), "image_size": 16})
+    assert folder == "  data: read from its files by every peer's worker, which decodes each batch itself"
+
+
+def test_the_data_wait_counts_the_time_in_next_not_the_training_step():
+    import time
+
+    from cohort.worker.loop import waited_for
+    from cohort.worker.report import EpochStats
+
+    def slow_batches():
+        for number in range(3):
+            time.sleep(0.03)
+            yield number
+
+    stats = EpochStats()
+    for _ in waited_for(slow_batches(), stats):
+        time.sleep(0.1)  # the step: not waiting for data
+    assert 0.09 <= stats.data_wait_seconds < 0.2
+    assert stats.summary()["data_wait_seconds"] == stats.data_wait_seconds

@@ -109,6 +109,20 @@ def test_three_peers_keep_their_line_when_it_fits():
     assert render_epoch(peers, 5, {**report, "epoch": 5}, 0.5, 0.0, 140).endswith("0.5s")  # no "left" at the end
 
 
+def test_an_epoch_line_says_when_a_peer_waited_for_data():
+    peers = ["a", "b", "ensemble"]
+    report = fake_report(peers[:2], 1)
+    report.update({"a/epoch_seconds": 10.0, "a/data_wait_seconds": 0.5, "b/epoch_seconds": 8.0,
+                   "b/data_wait_seconds": 2.0})
+    line = render_epoch(peers, 3, report, 12.0, None, width=None)
+    assert "  |  b waited for data 25%  |  12.0s" in line and "a waited" not in line
+    table = render_epoch(peers, 3, report, 12.0, None, width=40)
+    assert table.splitlines()[0] == "epoch 1/3  |  b waited for data 25%  |  12.0s"
+    report["b/data_wait_seconds"] = 0.7  # under a tenth of every peer's training time: not shown
+    assert "waited" not in render_epoch(peers, 3, report, 12.0, None, width=None)
+    assert "waited" not in render_epoch(peers, 3, fake_report(peers[:2], 1), 12.0, None, width=None)
+
+
 def run_epochs(mode, peers, epochs=3, steps=True):
     out, err, now = (Tty() if mode == "tty" else io.StringIO()), io.StringIO(), Clock()
     display = EpochDisplay(Display(mode, out, err, width=120), [*peers, "ensemble"], epochs, now=now)

@@ -214,6 +214,21 @@ def peer_cells(peers: list[str], report: dict[str, Any]) -> list[tuple[str, floa
     return rows
 
 
+DATA_WAIT_SHOWN = 0.1  # the share of a peer's training time spent waiting for batches that an epoch's line shows
+
+
+def data_wait_text(peers: list[str], report: dict[str, Any]) -> str:
+    """The peer that waited longest for its batches, as a share of its training time, where the
+    share is ``DATA_WAIT_SHOWN`` or more (the data, not the networks or the exchange, set the pace); else ''."""
+    shares = []
+    for peer in peers:
+        wait, seconds = _metric(report, peer, "data_wait_seconds"), _metric(report, peer, "epoch_seconds")
+        if wait is not None and seconds:
+            shares.append((wait / seconds, peer))
+    share, peer = max(shares, default=(0.0, ""))
+    return f"{peer} waited for data {100 * share:.0f}%" if share >= DATA_WAIT_SHOWN else ""
+
+
 def epoch_head(epoch: int, epochs: int) -> str:
     return f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
 
@@ -233,6 +248,9 @@ def epoch_line(peers: list[str], epochs: int, report: dict[str, Any], seconds: f
         paused = _metric(report, peer, "paused")
         if paused:
             parts.append(f"{peer} paused {100 * paused:.0f}%")
+    waited = data_wait_text(peers, report)
+    if waited:
+        parts.append(waited)
     parts.append(f"{seconds:.1f}s")
     if left is not None and report["epoch"] < epochs:
         parts.append(left_text(left))
@@ -245,7 +263,8 @@ def epoch_table(peers: list[str], epochs: int, report: dict[str, Any], seconds: 
     rows = peer_cells(peers, report)
     tails = any(tail is not None for *_, tail in rows)
     name = max([len("peer"), *(len(row[0]) for row in rows)])
-    head = f"{epoch_head(report['epoch'], epochs)}  |  {seconds:.1f}s"
+    waited = data_wait_text(peers, report)
+    head = f"{epoch_head(report['epoch'], epochs)}  |  " + (f"{waited}  |  " if waited else "") + f"{seconds:.1f}s"
     if left is not None and report["epoch"] < epochs:
         head += f"  |  {left_text(left)}"
     lines = [head, f"  {'peer':<{name}}  {'top-1':>6}  {'ECE':>6}" + (f"  {'tail':>6}" if tails else "")]

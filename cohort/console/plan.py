@@ -48,6 +48,23 @@ def describe_calibration(topology, info) -> str:
             f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
 
 
+def describe_data(info) -> str:
+    """Which data pipeline runs, and what it holds in memory."""
+    if not info.memory_bytes:
+        return "data: read from its files by every peer's worker, which decodes each batch itself"
+    return (f"data: in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per node "
+            "(not per peer), loaded by the driver")
+
+
+def byte_size(count: int) -> str:
+    """``count`` bytes in kB, MB or GB (decimal units), two or three significant digits."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            value = count / size
+            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def describe_plan(plan: Plan) -> str:
     topology, info = plan.topology, plan.info
     # Columns as wide as their longest name, and a space after it: long names never run together.
@@ -62,6 +79,7 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         f"  {describe_calibration(topology, info)}",
+        f"  {describe_data(info)}",
         "",
         f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, class_counts
+from cohort.datasets.shared import held_bytes
 
 
 class ImageArrays(CohortDataset):
@@ -22,7 +23,8 @@ class ImageArrays(CohortDataset):
         self.padding = padding
         self.info = DatasetInfo(name, num_classes, self.train_images.shape[1], len(self.train_labels),
                                 len(self.test_labels), class_counts(self.train_labels, num_classes),
-                                tuple(class_names), tuple(notes), tuple(self.train_images.shape[1:]))
+                                tuple(class_names), tuple(notes), tuple(self.train_images.shape[1:]),
+                                memory_bytes=held_bytes(vars(self)))
 
     @property
     def train_targets(self) -> torch.Tensor:

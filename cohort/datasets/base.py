@@ -17,6 +17,7 @@ import torch
 
 from cohort.config.errors import CohortError
 from cohort.datasets.sampling import class_balanced_batches
+from cohort.datasets.shared import from_shared, held_bytes, to_shared
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,6 +34,9 @@ class DatasetInfo:
     notes: tuple[str, ...] = ()  # what the user should know about the data (skipped rows, ...)
     input_size: tuple[int, ...] = ()  # one input's shape, (C, H, W): the plan estimates each peer's compute from it
     val_size: int = 0  # training images held out as the validation split (data.val_fraction)
+    # Bytes of the arrays the dataset holds in memory, put once in Ray's object store and read there
+    # by every peer on a node (cohort.datasets.shared); 0: its batches are read from files.
+    memory_bytes: int = 0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -61,10 +65,18 @@ class CohortDataset:
     """A train and a test split, served as batches.
 
     Subclasses implement ``make_batch(indices, train, seed)``, a pure function of its arguments,
-    so that batches can be built in DataLoader worker processes in any order.
+    so that batches can be built in DataLoader worker processes in any order. Pickled (through
+    Ray's object store), a dataset's tensors travel as numpy arrays and come back as tensors over
+    the store's shared memory (``cohort.datasets.shared``): nothing may write into them.
     """
 
     info: DatasetInfo
+
+    def __getstate__(self) -> dict:
+        return to_shared(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(from_shared(state))
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         raise NotImplementedError
@@ -135,7 +147,8 @@ class TensorSplits(CohortDataset):
         self.test_x, self.test_y = test
         self._preprocessing = dict(preprocessing or {})
         self.info = DatasetInfo(name, num_classes, self.train_x.shape[1], len(self.train_y), len(self.test_y),
-                                class_counts(self.train_y, num_classes), input_size=tuple(self.train_x.shape[1:]))
+                                class_counts(self.train_y, num_classes), input_size=tuple(self.train_x.shape[1:]),
+                                memory_bytes=held_bytes(vars(self)))
 
     @property
     def train_targets(self) -> torch.Tensor:

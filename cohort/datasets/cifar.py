@@ -26,6 +26,7 @@ def preview_cifar(dataset: str, root: str | None = None, download: bool = False)
     _, num_classes, _, _ = CIFAR[dataset]
     per_class = 50_000 // num_classes
     return DatasetInfo(dataset, num_classes, 3, 50_000, 10_000, (per_class,) * num_classes, input_size=(3, 32, 32),
+                       memory_bytes=60_000 * (3 * 32 * 32 + 8),  # uint8 images, int64 labels: as load_cifar holds them
                        notes=(f"{dataset} is not in {root!r} yet: torchvision downloads it when the run starts",))
 
 

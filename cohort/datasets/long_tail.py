@@ -1,9 +1,11 @@
 """Long-tailed training sets: a subsample of every class, as in LDAM-DRW."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, class_counts
+from cohort.datasets.base import Batch, CohortDataset, class_counts
 
 LONG_TAIL_SEED = 0  # which images a long-tailed set keeps is the same for every run
 
@@ -36,8 +38,7 @@ class LongTailed(CohortDataset):
         self.keep = torch.cat(kept).sort().values
         counts = class_counts(targets[self.keep], info.num_classes)
         note = f"long-tailed training set ({profile}, imbalance {imbalance:g}): {len(self.keep)} images"
-        self.info = DatasetInfo(info.name, info.num_classes, info.in_channels, len(self.keep), info.test_size,
-                                counts, info.class_names, info.notes + (note,), info.input_size)
+        self.info = replace(info, train_size=len(self.keep), train_class_counts=counts, notes=info.notes + (note,))
 
     @property
     def train_targets(self) -> torch.Tensor:

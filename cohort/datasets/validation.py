@@ -4,6 +4,7 @@ the same seed; with a long-tailed set it is carved from what the long tail kept,
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -28,8 +29,7 @@ def split_info(info: DatasetInfo, fraction: float) -> DatasetInfo:
     """The dataset's sizes once the validation split is held out."""
     held = validation_counts(info.train_class_counts, fraction)
     kept = tuple(n - v for n, v in zip(info.train_class_counts, held))
-    return DatasetInfo(info.name, info.num_classes, info.in_channels, sum(kept), info.test_size, kept,
-                       info.class_names, info.notes, info.input_size, sum(held))
+    return replace(info, train_size=sum(kept), train_class_counts=kept, val_size=sum(held))
 
 
 class ValidationSplit(CohortDataset):

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch.distributed
 import torch.nn as nn
 
 from cohort.config.errors import CohortError
-from cohort.datasets import CohortDataset, load_dataset
+from cohort.datasets import Batch, CohortDataset, load_dataset
 from cohort.gates.decision import Gating, StepDecision
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import NO_REPRESENTATIONS, Representations, peer_objective
@@ -100,9 +101,9 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     if run.ticker is not None:
         run.ticker.begin(epoch)
     step_started = (time.perf_counter(), time.process_time())
-    for step, (inputs, labels) in enumerate(data.train_batches(topology.data.batch_size, topology.seed, epoch,
-                                                                     topology.data.num_workers, shards,
-                                                                     sampler=topology.data.sampler)):
+    batches = data.train_batches(topology.data.batch_size, topology.seed, epoch, topology.data.num_workers, shards,
+                                 sampler=topology.data.sampler)
+    for step, (inputs, labels) in enumerate(waited_for(batches, stats)):
         batch_size = len(labels)
         start, stop = shard_bounds(batch_size, shards, run.shard)
         # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
@@ -144,6 +145,20 @@ def batch_shards(run: PeerStep, labels: torch.Tensor) -> BatchShards | None:
     if run.taps is None or not run.taps.whole_batch:
         return None
     return BatchShards(labels.to(run.device, non_blocking=True), run.topology.replicas, run.shard)
+
+
+def waited_for(batches: Iterable[Batch], stats: EpochStats) -> Iterator[Batch]:
+    """``batches``, each one's wait (the time in the iterator's ``next()``) added to ``stats.data_wait_seconds``."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            stats.data_wait_seconds += time.perf_counter() - started
+        yield batch
 
 
 def exchange_step(run: PeerStep, own_logits: torch.Tensor, embedding: torch.Tensor | None,

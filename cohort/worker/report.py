@@ -78,6 +78,9 @@ class EpochStats:
     gate_steps: dict[str, int] = field(default_factory=dict)
     # Bytes this peer put into each step's exchange (logits, and the representations edges need).
     exchange_bytes: list[int] = field(default_factory=list)
+    # Seconds the training loop spent waiting for its next batch over the epoch (in the iterator's
+    # next(): with data.num_workers 0, the batch's making itself).
+    data_wait_seconds: float = 0.0
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -95,7 +98,8 @@ class EpochStats:
     def summary(self) -> dict[str, float]:
         summary = {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1),
                    "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
-                   "step_cpu_seconds": _median(self.step_cpu_seconds), "exchange_bytes": _median(self.exchange_bytes)}
+                   "step_cpu_seconds": _median(self.step_cpu_seconds), "exchange_bytes": _median(self.exchange_bytes),
+                   "data_wait_seconds": self.data_wait_seconds}
         if self.paused_steps is not None:
             summary["paused"] = self.paused_steps / max(self.steps, 1)
             summary.update((key, count / max(self.steps, 1)) for key, count in self.gate_steps.items())
@@ -118,7 +122,7 @@ class EpochStats:
                    step_seconds=first.step_seconds, exchange_seconds=first.exchange_seconds,
                    step_cpu_seconds=first.step_cpu_seconds, first_step_at=first.first_step_at,
                    paused_steps=first.paused_steps, gate_steps=dict(first.gate_steps),
-                   exchange_bytes=first.exchange_bytes)
+                   exchange_bytes=first.exchange_bytes, data_wait_seconds=first.data_wait_seconds)
 
 
 def _median(values: list[float]) -> float:
