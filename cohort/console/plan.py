@@ -108,12 +108,31 @@ def describe_plan(plan: Plan) -> str:
         f"{f' + {gpus:g} GPU' if gpus else ''}; torch threads in proportion to each peer's compute "
         "(GFLOPs: one step, per sample)"
         + "".join(f", {text}" for text in placement_constraints(resources)),
-        f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
-        *describe_payload(plan),
+        *(describe_snapshots(topology) if topology.exchange.snapshot else [
+            f"  exchange: {backend.name}{' on host copies' if backend.host_copies else ''} ({backend.reason})",
+            *describe_payload(plan)]),
         *describe_grid(topology),
         f"  tracking: experiment {topology.experiment!r} at {plan.tracking_uri}",
     ]
     return "\n".join(lines)
+
+
+def describe_snapshots(topology: Topology) -> list[str]:
+    """Codistillation's exchange (cohort.worker.snapshots), in the plan's words."""
+    exchange = topology.exchange
+    wait = ("never waits for a teacher" if exchange.staleness is None
+            else f"waits when a teacher's copy is more than {exchange.staleness} steps behind")
+    data = (f"each peer its own 1/{len(topology.peers)} of every epoch" if exchange.data == "disjoint"
+            else "every peer on every batch")
+    lines = [f"  exchange: snapshots: each peer publishes its weights every {exchange.every} of its steps and "
+             f"computes its teachers' logits from copies ({exchange.teachers} mode); a peer {wait}",
+             f"    data: {data}; distillation from step {exchange.burn_in + 1}" if exchange.burn_in
+             else f"    data: {data}"]
+    for peer in topology.peer_names:
+        teachers = topology.teachers_of(peer)
+        if teachers:
+            lines.append(f"    {peer} holds copies of {', '.join(teachers)}")
+    return lines
 
 
 def describe_gates(topology) -> list[str]:

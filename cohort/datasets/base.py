@@ -55,6 +55,13 @@ def batch_indices(order: torch.Tensor, batch_size: int, shards: int = 1) -> list
     return batches
 
 
+def disjoint_part(batches: list, index: int, count: int) -> list:
+    """Part ``index`` of ``count`` of an epoch's batches: every ``count``-th from the ``index``-th,
+    the same number for every part (the batches left over after the last full round are left out)."""
+    usable = len(batches) // count * count
+    return batches[index:usable:count]
+
+
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
     """The augmentation seed of one training batch."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{batch}".encode(), digest_size=8).digest()
@@ -100,8 +107,11 @@ class CohortDataset:
         return iter(())
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
-                      shards: int = 1, sampler: Any = None) -> Iterator[Batch]:
+                      shards: int = 1, sampler: Any = None, part: tuple[int, int] | None = None) -> Iterator[Batch]:
         """The epoch's whole batches (``shards``: how many replicas will split each of them).
+
+        ``part``: ``(index, count)``, only this part of the epoch's batches, ``disjoint_part``
+        (codistillation's disjoint data: each peer its own batches of the same plan).
 
         ``sampler``: the topology's ``data.sampler`` (``cohort.topology.SamplerConfig``): with one,
         class-balanced batches of exactly ``batch_size`` (``cohort.datasets.sampling``) drawn from
@@ -113,7 +123,7 @@ class CohortDataset:
         else:
             indices = class_balanced_batches(self.train_targets, batch_size, sampler.m_per_class, seed, epoch)
         plan = [(index, True, batch_seed(seed, epoch, number)) for number, index in enumerate(indices)]
-        return self._serve(plan, num_workers)
+        return self._serve(plan if part is None else disjoint_part(plan, *part), num_workers)
 
     def test_batches(self, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
         plan = [(index, False, 0) for index in torch.arange(self.info.test_size).split(batch_size)]

@@ -223,7 +223,9 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
                            "dataset": ray.put(dataset) if dataset is not None else None,
-                           "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()}},
+                           "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()},
+                           # Codistillation: the run's register of published weights (cohort.worker.snapshots).
+                           "snapshot_board": snapshot_board() if topology.exchange.snapshot else None},
         # One worker per peer and replica (cohort.worker.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
@@ -244,6 +246,15 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
             callbacks=list(callbacks),
         ),
     )
+
+
+def snapshot_board():
+    """The run's ``SnapshotBoard`` actor (no CPU of its own: a few calls per publication)."""
+    import ray
+
+    from cohort.worker.snapshots import SnapshotBoard
+
+    return ray.remote(num_cpus=0)(SnapshotBoard).remote()
 
 
 def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:

@@ -243,6 +243,39 @@ class ResourcesConfig(Strict):
         return 1.0 if self.gpus_per_peer is None else self.gpus_per_peer
 
 
+class ExchangeConfig(Strict):
+    """How peers see each other's predictions (docs/codistillation.md): ``lockstep``, every step's
+    logits through one collective (the default), or ``snapshot``, codistillation: each peer publishes
+    its weights every ``every`` of its steps and computes its teachers' logits from its copies of them."""
+
+    mode: Literal["lockstep", "snapshot"] = "lockstep"
+    every: Int = Field(50, ge=1, description="snapshot: a peer's steps between publications of its weights (k)")
+    staleness: Int | None = Field(None, ge=0, description="snapshot: the most steps a teacher's copy may lag behind "
+                                  "the reader's step before the reader waits (default: it never waits)")
+    burn_in: Int = Field(0, ge=0, description="snapshot: steps of each peer before its distillation edges switch on")
+    data: Literal["shared", "disjoint"] = Field("shared", description="snapshot: every peer on every batch (shared), "
+                                                "or each on its own part of every epoch (disjoint)")
+    teachers: Literal["eval", "train"] = Field("eval", description="snapshot: the mode of the teachers' copies "
+                                               "(train: batch norm on the batch's statistics)")
+
+    @model_validator(mode="after")
+    def _settings_of_snapshot_mode(self) -> ExchangeConfig:
+        if self.mode == "lockstep":
+            for key, default in (("every", 50), ("staleness", None), ("burn_in", 0), ("data", "shared"),
+                                 ("teachers", "eval")):
+                if getattr(self, key) != default:
+                    raise problem("a setting of mode snapshot (exchange.mode: snapshot)", key)
+        elif self.staleness is not None and self.staleness < self.every - 1:
+            raise problem(f"{self.staleness} steps is below every - 1 = {self.every - 1}: a copy published every "
+                          f"{self.every} steps lags up to {self.every - 1} steps, so a reader would wait forever",
+                          "staleness")
+        return self
+
+    @property
+    def snapshot(self) -> bool:
+        return self.mode == "snapshot"
+
+
 class Topology(Strict):
     name: SafeName = Field(description="names the MLflow experiment (by default), artifact folders and Ray's storage")
     seed: Seed = 0
@@ -251,6 +284,7 @@ class Topology(Strict):
     peers: dict[str, PeerConfig]
     edges: tuple[Edge, ...] = ()
     gates: tuple[Gate, ...] = ()
+    exchange: ExchangeConfig = ExchangeConfig()
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
@@ -301,6 +335,24 @@ class Topology(Strict):
                 if len(set(dims.values())) > 1:
                     raise problem("the two peers' embeddings differ in size ("
                                   + ", ".join(f"{peer} {dim}" for peer, dim in dims.items()) + ")", f"edges[{index}]")
+        return self
+
+    @model_validator(mode="after")
+    def _snapshots_exchange_logits_only(self) -> Topology:
+        """Codistillation computes teachers' logits from copies of their networks: what it cannot do,
+        refused before anything starts."""
+        if not self.exchange.snapshot:
+            return self
+        for name, peer in self.peers.items():
+            if peer.replicas > 1:
+                raise problem("snapshot exchange runs one worker per peer (replicas: 1)", f"peers.{name}.replicas")
+        if self.gates:
+            raise problem("gates decide from every peer's logits of the step: they need exchange.mode lockstep",
+                          "gates")
+        for index, edge in enumerate(self.edges):
+            if LOSSES[edge.loss].payload != LOGITS:
+                raise problem(f"loss {quoted(edge.loss)} exchanges {LOSSES[edge.loss].payload}: snapshot exchange "
+                              "computes teachers' logits only", f"edges[{index}].loss")
         return self
 
     @model_validator(mode="after")
@@ -367,6 +419,11 @@ class Topology(Strict):
 
     def incoming_edges(self, peer: str) -> list[Edge]:
         return [edge for edge in self.edges if edge.to == peer]
+
+    def teachers_of(self, peer: str) -> list[str]:
+        """The peers whose logits ``peer``'s edges read (an ensemble's members included), in peer order."""
+        senders = {sender for edge in self.incoming_edges(peer) for sender in edge.senders}
+        return [name for name in self.peer_names if name in senders]
 
     def gates_on(self, peer: str) -> list[tuple[int, Gate]]:
         """The gates whose teacher is ``peer``, with their indices in ``gates``."""

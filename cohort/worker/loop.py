@@ -62,6 +62,7 @@ from cohort.worker.report import (
     peer_epoch_metrics,
 )
 from cohort.worker.representations import BatchShards, PeerTaps, peer_taps
+from cohort.worker.snapshots import FROZEN, TeacherCopies, due, publish
 from cohort.worker.syncbn import sync_batch_norm
 from cohort.worker.ticker import StepTicker, epoch_steps, queue_sender
 
@@ -91,6 +92,27 @@ class PeerStep:
     gating: Gating | None = None  # the topology's gates (every worker decides every step alike), if any
     ticker: StepTicker | None = None  # rank 0's step counter for the driver's display (cohort.run only)
     taps: PeerTaps | None = None  # the peer's representations and what it sends, when more than logits travel
+    snapshots: Snapshots | None = None  # codistillation (exchange.mode: snapshot): the board and the teachers' copies
+
+
+@dataclass(kw_only=True)
+class Snapshots:
+    """A peer's side of the snapshot exchange (cohort.worker.snapshots): where it publishes, its
+    copies of its teachers, its optimizer steps so far (its snapshots' version), and its part of
+    every epoch (``(index, count)`` with ``exchange.data: disjoint``)."""
+
+    board: Any
+    copies: TeacherCopies
+    every: int
+    burn_in: int
+    steps_done: int = 0
+    part: tuple[int, int] | None = None
+    state_bytes: int = 0  # the peer's weights: what one publication puts in the object store
+
+    def published(self, model: nn.Module, peer: str) -> None:
+        """Publish the weights after this step when due."""
+        if due(self.steps_done, self.every):
+            publish(self.board, peer, self.steps_done, model)
 
 
 def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
@@ -100,14 +122,18 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     stats = EpochStats.for_peer(topology, run.peer)
     if run.ticker is not None:
         run.ticker.begin(epoch)
+    snapshots = run.snapshots
+    if snapshots is not None:
+        stats.teachers = snapshots.copies.begin_epoch()
     step_started = (time.perf_counter(), time.process_time())
     batches = data.train_batches(topology.data.batch_size, topology.seed, epoch, topology.data.num_workers, shards,
-                                 sampler=topology.data.sampler)
+                                 sampler=topology.data.sampler, part=snapshots.part if snapshots else None)
     for step, (inputs, labels) in enumerate(waited_for(batches, stats)):
         batch_size = len(labels)
         start, stop = shard_bounds(batch_size, shards, run.shard)
-        # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's.
-        if run.guard.see(inputs, labels, start, stop):
+        # The whole batch's fingerprint (the same as without replicas, and on every shard) and the shard's;
+        # with snapshots the peers do not meet within an epoch: compared at its end.
+        if run.guard.see(inputs, labels, start, stop) and snapshots is None:
             run.guard.check(epoch)
         whole_batch = batch_shards(run, labels)
         inputs, labels = inputs[start:stop].to(run.device, non_blocking=True), labels[start:stop].to(run.device,
@@ -117,9 +143,15 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
             embedding, stages = run.taps.own() if run.taps is not None else (None, [])
         own_logits = own_logits.float()
         exchange_started = time.perf_counter()
-        peer_logits, representations, sent = exchange_step(run, own_logits, embedding, stages, whole_batch)
+        if snapshots is None:
+            peer_logits, representations, sent = exchange_step(run, own_logits, embedding, stages, whole_batch)
+            stats.exchange_bytes.append(sent.numel() * sent.element_size())
+        else:
+            peer_logits = {run.peer: own_logits, **snapshots.copies.logits(inputs, snapshots.steps_done)}
+            representations = NO_REPRESENTATIONS
+            # A publication's weights, spread over the steps between publications.
+            stats.exchange_bytes.append(0 if frozen else snapshots.state_bytes // snapshots.every)
         stats.exchange_seconds.append(time.perf_counter() - exchange_started)
-        stats.exchange_bytes.append(sent.numel() * sent.element_size())
         decision = run.gating(peer_logits, labels) if run.gating is not None else None
         if frozen:
             stats.add(float(nn.functional.cross_entropy(own_logits, labels)), own_logits.detach(), labels)
@@ -127,15 +159,21 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
             hold(run, own_logits, embedding)
             stats.add(float(nn.functional.cross_entropy(own_logits.detach(), labels)), own_logits.detach(), labels)
         else:
-            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision, representations)
+            # Codistillation's burn-in: the first steps without distillation edges.
+            burning_in = snapshots is not None and snapshots.steps_done < snapshots.burn_in
+            loss = optimize(run, own_logits, labels, peer_logits, epoch, step, batch_size, decision, representations,
+                            edges_off=burning_in)
             stats.add(loss, own_logits.detach(), labels)
         if decision is not None and not frozen:
             stats.count_gates(run.peer, decision, run.gating.gates)
+        if snapshots is not None and not frozen:
+            snapshots.steps_done += 1
+            snapshots.published(run.model, run.peer)
         step_started = _step_ended(stats, step_started)
         if run.ticker is not None:
             run.ticker.tick(step + 1, batch_size)
-    if stats.steps:  # every epoch ends with a check, whatever the interval
-        run.guard.check(epoch)
+    if stats.steps and not (snapshots is not None and snapshots.part is not None):
+        run.guard.check(epoch)  # every epoch ends with a check, whatever the interval (disjoint data: none)
     return stats
 
 
@@ -196,12 +234,12 @@ def hold(run: PeerStep, own_logits: torch.Tensor, embedding: torch.Tensor | None
 
 def optimize(run: PeerStep, own_logits: torch.Tensor, labels: torch.Tensor, peer_logits: dict[str, torch.Tensor],
              epoch: int, step: int, batch_size: int, decision: StepDecision | None = None,
-             representations: Representations = NO_REPRESENTATIONS) -> float:
-    """The peer's loss (without the edges the step's gates switched off), backward and optimizer
-    step; the loss's value."""
+             representations: Representations = NO_REPRESENTATIONS, edges_off: bool = False) -> float:
+    """The peer's loss (without the edges the step's gates switched off, or without any edge with
+    ``edges_off``), backward and optimizer step; the loss's value."""
     topology, peer, scaler, optimizer = run.topology, run.peer, run.scaler, run.optimizer
     edges = topology.incoming_edges(peer)
-    off = decision.edges_off(peer, edges) if decision is not None else ()
+    off = range(len(edges)) if edges_off else decision.edges_off(peer, edges) if decision is not None else ()
     loss, terms = peer_objective(own_logits, labels, edges, peer_logits,
                                  topology.train.ce_weight, epoch, run.groups, run.batch, off, representations)
     if not torch.isfinite(loss):
@@ -292,6 +330,8 @@ def train_cohort(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
         restore(worker, checkpoint)
+    if worker.snapshots is not None:
+        start_snapshots(worker)
     run = peer_step(worker, live_steps=bool(config.get("live_steps")))
     for epoch in range(worker.first_epoch, worker.topology.train.epochs + 1):
         report, evaluation = run_epoch(worker, run, epoch)
@@ -326,6 +366,7 @@ class WorkerState:
     first_epoch: int = 1
     gating: Gating | None = None  # the topology's gates, if any (their state is in the checkpoints)
     taps: PeerTaps | None = None  # the peer's representations, when the cohort exchanges more than logits
+    snapshots: Snapshots | None = None  # codistillation (exchange.mode: snapshot)
 
     @property
     def frozen(self) -> bool:
@@ -379,6 +420,7 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
     gating = Gating(topology.gates, ReplicaBatch(peer_group, backend.host_copies) if peer_group is not None
                     else WHOLE_BATCH) if topology.gates else None
     taps = peer_taps(topology, peer, net, data.info.input_size, data.info.num_classes, exchange.gather_objects)
+    snapshots = snapshot_side(topology, peer, net, data.info, device, config) if topology.exchange.snapshot else None
     startup["model_built"] = time.time()
     return WorkerState(
         topology=topology, rank=rank, peer=peer, shard=slot.shard, device=device, data=data, net=net,
@@ -386,7 +428,30 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
         groups=grouping[0].to(device) if grouping else None, metric_groups=metric_groups(topology, grouping),
         host_copies=backend.host_copies, workers=workers, progress=config.get("progress"),
         objective=MetricExpression(config["objective"]) if config.get("objective") else None, startup=startup,
-        gating=gating, taps=taps)
+        gating=gating, taps=taps, snapshots=snapshots)
+
+
+def snapshot_side(topology: Topology, peer: str, net: nn.Module, info, device: torch.device,
+                  config: dict[str, Any]) -> Snapshots:
+    """The peer's side of the snapshot exchange: a copy of each teacher's network (its weights come
+    from the board before the first step), where it publishes, its part of the data."""
+    import ray
+
+    exchange = topology.exchange
+    sent = config.get("weights") or {}
+    copies = {}
+    with torch.random.fork_rng(devices=[]):  # building a network seeds the RNG: this worker's own is kept
+        for teacher in topology.teachers_of(peer):
+            weights = ray.get(sent[teacher]) if teacher in sent else None
+            copies[teacher] = build_peer(topology, teacher, info, weights).to(device)
+            copies[teacher].requires_grad_(False)
+    index = topology.peer_names.index(peer)
+    part = (index, len(topology.peer_names)) if exchange.data == "disjoint" else None
+    state_bytes = sum(value.numel() * value.element_size() for value in net.state_dict().values())
+    return Snapshots(board=config["snapshot_board"], every=exchange.every, burn_in=exchange.burn_in, part=part,
+                     copies=TeacherCopies(board=config["snapshot_board"], copies=copies, every=exchange.every,
+                                          staleness=exchange.staleness, train_mode=exchange.teachers == "train"),
+                     state_bytes=state_bytes)
 
 
 def restore(worker: WorkerState, checkpoint) -> None:
@@ -415,6 +480,19 @@ def restore(worker: WorkerState, checkpoint) -> None:
             worker.progress.put(report)
 
 
+def start_snapshots(worker: WorkerState) -> None:
+    """Before the first step (of a run, a restart or a resume): the peer's steps so far, and its
+    current weights published as that version, in place of whatever an earlier worker group published
+    (its objects died with it)."""
+    snapshots, topology = worker.snapshots, worker.topology
+    per_epoch = epoch_steps(worker.data.info.train_size, topology.data.batch_size,
+                            whole_batches=topology.data.sampler is not None)
+    if snapshots.part is not None:
+        per_epoch //= snapshots.part[1]
+    snapshots.steps_done = 0 if worker.frozen else (worker.first_epoch - 1) * per_epoch
+    publish(snapshots.board, worker.peer, FROZEN if worker.frozen else snapshots.steps_done, worker.net, replace=True)
+
+
 def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
     """The training step's parts; the network in DDP over the peer's replicas where they train; on
     rank 0 with ``live_steps``, the step counter it sends the driver."""
@@ -435,7 +513,7 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
                     exchange=worker.exchange, guard=worker.guard, groups=worker.groups, device=device,
                     shard=worker.shard, scaler=worker.scaler,
                     batch=ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
-                    gating=worker.gating, ticker=ticker, taps=worker.taps)
+                    gating=worker.gating, ticker=ticker, taps=worker.taps, snapshots=worker.snapshots)
 
 
 def unused_head(worker: WorkerState) -> bool:

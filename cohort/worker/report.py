@@ -81,6 +81,9 @@ class EpochStats:
     # Seconds the training loop spent waiting for its next batch over the epoch (in the iterator's
     # next(): with data.num_workers 0, the batch's making itself).
     data_wait_seconds: float = 0.0
+    # Codistillation (cohort.worker.snapshots.TeacherStats): how stale the teachers' copies were, the
+    # time their logits and the waits for fresh snapshots took; None in lockstep.
+    teachers: Any = None
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss * len(labels)
@@ -100,6 +103,8 @@ class EpochStats:
                    "step_seconds": _median(self.step_seconds), "exchange_seconds": _median(self.exchange_seconds),
                    "step_cpu_seconds": _median(self.step_cpu_seconds), "exchange_bytes": _median(self.exchange_bytes),
                    "data_wait_seconds": self.data_wait_seconds}
+        if self.teachers is not None:
+            summary.update(teacher_summary(self.teachers))
         if self.paused_steps is not None:
             summary["paused"] = self.paused_steps / max(self.steps, 1)
             summary.update((key, count / max(self.steps, 1)) for key, count in self.gate_steps.items())
@@ -121,8 +126,19 @@ class EpochStats:
                    seen=sum(r.seen for r in replicas), steps=max(r.steps for r in replicas),
                    step_seconds=first.step_seconds, exchange_seconds=first.exchange_seconds,
                    step_cpu_seconds=first.step_cpu_seconds, first_step_at=first.first_step_at,
-                   paused_steps=first.paused_steps, gate_steps=dict(first.gate_steps),
+                   paused_steps=first.paused_steps, gate_steps=dict(first.gate_steps), teachers=first.teachers,
                    exchange_bytes=first.exchange_bytes, data_wait_seconds=first.data_wait_seconds)
+
+
+def teacher_summary(teachers) -> dict[str, float]:
+    """A codistilling peer's epoch: per teacher, the mean steps its copy was behind
+    (``staleness_<teacher>``); the seconds spent on the copies' logits (``teacher_seconds``) and
+    waiting for fresh enough snapshots (``snapshot_wait_seconds``)."""
+    summary = {f"staleness_{teacher}": statistics.fmean(behind) if behind else 0.0
+               for teacher, behind in teachers.behind.items()}
+    summary["teacher_seconds"] = teachers.forward_seconds
+    summary["snapshot_wait_seconds"] = teachers.wait_seconds
+    return summary
 
 
 def _median(values: list[float]) -> float:
@@ -186,6 +202,7 @@ def cohort_report(topology: Topology, epoch: int, everyone: list[dict[str, float
                 report[metric_key(peer, key)] = value
     for key, value in ensemble.items():
         report[ensemble_key(key)] = value
-    report[cohort_key("batches_identical")] = float(len(set(fingerprints.values())) == 1)
+    if topology.exchange.data != "disjoint":  # disjoint data: each peer its own batches, by design
+        report[cohort_key("batches_identical")] = float(len(set(fingerprints.values())) == 1)
     report[cohort_key("fingerprints")] = fingerprints
     return report
