@@ -282,20 +282,22 @@ CPU = torch.device("cpu")
 def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: int, num_workers: int = 0,
              device: torch.device = CPU, precision: str = "fp32", shard: int = 0, shards: int = 1,
              peer_group=None, batches=None):
-    """This peer's test logits, and the cohort ensemble's probabilities (mean over all peers), on the CPU
+    """This peer's test logits, the cohort ensemble's probabilities (mean over all peers), the labels
+    and, per image, whether two peers predict different classes (the cohort's churn), on the CPU
     (``batches``: other batches than the test split's, e.g. the validation split's).
 
     With replicas, each evaluates its shard of every test batch and the peer's replicas share
     their parts, so every replica ends with the whole test split, in the order of one worker.
     """
     model.eval()
-    own, ensemble, labels = [], [], []
+    own, ensemble, labels, disagree = [], [], [], []
     for inputs, batch_labels in (data.test_batches(batch_size, num_workers) if batches is None else batches):
         start, stop = shard_bounds(len(batch_labels), shards, shard)
         if start == stop:  # a test batch smaller than the shard count: the whole shard group skips it
             own.append(torch.empty(0))
             ensemble.append(torch.empty(0))
             labels.append(batch_labels[:0])
+            disagree.append(torch.empty(0, dtype=torch.bool))
             continue
         with autocast(precision, device):
             logits = model(inputs[start:stop].to(device, non_blocking=True))
@@ -304,11 +306,13 @@ def evaluate(model, data: CohortDataset, exchange: LogitExchange, batch_size: in
         own.append(logits.cpu())
         ensemble.append(torch.stack([l.softmax(dim=1) for l in peer_logits.values()]).mean(dim=0).cpu())
         labels.append(batch_labels[start:stop])
-    replicas = gather_in_group((own, ensemble, labels), peer_group)
+        predicted = torch.stack([l.argmax(dim=1) for l in peer_logits.values()])
+        disagree.append((predicted != predicted[0]).any(dim=0).cpu())
+    replicas = gather_in_group((own, ensemble, labels, disagree), peer_group)
     # Batch by batch, shard by shard: the order of the test split.
     return tuple(torch.cat([part[kind][batch] for batch in range(len(own)) for part in replicas
                             if part[kind][batch].numel()])
-                 for kind in range(3))
+                 for kind in range(4))
 
 # --------------------------------------------------------------------------- the Ray Train entry point
 
@@ -524,7 +528,7 @@ def unused_head(worker: WorkerState) -> bool:
 
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:
     """Train and evaluate one epoch; rank 0's report of the cohort (empty on the other ranks), and
-    this worker's evaluation: (own test logits, the ensemble's probabilities, the test labels)."""
+    this worker's evaluation: (own test logits, the ensemble's probabilities, the test labels, the peers' disagreement)."""
     topology = worker.topology
     started = time.perf_counter()
     try:
@@ -538,7 +542,7 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
     evaluation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
                           topology.data.num_workers, worker.device, topology.train.precision, worker.shard,
                           topology.replicas, worker.peer_group)
-    own_logits, ensemble_probs, test_labels = evaluation
+    own_logits, ensemble_probs, test_labels, disagree = evaluation
     contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, worker.guard.fingerprint,
                                       *worker.metric_groups)
     validation = None
@@ -561,6 +565,8 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
             ensemble.update(calibration_metrics(log_probs_of(validation[1]), validation[2], log_probs_of(ensemble_probs),
                                                 test_labels, calibrating(topology, epoch), worker.metric_groups))
         report = cohort_report(topology, epoch, everyone, ensemble)
+        if len(topology.peers) > 1:  # the share of test images on which two peers predict different classes
+            report[cohort_key("churn")] = float(disagree.float().mean())
         report[cohort_key("workers")] = worker.workers
         if worker.objective is not None:
             try:
@@ -599,7 +605,7 @@ def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluatio
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(worker, folder, epoch)
             if last:
-                own_logits, ensemble_probs, test_labels = evaluation
+                own_logits, ensemble_probs, test_labels, _ = evaluation
                 save_final(folder, worker.peer, worker.net, own_logits, test_labels,
                            ensemble_probs if worker.rank == 0 else None)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
