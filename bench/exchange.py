@@ -52,6 +52,7 @@ from cohort.worker.report import cohort_key, metric_key
 DEFAULT_OUT = REPO / "bench" / "results" / "exchange.json"
 DISPLAY_OUT = REPO / "bench" / "results" / "display.json"
 REPRESENTATIONS_OUT = REPO / "bench" / "results" / "representations.json"
+CODISTILLATION_OUT = REPO / "bench" / "results" / "codistillation.json"
 EXCHANGE_SHAPES = ((64, 10), (128, 100), (256, 1000))
 
 # Two equal peers (DML), and a big teacher with a small student (BD-KD), as in the KD literature.
@@ -70,6 +71,12 @@ BY_PAYLOAD = {
                   "edges": [{"from": "net_a", "to": "net_b", "loss": "attention", "reduce": "sum"},
                             {"from": "net_b", "to": "net_a", "loss": "attention", "reduce": "sum"}]},
 }
+# A teacher several times costlier per step than its student, in lockstep and as codistillation:
+# docs/codistillation.md.
+SLOW_TEACHER = {"peers": {"teacher": {"model": "resnet32"}, "student": {"model": "resnet8"}},
+                "edges": [{"from": "teacher", "to": "student", "loss": "kd", "temperature": 4.0},
+                          {"from": "student", "to": "teacher", "loss": "kd", "temperature": 4.0}]}
+SNAPSHOT_EVERY = 50
 UNEQUAL = {"peers": {"teacher": {"model": "resnet20"}, "student": {"model": "resnet8"}},
            "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
                      {"from": "student", "to": "teacher", "loss": "reverse_kd"}]}
@@ -94,13 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--representations", action="store_true",
                         help="measure only the step of a resnet20 pair exchanging embeddings (MCL) and attention "
                              "maps (AT) against the same pair exchanging logits")
+    parser.add_argument("--codistillation", action="store_true",
+                        help="measure only the student's pace beside a slower teacher: lockstep against "
+                             f"snapshots every {SNAPSHOT_EVERY} steps (exchange.mode: snapshot)")
     parser.add_argument("--rounds", type=int, default=1, help="off/on/off triples of the live display's "
                                                               "measurement (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.display_only and args.representations:
-        parser.error("--display-only and --representations are separate measurements: give one")
+    if args.display_only + args.representations + args.codistillation > 1:
+        parser.error("--display-only, --representations and --codistillation are separate measurements: give one")
     args.out = args.out or str(DISPLAY_OUT if args.display_only else REPRESENTATIONS_OUT if args.representations
-                               else DEFAULT_OUT)
+                               else CODISTILLATION_OUT if args.codistillation else DEFAULT_OUT)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.quick:
@@ -555,6 +565,63 @@ def measure_representations(args: argparse.Namespace, log: Callable[[str], None]
             "machine": machine()}
 
 
+def measure_codistillation(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--codistillation``: a resnet32 teacher and a resnet8 student (one thread each), in lockstep and
+    with snapshots every ``SNAPSHOT_EVERY`` steps (shared batches), then in lockstep again (bracketed):
+    each peer's median step, the student's steps per second, and what its copy of the teacher costs."""
+    from cohort.driver.cluster import start_ray
+    from cohort.topology import topology_from_dict
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-codistillation-") as scratch:
+        folder = Path(scratch)
+        data = write_slice(Path(args.data).expanduser(), folder, args.steps * 64)
+        lockstep = bench_topology("bench-lockstep", SLOW_TEACHER, data, args.repeats + 1)
+        snapshot = topology_from_dict({**lockstep.to_dict(), "name": "bench-snapshot",
+                                       "exchange": {"mode": "snapshot", "every": SNAPSHOT_EVERY}})
+        threads = {"teacher": 1, "student": 1}
+        start_ray(None, verbose=False)
+        for name, topology in (("lockstep", lockstep), ("snapshot", snapshot), ("lockstep_after", lockstep)):
+            log(f"resnet32 teacher and resnet8 student, {name.removesuffix('_after')}")
+            reports = cohort_in_process(topology, threads, folder)[1:]
+            results[name] = {peer: summarize([report[metric_key(peer, "step_seconds")] for report in reports])
+                             for peer in topology.peer_names}
+            if name == "snapshot":
+                steps = args.steps
+                results[name]["teacher_copy_seconds_per_step"] = summarize(
+                    [report[metric_key("student", "teacher_seconds")] / steps for report in reports])
+                results[name]["staleness"] = summarize([report[metric_key("student", "staleness_teacher")]
+                                                        for report in reports])
+    before, after = results["lockstep"], results.pop("lockstep_after")
+    results["lockstep"] = {peer: summarize([(b + a) / 2 for b, a in zip(before[peer]["values"], after[peer]["values"])])
+                           for peer in ("teacher", "student")}
+    student = {name: results[name]["student"] for name in ("lockstep", "snapshot")}
+    return {"step_seconds": results,
+            # Steps per second: the inverse of the step's time; the snapshot student's against lockstep's.
+            "student_speedup": ratio(student["lockstep"], student["snapshot"]),
+            "setup": {"peers": "resnet32 teacher, resnet8 student, 1 thread each", "batch": 64,
+                      "every": SNAPSHOT_EVERY, "data": "shared", "steps": args.steps, "repeats": args.repeats,
+                      "warmup_epochs": 1},
+            "machine": machine()}
+
+
+def codistillation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    steps = results["step_seconds"]
+    ms = lambda entry: f"{1000 * entry['median']:.0f} ms ({1000 * entry['min']:.0f}–{1000 * entry['max']:.0f})"  # noqa: E731
+    speedup = results["student_speedup"]
+    return [
+        ("teacher's step (resnet32), snapshots: its own pace", ms(steps["snapshot"]["teacher"]), ""),
+        ("student's step (resnet8), lockstep: at the teacher's pace (before and after)", ms(steps["lockstep"]["student"]),
+         ""),
+        (f"student's step, snapshots every {results['setup']['every']} steps", ms(steps["snapshot"]["student"]), ""),
+        ("of which its copy of the teacher's forward, per step", ms(steps["snapshot"]["teacher_copy_seconds_per_step"]),
+         ""),
+        ("student's steps per second, snapshots ÷ lockstep",
+         f"{speedup['value']:.2f} ({speedup['min']:.2f}–{speedup['max']:.2f})",
+         f">= 1.5: {'met' if speedup['value'] >= 1.5 else 'missed'}"),
+    ]
+
+
 def representation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     steps = results["step_seconds"]
     ms = lambda entry: f"{1000 * entry['median']:.0f} ms ({1000 * entry['min']:.0f}–{1000 * entry['max']:.0f})"  # noqa: E731
@@ -680,14 +747,15 @@ def main_command(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     results = (measure_display if args.display_only else measure_representations if args.representations
-               else measure)(args, log)
+               else measure_codistillation if args.codistillation else measure)(args, log)
     results["setup"]["bench_seconds"] = time.perf_counter() - started
     results["machine"]["load_average_by_phase"] = loads
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(display_rows(results["live_display"])) if args.display_only
-          else table(representation_rows(results)) if args.representations else markdown(results))
+          else table(representation_rows(results)) if args.representations
+          else table(codistillation_rows(results)) if args.codistillation else markdown(results))
     log(f"done in {results['setup']['bench_seconds']:.0f} s; results in {out}")
     return 0
 
