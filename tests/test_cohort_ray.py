@@ -234,11 +234,28 @@ def reference_training(config: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.ray
-def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path):
+@pytest.mark.parametrize("exchange", [None, {"mode": "snapshot", "every": 1, "staleness": 0, "teachers": "train"}],
+                         ids=["lockstep", "snapshot"])
+def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path, exchange):
+    """Every step's logits through one collective (lockstep), or codistillation's snapshots
+    (docs/codistillation.md) published every step with no staleness allowed: both give the one-process
+    training. Why the snapshots do: in lockstep, the logits a peer receives at its step t are its
+    teacher's forward at the teacher's step t, from the teacher's weights after t steps (before its
+    step t). With snapshots, the peer at step t uses its teacher's newest version not newer than t and
+    waits until that is t: the same weights, applied by the peer's copy to the same batch, in training
+    mode (batch norm on the batch's statistics, as the teacher's own forward). The losses, gradients
+    and steps are the same, across epochs too (versions count steps over the run). A reader that
+    took the newest snapshot instead (a teacher may be a step ahead) fails this test."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    path = write_topology(tmp_path, EQUIVALENCE)
+    path = write_topology(tmp_path, EQUIVALENCE if exchange is None else {**EQUIVALENCE, "exchange": exchange})
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     _, run = finished_run(uri, "equivalence")
+    if exchange is not None:  # every copy exactly current: no step behind
+        topology = topology_from_dict(EQUIVALENCE)
+        copies = {f"{peer}/staleness_{teacher}" for peer in topology.peer_names for teacher in topology.teachers_of(peer)}
+        assert {key: value for key, value in run.data.metrics.items() if "staleness_" in key} == dict.fromkeys(copies, 0.0)
+        assert len(copies) == 6  # big reads mid and small, mid reads big and small, small reads big and mid
+        assert run.data.metrics["small/teacher_seconds"] > 0 and run.data.metrics["cohort/batches_identical"] == 1.0
     weights = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
                                                        tracking_uri=uri, dst_path=str(tmp_path / "w")))
     expected = reference_training(EQUIVALENCE)
@@ -519,52 +536,3 @@ def test_validation_split_and_temperature_scaling(ray_cluster, tmp_path, capsys)
 
 
 
-
-# --------------------------------------------------------------------------- codistillation (exchange.mode: snapshot)
-
-
-CODISTILLED = {
-    "name": "codistilled", "seed": 4, "data": {"batch_size": 128}, "train": {"epochs": 2, "optimizer": {"lr": 0.1}},
-    # Networks without batch norm or dropout: eval mode (the copies') and train mode are one function.
-    "peers": {"a": {"model": "mlp"}, "b": {"model": "mlp_tiny"}, "c": {"model": "mlp_tiny"}},
-    "edges": [{"from": "b", "to": "a", "loss": "kd", "temperature": 2.0},
-              {"from": "a", "to": "b", "loss": "bdkd"},
-              {"from": {"ensemble": ["a", "b"]}, "to": "c", "loss": "kd", "temperature": 3.0}],
-}
-
-
-def final_weights(topology: dict, tmp_path: Path, name: str):
-    """Train ``topology`` through Ray Train; each peer's final weights and the last epoch's report."""
-    from ray.util.queue import Queue
-
-    from cohort.driver.launch import make_trainer
-
-    progress = Queue()
-    result = make_trainer(topology_from_dict(topology), 0.5, 1, str(tmp_path / "ray"), name, progress=progress,
-                          dataset=load_dataset(DataConfig())).fit()
-    reports = [progress.get(timeout=10) for _ in range(progress.qsize())]
-    with result.checkpoint.as_directory() as folder:
-        return {peer: torch.load(Path(folder) / f"{peer}.pt", weights_only=True) for peer in "abc"}, reports[-1]
-
-
-@pytest.mark.ray
-def test_snapshot_exchange_every_step_without_staleness_trains_as_lockstep(ray_cluster, tmp_path):
-    """Codistillation with ``every: 1, staleness: 0``, shared batches and eval-mode copies ends with
-    lockstep's weights. Why: in lockstep, the logits a peer receives at its step t are its teacher's
-    forward at the teacher's step t, from the teacher's weights after t steps (before its step t).
-    With snapshots, the peer at step t uses its teacher's newest version not newer than t, and waits
-    until that is t (staleness 0): the same weights, applied by the peer's copy to the same batch; in
-    eval mode, which for networks without batch norm or dropout is the training-mode function. The
-    losses, gradients and steps are then the same, across epochs too (versions count steps over the
-    run). A reader that used the newest snapshot instead (a teacher may be a step ahead) would not."""
-    lockstep, _ = final_weights(CODISTILLED, tmp_path / "lockstep", "lockstep")
-    snapshot = {**CODISTILLED, "exchange": {"mode": "snapshot", "every": 1, "staleness": 0}}
-    codistilled, report = final_weights(snapshot, tmp_path / "snapshot", "snapshot")
-    for peer, state in lockstep.items():
-        for key, value in state.items():
-            torch.testing.assert_close(codistilled[peer][key], value, rtol=1e-5, atol=1e-6, msg=f"{peer}.{key}")
-    # Every copy was exactly current: no step behind; each step's traffic is a publication's weights.
-    assert {key: report[key] for key in report if "staleness_" in key} == {
-        "a/staleness_b": 0.0, "b/staleness_a": 0.0, "c/staleness_a": 0.0, "c/staleness_b": 0.0}
-    assert report["c/exchange_bytes"] == sum(v.numel() * v.element_size() for v in lockstep["c"].values())
-    assert report["c/teacher_seconds"] > 0 and report["cohort/batches_identical"] == 1.0
