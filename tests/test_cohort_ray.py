@@ -53,9 +53,12 @@ THREE_PEERS = {
 }
 
 
+CALIBRATED = {**THREE_PEERS, "data": {**THREE_PEERS["data"], "val_fraction": 0.1}}
+
+
 def expected_fingerprint(topology) -> int:
     """The CRC of every training batch, computed here without Ray."""
-    data = load_dataset(DataConfig())
+    data = load_dataset(topology.data, topology.seed)
     running = 0
     for epoch in range(1, topology.train.epochs + 1):
         for inputs, labels in data.train_batches(topology.data.batch_size, topology.seed, epoch):
@@ -67,17 +70,21 @@ def expected_fingerprint(topology) -> int:
 @pytest.mark.ray
 def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     """Through the Python API, which ``python -m cohort.run`` calls (docs/python-api.md): what the
-    run prints, what MLflow holds, and the result ``cohort.train`` gives back."""
+    run prints, what MLflow holds, and the result ``cohort.train`` gives back. With a validation
+    split (data.val_fraction): val metrics each epoch, the fitted temperatures and the _ts metrics at
+    the end; cohort.evaluate on the run's own test split gives back its final metrics, before and after."""
     import cohort
+    from cohort.evaluate import main as evaluate
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    path = write_topology(tmp_path, THREE_PEERS)
+    path = write_topology(tmp_path, CALIBRATED)
     with pytest.raises(cohort.CohortError, match="train.epochs"):
         cohort.load_topology(path, overrides={"train.epochs": 0})
     result = cohort.train(cohort.load_topology(path), tracking_uri=uri, storage=str(tmp_path / "ray"),
                           register={"student_a": "digits-student", "ensemble": "digits-ensemble"}, display="log")
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "top-1" in out
+    assert "validation split: 142 training images held out" in out and "ECE(TS)" in out
     assert "registered student_a as 'digits-student' version 1;" in out
     assert "registered ensemble as 'digits-ensemble' version 1;" in out
 
@@ -124,7 +131,7 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
         assert state and all(isinstance(t, torch.Tensor) for t in state.values())
 
     # The peers saw exactly the batches computed here without Ray, as the report's fingerprints show.
-    topology = topology_from_dict(THREE_PEERS)
+    topology = topology_from_dict(CALIBRATED)
     assert f"{expected_fingerprint(topology)}" in _fingerprints_seen(tmp_path / "ray")
 
     # Every trained peer as an MLflow model: its logits on the test split are the final weights',
@@ -154,6 +161,28 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     assert (ensemble.argmax(dim=1) == labels).float().mean().item() == pytest.approx(run.data.metrics["ensemble/acc"])
     assert client.get_model_version("digits-ensemble", "1").tags["cohort.top1"] == \
         f"{run.data.metrics['ensemble/acc']:.4f}"
+
+    # The validation split and temperature scaling.
+    metrics = run.data.metrics
+    for owner in ("teacher", "student_a", "student_b", "ensemble"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{owner}/val_acc")] == [1, 2]
+        assert 0.05 <= metrics[f"{owner}/ts_temperature"] <= 20
+        assert {f"{owner}/{m}_ts" for m in ("ece", "adaece", "nll", "brier")} <= set(metrics)
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--format", "csv"]) == 0
+    rows = {row["peer"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    for owner in ("teacher", "student_a", "student_b", "ensemble"):
+        for metric in ("acc", "ece", "nll", "brier", "ece_ts", "nll_ts"):
+            assert float(rows[owner][metric]) == pytest.approx(metrics[f"{owner}/{metric}"], rel=1e-4, abs=1e-6), (
+                owner, metric)
+    # Digits cannot be corrupted: one line, exit 2.
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog"]) == 2
+    assert capsys.readouterr().err.strip().startswith("--shift: shifted data needs images of at least 32x32")
+    assert evaluate(["0" * 32, "--tracking-uri", uri]) == 2
+    assert "no such MLflow run" in capsys.readouterr().err
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fgo"]) == 2
+    assert "unknown corruption 'fgo' (did you mean 'fog'?)" in capsys.readouterr().err
+    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog", "--severity", "6"]) == 2
+    assert "--severity" in capsys.readouterr().err
 
 
 def _fingerprints_seen(storage: Path) -> str:
@@ -500,39 +529,6 @@ def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
     assert data["train_class_counts"][0] > 10 * data["train_class_counts"][-1] * 0.9
     assert data["groups"] == {"head": [0, 1, 2, 3], "medium": [4, 5, 6], "tail": [7, 8, 9]}
 
-
-@pytest.mark.ray
-def test_validation_split_and_temperature_scaling(ray_cluster, tmp_path, capsys):
-    """data.val_fraction: val metrics each epoch, the fitted temperatures and the _ts metrics at the
-    end; cohort.evaluate on the run's own test split gives back its final metrics, before and after."""
-    from cohort.evaluate import main as evaluate
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    topology = {**THREE_PEERS, "name": "calibrated", "data": {"val_fraction": 0.1}}
-    assert main([str(write_topology(tmp_path, topology)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
-    out = capsys.readouterr().out
-    assert "validation split: 142 training images held out" in out and "ECE(TS)" in out
-    client, run = finished_run(uri, "calibrated")
-    metrics = run.data.metrics
-    for owner in ("teacher", "student_a", "student_b", "ensemble"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{owner}/val_acc")] == [1, 2]
-        assert 0.05 <= metrics[f"{owner}/ts_temperature"] <= 20
-        assert {f"{owner}/{m}_ts" for m in ("ece", "adaece", "nll", "brier")} <= set(metrics)
-    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--format", "csv"]) == 0
-    rows = {row["peer"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
-    for owner in ("teacher", "student_a", "student_b", "ensemble"):
-        for metric in ("acc", "ece", "nll", "brier", "ece_ts", "nll_ts"):
-            assert float(rows[owner][metric]) == pytest.approx(metrics[f"{owner}/{metric}"], rel=1e-4, abs=1e-6), (
-                owner, metric)
-    # Digits cannot be corrupted: one line, exit 2.
-    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog"]) == 2
-    assert capsys.readouterr().err.strip().startswith("--shift: shifted data needs images of at least 32x32")
-    assert evaluate(["0" * 32, "--tracking-uri", uri]) == 2
-    assert "no such MLflow run" in capsys.readouterr().err
-    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fgo"]) == 2
-    assert "unknown corruption 'fgo' (did you mean 'fog'?)" in capsys.readouterr().err
-    assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog", "--severity", "6"]) == 2
-    assert "--severity" in capsys.readouterr().err
 
 
 

@@ -163,6 +163,8 @@ def test_an_mcl_pair_with_replicas_plans_its_whole_batch_exchange(capsys, tmp_pa
     out = capsys.readouterr().out
     assert "teacher: logits 10, embedding 128 floats per image" in out
     assert "one all_gather over every worker: the whole batch's embeddings to each replica" in out
+    # Each worker sends its shard's rows (batch 64 on 2 replicas), padded to the widest peer's 138 floats.
+    assert f"{138 * 4 * 32 / 1024:,.1f} KiB per worker (its shard's 32 images)" in out
 
 
 def test_an_embedding_only_sent_is_computed_without_a_graph():

@@ -209,9 +209,13 @@ def describe_payload(plan: Plan) -> list[str]:
               if whole_batch_exchange(plan.topology) else "one all_gather")
     lines = [f"  exchanged per step (batch {batch}, {gather}, rows padded to the widest peer's "
              f"{layout.row} floats per image):"]
+    # With replicas each worker sends its shard's rows, padded to the largest shard.
+    replicas = plan.topology.replicas
+    rows = -(-batch // replicas)
     for peer, parts in layout.parts.items():
         sent = ", ".join(f"{part.name} {part.width}" for part in parts)
-        lines.append(f"    {peer}: {sent} floats per image; {layout.bytes_per_image(peer) * batch / 1024:,.1f} KiB")
+        lines.append(f"    {peer}: {sent} floats per image; {layout.bytes_per_image(peer) * rows / 1024:,.1f} KiB"
+                     + (f" per worker (its shard's {rows} images)" if replicas > 1 else ""))
     return lines
 
 
