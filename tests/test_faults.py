@@ -131,6 +131,23 @@ def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(uninterrupted
         assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
+def test_a_codistilling_cohort_restarts_from_its_checkpoint_with_fresh_snapshots(ray_cluster, tmp_path):
+    """exchange.mode snapshot: the snapshots a killed worker had published died with it; the restarted
+    group publishes every peer's restored weights before anyone reads (docs/codistillation.md), and
+    the run ends with every epoch logged once."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    topology = {**TOPOLOGY, "exchange": {"mode": "snapshot", "every": 10}}
+    thread, codes = run_in_thread([str(write(tmp_path, topology)), "--tracking-uri", uri,
+                                   "--storage", str(tmp_path / "ray")])
+    wait_for_epoch(uri, 2)
+    kill_a_worker()
+    thread.join(timeout=400)
+    assert codes == [0]
+    run = the_run(uri)
+    assert run.info.status == "FINISHED" and logged_epochs(uri) == [1, 2, 3, 4, 5]
+    assert run.data.metrics["student/staleness_teacher"] >= 0 and run.data.metrics["teacher/staleness_student"] >= 0
+
+
 def test_a_kill_beyond_max_failures_fails_the_run(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     topology = {**TOPOLOGY, "train": {**TOPOLOGY["train"], "max_failures": 1}}

@@ -495,6 +495,8 @@ def start_snapshots(worker: WorkerState) -> None:
         per_epoch //= snapshots.part[1]
     snapshots.steps_done = 0 if worker.frozen else (worker.first_epoch - 1) * per_epoch
     publish(snapshots.board, worker.peer, FROZEN if worker.frozen else snapshots.steps_done, worker.net, replace=True)
+    # Once every peer has replaced its entries, no reader can take a snapshot whose owner died.
+    torch.distributed.barrier()
 
 
 def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
