@@ -1,0 +1,121 @@
+"""The batch producer (cohort.datasets.producer) in this process, without Ray: the same batches as
+every worker makes itself, a bounded window ahead, and which pipeline a topology gets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cohort.config.errors import CohortError
+from cohort.datasets import load_dataset
+from cohort.datasets.base import disjoint_part
+from cohort.datasets.producer import BatchProducer, as_batch, data_pipeline
+from cohort.topology import DataConfig, SamplerConfig, topology_from_dict
+
+
+def noisy_folder(root: Path, classes=("cat", "dog", "emu"), per_class: int = 5) -> Path:
+    """An image folder of random pixels (a crop or a flip of them shows in the bytes)."""
+    generator = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for n in range(per_class):
+                pixels = generator.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{n}.png")
+    return root
+
+
+def same(first, second) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("shards, sampler", [(1, None), (2, None), (1, SamplerConfig(m_per_class=2))])
+def test_the_producer_makes_the_batches_every_worker_makes_itself(tmp_path, shards, sampler):
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(noisy_folder(tmp_path)), image_size=16))
+    producer = BatchProducer(data, 4, seed=7, shards=shards, sampler=sampler, window=2)
+    for epoch in (1, 2):
+        expected = list(data.train_batches(4, 7, epoch, shards=shards, sampler=sampler))
+        assert producer.batches_in(epoch) == len(expected) > 2
+        made = [as_batch(producer.batch(epoch, number)) for number in range(len(expected))]
+        assert all(same(mine, theirs) for mine, theirs in zip(made, expected, strict=True))
+    # Asked out of order, or again after it was forgotten: the same batch (a pure function of epoch and number).
+    again = list(data.train_batches(4, 7, 1, shards=shards, sampler=sampler))[2]
+    assert same(as_batch(producer.batch(1, 2)), again)
+    assert not same(as_batch(producer.batch(1, 0)), as_batch(producer.batch(2, 0)))
+
+
+def test_a_disjoint_part_of_the_producers_batches(tmp_path):
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(noisy_folder(tmp_path)), image_size=16))
+    producer = BatchProducer(data, 2, seed=1)
+    numbers = disjoint_part(list(range(producer.batches_in(3))), 1, 3)
+    mine = [as_batch(producer.batch(3, number)) for number in numbers]
+    theirs = list(data.train_batches(2, 1, 3, part=(1, 3)))
+    assert len(mine) == len(theirs) == 2
+    assert all(same(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+def test_the_window_bounds_what_the_producer_holds():
+    data = load_dataset(DataConfig())  # digits: 23 batches of 64
+    producer = BatchProducer(data, 64, seed=0, window=3)
+    producer.batch(1, 0)
+    assert producer.held() == [(1, 0), (1, 1), (1, 2)]
+    producer.batch(1, 1)  # the next worker of the node asks for the same batch: nothing new is dropped
+    producer.batch(1, 0)
+    assert producer.held() == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    producer.batch(1, 10)
+    assert producer.held() == [(1, 10), (1, 11), (1, 12)]
+    producer.batch(1, 11)
+    assert producer.held() == [(1, 10), (1, 11), (1, 12), (1, 13)]
+    producer.batch(1, 21)  # the window stops at the epoch's end
+    assert producer.held() == [(1, 21), (1, 22)]
+    producer.batch(1, 5)  # a worker behind the window: made for it, and dropped at the next request
+    assert producer.held() == [(1, 5), (1, 21), (1, 22)]
+    producer.batch(2, 0)  # a new epoch drops the last one's batches
+    assert producer.held() == [(2, 0), (2, 1), (2, 2)]
+    with pytest.raises(CohortError, match="epoch 2 has 23 training batches, not a batch 23"):
+        producer.batch(2, 23)
+
+
+def test_which_pipeline_makes_the_batches(tmp_path):
+    folder = str(noisy_folder(tmp_path))
+
+    def pipeline(peers: int = 2, replicas: int = 1, **changes) -> str:
+        data = {"dataset": "imagefolder", "root": folder, "image_size": 16, **changes.pop("data", {})}
+        raw = {"name": "t", "data": data, **changes,
+               "peers": {f"p{n}": {"model": "mlp", "replicas": replicas} for n in range(peers)}}
+        topology = topology_from_dict(raw)
+        return data_pipeline(topology, load_dataset(topology.data).info)
+
+    assert pipeline() == "producer"  # image folders: decoded per batch, for more than one worker
+    assert pipeline(peers=1) == "peers"
+    assert pipeline(peers=1, replicas=2) == "producer"  # a peer's replicas take the same batches
+    assert pipeline(data={"pipeline": "peers"}) == "peers"
+    assert pipeline(peers=1, data={"pipeline": "producer"}) == "producer"
+    assert pipeline(exchange={"mode": "snapshot", "data": "disjoint"}) == "peers"  # each peer its own batches
+    digits = topology_from_dict({"name": "t", "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}}})
+    assert data_pipeline(digits, load_dataset(digits.data).info) == "peers"  # plain slices of memory
+    with pytest.raises(CohortError, match="data.pipeline"):
+        topology_from_dict({"name": "t", "data": {"pipeline": "shared"}, "peers": {"a": {"model": "mlp"}}})
+
+
+def test_the_plan_says_when_a_producer_makes_the_batches(tmp_path):
+    import yaml
+
+    from cohort import load_topology
+    from cohort.run import dry_run_text
+
+    folder = str(noisy_folder(tmp_path / "images"))
+    topology = {"name": "t", "data": {"dataset": "imagefolder", "root": folder, "image_size": 16, "num_workers": 2},
+                "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    text = dry_run_text(load_topology(path), f"sqlite:///{tmp_path}/mlflow.db", [])
+    (line,) = [line for line in text.splitlines() if line.startswith("  data: ")]
+    assert line == ("  data: one batch producer per node makes each training batch once for the workers there "
+                    "(data.pipeline: producer; one thread, no CPU reserved: the workers' decoding, done once), "
+                    "3 batches ahead, shared through Ray's object store; it holds the files' list; it reads and "
+                    "decodes them; test batches: every worker its own")
