@@ -59,6 +59,7 @@ class BatchProducer:
         self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
         self.made: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
         self.furthest = (0, -1)  # the furthest (epoch, number) asked for
+        self.count = 0  # batches made so far (one asked for again after it was forgotten counts again)
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-batches")
 
@@ -99,7 +100,12 @@ class BatchProducer:
             self.made[key] = self.pool.submit(self._make, self._plan(epoch)[number])
         return self.made[key]
 
+    def made(self) -> int:
+        """How many batches it has made."""
+        return self.count
+
     def _make(self, item: tuple) -> Any:
+        self.count += 1  # one thread makes batches
         inputs, labels = self.dataset.make_batch(*item)
         return self.put((inputs.numpy(), labels.numpy()))
 

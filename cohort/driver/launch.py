@@ -215,7 +215,8 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     it to measure around it). ``live_steps``: rank 0 also sends its step counter through ``progress``
     a few times a second (``cohort.console.display.step_message``), for the driver's live display.
     ``pipeline``: who makes the training batches (``Plan.pipeline``), by default what ``data.pipeline``
-    picks for the dataset; with ``producer`` the workers of each node share one (cohort.datasets.producer)."""
+    picks for the dataset the workers have; with ``producer`` the workers of each node share one
+    (cohort.datasets.producer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -233,9 +234,9 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()},
                            # Codistillation: the run's register of published weights (cohort.worker.snapshots).
                            "snapshot_board": snapshot_board() if topology.exchange.snapshot else None,
-                           # The run's key, by which each node's workers find their batch producer.
-                           "producer": uuid.uuid4().hex if resolved_pipeline(topology, dataset, pipeline) == "producer"
-                           else None},
+                           # Who makes the training batches (None: data.pipeline decides on the workers' data),
+                           # and the run's key, by which each node's workers find their batch producer.
+                           "pipeline": {"choice": pipeline, "key": uuid.uuid4().hex}},
         # One worker per peer and replica (cohort.worker.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(
@@ -256,18 +257,6 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
             callbacks=list(callbacks),
         ),
     )
-
-
-def resolved_pipeline(topology: Topology, dataset, pipeline: str | None) -> str:
-    """``pipeline`` if given, else what ``data.pipeline`` picks for the dataset (described when not loaded)."""
-    from cohort.datasets import describe_dataset
-    from cohort.datasets.producer import data_pipeline
-
-    if pipeline is not None:
-        return pipeline
-    if topology.data.pipeline != "auto":
-        return topology.data.pipeline
-    return data_pipeline(topology, dataset.info if dataset is not None else describe_dataset(topology.data))
 
 
 def snapshot_board():

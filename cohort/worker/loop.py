@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from cohort.config.errors import CohortError
 from cohort.datasets import Batch, CohortDataset, load_dataset
-from cohort.datasets.producer import ProducerClient, node_producer
+from cohort.datasets.producer import ProducerClient, data_pipeline, node_producer
 from cohort.gates.decision import Gating, StepDecision
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import NO_REPRESENTATIONS, Representations, peer_objective
@@ -445,13 +445,14 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
 
 
 def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDataset) -> ProducerClient | None:
-    """This worker's side of its node's batch producer, when the run has producers (``config["producer"]``:
-    the run's key); the producer gets the driver's copy of the data when there is one, else this worker's."""
-    key = config.get("producer")
-    if key is None:
+    """This worker's side of its node's batch producer when the run's pipeline is ``producer`` (the
+    driver's choice, else ``data.pipeline``'s for this data: the same on every worker). The producer
+    gets the driver's copy of the data when there is one, else this worker's."""
+    pipeline = config.get("pipeline") or {}
+    if (pipeline.get("choice") or data_pipeline(topology, data.info)) != "producer":
         return None
     dataset = config.get("dataset") if config.get("dataset") is not None else data
-    return ProducerClient(lambda: node_producer(key, dataset, topology))
+    return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology))
 
 
 def snapshot_side(topology: Topology, peer: str, net: nn.Module, info, device: torch.device,
