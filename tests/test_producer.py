@@ -119,3 +119,17 @@ def test_the_plan_says_when_a_producer_makes_the_batches(tmp_path):
                     "(data.pipeline: producer; one thread, no CPU reserved: the workers' decoding, done once), "
                     "3 batches ahead, shared through Ray's object store; it holds the files' list; it reads and "
                     "decodes them; test batches: every worker its own")
+
+
+def test_the_workers_take_the_drivers_choice_or_decide_alike_from_their_data(tmp_path):
+    from cohort.datasets.producer import ProducerClient
+    from cohort.worker.loop import batch_producer
+
+    spec = {"name": "t", "data": {"dataset": "imagefolder", "root": str(noisy_folder(tmp_path)), "image_size": 16},
+            "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}}}
+    topology = topology_from_dict(spec)
+    data = load_dataset(topology.data)
+    decided = {"key": "k", "choice": None}  # data.pipeline: auto, on an image folder with two workers
+    assert isinstance(batch_producer({"pipeline": decided}, topology, data), ProducerClient)
+    assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data) is None
+    assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data) is None
