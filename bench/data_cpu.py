@@ -98,6 +98,12 @@ def cpu_seconds(pid: int) -> float:
 class Consumer:
     """A cohort worker's data side: one epoch's training batches, made here or taken from a producer."""
 
+    def ready(self) -> bool:
+        """Started (and torch and the dataset module imported): what a worker is before its first step."""
+        import cohort.datasets.producer  # noqa: F401
+
+        return True
+
     def epoch(self, data, batch_size: int, seed: int, epoch: int, producer=None) -> dict[str, Any]:
         import zlib
 
@@ -122,6 +128,7 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dic
     from cohort.datasets.producer import WINDOW, RemoteProducer
 
     consumers = [ray.remote(num_cpus=0)(Consumer).remote() for _ in range(peers)]
+    ray.get([consumer.ready.remote() for consumer in consumers])  # all started: they begin the epoch together
     producer, pid = None, None
     if pipeline == "producer":
         producer = ray.remote(RemoteProducer).options(num_cpus=0, max_concurrency=64,

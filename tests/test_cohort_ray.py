@@ -359,6 +359,7 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
     for the batches it lost). Same batches, same fingerprints and the same weights as every worker
     making its own batches (data.pipeline: peers)."""
     import threading
+    import time
 
     import numpy as np
     import ray
@@ -388,10 +389,22 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
                         if ray.get(producer.held.remote()):
                             before = ray.get(producer.pid.remote())
                             ray.kill(producer, no_restart=False)
-                            killed.append(ray.get(producer.pid.remote()) != before)  # restarted: a new process
+                            killed.append(restarted(producer, before))
                             return
                     except ray.exceptions.RayError:
                         pass
+            time.sleep(0.01)
+
+    def restarted(producer, before: int) -> bool:
+        """Whether the producer answers from a new process (the kill takes effect a moment later)."""
+        for _ in range(200):
+            try:
+                if ray.get(producer.pid.remote(), timeout=5) != before:
+                    return True
+            except ray.exceptions.RayError:
+                pass
+            time.sleep(0.05)
+        return False
 
     def trained(pipeline: str):
         topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline}})
