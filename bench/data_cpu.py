@@ -104,7 +104,7 @@ class Consumer:
 
         return True
 
-    def epoch(self, data, batch_size: int, seed: int, epoch: int, producer=None) -> dict[str, Any]:
+    def epoch(self, data, batch_size: int, seed: int, epoch: int, producer=None, worker: str = "") -> dict[str, Any]:
         import zlib
 
         from cohort.datasets.producer import ProducerClient
@@ -113,7 +113,7 @@ class Consumer:
         if producer is None:
             batches = data.train_batches(batch_size, seed, epoch)
         else:
-            batches = ProducerClient(lambda: producer).train_batches(data, batch_size, seed, epoch)
+            batches = ProducerClient(lambda: producer, worker).train_batches(data, batch_size, seed, epoch)
         checksum, count = 0, 0
         for inputs, labels in batches:
             checksum = zlib.crc32(labels.numpy().tobytes(), zlib.crc32(inputs.numpy().tobytes(), checksum))
@@ -136,7 +136,8 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dic
             data, batch_size, 0, 1, None, WINDOW)
         pid = ray.get(producer.pid.remote())
     started, producer_before = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
-    epochs = ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer) for consumer in consumers])
+    epochs = ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer, str(rank))
+                      for rank, consumer in enumerate(consumers)])
     seconds = time.perf_counter() - started
     producer_cpu = cpu_seconds(pid) - producer_before if pid else 0.0
     made = ray.get(producer.made.remote()) if producer is not None else sum(e["batches"] for e in epochs)

@@ -60,24 +60,28 @@ def test_a_disjoint_part_of_the_producers_batches(tmp_path):
 
 def test_the_window_bounds_what_the_producer_holds():
     data = load_dataset(DataConfig())  # digits: 23 batches of 64
-    producer = BatchProducer(data, 64, seed=0, window=3)
-    producer.batch(1, 0)
-    assert producer.held() == [(1, 0), (1, 1), (1, 2)]
-    producer.batch(1, 1)  # the next worker of the node asks for the same batch: nothing new is dropped
-    producer.batch(1, 0)
-    assert producer.held() == [(1, 0), (1, 1), (1, 2), (1, 3)]
-    producer.batch(1, 10)
-    assert producer.held() == [(1, 10), (1, 11), (1, 12)]
-    producer.batch(1, 11)
-    assert producer.held() == [(1, 10), (1, 11), (1, 12), (1, 13)]
-    producer.batch(1, 21)  # the window stops at the epoch's end
+    producer = BatchProducer(data, 64, seed=0, window=3, lag=6)
+    producer.batch(1, 0, "a")
+    assert producer.held() == [(1, 0), (1, 1), (1, 2)]  # the batch and the next two: nothing further
+    producer.batch(1, 1, "a")
+    assert producer.held() == [(1, 1), (1, 2), (1, 3)]  # every worker known ("a") has passed batch 0
+    producer.batch(1, 2, "a")
+    assert producer.held() == [(1, 2), (1, 3), (1, 4)]
+    producer.batch(1, 0, "b")  # a second worker, behind: made again for it, kept until it passes
+    assert producer.held() == [(1, 0), (1, 2), (1, 3), (1, 4)]
+    producer.batch(1, 3, "a")
+    assert producer.held() == [(1, 0), (1, 2), (1, 3), (1, 4), (1, 5)]
+    producer.batch(1, 3, "b")
+    assert producer.held() == [(1, 3), (1, 4), (1, 5)]
+    for number in range(4, 12):  # "b" stalls: at most lag batches behind the furthest are kept for it
+        producer.batch(1, number, "a")
+    assert producer.held() == [(1, 6), (1, 7), (1, 8), (1, 9), (1, 10), (1, 11), (1, 12), (1, 13)]
+    producer.batch(1, 21, "a")  # the window stops at the epoch's end
     assert producer.held() == [(1, 21), (1, 22)]
-    producer.batch(1, 5)  # a worker behind the window: made for it, and dropped at the next request
-    assert producer.held() == [(1, 5), (1, 21), (1, 22)]
-    producer.batch(2, 0)  # a new epoch drops the last one's batches
+    producer.batch(2, 0, "a")  # a new epoch drops the last one's batches
     assert producer.held() == [(2, 0), (2, 1), (2, 2)]
     with pytest.raises(CohortError, match="epoch 2 has 23 training batches, not a batch 23"):
-        producer.batch(2, 23)
+        producer.batch(2, 23, "a")
 
 
 def test_which_pipeline_makes_the_batches(tmp_path):
@@ -130,6 +134,6 @@ def test_the_workers_take_the_drivers_choice_or_decide_alike_from_their_data(tmp
     topology = topology_from_dict(spec)
     data = load_dataset(topology.data)
     decided = {"key": "k", "choice": None}  # data.pipeline: auto, on an image folder with two workers
-    assert isinstance(batch_producer({"pipeline": decided}, topology, data), ProducerClient)
-    assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data) is None
-    assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data) is None
+    assert isinstance(batch_producer({"pipeline": decided}, topology, data, 0), ProducerClient)
+    assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data, 0) is None
+    assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data, 0) is None

@@ -9,8 +9,9 @@ worker on the node reads it there without a copy (``cohort.datasets.shared``).
 A batch is a pure function of ``(epoch, batch number)``, so the producer keeps no state a worker
 depends on: a producer restarted by Ray, or a worker group restarted from a checkpoint, is asked
 again and makes the same batch. It makes a bounded window of batches ahead of the furthest one
-asked for, and forgets those that fell behind the window (the workers hold their own references:
-the object store frees a batch when the last of them drops it).
+asked for, and forgets a batch once every worker it has seen has asked for a later one (or when it
+lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up); the
+workers hold their own references, and the object store frees a batch when the last drops it.
 
 The workers find their node's producer by name and the first to ask creates it
 (``node_producer``); it is owned by that worker and ends with the worker group.
@@ -27,6 +28,7 @@ from cohort.datasets.base import Batch, CohortDataset, disjoint_part
 from cohort.datasets.shared import tensor_over
 
 WINDOW = 3  # batches made ahead of the furthest one asked for
+LAG = 4 * WINDOW  # batches kept behind the furthest one asked for, at most, for a worker not there yet
 ATTEMPTS = 4  # a worker asks again this many times when its producer died under it
 
 
@@ -52,24 +54,27 @@ class BatchProducer:
     """
 
     def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int = 1, sampler: Any = None,
-                 window: int = WINDOW, put: Callable[[Any], Any] | None = None):
+                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG):
         self.dataset, self.batch_size, self.seed, self.shards, self.sampler = dataset, batch_size, seed, shards, sampler
-        self.window = window
+        self.window, self.lag = window, lag
         self.put = put or (lambda made: made)
         self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
         self.made: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
         self.furthest = (0, -1)  # the furthest (epoch, number) asked for
+        self.positions: dict[str, tuple[int, int]] = {}  # each worker's furthest (epoch, number) asked for
         self.count = 0  # batches made so far (one asked for again after it was forgotten counts again)
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-batches")
 
-    def batch(self, epoch: int, number: int) -> Any:
-        """Batch ``number`` of ``epoch``, as ``put`` made it; the next batches of the window are started."""
+    def batch(self, epoch: int, number: int, worker: str = "") -> Any:
+        """Batch ``number`` of ``epoch``, as ``put`` made it, for ``worker`` (who asks: it has taken the
+        batches before this one); the next batches of the window are started."""
         with self.lock:
             count = len(self._plan(epoch))
             if not 0 <= number < count:
                 raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
             self.furthest = max(self.furthest, (epoch, number))
+            self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, number))
             self._forget()
             wanted = self._start(epoch, number)
             far_epoch, far_number = self.furthest
@@ -110,11 +115,13 @@ class BatchProducer:
         return self.put((inputs.numpy(), labels.numpy()))
 
     def _forget(self) -> None:
-        """Drop the batches behind the window: of an earlier epoch, or ``window`` behind the furthest."""
+        """Drop the batches every worker seen has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
         far_epoch, far_number = self.furthest
-        for epoch, number in list(self.made):
-            if epoch < far_epoch or (epoch == far_epoch and number <= far_number - self.window):
-                del self.made[(epoch, number)]
+        slowest = min(self.positions.values())
+        for key in list(self.made):
+            epoch, number = key
+            if key < slowest or epoch < far_epoch or number <= far_number - self.lag:
+                del self.made[key]
 
 
 def as_batch(made: tuple) -> Batch:
@@ -124,10 +131,11 @@ def as_batch(made: tuple) -> Batch:
 
 
 class ProducerClient:
-    """A worker's side: its node's producer (``connect()`` finds or creates it) and the batches it asks for."""
+    """A worker's side: its node's producer (``connect()`` finds or creates it) and the batches it asks
+    for, as ``worker`` (its rank: the producer keeps a batch until every worker has passed it)."""
 
-    def __init__(self, connect: Callable[[], Any]):
-        self.connect = connect
+    def __init__(self, connect: Callable[[], Any], worker: str = ""):
+        self.connect, self.worker = connect, worker
         self.handle = None
 
     def train_batches(self, data: CohortDataset, batch_size: int, seed: int, epoch: int, shards: int = 1,
@@ -147,7 +155,7 @@ class ProducerClient:
             try:
                 if self.handle is None:
                     self.handle = self.connect()
-                return as_batch(ray.get(ray.get(self.handle.batch.remote(epoch, number))))
+                return as_batch(ray.get(ray.get(self.handle.batch.remote(epoch, number, self.worker))))
             except (RayActorError, ObjectLostError):
                 if attempt == ATTEMPTS - 1:
                     raise
