@@ -133,7 +133,7 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dic
     if pipeline == "producer":
         producer = ray.remote(RemoteProducer).options(num_cpus=0, max_concurrency=64,
                                                       name=f"bench-{uuid.uuid4().hex}").remote(
-            data, batch_size, 0, 1, None, WINDOW)
+            data, batch_size, 0, 1, None, WINDOW, peers)
         pid = ray.get(producer.pid.remote())
     started, producer_before = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     epochs = ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer, str(rank))

@@ -36,41 +36,41 @@ def same(first, second) -> bool:
 @pytest.mark.parametrize("shards, sampler", [(1, None), (2, None), (1, SamplerConfig(m_per_class=2))])
 def test_the_producer_makes_the_batches_every_worker_makes_itself(tmp_path, shards, sampler):
     data = load_dataset(DataConfig(dataset="imagefolder", root=str(noisy_folder(tmp_path)), image_size=16))
+    # Made here first: the producer's thread draws from torch's global generator (as the worker did).
+    expected = {epoch: list(data.train_batches(4, 7, epoch, shards=shards, sampler=sampler)) for epoch in (1, 2)}
     producer = BatchProducer(data, 4, seed=7, shards=shards, sampler=sampler, window=2)
     for epoch in (1, 2):
-        expected = list(data.train_batches(4, 7, epoch, shards=shards, sampler=sampler))
-        assert producer.batches_in(epoch) == len(expected) > 2
-        made = [as_batch(producer.batch(epoch, number)) for number in range(len(expected))]
-        assert all(same(mine, theirs) for mine, theirs in zip(made, expected, strict=True))
+        assert producer.batches_in(epoch) == len(expected[epoch]) > 2
+        made = [as_batch(producer.batch(epoch, number)) for number in range(len(expected[epoch]))]
+        assert all(same(mine, theirs) for mine, theirs in zip(made, expected[epoch], strict=True))
     # Asked out of order, or again after it was forgotten: the same batch (a pure function of epoch and number).
-    again = list(data.train_batches(4, 7, 1, shards=shards, sampler=sampler))[2]
-    assert same(as_batch(producer.batch(1, 2)), again)
+    assert same(as_batch(producer.batch(1, 2)), expected[1][2])
     assert not same(as_batch(producer.batch(1, 0)), as_batch(producer.batch(2, 0)))
 
 
 def test_a_disjoint_part_of_the_producers_batches(tmp_path):
     data = load_dataset(DataConfig(dataset="imagefolder", root=str(noisy_folder(tmp_path)), image_size=16))
+    theirs = list(data.train_batches(2, 1, 3, part=(1, 3)))
     producer = BatchProducer(data, 2, seed=1)
     numbers = disjoint_part(list(range(producer.batches_in(3))), 1, 3)
     mine = [as_batch(producer.batch(3, number)) for number in numbers]
-    theirs = list(data.train_batches(2, 1, 3, part=(1, 3)))
     assert len(mine) == len(theirs) == 2
     assert all(same(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_the_window_bounds_what_the_producer_holds():
     data = load_dataset(DataConfig())  # digits: 23 batches of 64
-    producer = BatchProducer(data, 64, seed=0, window=3, lag=6)
+    producer = BatchProducer(data, 64, seed=0, window=3, lag=6, workers=2)
     producer.batch(1, 0, "a")
     assert producer.held() == [(1, 0), (1, 1), (1, 2)]  # the batch and the next two: nothing further
     producer.batch(1, 1, "a")
-    assert producer.held() == [(1, 1), (1, 2), (1, 3)]  # every worker known ("a") has passed batch 0
-    producer.batch(1, 2, "a")
-    assert producer.held() == [(1, 2), (1, 3), (1, 4)]
-    producer.batch(1, 0, "b")  # a second worker, behind: made again for it, kept until it passes
-    assert producer.held() == [(1, 0), (1, 2), (1, 3), (1, 4)]
+    producer.batch(1, 2, "a")  # "b" has not asked yet: batches are kept for it (up to the lag)
+    assert producer.held() == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]
+    producer.batch(1, 0, "b")  # the second worker, behind: its batch is there, made once
     producer.batch(1, 3, "a")
-    assert producer.held() == [(1, 0), (1, 2), (1, 3), (1, 4), (1, 5)]
+    assert producer.held() == [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+    producer.batch(1, 1, "b")  # both have passed batch 0
+    assert producer.held() == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
     producer.batch(1, 3, "b")
     assert producer.held() == [(1, 3), (1, 4), (1, 5)]
     for number in range(4, 12):  # "b" stalls: at most lag batches behind the furthest are kept for it
@@ -82,6 +82,8 @@ def test_the_window_bounds_what_the_producer_holds():
     assert producer.held() == [(2, 0), (2, 1), (2, 2)]
     with pytest.raises(CohortError, match="epoch 2 has 23 training batches, not a batch 23"):
         producer.batch(2, 23, "a")
+    producer.pool.shutdown(wait=True)
+    assert producer.made() <= 14 + 2 + 3  # none twice: 0-13 and 21-22 of epoch 1, the window of epoch 2
 
 
 def test_which_pipeline_makes_the_batches(tmp_path):
@@ -134,6 +136,6 @@ def test_the_workers_take_the_drivers_choice_or_decide_alike_from_their_data(tmp
     topology = topology_from_dict(spec)
     data = load_dataset(topology.data)
     decided = {"key": "k", "choice": None}  # data.pipeline: auto, on an image folder with two workers
-    assert isinstance(batch_producer({"pipeline": decided}, topology, data, 0), ProducerClient)
-    assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data, 0) is None
-    assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data, 0) is None
+    assert isinstance(batch_producer({"pipeline": decided}, topology, data, 0, 2), ProducerClient)
+    assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data, 0, 2) is None
+    assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data, 0, 1) is None

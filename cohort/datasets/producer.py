@@ -9,7 +9,7 @@ worker on the node reads it there without a copy (``cohort.datasets.shared``).
 A batch is a pure function of ``(epoch, batch number)``, so the producer keeps no state a worker
 depends on: a producer restarted by Ray, or a worker group restarted from a checkpoint, is asked
 again and makes the same batch. It makes a bounded window of batches ahead of the furthest one
-asked for, and forgets a batch once every worker it has seen has asked for a later one (or when it
+asked for, and forgets a batch once every worker of the node has asked for a later one (or when it
 lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up); the
 workers hold their own references, and the object store frees a batch when the last drops it.
 
@@ -44,7 +44,8 @@ def data_pipeline(topology: Any, info: Any) -> str:
 
 
 class BatchProducer:
-    """Makes the training batches of a run's plan, each once, a window ahead of the furthest asked for.
+    """Makes the training batches of a run's plan, each once, a window ahead of the furthest asked for,
+    for ``workers`` workers.
 
     One thread makes them, one after the other: an image folder's augmentation seeds torch's global
     generator image by image (``cohort.datasets.folder``), which two threads would share.
@@ -54,12 +55,13 @@ class BatchProducer:
     """
 
     def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int = 1, sampler: Any = None,
-                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG):
+                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG, workers: int = 1):
         self.dataset, self.batch_size, self.seed, self.shards, self.sampler = dataset, batch_size, seed, shards, sampler
         self.window, self.lag = window, lag
+        self.workers = workers  # the workers of the node: until each has asked, only the lag drops batches
         self.put = put or (lambda made: made)
         self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
-        self.made: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
+        self.batches: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
         self.furthest = (0, -1)  # the furthest (epoch, number) asked for
         self.positions: dict[str, tuple[int, int]] = {}  # each worker's furthest (epoch, number) asked for
         self.count = 0  # batches made so far (one asked for again after it was forgotten counts again)
@@ -90,7 +92,7 @@ class BatchProducer:
     def held(self) -> list[tuple[int, int]]:
         """The batches made or being made, in order."""
         with self.lock:
-            return sorted(self.made)
+            return sorted(self.batches)
 
     def _plan(self, epoch: int) -> list:
         if epoch not in self.plans:
@@ -101,9 +103,9 @@ class BatchProducer:
 
     def _start(self, epoch: int, number: int) -> Future:
         key = (epoch, number)
-        if key not in self.made:
-            self.made[key] = self.pool.submit(self._make, self._plan(epoch)[number])
-        return self.made[key]
+        if key not in self.batches:
+            self.batches[key] = self.pool.submit(self._make, self._plan(epoch)[number])
+        return self.batches[key]
 
     def made(self) -> int:
         """How many batches it has made."""
@@ -115,13 +117,13 @@ class BatchProducer:
         return self.put((inputs.numpy(), labels.numpy()))
 
     def _forget(self) -> None:
-        """Drop the batches every worker seen has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
+        """Drop the batches every worker has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
         far_epoch, far_number = self.furthest
-        slowest = min(self.positions.values())
-        for key in list(self.made):
+        slowest = min(self.positions.values()) if len(self.positions) >= self.workers else (0, -1)
+        for key in list(self.batches):
             epoch, number = key
             if key < slowest or epoch < far_epoch or number <= far_number - self.lag:
-                del self.made[key]
+                self.batches.pop(key).cancel()  # not made yet: never made
 
 
 def as_batch(made: tuple) -> Batch:
@@ -163,10 +165,10 @@ class ProducerClient:
         raise AssertionError("unreachable")
 
 
-def node_producer(key: str, dataset: Any, topology: Any) -> Any:
+def node_producer(key: str, dataset: Any, topology: Any, workers: int) -> Any:
     """This node's producer of the run ``key``: found by its name, or created here (no CPU reserved of
     Ray's: it does on the node, once, what each worker did in its own; restarted by Ray when it dies).
-    ``dataset``: the dataset, or its reference in the object store."""
+    ``dataset``: the dataset, or its reference in the object store; ``workers``: the run's workers on this node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -175,16 +177,17 @@ def node_producer(key: str, dataset: Any, topology: Any) -> Any:
     actor = ray.remote(RemoteProducer).options(
         name=f"cohort-batches-{key}-{node}", get_if_exists=True, num_cpus=0, max_concurrency=64,
         max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    return actor.remote(dataset, data.batch_size, topology.seed, topology.replicas, data.sampler, WINDOW)
+    return actor.remote(dataset, data.batch_size, topology.seed, topology.replicas, data.sampler, WINDOW, workers)
 
 
 class RemoteProducer(BatchProducer):
     """The producer as a Ray actor: each batch ``ray.put`` once; a call returns its reference."""
 
-    def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int, sampler: Any, window: int):
+    def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int, sampler: Any, window: int,
+                 workers: int):
         import ray
 
-        super().__init__(dataset, batch_size, seed, shards, sampler, window, put=ray.put)
+        super().__init__(dataset, batch_size, seed, shards, sampler, window, put=ray.put, workers=workers)
 
     def pid(self) -> int:
         """The actor's process (the benchmark reads its CPU time)."""

@@ -433,7 +433,7 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
                     else WHOLE_BATCH) if topology.gates else None
     taps = peer_taps(topology, peer, net, data.info.input_size, data.info.num_classes, exchange.gather_objects)
     snapshots = snapshot_side(topology, peer, net, data.info, device, config) if topology.exchange.snapshot else None
-    producer = batch_producer(config, topology, data, rank)
+    producer = batch_producer(config, topology, data, rank, ray.train.get_context().get_local_world_size())
     startup["model_built"] = time.time()
     return WorkerState(
         topology=topology, rank=rank, peer=peer, shard=slot.shard, device=device, data=data, net=net,
@@ -444,16 +444,17 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
         gating=gating, taps=taps, snapshots=snapshots, producer=producer)
 
 
-def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDataset,
-                   rank: int) -> ProducerClient | None:
+def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDataset, rank: int,
+                   workers: int) -> ProducerClient | None:
     """This worker's (``rank``'s) side of its node's batch producer when the run's pipeline is
     ``producer`` (the driver's choice, else ``data.pipeline``'s for this data: the same on every
-    worker). The producer gets the driver's copy of the data when there is one, else this worker's."""
+    worker); ``workers``: the run's workers on this node. The producer gets the driver's copy of the
+    data when there is one, else this worker's."""
     pipeline = config.get("pipeline") or {}
     if (pipeline.get("choice") or data_pipeline(topology, data.info)) != "producer":
         return None
     dataset = config.get("dataset") if config.get("dataset") is not None else data
-    return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology), worker=str(rank))
+    return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology, workers), worker=str(rank))
 
 
 def snapshot_side(topology: Topology, peer: str, net: nn.Module, info, device: torch.device,
