@@ -139,3 +139,40 @@ def test_the_workers_take_the_drivers_choice_or_decide_alike_from_their_data(tmp
     assert isinstance(batch_producer({"pipeline": decided}, topology, data, 0, 2), ProducerClient)
     assert batch_producer({"pipeline": {**decided, "choice": "peers"}}, topology, data, 0, 2) is None
     assert batch_producer({}, topology_from_dict({**spec, "peers": {"a": {"model": "cnn_small"}}}), data, 0, 1) is None
+
+
+def test_a_worker_asks_again_of_its_producer_found_anew_when_it_died(monkeypatch):
+    """A producer that died loses the batches it put (its references fail): the worker finds its
+    producer again (Ray restarted it, or a new one) and asks again, a few times at most."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cohort.datasets import producer as module
+
+    made = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0, 1]))
+    outcomes = []
+
+    class Handle:
+        class batch:  # noqa: N801 - a Ray actor method's shape: handle.batch.remote(...)
+            @staticmethod
+            def remote(epoch, number, worker):
+                return ("asked", epoch, number, worker)
+
+    def get(reference, timeout=None):
+        if isinstance(reference, tuple) and reference[0] == "asked":
+            return "reference"
+        outcome = outcomes.pop(0)
+        if outcome == "lost":
+            raise RayActorError()
+        return made
+
+    connected = []
+    monkeypatch.setattr(ray, "get", get)
+    client = module.ProducerClient(lambda: connected.append(1) or Handle(), worker="3")
+    outcomes[:] = ["lost", "made"]
+    inputs, labels = client.fetch(1, 0)
+    assert torch.equal(inputs, torch.from_numpy(made[0])) and torch.equal(labels, torch.from_numpy(made[1]))
+    assert len(connected) == 2  # found again after the failure
+    outcomes[:] = ["lost"] * module.ATTEMPTS
+    with pytest.raises(RayActorError):
+        client.fetch(1, 1)
