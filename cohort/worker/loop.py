@@ -450,8 +450,8 @@ def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDatas
     ``producer`` (the driver's choice, else ``data.pipeline``'s for this data: the same on every
     worker); ``workers``: the run's workers on this node. The producer gets the driver's copy of the
     data when there is one, else this worker's."""
-    pipeline = config.get("pipeline") or {}
-    if (pipeline.get("choice") or data_pipeline(topology, data.info)) != "producer":
+    pipeline = config.get("pipeline")
+    if pipeline is None or (pipeline["choice"] or data_pipeline(topology, data.info)) != "producer":
         return None
     dataset = config.get("dataset") if config.get("dataset") is not None else data
     return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology, workers), worker=str(rank))
