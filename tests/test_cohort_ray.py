@@ -381,6 +381,84 @@ def test_the_dataset_comes_out_of_the_object_store_shared_not_copied(ray_cluster
 
 
 
+@pytest.mark.ray
+def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_killed(ray_cluster, tmp_path):
+    """data.pipeline: producer (cohort.datasets.producer): the node's producer makes each batch once for
+    both peers, and is killed once it has made the first ones (Ray restarts it; the workers ask again
+    for the batches it lost). Same batches, same fingerprints and the same weights as every worker
+    making its own batches (data.pipeline: peers)."""
+    import threading
+    import time
+
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    from cohort.driver.launch import make_trainer
+
+    pixels = np.random.default_rng(3)
+    for split, count in (("train", 20), ("val", 4)):
+        for name in ("cat", "dog"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for n in range(count):
+                Image.fromarray(pixels.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                    tmp_path / "images" / split / name / f"{n}.png")
+    spec = {"name": "producer", "seed": 5,
+            "data": {"dataset": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16, "batch_size": 4},
+            "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    killed = []
+
+    def kill_the_producer_once_it_made_batches(stop: threading.Event) -> None:
+        while not stop.is_set():
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["name"].startswith("cohort-batches-"):
+                    try:
+                        producer = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                        if ray.get(producer.held.remote()):
+                            before = ray.get(producer.pid.remote())
+                            ray.kill(producer, no_restart=False)
+                            killed.append(restarted(producer, before))
+                            return
+                    except ray.exceptions.RayError:
+                        pass
+            time.sleep(0.01)
+
+    def restarted(producer, before: int) -> bool:
+        """Whether the producer answers from a new process (the kill takes effect a moment later)."""
+        for _ in range(200):
+            try:
+                if ray.get(producer.pid.remote(), timeout=5) != before:
+                    return True
+            except ray.exceptions.RayError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def trained(pipeline: str):
+        topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline}})
+        stop = threading.Event()
+        killer = threading.Thread(target=kill_the_producer_once_it_made_batches, args=(stop,), daemon=True)
+        if pipeline == "producer":
+            killer.start()
+        result = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), f"producer-{pipeline}", pipeline=pipeline).fit()
+        stop.set()
+        with result.checkpoint.as_directory() as folder:
+            weights = {peer: torch.load(Path(folder) / f"{peer}.pt", weights_only=True) for peer in ("a", "b")}
+        return result.metrics, weights
+
+    produced, produced_weights = trained("producer")
+    assert killed == [True], "the producer was not killed and restarted mid-run"
+    own, own_weights = trained("peers")
+    assert produced["cohort/batches_identical"] == own["cohort/batches_identical"] == 1.0
+    assert produced["cohort/fingerprints"] == own["cohort/fingerprints"]
+    for peer in ("a", "b"):
+        assert produced_weights[peer].keys() == own_weights[peer].keys()
+        for key, value in own_weights[peer].items():
+            assert torch.equal(produced_weights[peer][key], value), f"{peer}.{key}"
+
+
+
 # --------------------------------------------------------------------------- failures
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cohort.datasets.producer import WINDOW
 from cohort.driver.launch import Plan
 from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, worker_grid
@@ -48,8 +49,15 @@ def describe_calibration(topology, info) -> str:
             f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
 
 
-def describe_data(info) -> str:
+def describe_data(info, pipeline: str = "peers") -> str:
     """Which data pipeline runs, and what it holds in memory."""
+    if pipeline == "producer":
+        held = (f"the data in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per "
+                "node, loaded by the driver" if info.memory_bytes else "the files' list; it reads and decodes them")
+        return (f"data: one batch producer per node makes each training batch once for the workers there "
+                "(data.pipeline: producer; one thread, no CPU reserved: the workers' decoding, done once), "
+                f"{WINDOW} batches ahead, shared through Ray's object store; "
+                f"it holds {held}; test batches: every worker its own")
     if not info.memory_bytes:
         return "data: read from its files by every peer's worker, which decodes each batch itself"
     return (f"data: in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per node "
@@ -79,7 +87,7 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         f"  {describe_calibration(topology, info)}",
-        f"  {describe_data(info)}",
+        f"  {describe_data(info, plan.pipeline)}",
         "",
         f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]

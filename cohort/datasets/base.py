@@ -37,6 +37,9 @@ class DatasetInfo:
     # Bytes of the arrays the dataset holds in memory, put once in Ray's object store and read there
     # by every peer on a node (cohort.datasets.shared); 0: its batches are read from files.
     memory_bytes: int = 0
+    # Its training batches are read from files and decoded batch by batch (image folders): the work
+    # a batch producer (data.pipeline, cohort.datasets.producer) does once per node instead of once per peer.
+    decodes_batches: bool = False
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -118,12 +121,16 @@ class CohortDataset:
         ``train_targets``, in the same index space as ``make_batch``'s training indices (what a long
         tail or a validation split kept); each class's ``m`` images are contiguous in the batch.
         """
+        plan = self.train_plan(batch_size, seed, epoch, shards, sampler)
+        return self._serve(plan if part is None else disjoint_part(plan, *part), num_workers)
+
+    def train_plan(self, batch_size: int, seed: int, epoch: int, shards: int = 1, sampler: Any = None) -> list:
+        """The epoch's whole batches as ``make_batch``'s arguments, ``(indices, True, batch seed)``, in order."""
         if sampler is None:
             indices = batch_indices(epoch_order(self.info.train_size, seed, epoch), batch_size, shards)
         else:
             indices = class_balanced_batches(self.train_targets, batch_size, sampler.m_per_class, seed, epoch)
-        plan = [(index, True, batch_seed(seed, epoch, number)) for number, index in enumerate(indices)]
-        return self._serve(plan if part is None else disjoint_part(plan, *part), num_workers)
+        return [(index, True, batch_seed(seed, epoch, number)) for number, index in enumerate(indices)]
 
     def test_batches(self, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
         plan = [(index, False, 0) for index in torch.arange(self.info.test_size).split(batch_size)]

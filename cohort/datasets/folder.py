@@ -51,7 +51,7 @@ class ImageFolderSplits(CohortDataset):
         targets = torch.tensor(self.train.targets, dtype=torch.long)
         self.info = DatasetInfo("imagefolder", len(self.train.classes), 3, len(self.train), len(self.test),
                                 class_counts(targets, len(self.train.classes)), tuple(self.train.classes),
-                                input_size=(3, image_size, image_size))
+                                input_size=(3, image_size, image_size), decodes_batches=True)
 
     @property
     def train_targets(self) -> torch.Tensor:

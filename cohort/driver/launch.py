@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ class Plan:
     weights: Any = dataclasses.field(default=None, repr=False, compare=False)
     # What each peer sends per step when more than logits travel (cohort.worker.payload), else None.
     payload: Any = None
+    # Who makes the training batches: "peers" (every worker its own) or "producer" (one per node).
+    pipeline: str = "peers"
 
 
 def fetch_checkpoints(topology: Topology, tracking_uri: str):
@@ -76,6 +79,7 @@ def load_checkpoints(topology: Topology, tracking_uri: str) -> dict[str, Any]:
 
 def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: float, download: bool = True) -> Plan:
     from cohort.datasets import describe_dataset, load_dataset
+    from cohort.datasets.producer import data_pipeline
     from cohort.datasets.sampling import check_sampler
     from cohort.driver.placement import peer_threads, step_flops
     from cohort.models import count_parameters
@@ -98,7 +102,7 @@ def make_plan(topology: Topology, tracking_uri: str | None, available_cpus: floa
     cpus = cpus_per_peer(topology, available_cpus)
     return Plan(topology=topology, info=info, groups=cohort_groups(topology, info), parameters=parameters,
                 cpus_per_peer=cpus, compute=compute, threads=peer_threads(compute, cpus), tracking_uri=uri,
-                dataset=dataset, weights=weights, payload=payload)
+                dataset=dataset, weights=weights, payload=payload, pipeline=data_pipeline(topology, info))
 
 
 def cpus_per_peer(topology: Topology, available_cpus: float) -> float:
@@ -201,14 +205,18 @@ def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking
 
 def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
-                 dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False):
+                 dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False,
+                 pipeline: str | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
     object store for that peer's workers; a peer without them reads its checkpoint's path.
     ``train_loop``: what the workers run, default ``cohort.worker.loop.train_cohort`` (a benchmark wraps
     it to measure around it). ``live_steps``: rank 0 also sends its step counter through ``progress``
-    a few times a second (``cohort.console.display.step_message``), for the driver's live display."""
+    a few times a second (``cohort.console.display.step_message``), for the driver's live display.
+    ``pipeline``: who makes the training batches (``Plan.pipeline``), by default what ``data.pipeline``
+    picks for the dataset the workers have; with ``producer`` the workers of each node share one
+    (cohort.datasets.producer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -225,7 +233,10 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
                            "dataset": ray.put(dataset) if dataset is not None else None,
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()},
                            # Codistillation: the run's register of published weights (cohort.worker.snapshots).
-                           "snapshot_board": snapshot_board() if topology.exchange.snapshot else None},
+                           "snapshot_board": snapshot_board() if topology.exchange.snapshot else None,
+                           # Who makes the training batches (None: data.pipeline decides on the workers' data),
+                           # and the run's key, by which each node's workers find their batch producer.
+                           "pipeline": {"choice": pipeline, "key": uuid.uuid4().hex}},
         # One worker per peer and replica (cohort.worker.grid). The worker wraps only a peer's own
         # replicas in DDP; nothing here does (peers are different networks).
         scaling_config=ScalingConfig(

@@ -157,7 +157,8 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     display = display or Display("log")
     # Rank 0's step counter feeds the bar inside an epoch: sent only where a terminal draws it.
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
-                           dataset=plan.dataset, weights=plan.weights, live_steps=display.mode == "tty")
+                           dataset=plan.dataset, weights=plan.weights, live_steps=display.mode == "tty",
+                           pipeline=plan.pipeline)
     epochs = EpochDisplay(display, evaluated(topology), topology.train.epochs, done=logged_epochs)
     started = time.perf_counter()
     final: dict[str, Any] = {}

@@ -58,6 +58,10 @@ class DataConfig(Strict):
     val_fraction: Number = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
                                                               "the validation split (0: none)")
     sampler: SamplerConfig | None = Field(None, description="class-balanced batches (default: a shuffled epoch)")
+    pipeline: Literal["auto", "peers", "producer"] = Field(
+        "auto", description="who makes the training batches: every peer's worker its own (peers), or one producer "
+                            "per node for the workers there (producer); auto: a producer for image folders with "
+                            "more than one worker")
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> DataConfig:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from cohort.config.errors import CohortError
 from cohort.datasets import Batch, CohortDataset, load_dataset
+from cohort.datasets.producer import ProducerClient, data_pipeline, node_producer
 from cohort.gates.decision import Gating, StepDecision
 from cohort.losses.batch import WHOLE_BATCH, WholeBatch
 from cohort.losses.combine import NO_REPRESENTATIONS, Representations, peer_objective
@@ -93,6 +94,7 @@ class PeerStep:
     ticker: StepTicker | None = None  # rank 0's step counter for the driver's display (cohort.run only)
     taps: PeerTaps | None = None  # the peer's representations and what it sends, when more than logits travel
     snapshots: Snapshots | None = None  # codistillation (exchange.mode: snapshot): the board and the teachers' copies
+    producer: ProducerClient | None = None  # the node's batch producer (data.pipeline: producer), if any
 
 
 @dataclass(kw_only=True)
@@ -126,8 +128,13 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
     if snapshots is not None:
         stats.teachers = snapshots.copies.begin_epoch()
     step_started = (time.perf_counter(), time.process_time())
-    batches = data.train_batches(topology.data.batch_size, topology.seed, epoch, topology.data.num_workers, shards,
-                                 sampler=topology.data.sampler, part=snapshots.part if snapshots else None)
+    part = snapshots.part if snapshots else None
+    if run.producer is None:
+        batches = data.train_batches(topology.data.batch_size, topology.seed, epoch, topology.data.num_workers, shards,
+                                     sampler=topology.data.sampler, part=part)
+    else:  # the same batches, made once on this node (cohort.datasets.producer)
+        batches = run.producer.train_batches(data, topology.data.batch_size, topology.seed, epoch, shards,
+                                             sampler=topology.data.sampler, part=part)
     for step, (inputs, labels) in enumerate(waited_for(batches, stats)):
         batch_size = len(labels)
         start, stop = shard_bounds(batch_size, shards, run.shard)
@@ -371,6 +378,7 @@ class WorkerState:
     gating: Gating | None = None  # the topology's gates, if any (their state is in the checkpoints)
     taps: PeerTaps | None = None  # the peer's representations, when the cohort exchanges more than logits
     snapshots: Snapshots | None = None  # codistillation (exchange.mode: snapshot)
+    producer: ProducerClient | None = None  # the node's batch producer (data.pipeline: producer), if any
 
     @property
     def frozen(self) -> bool:
@@ -425,6 +433,7 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
                     else WHOLE_BATCH) if topology.gates else None
     taps = peer_taps(topology, peer, net, data.info.input_size, data.info.num_classes, exchange.gather_objects)
     snapshots = snapshot_side(topology, peer, net, data.info, device, config) if topology.exchange.snapshot else None
+    producer = batch_producer(config, topology, data, rank, ray.train.get_context().get_local_world_size())
     startup["model_built"] = time.time()
     return WorkerState(
         topology=topology, rank=rank, peer=peer, shard=slot.shard, device=device, data=data, net=net,
@@ -432,7 +441,20 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
         groups=grouping[0].to(device) if grouping else None, metric_groups=metric_groups(topology, grouping),
         host_copies=backend.host_copies, workers=workers, progress=config.get("progress"),
         objective=MetricExpression(config["objective"]) if config.get("objective") else None, startup=startup,
-        gating=gating, taps=taps, snapshots=snapshots)
+        gating=gating, taps=taps, snapshots=snapshots, producer=producer)
+
+
+def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDataset, rank: int,
+                   workers: int) -> ProducerClient | None:
+    """This worker's (``rank``'s) side of its node's batch producer when the run's pipeline is
+    ``producer`` (the driver's choice, else ``data.pipeline``'s for this data: the same on every
+    worker); ``workers``: the run's workers on this node. The producer gets the driver's copy of the
+    data when there is one, else this worker's."""
+    pipeline = config.get("pipeline")
+    if pipeline is None or (pipeline["choice"] or data_pipeline(topology, data.info)) != "producer":
+        return None
+    dataset = config.get("dataset") if config.get("dataset") is not None else data
+    return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology, workers), worker=str(rank))
 
 
 def snapshot_side(topology: Topology, peer: str, net: nn.Module, info, device: torch.device,
@@ -519,7 +541,8 @@ def peer_step(worker: WorkerState, live_steps: bool = False) -> PeerStep:
                     exchange=worker.exchange, guard=worker.guard, groups=worker.groups, device=device,
                     shard=worker.shard, scaler=worker.scaler,
                     batch=ReplicaBatch(worker.peer_group, worker.host_copies) if worker.replicas_train else WHOLE_BATCH,
-                    gating=worker.gating, ticker=ticker, taps=worker.taps, snapshots=worker.snapshots)
+                    gating=worker.gating, ticker=ticker, taps=worker.taps, snapshots=worker.snapshots,
+                    producer=worker.producer)
 
 
 def unused_head(worker: WorkerState) -> bool:

@@ -1,0 +1,196 @@
+"""One producer of training batches per cohort per node (``data.pipeline: producer``).
+
+Without it every peer's worker makes every training batch itself: a cohort of N peers decodes and
+augments each batch N times for identical results. A ``BatchProducer`` makes each batch of the same
+plan once (order from the seed and epoch, augmentation seeded by the batch seed: the same bytes as
+``CohortDataset.train_batches``) and puts it in Ray's object store once, as numpy arrays: every
+worker on the node reads it there without a copy (``cohort.datasets.shared``).
+
+A batch is a pure function of ``(epoch, batch number)``, so the producer keeps no state a worker
+depends on: a producer restarted by Ray, or a worker group restarted from a checkpoint, is asked
+again and makes the same batch. It makes a bounded window of batches ahead of the furthest one
+asked for, and forgets a batch once every worker of the node has asked for a later one (or when it
+lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up); the
+workers hold their own references, and the object store frees a batch when the last drops it.
+
+The workers find their node's producer by name and the first to ask creates it
+(``node_producer``); it is owned by that worker and ends with the worker group.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from cohort.config.errors import CohortError
+from cohort.datasets.base import Batch, CohortDataset, disjoint_part
+from cohort.datasets.shared import tensor_over
+
+WINDOW = 3  # batches made ahead of the furthest one asked for
+LAG = 4 * WINDOW  # batches kept behind the furthest one asked for, at most, for a worker not there yet
+ATTEMPTS = 4  # a worker asks again this many times when its producer died under it
+
+
+def data_pipeline(topology: Any, info: Any) -> str:
+    """Which pipeline makes the training batches: ``peers`` (each worker its own) or ``producer``
+    (one per node). ``auto``: a producer where batches are decoded from files and more than one
+    worker takes each batch (not under codistillation's disjoint data, where each peer takes its own)."""
+    setting = topology.data.pipeline
+    if setting != "auto":
+        return setting
+    disjoint = topology.exchange.snapshot and topology.exchange.data == "disjoint"
+    return "producer" if info.decodes_batches and topology.num_workers > 1 and not disjoint else "peers"
+
+
+class BatchProducer:
+    """Makes the training batches of a run's plan, each once, a window ahead of the furthest asked for,
+    for ``workers`` workers.
+
+    One thread makes them, one after the other: an image folder's augmentation seeds torch's global
+    generator image by image (``cohort.datasets.folder``), which two threads would share.
+
+    ``put``: what a made batch (numpy inputs and labels) becomes, ``ray.put`` in the actor; by
+    default the arrays themselves (in-process use).
+    """
+
+    def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int = 1, sampler: Any = None,
+                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG, workers: int = 1):
+        self.dataset, self.batch_size, self.seed, self.shards, self.sampler = dataset, batch_size, seed, shards, sampler
+        self.window, self.lag = window, lag
+        self.workers = workers  # the workers of the node: until each has asked, only the lag drops batches
+        self.put = put or (lambda made: made)
+        self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
+        self.batches: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
+        self.furthest = (0, -1)  # the furthest (epoch, number) asked for
+        self.positions: dict[str, tuple[int, int]] = {}  # each worker's furthest (epoch, number) asked for
+        self.count = 0  # batches made so far (one asked for again after it was forgotten counts again)
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-batches")
+
+    def batch(self, epoch: int, number: int, worker: str = "") -> Any:
+        """Batch ``number`` of ``epoch``, as ``put`` made it, for ``worker`` (who asks: it has taken the
+        batches before this one); the next batches of the window are started."""
+        with self.lock:
+            count = len(self._plan(epoch))
+            if not 0 <= number < count:
+                raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
+            self.furthest = max(self.furthest, (epoch, number))
+            self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, number))
+            self._forget()
+            wanted = self._start(epoch, number)
+            far_epoch, far_number = self.furthest
+            for ahead in range(far_number + 1, min(far_number + self.window, len(self._plan(far_epoch)))):
+                self._start(far_epoch, ahead)
+        return wanted.result()
+
+    def batches_in(self, epoch: int) -> int:
+        """How many training batches ``epoch`` has."""
+        with self.lock:
+            return len(self._plan(epoch))
+
+    def held(self) -> list[tuple[int, int]]:
+        """The batches made or being made, in order."""
+        with self.lock:
+            return sorted(self.batches)
+
+    def _plan(self, epoch: int) -> list:
+        if epoch not in self.plans:
+            self.plans[epoch] = self.dataset.train_plan(self.batch_size, self.seed, epoch, self.shards, self.sampler)
+            for old in sorted(self.plans)[:-2]:
+                del self.plans[old]
+        return self.plans[epoch]
+
+    def _start(self, epoch: int, number: int) -> Future:
+        key = (epoch, number)
+        if key not in self.batches:
+            self.batches[key] = self.pool.submit(self._make, self._plan(epoch)[number])
+        return self.batches[key]
+
+    def made(self) -> int:
+        """How many batches it has made."""
+        return self.count
+
+    def _make(self, item: tuple) -> Any:
+        self.count += 1  # one thread makes batches
+        inputs, labels = self.dataset.make_batch(*item)
+        return self.put((inputs.numpy(), labels.numpy()))
+
+    def _forget(self) -> None:
+        """Drop the batches every worker has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
+        far_epoch, far_number = self.furthest
+        slowest = min(self.positions.values()) if len(self.positions) >= self.workers else (0, -1)
+        for key in list(self.batches):
+            epoch, number = key
+            if key < slowest or epoch < far_epoch or number <= far_number - self.lag:
+                self.batches.pop(key).cancel()  # not made yet: never made
+
+
+def as_batch(made: tuple) -> Batch:
+    """A made batch's numpy arrays as tensors over the same memory (read-only in the object store)."""
+    inputs, labels = made
+    return tensor_over(inputs), tensor_over(labels)
+
+
+class ProducerClient:
+    """A worker's side: its node's producer (``connect()`` finds or creates it) and the batches it asks
+    for, as ``worker`` (its rank: the producer keeps a batch until every worker has passed it)."""
+
+    def __init__(self, connect: Callable[[], Any], worker: str = ""):
+        self.connect, self.worker = connect, worker
+        self.handle = None
+
+    def train_batches(self, data: CohortDataset, batch_size: int, seed: int, epoch: int, shards: int = 1,
+                      sampler: Any = None, part: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """``data.train_batches``'s batches (the same arguments, the same bytes), from the producer."""
+        numbers = list(range(len(data.train_plan(batch_size, seed, epoch, shards, sampler))))
+        for number in numbers if part is None else disjoint_part(numbers, *part):
+            yield self.fetch(epoch, number)
+
+    def fetch(self, epoch: int, number: int) -> Batch:
+        """One batch. A producer that died (restarted by Ray, or gone with a worker group) loses the
+        batches it put: the batch is asked for again, of the producer found anew."""
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        for attempt in range(ATTEMPTS):
+            try:
+                if self.handle is None:
+                    self.handle = self.connect()
+                return as_batch(ray.get(ray.get(self.handle.batch.remote(epoch, number, self.worker))))
+            except (RayActorError, ObjectLostError):
+                if attempt == ATTEMPTS - 1:
+                    raise
+                self.handle = None
+        raise AssertionError("unreachable")
+
+
+def node_producer(key: str, dataset: Any, topology: Any, workers: int) -> Any:
+    """This node's producer of the run ``key``: found by its name, or created here (no CPU reserved of
+    Ray's: it does on the node, once, what each worker did in its own; restarted by Ray when it dies).
+    ``dataset``: the dataset, or its reference in the object store; ``workers``: the run's workers on this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    data = topology.data
+    actor = ray.remote(RemoteProducer).options(
+        name=f"cohort-batches-{key}-{node}", get_if_exists=True, num_cpus=0, max_concurrency=64,
+        max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    return actor.remote(dataset, data.batch_size, topology.seed, topology.replicas, data.sampler, WINDOW, workers)
+
+
+class RemoteProducer(BatchProducer):
+    """The producer as a Ray actor: each batch ``ray.put`` once; a call returns its reference."""
+
+    def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int, sampler: Any, window: int,
+                 workers: int):
+        import ray
+
+        super().__init__(dataset, batch_size, seed, shards, sampler, window, put=ray.put, workers=workers)
+
+    def pid(self) -> int:
+        """The actor's process (the benchmark reads its CPU time)."""
+        import os
+
+        return os.getpid()
