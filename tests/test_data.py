@@ -459,3 +459,27 @@ def test_the_data_wait_counts_the_time_in_next_not_the_training_step():
         time.sleep(0.1)  # the step: not waiting for data
     assert 0.09 <= stats.data_wait_seconds < 0.2
     assert stats.summary()["data_wait_seconds"] == stats.data_wait_seconds
+
+
+def test_the_dry_run_reads_a_tables_sizes_without_decoding_it(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import cohort.datasets.parquet as parquet
+    from cohort.datasets.registry import describe_dataset
+
+    root = str(write_table(tmp_path / "t.parquet", tiny_rows()))
+    loaded = load_dataset(DataConfig(dataset="parquet", root=root)).info
+    wrapped = DataConfig(dataset="parquet", root=root, long_tail={"imbalance": 2}, val_fraction=0.25)
+    loaded_wrapped = load_dataset(wrapped).info
+    decoded = []
+    real = parquet._decode_all
+    monkeypatch.setattr(parquet, "_decode_all", lambda *a, **k: (out := real(*a, **k), decoded.append(len(out[1])))[0])
+    assert describe_dataset(DataConfig(dataset="parquet", root=root)) == loaded
+    assert describe_dataset(DataConfig(dataset="parquet", root=root, image_size=16)) == replace(
+        loaded, input_size=(3, 16, 16), memory_bytes=18 * 3 * 16 * 16 + 18 * 8 + 2 * 3 * 4)
+    assert describe_dataset(wrapped) == loaded_wrapped
+    assert decoded == [1, 1, 1]  # one image decoded per preview (the input shape), not the table
+    # Undecodable rows are found when the run loads the table; a table where nothing decodes is refused already.
+    junk = write_table(tmp_path / "junk.parquet", [(b"junk", 0, "train"), (b"junk", 1, "test")])
+    with pytest.raises(CohortError, match="none of the 2 images"):
+        describe_dataset(DataConfig(dataset="parquet", root=str(junk)))

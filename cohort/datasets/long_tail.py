@@ -37,7 +37,7 @@ class LongTailed(CohortDataset):
             kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
         self.keep = torch.cat(kept).sort().values
         counts = class_counts(targets[self.keep], info.num_classes)
-        note = f"long-tailed training set ({profile}, imbalance {imbalance:g}): {len(self.keep)} images"
+        note = long_tail_note(profile, imbalance, len(self.keep))
         self.info = replace(info, train_size=len(self.keep), train_class_counts=counts, notes=info.notes + (note,))
 
     @property
@@ -52,3 +52,8 @@ class LongTailed(CohortDataset):
 
     def plain_train_batch(self, indices: torch.Tensor) -> Batch:
         return self.inner.plain_train_batch(self.keep[indices])
+
+
+def long_tail_note(profile: str, imbalance: float, images: int) -> str:
+    """The plan's note on a long-tailed training set."""
+    return f"long-tailed training set ({profile}, imbalance {imbalance:g}): {images} images"

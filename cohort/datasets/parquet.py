@@ -8,13 +8,51 @@ import torch
 
 from cohort.config.errors import CohortError
 from cohort.datasets.augment import ImageArrays
-from cohort.datasets.base import CohortDataset, need_root
+from cohort.datasets.base import CohortDataset, DatasetInfo, need_root
 from cohort.datasets.registry import register_dataset
 
 PARQUET_COLUMNS = ("image", "label", "split")
 
 
-@register_dataset("parquet")
+def preview_parquet(root: str | None = None, image_size: int | None = None) -> DatasetInfo:
+    """The table's sizes, classes and input shape from its labels, its splits and its first image
+    that decodes: what ``--dry-run`` shows, without decoding the table (rows that do not decode
+    are found, skipped and counted when the run loads it)."""
+    import pyarrow as pa
+
+    path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
+    files, class_names = _table_files(path)
+    table = pa.concat_tables([_read(file, ["label", "split"]) for file in files])
+    labels, is_train = _labels_and_splits(table)
+    shape = None
+    for file in files:  # the first image that decodes gives the input shape
+        for batch in _image_batches(file):
+            images, good = _decode_all(batch.column("image").to_pylist(), image_size, stop_at_first=True)
+            if good:
+                shape = tuple(images.shape[1:])
+                break
+        if shape is not None:
+            break
+    if shape is None:
+        raise CohortError(f"none of the {len(labels)} images in {str(path)!r} could be decoded", "data.root")
+    num_classes = max(int(labels.max()) + 1, len(class_names))
+    train_labels = labels[is_train]
+    rows = len(labels)
+    return DatasetInfo("parquet", num_classes, shape[0], len(train_labels), rows - len(train_labels),
+                       tuple(torch.bincount(train_labels, minlength=num_classes).tolist()), class_names,
+                       input_size=shape,
+                       # as load_parquet holds them: uint8 images, int64 labels, the per-channel mean and std (float32)
+                       memory_bytes=rows * (int(torch.Size(shape).numel()) + 8) + 2 * shape[0] * 4)
+
+
+def _image_batches(file: Path, rows: int = 64):
+    """The ``image`` column of ``file`` in record batches of ``rows``, read lazily."""
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(file).iter_batches(batch_size=rows, columns=["image"])
+
+
+@register_dataset("parquet", preview=preview_parquet)
 def load_parquet(root: str | None = None, image_size: int | None = None) -> CohortDataset:
     """An image table: ``image`` (encoded bytes: JPEG, PNG, ...), ``label`` (int), ``split``
     (``train`` / ``test``). ``root`` is a ``.parquet`` file or a folder of them.
@@ -25,13 +63,7 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
     """
     path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
     table, class_names = _read_tables(path)
-    splits = [str(s) for s in table.column("split").to_pylist()]
-    unknown = sorted(set(splits) - {"train", "test"})
-    if unknown:
-        raise CohortError(f"column split holds {unknown[:3]}; expected 'train' and 'test'", "data.root")
-    labels = torch.tensor(table.column("label").to_numpy(zero_copy_only=False).astype("int64"))
-    if len(labels) and int(labels.min()) < 0:
-        raise CohortError("column label holds negative values", "data.root")
+    labels, train_rows = _labels_and_splits(table)
     images, good = _decode_all(table.column("image").to_pylist(), image_size)
     if not good:
         raise CohortError(f"none of the {len(labels)} images in {str(path)!r} could be decoded", "data.root")
@@ -43,7 +75,7 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
                      f"{', ...' if skipped > 5 else ''})")
     kept = torch.tensor(good)
     labels = labels[kept]
-    is_train = torch.tensor([splits[i] == "train" for i in good])
+    is_train = train_rows[kept]
     num_classes = max(int(labels.max()) + 1, len(class_names))
     train_images = images[is_train]
     if not len(train_images) or is_train.all():
@@ -55,15 +87,41 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
                        num_classes, mean, std, class_names, notes)
 
 
+def _labels_and_splits(table: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``label`` column (int64) and whether each row is a training row, checked."""
+    splits = [str(s) for s in table.column("split").to_pylist()]
+    unknown = sorted(set(splits) - {"train", "test"})
+    if unknown:
+        raise CohortError(f"column split holds {unknown[:3]}; expected 'train' and 'test'", "data.root")
+    labels = torch.tensor(table.column("label").to_numpy(zero_copy_only=False).astype("int64"))
+    if len(labels) and int(labels.min()) < 0:
+        raise CohortError("column label holds negative values", "data.root")
+    return labels, torch.tensor([split == "train" for split in splits], dtype=torch.bool)
+
+
 def _read_tables(root: Path) -> tuple[Any, tuple[str, ...]]:
     """The image columns of every ``.parquet`` file at ``root``, and the classes' names if a file has them."""
+    import pyarrow as pa
+
+    files, class_names = _table_files(root)
+    return pa.concat_tables([_read(file, list(PARQUET_COLUMNS)) for file in files]), class_names
+
+
+def _read(file: Path, columns: list[str]) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(file, columns=columns)
+
+
+def _table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
+    """The ``.parquet`` files at ``root``, each checked to hold an image table, and the classes' names if a file has them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
     if not files:
         raise CohortError(f"no .parquet files in {str(root)!r}", "data.root")
-    tables, class_names = [], ()
+    class_names = ()
     for file in files:
         try:
             schema = pq.read_schema(file)
@@ -75,12 +133,12 @@ def _read_tables(root: Path) -> tuple[Any, tuple[str, ...]]:
                               f"{', '.join(PARQUET_COLUMNS)})", "data.root")
         if schema.metadata and b"classes" in schema.metadata:
             class_names = tuple(schema.metadata[b"classes"].decode().split(","))
-        tables.append(pq.read_table(file, columns=list(PARQUET_COLUMNS)))
-    return pa.concat_tables(tables), class_names
+    return files, class_names
 
 
-def _decode_all(blobs: list, image_size: int | None) -> tuple[torch.Tensor, list[int]]:
-    """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded."""
+def _decode_all(blobs: list, image_size: int | None, stop_at_first: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded
+    (only the first that decodes with ``stop_at_first``)."""
     import warnings
 
     import torchvision.io
@@ -106,4 +164,6 @@ def _decode_all(blobs: list, image_size: int | None) -> tuple[torch.Tensor, list
                               f"{tuple(shape[1:])} (set data.image_size to resize them all)", "data.root")
         decoded.append(image)
         good.append(row)
+        if stop_at_first:
+            break
     return (torch.stack(decoded) if decoded else torch.empty(0)), good

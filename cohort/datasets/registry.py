@@ -15,7 +15,7 @@ from typing import Any
 
 from cohort.config.errors import CohortError, unknown
 from cohort.datasets.base import CohortDataset, DatasetInfo
-from cohort.datasets.long_tail import LongTailed, long_tail_counts
+from cohort.datasets.long_tail import LongTailed, long_tail_counts, long_tail_note
 from cohort.datasets.validation import ValidationSplit, split_info
 
 # The data section's settings that depend on the dataset (fields of cohort.topology.DataConfig),
@@ -131,7 +131,8 @@ def describe_dataset(config: Any) -> DatasetInfo:
     if config.long_tail is not None:
         counts = long_tail_counts(max(info.train_class_counts), info.num_classes, config.long_tail.imbalance,
                                   config.long_tail.profile)
-        info = replace(info, train_size=sum(counts), train_class_counts=tuple(counts))
+        note = long_tail_note(config.long_tail.profile, config.long_tail.imbalance, sum(counts))
+        info = replace(info, train_size=sum(counts), train_class_counts=tuple(counts), notes=info.notes + (note,))
     if getattr(config, "val_fraction", 0):
         info = split_info(info, config.val_fraction)
     return info
