@@ -474,25 +474,25 @@ def deep(levels: int) -> dict:
     return tree
 
 
-HUGE = "y" * 1_000_000
+HUGE = "y" * 100_000  # far longer than any message may be: errors must not echo it
 
 
 @pytest.mark.parametrize("change", [
-    lambda t: t.update({"seed": list(range(100_000))}),
+    lambda t: t.update({"seed": list(range(20_000))}),
     lambda t: t.update({"seed": deep(50)}),
     lambda t: t.update({"seed": HUGE}),
-    lambda t: t.update({"name": list(range(100_000))}),
+    lambda t: t.update({"name": list(range(20_000))}),
     lambda t: t.update({HUGE: 1}),
     lambda t: t["peers"].update({"1" + HUGE: {"model": "mlp"}}),
     lambda t: t["peers"]["student"].update({"model": HUGE}),
     lambda t: t["peers"]["student"].update({"model_args": {HUGE: 1}}),
     lambda t: t["peers"]["student"].update({"replicas": deep(50)}),
-    lambda t: t["edges"][0].update({"from": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"from": list(range(20_000))}),
     lambda t: t["edges"][0].update({"from": HUGE}),
     lambda t: t["edges"][0].update({"to": HUGE}),
     lambda t: t["edges"][0].update({"loss": HUGE}),
     lambda t: t["edges"][0].update({"reduce": HUGE}),
-    lambda t: t["edges"][0].update({"temperature": list(range(100_000))}),
+    lambda t: t["edges"][0].update({"temperature": list(range(20_000))}),
     lambda t: t["edges"][0].update({"temperature": deep(50)}),
     lambda t: t["edges"][0].update({"temperature": 10 ** 4000}),
     lambda t: t.update({"train": {"precision": deep(50)}}),
@@ -508,7 +508,7 @@ def test_huge_values_make_short_errors(change):
 
 
 def test_huge_set_values_and_keys_make_short_errors():
-    for override in [f"seed={list(range(100_000))}", f"{HUGE}=1", f"peers.{HUGE}=1", f"x{HUGE}"]:
+    for override in [f"seed={list(range(20_000))}", f"{HUGE}=1", f"peers.{HUGE}=1", f"x{HUGE}"]:
         with pytest.raises(CohortError) as raised:
             topology_from_dict(BASE, "t.yaml", [override])
         assert len(str(raised.value)) < 300, str(raised.value)[:400]
@@ -528,7 +528,7 @@ def test_huge_number_in_a_file_is_one_short_line(capsys, tmp_path):
     {"metric": HUGE + " +", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
     {"metric": "a/acc + '" + HUGE + "'", "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
     {"metric": "a/acc", "mode": deep(5), "space": {"seed": {"randint": [0, 3]}}},
-    {"metric": "-a/acc" + "-y" * 500_000, "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
+    {"metric": "-a/acc" + "-y" * 50_000, "mode": "max", "space": {"seed": {"randint": [0, 3]}}},
 ], ids=lambda _: "case")
 def test_huge_values_in_a_search_space_make_short_errors(tmp_path, space):
     # Also: a 4000-digit bound is refused (not an OverflowError), a long metric word parses in linear time.
