@@ -1,6 +1,6 @@
 """Representations through Ray: an MCL cohort of three networks of different architectures, and a
-pair with MCL and attention transfer, each train to the same weights as one process that minimizes the
-spec's TOTAL loss over all networks at once (../shared/spec/representations.md), written out here;
+pair with MCL and attention transfer, each train to the weights (within what float rounding moves,
+measured in the test) of one process that minimizes the spec's TOTAL loss over all networks at once (../shared/spec/representations.md), written out here;
 each peer's worker computes only its own terms from the others' exchanged tensors. The pair trains
 with 2 replicas per peer (4 workers, DDP within each peer): each replica computes MCL over the
 whole batch from every shard's embeddings, and the one-process total still gives its weights. The same
@@ -36,7 +36,7 @@ def cohort_config(peers: tuple[str, ...], attention: tuple[tuple[str, str], ...]
         "data": {"dataset": "digits", "batch_size": 60, "sampler": {"m_per_class": 6}},
         # One epoch (23 steps) at a small learning rate: MCL on these small CNNs turns chaotic beyond,
         # and float rounding of a different summation order (per peer against the total) grows past
-        # any tolerance (1e-3 after 2 epochs at lr 0.05; 1e-6 here, a wrong decomposition 2e-2).
+        # any tolerance (see the test: up to 2.8e-3 here, a wrong decomposition 1e-2 to 5e-2).
         "train": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005},
                   "schedule": "cosine", "ce_weight": CE},
         "peers": {n: {"model": MODELS[n], "embedding": {"dim": 16, "vcl": ALPHA, "tau": TAU}, "replicas": replicas}
@@ -131,10 +131,16 @@ def test_representations_train_through_ray_as_the_one_process_total(ray_cluster,
     expected = one_process(config)
     for n in expected:
         assert any(key.startswith("cohort_heads.embedding.") for key in result.weights[n]), f"{n}: no head saved"
-        for key, value in expected[n].items():
-            torch.testing.assert_close(result.weights[n][key], value, rtol=1e-4, atol=1e-5, msg=f"{n}.{key}")
-    # The same comparison, against the one-process training of a wrong decomposition, fails by far.
-    assert largest_gap(result.weights, one_process(config, wrong=True)) > 1e-2
+        assert result.weights[n].keys() == expected[n].keys()
+    # Not to float tolerance: max pooling over digits' flat background holds near-ties, and a
+    # difference in the last bit (another summation order: per peer against the total, another
+    # kernel on another CPU) sends a gradient through another position of a window. Measured on a
+    # 2-core Xeon with AVX-512: the one-process training itself, its initial weights moved by one part
+    # in 10^7, ends up to 2.8e-3 away, where the previous machine gave 1e-6. A wrong decomposition
+    # (one orientation of S_ji left out) ends 1e-2 to 5e-2 away: at least ten times farther.
+    right = largest_gap(result.weights, expected)
+    wrong = largest_gap(result.weights, one_process(config, wrong=True))
+    assert right < 5e-3 and wrong > max(1e-2, 10 * right), (right, wrong)
     # Each step, a peer sent its logits (10), its embedding (16) and, for an attention edge from it,
     # its 8x8 and 4x4 maps (80), in rows padded to the widest peer's, for one all_gather: one row per
     # image of the worker's shard (with replicas, the gather is over every worker).
