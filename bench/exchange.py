@@ -596,6 +596,9 @@ def measure_codistillation(args: argparse.Namespace, log: Callable[[str], None])
                     [report[metric_key("student", "teacher_seconds")] / steps for report in reports])
                 results[name]["staleness"] = summarize([report[metric_key("student", "staleness_teacher")]
                                                         for report in reports])
+                # The student's evaluation of an epoch, beside its training of the next ones.
+                results[name]["student_eval_seconds"] = summarize([report[metric_key("student", "eval_seconds")]
+                                                                   for report in reports])
     before, after = results["lockstep"], results.pop("lockstep_after")
     results["lockstep"] = {**{peer: summarize([(b + a) / 2 for b, a in zip(before[peer]["values"],
                                                                             after[peer]["values"])])
@@ -644,6 +647,8 @@ def codistillation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("student's wall time to train its epochs, snapshots (no barrier at an epoch's end)",
          f"{walls['snapshot']['student']:.1f} s", ""),
         ("teacher's wall time to train its epochs, snapshots", f"{walls['snapshot']['teacher']:.1f} s", ""),
+        (f"student's evaluation of an epoch ({TEST_IMAGES} images), beside its training, snapshots",
+         f"{steps['snapshot']['student_eval_seconds']['median']:.2f} s", ""),
         ("student's wall time, snapshots ÷ teacher's", f"{walls['snapshot']['student'] / walls['snapshot']['teacher']:.2f}",
          "< 1: the student ended first"),
     ]
