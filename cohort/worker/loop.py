@@ -385,7 +385,9 @@ def report_handoff(worker: WorkerState, evaluator: nn.Module, handoff: Handoff, 
         worker.guard.check_record(*handoff.guard, epoch)
     evaluator.load_state_dict(handoff.weights)
     started = time.perf_counter()
-    evaluation, validation = evaluate_peer(worker, evaluator)
+    # Test batches made on this thread: a DataLoader with workers would draw its seed from the
+    # process's RNG, which the training thread is drawing from meanwhile (dropout, augmentation).
+    evaluation, validation = evaluate_peer(worker, evaluator, num_workers=0)
     pace = {"train_ended_at": handoff.train_ended_at, "epochs_ahead": float(epochs_ahead(latest, epoch)),
             "eval_seconds": time.perf_counter() - started}
     report = epoch_report(worker, epoch, stats, handoff.train_seconds, handoff.guard[0]["batch"], evaluation,
@@ -617,11 +619,13 @@ def train_and_schedule(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[
     return stats, time.perf_counter() - started
 
 
-def evaluate_peer(worker: WorkerState, net: nn.Module) -> tuple[tuple, tuple | None]:
-    """``net``'s evaluation (``evaluate``) on the test split, and on the validation split when there is one."""
+def evaluate_peer(worker: WorkerState, net: nn.Module, num_workers: int | None = None) -> tuple[tuple, tuple | None]:
+    """``net``'s evaluation (``evaluate``) on the test split (its batches made by ``num_workers``
+    processes, by default ``data.num_workers``), and on the validation split when there is one."""
     topology = worker.topology
+    num_workers = topology.data.num_workers if num_workers is None else num_workers
     evaluation = evaluate(net, worker.data, worker.exchange, topology.data.eval_batch_size,
-                          topology.data.num_workers, worker.device, topology.train.precision, worker.shard,
+                          num_workers, worker.device, topology.train.precision, worker.shard,
                           topology.replicas, worker.peer_group)
     validation = None
     if worker.data.info.val_size:
