@@ -384,12 +384,12 @@ def report_handoff(worker: WorkerState, evaluator: nn.Module, handoff: Handoff, 
     if stats.steps and worker.snapshots.part is None:
         worker.guard.check_record(*handoff.guard, epoch)
     evaluator.load_state_dict(handoff.weights)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     # Test batches made on this thread: a DataLoader with workers would draw its seed from the
     # process's RNG, which the training thread is drawing from meanwhile (dropout, augmentation).
     evaluation, validation = evaluate_peer(worker, evaluator, num_workers=0)
     pace = {"train_ended_at": handoff.train_ended_at, "epochs_ahead": float(epochs_ahead(latest, epoch)),
-            "eval_seconds": time.perf_counter() - started}
+            "eval_seconds": time.perf_counter() - started, "eval_cpu_seconds": time.thread_time() - cpu_started}
     report = epoch_report(worker, epoch, stats, handoff.train_seconds, handoff.guard[0]["batch"], evaluation,
                           validation, pace)
     end_epoch(worker, epoch, report, evaluation, handoff.state, evaluator)
