@@ -3,7 +3,9 @@
 
 ``train_cohort`` reads top to bottom: set up → restore → epochs → report.
 Each step: batch → own logits → exchange → own loss → backward → step.
-Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report (and checkpoint).
+Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report (and checkpoint);
+with snapshots (codistillation) on the worker's reporter thread, while the training goes on
+(``train_without_barrier``, cohort.worker.handoff).
 """
 from __future__ import annotations
 
@@ -390,8 +392,8 @@ def report_handoff(worker: WorkerState, evaluator: nn.Module, handoff: Handoff, 
     evaluation, validation = evaluate_peer(worker, evaluator, num_workers=0)
     pace = {"train_ended_at": handoff.train_ended_at, "epochs_ahead": float(epochs_ahead(latest, epoch)),
             "eval_seconds": time.perf_counter() - started, "eval_cpu_seconds": time.thread_time() - cpu_started}
-    report = epoch_report(worker, epoch, stats, handoff.train_seconds, handoff.guard[0]["batch"], evaluation,
-                          validation, pace)
+    fingerprint = handoff.guard[0]["batch"]  # the guard's fingerprint of every batch up to the epoch's end
+    report = epoch_report(worker, epoch, stats, handoff.train_seconds, fingerprint, evaluation, validation, pace)
     end_epoch(worker, epoch, report, evaluation, handoff.state, evaluator)
 
 
