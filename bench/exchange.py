@@ -583,18 +583,30 @@ def measure_codistillation(args: argparse.Namespace, log: Callable[[str], None])
         start_ray(None, verbose=False)
         for name, topology in (("lockstep", lockstep), ("snapshot", snapshot), ("lockstep_after", lockstep)):
             log(f"resnet32 teacher and resnet8 student, {name.removesuffix('_after')}")
-            reports = cohort_in_process(topology, threads, folder)[1:]
+            every_epoch = cohort_in_process(topology, threads, folder)
+            reports = every_epoch[1:]
             results[name] = {peer: summarize([report[metric_key(peer, "step_seconds")] for report in reports])
                              for peer in topology.peer_names}
+            # The wall time each peer took to train all its epochs, warm-up included (docs/codistillation.md).
+            results[name]["train_wall_seconds"] = {peer: train_wall_seconds(every_epoch, peer)
+                                                   for peer in topology.peer_names}
             if name == "snapshot":
                 steps = args.steps
                 results[name]["teacher_copy_seconds_per_step"] = summarize(
                     [report[metric_key("student", "teacher_seconds")] / steps for report in reports])
                 results[name]["staleness"] = summarize([report[metric_key("student", "staleness_teacher")]
                                                         for report in reports])
+                # The student's evaluation of an epoch, beside its training of the next ones.
+                for metric in ("eval_seconds", "eval_cpu_seconds"):
+                    results[name][f"student_{metric}"] = summarize([report[metric_key("student", metric)]
+                                                                    for report in reports])
     before, after = results["lockstep"], results.pop("lockstep_after")
-    results["lockstep"] = {peer: summarize([(b + a) / 2 for b, a in zip(before[peer]["values"], after[peer]["values"])])
-                           for peer in ("teacher", "student")}
+    results["lockstep"] = {**{peer: summarize([(b + a) / 2 for b, a in zip(before[peer]["values"],
+                                                                            after[peer]["values"])])
+                              for peer in ("teacher", "student")},
+                           "train_wall_seconds": {peer: (before["train_wall_seconds"][peer]
+                                                         + after["train_wall_seconds"][peer]) / 2
+                                                  for peer in ("teacher", "student")}}
     student = {name: results[name]["student"] for name in ("lockstep", "snapshot")}
     return {"step_seconds": results,
             # Steps per second: the inverse of the step's time; the snapshot student's against lockstep's.
@@ -605,10 +617,22 @@ def measure_codistillation(args: argparse.Namespace, log: Callable[[str], None])
             "machine": machine()}
 
 
+def train_wall_seconds(reports: list[dict[str, Any]], peer: str) -> float:
+    """How long ``peer`` took to train every epoch of the run: from its first epoch's start to its
+    last epoch's end. With snapshots, from each epoch's ``train_ended_at``; in lockstep (which does
+    not report it) the sum of its epochs' training seconds, evaluations left out."""
+    ended = metric_key(peer, "train_ended_at")
+    if ended not in reports[0]:
+        return sum(report[metric_key(peer, "epoch_seconds")] for report in reports)
+    return reports[-1][ended] - (reports[0][ended] - reports[0][metric_key(peer, "epoch_seconds")])
+
+
 def codistillation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     steps = results["step_seconds"]
     ms = lambda entry: f"{1000 * entry['median']:.0f} ms ({1000 * entry['min']:.0f}–{1000 * entry['max']:.0f})"  # noqa: E731
     speedup = results["student_speedup"]
+    walls = {name: steps[name]["train_wall_seconds"] for name in ("lockstep", "snapshot")}
+    epochs = results["setup"]["repeats"] + results["setup"]["warmup_epochs"]
     return [
         ("teacher's step (resnet32), snapshots: its own pace", ms(steps["snapshot"]["teacher"]), ""),
         ("student's step (resnet8), lockstep: at the teacher's pace (before and after)", ms(steps["lockstep"]["student"]),
@@ -619,6 +643,16 @@ def codistillation_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("student's steps per second, snapshots ÷ lockstep",
          f"{speedup['value']:.2f} ({speedup['min']:.2f}–{speedup['max']:.2f})",
          f">= 1.5: {'met' if speedup['value'] >= 1.5 else 'missed'}"),
+        (f"student's wall time to train its {epochs} epochs, lockstep (its epochs' training time, evaluations out)",
+         f"{walls['lockstep']['student']:.1f} s", ""),
+        ("student's wall time to train its epochs, snapshots (no barrier at an epoch's end)",
+         f"{walls['snapshot']['student']:.1f} s", ""),
+        ("teacher's wall time to train its epochs, snapshots", f"{walls['snapshot']['teacher']:.1f} s", ""),
+        (f"student's evaluation of an epoch ({TEST_IMAGES} images) beside its training, snapshots: wall "
+         "(waiting for the teacher's included); CPU", f"{steps['snapshot']['student_eval_seconds']['median']:.2f} s; "
+         f"{steps['snapshot']['student_eval_cpu_seconds']['median']:.2f} s", ""),
+        ("student's wall time, snapshots ÷ teacher's", f"{walls['snapshot']['student'] / walls['snapshot']['teacher']:.2f}",
+         "< 1: the student ended first"),
     ]
 
 

@@ -3,14 +3,19 @@ parts of an epoch, the exchange settings and what is refused, the plan's text, t
 Through Ray: tests/test_cohort_ray.py (the equivalence with lockstep) and tests/test_cluster.py."""
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from cohort.config.errors import CohortError
 from cohort.datasets.base import batch_indices, disjoint_part, epoch_order
 from cohort.run import main
+from cohort.worker.guard import BatchGuard
+from cohort.worker.handoff import Reporter, copied_state, copied_weights, epochs_ahead
 from cohort.worker.report import EpochStats
 from cohort.worker.snapshots import FROZEN, KEPT, SnapshotBoard, TeacherStats, due, is_fresh, usable_version
 
@@ -153,3 +158,85 @@ def test_a_codistilling_peers_epoch_reports_staleness_per_teacher_and_its_times(
     assert summary["staleness_a"] == 3.0 and summary["staleness_frozen"] == 0.0
     assert (summary["teacher_seconds"], summary["snapshot_wait_seconds"]) == (1.5, 0.25)
     assert "staleness_a" not in EpochStats().summary()  # lockstep: none of these
+
+
+# --------------------------------------------------------------------------- reports off the training thread
+
+
+def test_the_training_thread_hands_epochs_over_without_waiting_and_they_are_reported_in_order():
+    """cohort.worker.handoff: a report blocked (as at the epoch's barrier, waiting for a slower
+    peer) holds up neither the next epochs' hand-overs nor their order."""
+    release, reported = threading.Event(), []
+
+    def report(epoch, latest):
+        release.wait(timeout=10)
+        reported.append((epoch, latest))
+
+    reporter = Reporter(report)
+    started = time.perf_counter()
+    for epoch in (1, 2, 3):
+        reporter.submit(epoch, epoch)
+    assert time.perf_counter() - started < 1.0 and reported == []  # three epochs handed over while the first waits
+    release.set()
+    reporter.close()
+    # Every report saw how far the training had got; epochs_ahead is its distance from the epoch reported.
+    assert [epoch for epoch, _ in reported] == [1, 2, 3] and all(latest == 3 for _, latest in reported[1:])
+    assert [epochs_ahead(latest, epoch) for epoch, latest in reported][1:] == [1, 0]
+
+
+def test_a_failed_report_is_raised_on_the_training_thread_and_stops_the_reports():
+    error, reported = CohortError("metric: 'peer/acc'"), []
+
+    def report(epoch, latest):
+        reported.append(epoch)
+        if epoch == 2:
+            raise error
+
+    reporter = Reporter(report)
+    reporter.submit(1, 1)
+    reporter.submit(2, 2)
+    reporter._thread.join(timeout=10)  # the reporter stops at its first error
+    with pytest.raises(CohortError) as raised:
+        reporter.submit(3, 3)  # raised at the next epoch's end: the same one-line error
+    assert raised.value is error and reported == [1, 2]
+    with pytest.raises(CohortError):
+        reporter.close()
+
+
+def test_a_handoff_copies_the_weights_and_the_optimizers_state_the_training_goes_on_changing():
+    """The training thread steps in place (weights, momentum buffers) right after the hand-over:
+    the report and checkpoint must read the epoch's end, not what the training did since."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    def step():
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        optimizer.step()
+
+    step()
+    weights = copied_weights(model)
+    state = copied_state({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"].clone()
+    step()
+    assert not torch.equal(model.state_dict()["0.weight"], expected["0.weight"])  # the training went on
+    for copy in (weights, state["model"]):
+        assert all(torch.equal(copy[key], value) for key, value in expected.items())
+    assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], momentum)
+
+
+def test_the_batch_check_compares_the_record_taken_at_the_epochs_end():
+    """With snapshots the reporter compares the fingerprints of an epoch's end while the guard
+    counts the next epoch's batches: the record and step handed over, not the guard's current ones."""
+    gathered = []
+    guard = BatchGuard("a", 0, 1, every=5, gather=lambda record: gathered.append(record) or [record, other])
+    inputs, labels = torch.ones(4, 2), torch.arange(4)
+    guard.see(inputs, labels, 0, 4)
+    record, step = guard.record(), guard.step
+    other = {**record, "peer": "b"}
+    guard.see(inputs * 2, labels, 0, 4)  # the next epoch's first batch
+    guard.check_record(record, step, epoch=1)
+    assert gathered == [record]
+    other = {**record, "peer": "b", "batch": record["batch"] + 1}
+    with pytest.raises(CohortError, match=r"^the training batches differ at step 1 \(epoch 1\)"):
+        guard.check_record(record, step, epoch=1)

@@ -298,6 +298,42 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path, excha
         assert moved, f"{peer} did not train"
 
 
+UNEVEN = {
+    "name": "uneven-pace",
+    "seed": 2,
+    "data": {"dataset": "digits", "batch_size": 64},
+    "train": {"epochs": 6, "checkpoint_every": 2},
+    # A teacher several times costlier per step than its student (which also runs the teacher's
+    # forward pass on its copy, every step); the student never waits for a snapshot (no staleness bound).
+    "exchange": {"mode": "snapshot", "every": 5},
+    "peers": {"teacher": {"model": "resnet20"}, "student": {"model": "mlp_tiny"}},
+    "edges": [{"from": "teacher", "to": "student", "loss": "kd", "temperature": 4.0}],
+}
+
+
+@pytest.mark.ray
+def test_a_codistilling_fast_peer_does_not_wait_for_the_slow_one_at_epoch_ends(ray_cluster, tmp_path):
+    """No barrier at an epoch's end with snapshots (docs/codistillation.md): the student trains its
+    last epoch before the teacher has trained its second-to-last, each epoch still evaluated and
+    reported (in order, with the checkpoints). With the epoch barrier (the evaluation's collectives,
+    Ray Train's report) the student could not start an epoch before the teacher ended the one before."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main([str(write_topology(tmp_path, UNEVEN)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    client, run = finished_run(uri, "uneven-pace")
+
+    def history(key: str) -> list[float]:
+        metrics = sorted(client.get_metric_history(run.info.run_id, key), key=lambda metric: metric.step)
+        assert [metric.step for metric in metrics] == [1, 2, 3, 4, 5, 6], key
+        return [metric.value for metric in metrics]
+
+    student, teacher = history("student/train_ended_at"), history("teacher/train_ended_at")
+    assert student == sorted(student) and teacher == sorted(teacher)
+    assert student[5] < teacher[4], (student, teacher)  # the student's 6th epoch trained before the teacher's 5th
+    assert max(history("student/epochs_ahead")) >= 1 and history("teacher/epochs_ahead")[-1] == 0
+    assert all(seconds > 0 for seconds in history("student/eval_seconds") + history("student/eval_cpu_seconds"))
+    assert history("student/acc")[-1] > 0.5  # each epoch's copy of the weights evaluated, not a blank network
+
+
 @pytest.mark.ray
 def test_workers_train_on_the_drivers_copy_of_the_data_and_weights(ray_cluster, tmp_path):
     """cohort.run sends what its plan loaded through the object store: the dataset and every peer

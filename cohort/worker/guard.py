@@ -55,11 +55,16 @@ class BatchGuard:
 
     def check(self, epoch: int) -> None:
         """Compare with every other worker (collective: every worker calls it at the same step)."""
+        self.check_record(self.record(), self.step, epoch)
+
+    def check_record(self, record: dict[str, Any], step: int, epoch: int) -> None:
+        """Compare ``record``, taken at ``step``, with every other worker's of the same step
+        (collective); codistillation's reporter compares an epoch's end while training goes on."""
         if not self.every:
             return
-        problem = find_mismatch(self.gather(self.record()), self.replicas)
+        problem = find_mismatch(self.gather(record), self.replicas)
         if problem:
-            raise CohortError(f"the training batches differ at step {self.step} (epoch {epoch}): {problem}; "
+            raise CohortError(f"the training batches differ at step {step} (epoch {epoch}): {problem}; "
                               "every peer must load the same data")
 
 

@@ -3,10 +3,13 @@
 
 ``train_cohort`` reads top to bottom: set up → restore → epochs → report.
 Each step: batch → own logits → exchange → own loss → backward → step.
-Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report (and checkpoint).
+Each epoch: evaluate on the whole test split → gather metrics to rank 0 → report (and checkpoint);
+with snapshots (codistillation) on the worker's reporter thread, while the training goes on
+(``train_without_barrier``, cohort.worker.handoff).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -45,6 +48,7 @@ from cohort.worker.exchange import (
 )
 from cohort.worker.grid import exchange_backend, shard_bounds, shard_loss_scale, slot_of
 from cohort.worker.guard import BatchGuard
+from cohort.worker.handoff import Handoff, Reporter, copied_state, copied_weights, epochs_ahead
 from cohort.worker.payload import pad_rows, reads_embedding
 from cohort.worker.peer import (
     apply_optimizer_settings,
@@ -179,8 +183,8 @@ def train_epoch(run: PeerStep, data: CohortDataset, epoch: int) -> EpochStats:
         step_started = _step_ended(stats, step_started)
         if run.ticker is not None:
             run.ticker.tick(step + 1, batch_size)
-    if stats.steps and not (snapshots is not None and snapshots.part is not None):
-        run.guard.check(epoch)  # every epoch ends with a check, whatever the interval (disjoint data: none)
+    if stats.steps and snapshots is None:
+        run.guard.check(epoch)  # every epoch ends with a check, whatever the interval (snapshots: in the report)
     return stats
 
 
@@ -344,9 +348,53 @@ def train_cohort(config: dict[str, Any]) -> None:
     if worker.snapshots is not None:
         start_snapshots(worker)
     run = peer_step(worker, live_steps=bool(config.get("live_steps")))
+    if worker.snapshots is not None:
+        train_without_barrier(worker, run)
+        return
     for epoch in range(worker.first_epoch, worker.topology.train.epochs + 1):
         report, evaluation = run_epoch(worker, run, epoch)
         end_epoch(worker, epoch, report, evaluation)
+
+
+def train_without_barrier(worker: WorkerState, run: PeerStep) -> None:
+    """Codistillation's epochs (cohort.worker.handoff): this thread trains epoch after epoch and
+    hands each one over; the reporter thread evaluates, meets the other peers and reports to Ray
+    Train, in epoch order. Ends when every epoch is reported; a report's error is raised here."""
+    evaluator = copy.deepcopy(worker.net)  # the reports' network: each epoch's copied weights loaded into it
+    reporter = Reporter(lambda handoff, latest: report_handoff(worker, evaluator, handoff, latest))
+    for epoch in range(worker.first_epoch, worker.topology.train.epochs + 1):
+        reporter.submit(epoch, hand_over(worker, run, epoch))
+    reporter.close()
+
+
+def hand_over(worker: WorkerState, run: PeerStep, epoch: int) -> Handoff:
+    """Train one epoch; copies of what its report and checkpoint read."""
+    stats, train_seconds = train_and_schedule(worker, run, epoch)
+    ended_at = time.time()
+    state = None
+    if worker.shard == 0 and checkpoint_due(worker.topology, epoch):
+        state = copied_state(training_state(worker, epoch))
+    return Handoff(epoch=epoch, stats=stats, train_seconds=train_seconds, train_ended_at=ended_at,
+                   weights=state["model"] if state is not None else copied_weights(worker.net),
+                   guard=(worker.guard.record(), worker.guard.step), state=state)
+
+
+def report_handoff(worker: WorkerState, evaluator: nn.Module, handoff: Handoff, latest: int) -> None:
+    """On the reporter thread: the batch check (shared data), the evaluation of the epoch's weights,
+    the epoch's report and its checkpoint. ``latest``: the newest epoch the training thread handed over."""
+    epoch, stats = handoff.epoch, handoff.stats
+    if stats.steps and worker.snapshots.part is None:
+        worker.guard.check_record(*handoff.guard, epoch)
+    evaluator.load_state_dict(handoff.weights)
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    # Test batches made on this thread: a DataLoader with workers would draw its seed from the
+    # process's RNG, which the training thread is drawing from meanwhile (dropout, augmentation).
+    evaluation, validation = evaluate_peer(worker, evaluator, num_workers=0)
+    pace = {"train_ended_at": handoff.train_ended_at, "epochs_ahead": float(epochs_ahead(latest, epoch)),
+            "eval_seconds": time.perf_counter() - started, "eval_cpu_seconds": time.thread_time() - cpu_started}
+    fingerprint = handoff.guard[0]["batch"]  # the guard's fingerprint of every batch up to the epoch's end
+    report = epoch_report(worker, epoch, stats, handoff.train_seconds, fingerprint, evaluation, validation, pace)
+    end_epoch(worker, epoch, report, evaluation, handoff.state, evaluator)
 
 
 @dataclass(kw_only=True)
@@ -554,7 +602,15 @@ def unused_head(worker: WorkerState) -> bool:
 def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str, Any], tuple]:
     """Train and evaluate one epoch; rank 0's report of the cohort (empty on the other ranks), and
     this worker's evaluation: (own test logits, the ensemble's probabilities, the test labels, the peers' disagreement)."""
-    topology = worker.topology
+    stats, train_seconds = train_and_schedule(worker, run, epoch)
+    stats = EpochStats.merged(gather_in_group(stats, worker.peer_group))
+    evaluation, validation = evaluate_peer(worker, worker.net)
+    report = epoch_report(worker, epoch, stats, train_seconds, worker.guard.fingerprint, evaluation, validation)
+    return report, evaluation
+
+
+def train_and_schedule(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[EpochStats, float]:
+    """One epoch's training and the schedule's step; the epoch's stats and its seconds."""
     started = time.perf_counter()
     try:
         stats = train_epoch(run, worker.data, epoch)
@@ -562,23 +618,39 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
         raise CohortError(str(error)) from None
     if worker.scheduler is not None:
         worker.scheduler.step()
-    train_seconds = time.perf_counter() - started
-    stats = EpochStats.merged(gather_in_group(stats, worker.peer_group))
-    evaluation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
-                          topology.data.num_workers, worker.device, topology.train.precision, worker.shard,
+    return stats, time.perf_counter() - started
+
+
+def evaluate_peer(worker: WorkerState, net: nn.Module, num_workers: int | None = None) -> tuple[tuple, tuple | None]:
+    """``net``'s evaluation (``evaluate``) on the test split (its batches made by ``num_workers``
+    processes, by default ``data.num_workers``), and on the validation split when there is one."""
+    topology = worker.topology
+    num_workers = topology.data.num_workers if num_workers is None else num_workers
+    evaluation = evaluate(net, worker.data, worker.exchange, topology.data.eval_batch_size,
+                          num_workers, worker.device, topology.train.precision, worker.shard,
                           topology.replicas, worker.peer_group)
-    own_logits, ensemble_probs, test_labels, disagree = evaluation
-    contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, worker.guard.fingerprint,
-                                      *worker.metric_groups)
     validation = None
     if worker.data.info.val_size:
         # The validation split: its accuracy and NLL, and when due the temperature fitted on it (cohort.metrics.temperature).
-        validation = evaluate(worker.net, worker.data, worker.exchange, topology.data.eval_batch_size,
+        validation = evaluate(net, worker.data, worker.exchange, topology.data.eval_batch_size,
                               device=worker.device, precision=topology.train.precision, shard=worker.shard,
                               shards=topology.replicas, peer_group=worker.peer_group,
                               batches=worker.data.val_batches(topology.data.eval_batch_size))
+    return evaluation, validation
+
+
+def epoch_report(worker: WorkerState, epoch: int, stats: EpochStats, train_seconds: float, fingerprint: int,
+                 evaluation: tuple, validation: tuple | None, extra: dict[str, float] | None = None) -> dict[str, Any]:
+    """Gather every peer's metrics of the epoch (``extra``: this peer's further ones); rank 0's
+    report of the cohort (empty on the other ranks), also sent to the driver."""
+    topology = worker.topology
+    own_logits, ensemble_probs, test_labels, disagree = evaluation
+    contribution = peer_epoch_metrics(stats, own_logits, test_labels, train_seconds, fingerprint,
+                                      *worker.metric_groups)
+    if validation is not None:
         contribution.update(calibration_metrics(validation[0], validation[2], own_logits, test_labels,
                                                 calibrating(topology, epoch), worker.metric_groups))
+    contribution.update(extra or {})
     if worker.startup is not None:
         contribution["startup"] = {**worker.startup, "first_step": stats.first_step_at}
         worker.startup = None  # sent once, with the first epoch this worker runs
@@ -601,7 +673,7 @@ def run_epoch(worker: WorkerState, run: PeerStep, epoch: int) -> tuple[dict[str,
         worker.history.append(report)
         if worker.progress is not None:
             worker.progress.put(report)
-    return report, evaluation
+    return report
 
 
 def calibrating(topology: Topology, epoch: int) -> bool:
@@ -619,38 +691,51 @@ def calibration_metrics(val_logits: torch.Tensor, val_labels: torch.Tensor, test
     return out
 
 
-def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluation: tuple) -> None:
-    """Report the epoch to Ray Train, with the peer's checkpoint when one is due."""
+def checkpoint_due(topology: Topology, epoch: int) -> bool:
+    """Whether ``epoch`` ends with a checkpoint: the last one, and every ``train.checkpoint_every``."""
+    return epoch == topology.train.epochs or epoch % topology.train.checkpoint_every == 0
+
+
+def end_epoch(worker: WorkerState, epoch: int, report: dict[str, Any], evaluation: tuple,
+              state: dict[str, Any] | None = None, net: nn.Module | None = None) -> None:
+    """Report the epoch to Ray Train, with the peer's checkpoint when one is due: ``state`` and
+    ``net``, the training state and network as the epoch ended (the worker's own by default; with
+    snapshots, copies: the training has gone on)."""
     import ray.train
 
-    train = worker.topology.train
-    last = epoch == train.epochs
+    last = epoch == worker.topology.train.epochs
     # One state per peer, written by its first replica (the replicas' weights are equal).
-    if worker.shard == 0 and (last or epoch % train.checkpoint_every == 0):
+    if worker.shard == 0 and checkpoint_due(worker.topology, epoch):
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(worker, folder, epoch)
+            save_checkpoint(worker, folder, epoch, state)
             if last:
                 own_logits, ensemble_probs, test_labels, _ = evaluation
-                save_final(folder, worker.peer, worker.net, own_logits, test_labels,
+                save_final(folder, worker.peer, net if net is not None else worker.net, own_logits, test_labels,
                            ensemble_probs if worker.rank == 0 else None)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:
         ray.train.report(report)
 
 
-def save_checkpoint(worker: WorkerState, folder: str, epoch: int) -> None:
-    """The peer's training state after ``epoch``, in ``folder`` (cohort.worker.checkpoint)."""
+def save_checkpoint(worker: WorkerState, folder: str, epoch: int, state: dict[str, Any] | None = None) -> None:
+    """The peer's training state after ``epoch`` (``state``, else the worker's now), with rank 0's
+    reports so far, in ``folder`` (cohort.worker.checkpoint)."""
+    state = training_state(worker, epoch) if state is None else state
+    save_peer_state(folder, worker.peer, {**state, "history": worker.history})
+
+
+def training_state(worker: WorkerState, epoch: int) -> dict[str, Any]:
+    """The peer's training state after ``epoch``, as its checkpoint holds it (without the reports)."""
     guard, optimizer, scheduler, scaler = worker.guard, worker.optimizer, worker.scheduler, worker.scaler
-    save_peer_state(folder, worker.peer, {
+    return {
         "epoch": epoch, "fingerprint": guard.fingerprint, "step": guard.step,
         "shard_fingerprint": guard.shard_fingerprint, "rng": rng_state(worker.device),
         "model": worker.net.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "scaler": scaler.state_dict() if scaler is not None else {},
-        "history": worker.history,
         "gates": worker.gating.state_dict() if worker.gating is not None else None,
-    })
+    }
 
 
 def restore_guard(guard: BatchGuard, state: dict[str, Any], replicas: int) -> None:
