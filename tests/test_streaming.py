@@ -190,3 +190,42 @@ def test_the_plan_says_the_data_are_streamed_what_the_producer_holds_and_the_bou
     path.write_text(yaml.safe_dump({**topology, "data": {**topology["data"], "memory_bound": "50kB"}}))
     with pytest.raises(CohortError, match="data.memory_bound: 50 kB cannot hold one window"):
         dry_run_text(load_topology(path), f"sqlite:///{tmp_path}/mlflow.db", [])
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def test_a_row_that_does_not_decode_stops_the_stream_in_one_line(tmp_path):
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (value, value, value)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    images = [png(n * 10) for n in range(12)]
+    images[9] = b"not an image"
+    table = pa.table({"image": images, "label": [n % 2 for n in range(12)], "split": ["train"] * 10 + ["test"] * 2})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=4)
+    data = streamed(tmp_path / "t.parquet", batch_size=12)
+    (indices, _, seed), = data.train_plan(12, seed=0, epoch=1)
+    with pytest.raises(CohortError) as refused:
+        data.make_batch(indices, True, seed)
+    assert str(refused.value) == ("data.root: t.parquet, row group 2: row 1 does not decode (the stream pipeline "
+                                  "stops at a bad image: fix or drop its row)")
+
+
+def test_a_file_gone_or_unreadable_mid_run_stops_the_stream_in_one_line(tmp_path, table):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(table, copy)
+    data = streamed(copy)
+    (copy / "part-0001.parquet").write_bytes(b"PAR1 not a parquet file any more")
+    (copy / "part-0002.parquet").unlink()
+    with pytest.raises(CohortError, match=r"^data.root: part-000[12].parquet, row group \d: not readable \(.+\)$"):
+        for item in data.train_plan(32, seed=0, epoch=1):
+            data.make_batch(*item)

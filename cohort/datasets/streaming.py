@@ -168,26 +168,36 @@ class StreamingParquet(CohortDataset):
         """The decoded images of the table's ``rows`` (uint8 ``[N, C, H, W]``), their row groups read
         through ``cache`` (the ``capacity`` latest kept)."""
         groups = self.group_of(rows).tolist()
-        blobs = []
-        for row, group in zip(rows.tolist(), groups):
-            blobs.append(self.encoded(group, cache, capacity)[row - int(self.starts[group])].as_py())
+        blobs = self.encoded_rows(rows, cache, capacity)
         images, good = decode_images(blobs, self.image_size)
         if len(good) < len(blobs):
             bad = next(n for n in range(len(blobs)) if n not in set(good))
             group = self.groups[groups[bad]]
             raise CohortError(f"{Path(self.files[group.file]).name}, row group {group.number}: row "
-                              f"{int(rows[bad]) - int(self.starts[groups[bad]])} does not decode", "data.root")
+                              f"{int(rows[bad]) - int(self.starts[groups[bad]])} does not decode (the stream "
+                              "pipeline stops at a bad image: fix or drop its row)", "data.root")
         return images
+
+    def encoded_rows(self, rows: torch.Tensor, cache: OrderedDict, capacity: int) -> list[bytes]:
+        """The encoded images of the table's ``rows``."""
+        return [self.encoded(group, cache, capacity)[row - int(self.starts[group])].as_py()
+                for row, group in zip(rows.tolist(), self.group_of(rows).tolist())]
 
     def encoded(self, group: int, cache: OrderedDict, capacity: int) -> Any:
         """Row group ``group``'s image column (encoded bytes), read or from ``cache``."""
         if group in cache:
             cache.move_to_end(group)
             return cache[group]
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         where = self.groups[group]
-        column = pq.ParquetFile(self.files[where.file]).read_row_group(where.number, columns=["image"]).column("image")
+        try:
+            column = pq.ParquetFile(self.files[where.file]).read_row_group(where.number, columns=["image"])["image"]
+        except (OSError, pa.ArrowException) as error:  # a file gone, or a row group that does not read
+            raise CohortError(f"{Path(self.files[where.file]).name}, row group {where.number}: not readable "
+                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+                              "data.root") from None
         cache[group] = column
         while len(cache) > capacity:
             cache.popitem(last=False)
@@ -244,14 +254,22 @@ def sample_rows(dataset: StreamingParquet) -> torch.Tensor:
 
 def sample_normalization(dataset: StreamingParquet) -> tuple[list[float], list[float], tuple[int, ...], int]:
     """Per-channel mean and std of the sampled training images (``sample_rows``), their shape, their number."""
-    rows = sample_rows(dataset)
-    pixels = dataset.read_images(rows, cache=OrderedDict(), capacity=1).float().div(255)
+    images, good = decode_images(dataset.encoded_rows(sample_rows(dataset), OrderedDict(), 1), dataset.image_size)
+    if not good:
+        raise CohortError(f"none of the {len(sample_rows(dataset))} images sampled for the normalization decodes",
+                          "data.root")
+    pixels = images.float().div(255)  # the rows that decode: a bad row stops the run when a batch reads it
     return (pixels.mean(dim=(0, 2, 3)).tolist(), pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist(),
-            tuple(pixels.shape[1:]), len(rows))
+            tuple(pixels.shape[1:]), len(good))
 
 
 def _first_shape(dataset: StreamingParquet) -> tuple[int, ...]:
-    return tuple(dataset.read_images(dataset.train_rows[:1], cache=OrderedDict(), capacity=1).shape[1:])
+    """The shape of the first sampled training image that decodes."""
+    for blob in dataset.encoded_rows(sample_rows(dataset), OrderedDict(), 1):
+        images, good = decode_images([blob], dataset.image_size)
+        if good:
+            return tuple(images.shape[1:])
+    raise CohortError("none of the images sampled for their size decodes", "data.root")
 
 
 def _floats(text: bytes) -> list[float]:
