@@ -28,8 +28,10 @@ from cohort.datasets.producer import LAG, WINDOW
 from cohort.datasets.registry import register_stream
 
 DEFAULT_WINDOW = 8  # row groups in a shuffle window when data.memory_bound is unset
-# Batches the producer holds at most: WINDOW ahead of the furthest asked for, LAG behind it, the one asked for.
-HELD_BATCHES = WINDOW + LAG + 1
+# Batches the producer holds at most: WINDOW ahead of the furthest asked for, LAG behind it, the one asked
+# for, and the working memory of making one (its uint8 images, their padded copy and crops, the floats
+# and their normalization: about three batches of float32).
+HELD_BATCHES = WINDOW + LAG + 1 + 3
 SAMPLE_GROUPS, SAMPLE_ROWS = 16, 64  # normalization: up to 64 training images of each of up to 16 row groups
 
 
@@ -50,9 +52,9 @@ def stream_order(counts: list[int], seed: int, epoch: int, window: int) -> torch
 
 
 def stream_memory(batch_bytes: int, group_bytes: int, window: int) -> int:
-    """The most a node's producer holds: its batches (decoded, ``batch_bytes`` each) and the row
-    groups of two windows (encoded, ``group_bytes`` the largest)."""
-    return HELD_BATCHES * batch_bytes + 2 * window * group_bytes
+    """The most a node's producer holds: its batches (decoded, ``batch_bytes`` each), the row groups
+    of two windows (encoded, ``group_bytes`` the largest) and the one being read."""
+    return HELD_BATCHES * batch_bytes + (2 * window + 1) * group_bytes
 
 
 def stream_window(bound: int | None, batch_bytes: int, group_bytes: int, groups: int) -> int:
@@ -60,11 +62,11 @@ def stream_window(bound: int | None, batch_bytes: int, group_bytes: int, groups:
     ``DEFAULT_WINDOW``), at most ``groups``; a bound that cannot hold a window of one row group is refused."""
     if bound is None:
         return max(1, min(DEFAULT_WINDOW, groups))
-    window = (bound - stream_memory(batch_bytes, 0, 0)) // (2 * group_bytes) if group_bytes else groups
+    window = (bound - stream_memory(batch_bytes, group_bytes, 0)) // (2 * group_bytes) if group_bytes else groups
     if window < 1:
         least = stream_memory(batch_bytes, group_bytes, 1)
         raise CohortError(f"{byte_size(bound)} cannot hold one window of the stream pipeline: {byte_size(least)} "
-                          f"({HELD_BATCHES} decoded batches of {byte_size(batch_bytes)} and 2 row groups of up to "
+                          f"({HELD_BATCHES} decoded batches of {byte_size(batch_bytes)} and 3 row groups of up to "
                           f"{byte_size(group_bytes)} encoded); set at least that, or a smaller data.batch_size",
                           "data.memory_bound")
     return int(min(window, groups))
@@ -199,8 +201,10 @@ class StreamingParquet(CohortDataset):
                               f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
                               "data.root") from None
         cache[group] = column
-        while len(cache) > capacity:
-            cache.popitem(last=False)
+        if len(cache) > capacity:
+            while len(cache) > capacity:
+                cache.popitem(last=False)
+            pa.default_memory_pool().release_unused()  # what the evicted row groups held goes back to the system
         return column
 
 
@@ -209,6 +213,7 @@ def stream_parquet(root: str | None = None, image_size: int | None = None) -> St
     """The parquet table at ``root`` (a ``.parquet`` file or a folder of them) for streaming: its
     layout, labels and splits read, and the normalization (the schema metadata's ``mean`` and ``std``,
     comma-separated, else measured on a sample: ``sample_normalization``); no image is held."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
@@ -237,6 +242,7 @@ def stream_parquet(root: str | None = None, image_size: int | None = None) -> St
         mean, std, shape, count = sample_normalization(dataset)
         note = (f"normalization: per-channel mean and std of {count} training images sampled across the table "
                 "(the stream pipeline makes no pass over the whole table)")
+    pa.default_memory_pool().release_unused()  # the sample's row groups
     return StreamingParquet(files, groups, labels, is_train, num_classes, class_names, mean, std, shape, image_size,
                             notes=(note,))
 
