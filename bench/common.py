@@ -43,6 +43,38 @@ def write_slice(source: Path, folder: Path, train_images: int) -> Path:
     return path
 
 
+def write_image_table(folder: Path, train: int, test: int, size: int = 32, files: int = 2, group_rows: int = 256,
+                      classes: int = 10, seed: int = 0) -> Path:
+    """A folder of ``files`` parquet files of synthetic PNG images (``size``² RGB: a class's colour plus
+    noise, so that a network can learn them), ``train`` training rows then ``test`` test rows spread
+    over the files, in row groups of ``group_rows`` rows: a table to stream (``data.pipeline: stream``)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (classes, 3))
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = ["train"] * train + ["test"] * test
+    labels = rng.integers(0, classes, len(splits))
+    per_file = -(-len(splits) // files)
+    for number, first in enumerate(range(0, len(splits), per_file)):
+        images = []
+        for label in labels[first:first + per_file]:
+            pixels = np.clip(colours[label] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+            images.append(buffer.getvalue())
+        table = pa.table({"image": images, "label": labels[first:first + per_file].astype("int64"),
+                          "split": splits[first:first + per_file]})
+        pq.write_table(table.replace_schema_metadata({"classes": ",".join(f"c{n}" for n in range(classes))}),
+                       folder / f"part-{number:04d}.parquet", row_group_size=group_rows)
+    return folder
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 

@@ -495,6 +495,30 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
 
 
 
+@pytest.mark.ray
+def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tmp_path, capsys):
+    """data.pipeline: stream (cohort.datasets.streaming): the node's producer reads the folder's row groups
+    and decodes each batch once; both peers train on the streamed plan's batches (as computed here
+    without Ray), identical on both, and each epoch reports the time they waited for them."""
+    from bench.common import write_image_table
+
+    table = write_image_table(tmp_path / "table", 400, 100, size=16, files=2, group_rows=50)
+    spec = {"name": "streamed", "seed": 9,
+            "data": {"dataset": "parquet", "root": str(table), "batch_size": 32, "pipeline": "stream",
+                     "memory_bound": "5MB"},
+            "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}, {"from": "b", "to": "a", "loss": "kd"}]}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main([str(write_topology(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    out = capsys.readouterr().out
+    assert "data: streamed from its parquet files (data.pipeline: stream)" in out and "(data.memory_bound 5.0 MB)" in out
+    client, run = finished_run(uri, "streamed")
+    assert run.data.metrics["cohort/batches_identical"] == 1.0
+    for peer in ("a", "b"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{peer}/data_wait_seconds")] == [1, 2]
+    assert f"{expected_fingerprint(topology_from_dict(spec))}" in _fingerprints_seen(tmp_path / "ray")
+
+
 # --------------------------------------------------------------------------- failures
 
 

@@ -472,8 +472,8 @@ def test_the_dry_run_reads_a_tables_sizes_without_decoding_it(tmp_path, monkeypa
     wrapped = DataConfig(dataset="parquet", root=root, long_tail={"imbalance": 2}, val_fraction=0.25)
     loaded_wrapped = load_dataset(wrapped).info
     decoded = []
-    real = parquet._decode_all
-    monkeypatch.setattr(parquet, "_decode_all", lambda *a, **k: (out := real(*a, **k), decoded.append(len(out[1])))[0])
+    real = parquet.decode_images
+    monkeypatch.setattr(parquet, "decode_images", lambda *a, **k: (out := real(*a, **k), decoded.append(len(out[1])))[0])
     assert describe_dataset(DataConfig(dataset="parquet", root=root)) == loaded
     assert describe_dataset(DataConfig(dataset="parquet", root=root, image_size=16)) == replace(
         loaded, input_size=(3, 16, 16), memory_bytes=18 * 3 * 16 * 16 + 18 * 8 + 2 * 3 * 4)

@@ -214,6 +214,19 @@ def test_shifted_parquet_dataset(tmp_path):
     assert not torch.allclose(x, x0)
 
 
+def test_a_streamed_parquet_table_is_corrupted_as_the_one_held_in_memory(tmp_path):
+    root = str(image_table(tmp_path / "t.parquet"))
+    memory = load_dataset(DataConfig(dataset="parquet", root=root))
+    streamed = load_dataset(DataConfig(dataset="parquet", root=root, pipeline="stream"))
+    clean, labels, mean, std = shift.clean_test_split(streamed)
+    assert torch.equal(clean, memory.test_images) and torch.equal(labels, memory.test_labels)
+    assert torch.equal(mean, streamed.mean.flatten()) and torch.equal(std, streamed.std.flatten())
+    shifted = shift.shifted_dataset(streamed, "shot_noise", 4, seed=3, cache_dir=tmp_path / "cache")
+    (x, _), = batches(shifted.test_batches(64))
+    expected = shift.corrupt_images(memory.test_images, "shot_noise", 4, seed=3)
+    assert torch.allclose(x, (expected.float() / 255 - streamed.mean) / streamed.std)
+
+
 def test_the_cache_is_used_and_keyed(tmp_path, monkeypatch):
     data = load_dataset(DataConfig(dataset="parquet", root=str(image_table(tmp_path / "t.parquet"))))
     first = shift.shifted_dataset(data, "fog", 2, seed=0, cache_dir=tmp_path / "cache")

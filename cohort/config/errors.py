@@ -131,3 +131,12 @@ def kind_of(value: Any) -> str:
     """A value's kind in YAML's words: mapping, list, string, number, ..."""
     return {list: "list", dict: "mapping", str: "string", int: "number", float: "number", bool: "boolean",
             type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def byte_size(count: int) -> str:
+    """``count`` bytes in kB, MB or GB (decimal units), two or three significant digits."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            value = count / size
+            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{count} bytes"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cohort.config.errors import byte_size
 from cohort.datasets.producer import WINDOW
 from cohort.driver.launch import Plan
 from cohort.topology import Topology
@@ -49,8 +50,15 @@ def describe_calibration(topology, info) -> str:
             f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
 
 
-def describe_data(info, pipeline: str = "peers") -> str:
-    """Which data pipeline runs, and what it holds in memory."""
+def describe_data(info, pipeline: str = "peers", bound: int | None = None) -> str:
+    """Which data pipeline runs, and what it holds in memory (``bound``: data.memory_bound)."""
+    if pipeline == "stream":
+        return (f"data: streamed from its parquet files (data.pipeline: stream): one batch producer per node reads "
+                f"a shuffle window of {info.stream_window} row groups and decodes each training batch once for the "
+                f"workers there, {WINDOW} batches ahead; the driver decodes none of it; the producer holds at most "
+                f"{byte_size(info.stream_bytes)}"
+                + (f" (data.memory_bound {byte_size(bound)})" if bound is not None else "")
+                + "; test batches: every worker reads and decodes its own, two row groups at a time")
     if pipeline == "producer":
         held = (f"the data in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per "
                 "node, loaded by the driver" if info.memory_bytes else "the files' list; it reads and decodes them")
@@ -62,15 +70,6 @@ def describe_data(info, pipeline: str = "peers") -> str:
         return "data: read from its files by every peer's worker, which decodes each batch itself"
     return (f"data: in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per node "
             "(not per peer), loaded by the driver")
-
-
-def byte_size(count: int) -> str:
-    """``count`` bytes in kB, MB or GB (decimal units), two or three significant digits."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= size:
-            value = count / size
-            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
-    return f"{count} bytes"
 
 
 def describe_plan(plan: Plan) -> str:
@@ -87,7 +86,7 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         f"  {describe_calibration(topology, info)}",
-        f"  {describe_data(info, plan.pipeline)}",
+        f"  {describe_data(info, plan.pipeline, topology.data.memory_bound)}",
         "",
         f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]

@@ -44,17 +44,28 @@ class ImageArrays(CohortDataset):
         return self._normalize(self.train_images[indices]), self.train_labels[indices]
 
     def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        count, _, height, width = images.shape
-        pad = self.padding
-        padded = F.pad(images, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
-        flips = (torch.rand(count, generator=generator) < 0.5).tolist()
-        crops = []
-        for image, (top, left), flip in zip(padded, offsets, flips):
-            crop = image[:, top:top + height, left:left + width]
-            crops.append(crop.flip(-1) if flip else crop)
-        return torch.stack(crops)
+        return cifar_augment(images, seed, self.padding)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float().div_(255) - self.mean) / self.std
+        return normalize(images, self.mean, self.std)
+
+
+def cifar_augment(images: torch.Tensor, seed: int, padding: int = 4) -> torch.Tensor:
+    """The CIFAR training augmentation of uint8 ``[N, C, H, W]`` images, seeded by ``seed`` (a batch's
+    seed): a random crop of each image padded by ``padding`` pixels with zeros, and a horizontal flip."""
+    generator = torch.Generator().manual_seed(seed)
+    count, _, height, width = images.shape
+    pad = padding
+    padded = F.pad(images, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator).tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+    crops = []
+    for image, (top, left), flip in zip(padded, offsets, flips):
+        crop = image[:, top:top + height, left:left + width]
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.stack(crops)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images as floats, ``(pixels / 255 - mean) / std`` per channel (``mean``, ``std``: ``[1, C, 1, 1]``)."""
+    return (images.float().div_(255) - mean) / std

@@ -40,6 +40,10 @@ class DatasetInfo:
     # Its training batches are read from files and decoded batch by batch (image folders): the work
     # a batch producer (data.pipeline, cohort.datasets.producer) does once per node instead of once per peer.
     decodes_batches: bool = False
+    # Streamed (data.pipeline: stream, cohort.datasets.streaming): the shuffle window in row groups (0: not
+    # streamed) and the most the node's producer holds (decoded batches and encoded row groups).
+    stream_window: int = 0
+    stream_bytes: int = 0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

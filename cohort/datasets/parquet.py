@@ -21,13 +21,13 @@ def preview_parquet(root: str | None = None, image_size: int | None = None) -> D
     import pyarrow as pa
 
     path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
-    files, class_names = _table_files(path)
+    files, class_names = table_files(path)
     table = pa.concat_tables([_read(file, ["label", "split"]) for file in files])
-    labels, is_train = _labels_and_splits(table)
+    labels, is_train = labels_and_splits(table)
     shape = None
     for file in files:  # the first image that decodes gives the input shape
         for batch in _image_batches(file):
-            images, good = _decode_all(batch.column("image").to_pylist(), image_size, stop_at_first=True)
+            images, good = decode_images(batch.column("image").to_pylist(), image_size, stop_at_first=True)
             if good:
                 shape = tuple(images.shape[1:])
                 break
@@ -63,8 +63,8 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
     """
     path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
     table, class_names = _read_tables(path)
-    labels, train_rows = _labels_and_splits(table)
-    images, good = _decode_all(table.column("image").to_pylist(), image_size)
+    labels, train_rows = labels_and_splits(table)
+    images, good = decode_images(table.column("image").to_pylist(), image_size)
     if not good:
         raise CohortError(f"none of the {len(labels)} images in {str(path)!r} could be decoded", "data.root")
     notes = []
@@ -87,7 +87,7 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
                        num_classes, mean, std, class_names, notes)
 
 
-def _labels_and_splits(table: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_and_splits(table: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``label`` column (int64) and whether each row is a training row, checked."""
     splits = [str(s) for s in table.column("split").to_pylist()]
     unknown = sorted(set(splits) - {"train", "test"})
@@ -103,7 +103,7 @@ def _read_tables(root: Path) -> tuple[Any, tuple[str, ...]]:
     """The image columns of every ``.parquet`` file at ``root``, and the classes' names if a file has them."""
     import pyarrow as pa
 
-    files, class_names = _table_files(root)
+    files, class_names = table_files(root)
     return pa.concat_tables([_read(file, list(PARQUET_COLUMNS)) for file in files]), class_names
 
 
@@ -113,7 +113,7 @@ def _read(file: Path, columns: list[str]) -> Any:
     return pq.read_table(file, columns=columns)
 
 
-def _table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
+def table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
     """The ``.parquet`` files at ``root``, each checked to hold an image table, and the classes' names if a file has them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -136,7 +136,7 @@ def _table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
     return files, class_names
 
 
-def _decode_all(blobs: list, image_size: int | None, stop_at_first: bool = False) -> tuple[torch.Tensor, list[int]]:
+def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded
     (only the first that decodes with ``stop_at_first``)."""
     import warnings

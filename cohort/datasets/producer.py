@@ -33,10 +33,13 @@ ATTEMPTS = 4  # a worker asks again this many times when its producer died under
 
 
 def data_pipeline(topology: Any, info: Any) -> str:
-    """Which pipeline makes the training batches: ``peers`` (each worker its own) or ``producer``
-    (one per node). ``auto``: a producer where batches are decoded from files and more than one
-    worker takes each batch (not under codistillation's disjoint data, where each peer takes its own)."""
+    """Which pipeline makes the training batches: ``peers`` (each worker its own), ``producer`` (one per
+    node), or ``stream`` (one per node, for a streamed dataset: ``info.stream_window``). ``auto``: a producer
+    where batches are decoded from files and more than one worker takes each batch (not under
+    codistillation's disjoint data, where each peer takes its own); stream when the data are streamed."""
     setting = topology.data.pipeline
+    if info.stream_window:  # loaded streamed (cohort.datasets.registry.streamed): the node's producer reads it
+        return "stream"
     if setting != "auto":
         return setting
     disjoint = topology.exchange.snapshot and topology.exchange.data == "disjoint"

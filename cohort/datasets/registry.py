@@ -52,6 +52,9 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {}
+# Datasets that can be streamed (data.pipeline: stream): name -> the streaming loader, which takes the
+# same settings as the dataset's own and returns a dataset with ``within(batch_size, memory_bound)``.
+STREAMS: dict[str, Callable[..., Any]] = {}
 
 
 def _settings_from_signature(name: str, loader: Callable[..., CohortDataset]) -> tuple[dict[str, Any], bool]:
@@ -88,6 +91,30 @@ def register_dataset(name: str, *, refusal: str | None = None,
     return decorator
 
 
+def register_stream(name: str):
+    """Register the streaming loader of the dataset ``name`` (``data.pipeline: stream``); returned unchanged."""
+    def decorator(loader: Callable[..., Any]) -> Callable[..., Any]:
+        if name in STREAMS:
+            raise ValueError(f"dataset {name!r} has two streaming loaders")
+        STREAMS[name] = loader
+        return loader
+
+    return decorator
+
+
+def streamed(config: Any) -> bool:
+    """Whether the data section's dataset is streamed: ``data.pipeline: stream``, or ``auto`` with a
+    ``data.memory_bound`` that the dataset held in memory (its preview's ``memory_bytes``) would exceed."""
+    pipeline, bound = getattr(config, "pipeline", "auto"), getattr(config, "memory_bound", None)
+    if pipeline == "stream":
+        return True
+    if pipeline != "auto" or bound is None or config.dataset not in STREAMS:
+        return False
+    spec = DATASETS[config.dataset]
+    info = spec.preview(**spec.arguments(config)) if spec.preview is not None else None
+    return info is not None and info.memory_bytes > bound
+
+
 def refused_setting(dataset: str, values: dict[str, Any]) -> tuple[str, str] | None:
     """The first setting given a value (``values``: setting -> value) that ``dataset`` does not
     take, and the one-line reason; None when the dataset takes them all."""
@@ -114,6 +141,8 @@ def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
     if config.dataset not in DATASETS:
         raise CohortError(unknown("dataset", config.dataset, DATASETS), "data.dataset")
     spec = DATASETS[config.dataset]
+    if streamed(config):  # the topology refuses a long tail, a validation split or a sampler with it
+        return STREAMS[config.dataset](**spec.arguments(config)).within(config.batch_size, getattr(config, "memory_bound", None))
     dataset = spec.loader(**spec.arguments(config))
     if config.long_tail is not None:
         dataset = LongTailed(dataset, config.long_tail.imbalance, config.long_tail.profile)
@@ -125,6 +154,8 @@ def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
 def describe_dataset(config: Any) -> DatasetInfo:
     """The dataset's sizes and classes, without downloading anything (for ``--dry-run``)."""
     spec = DATASETS.get(config.dataset)
+    if spec is not None and streamed(config):  # its layout and a sample: nothing held
+        return load_dataset(config).info
     info = spec.preview(**spec.arguments(config)) if spec is not None and spec.preview is not None else None
     if info is None:
         return load_dataset(config).info

@@ -15,6 +15,7 @@ import hashlib
 import os
 import tempfile
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,7 @@ def clean_test_split(dataset: CohortDataset) -> tuple[torch.Tensor, torch.Tensor
     per-channel mean and std (the network's inputs are ``(images / 255 - mean) / std``)."""
     from cohort.datasets.augment import ImageArrays
     from cohort.datasets.folder import ImageFolderSplits
+    from cohort.datasets.streaming import StreamingParquet
 
     base = dataset
     while hasattr(base, "inner"):  # wrappers (long tail, shift) keep their inner dataset's test split
@@ -232,6 +234,9 @@ def clean_test_split(dataset: CohortDataset) -> tuple[torch.Tensor, torch.Tensor
         split = base.test_images, base.test_labels, base.mean.flatten(), base.std.flatten()
     elif isinstance(base, ImageFolderSplits):
         split = _folder_test_split(base)
+    elif isinstance(base, StreamingParquet):  # decoded here, for the evaluation: training never held it
+        images = base.read_images(base.test_rows, cache=OrderedDict(), capacity=2)
+        split = images, base.labels[base.test_rows], base.mean.flatten(), base.std.flatten()
     else:
         raise CohortError(f"shifted data works on image datasets (cifar10, cifar100, parquet, imagefolder), "
                           f"not on {dataset.info.name}")

@@ -11,13 +11,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted, unknown
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
 from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
-from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, refused_setting
+from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, STREAMS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
 from cohort.losses.registry import EMBEDDING, LOGITS
@@ -58,10 +58,30 @@ class DataConfig(Strict):
     val_fraction: Number = Field(0.0, ge=0, lt=1, description="share of each class's training images held out as "
                                                               "the validation split (0: none)")
     sampler: SamplerConfig | None = Field(None, description="class-balanced batches (default: a shuffled epoch)")
-    pipeline: Literal["auto", "peers", "producer"] = Field(
-        "auto", description="who makes the training batches: every peer's worker its own (peers), or one producer "
-                            "per node for the workers there (producer); auto: a producer for image folders with "
-                            "more than one worker")
+    pipeline: Literal["auto", "peers", "producer", "stream"] = Field(
+        "auto", description="who makes the training batches: every peer's worker its own (peers), one producer "
+                            "per node for the workers there (producer), or one producer per node reading the files "
+                            "as it goes, the table never decoded whole (stream: parquet tables); auto: a producer "
+                            "for image folders with more than one worker, stream above data.memory_bound")
+    memory_bound: ByteSize | None = Field(
+        None, gt=0, description="the most the stream pipeline holds (e.g. 2GB): its shuffle window follows; "
+                                "auto streams a table whose decoded images would exceed it")
+
+    @model_validator(mode="after")
+    def _streams_what_it_can(self) -> DataConfig:
+        # A dataset streams when it registers a streaming loader (cohort.datasets.registry.STREAMS).
+        setting = "pipeline" if self.pipeline == "stream" else "memory_bound" if self.memory_bound is not None else None
+        if setting is None:
+            return self
+        if self.pipeline in ("peers", "producer"):
+            raise problem(f"bounds the stream pipeline only, not data.pipeline {self.pipeline} (use stream or auto)",
+                          "memory_bound")
+        if self.dataset not in STREAMS:
+            raise problem(f"only {' and '.join(STREAMS) or 'no'} datasets stream, not {self.dataset}", setting)
+        for other in ("long_tail", "val_fraction", "sampler"):
+            if getattr(self, other):
+                raise problem(f"the stream pipeline (data.{setting}) takes no {other} yet", other)
+        return self
 
     @model_validator(mode="after")
     def _settings_fit_the_dataset(self) -> DataConfig:

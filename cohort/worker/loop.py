@@ -495,11 +495,11 @@ def setup_worker(config: dict[str, Any], startup: dict[str, float]) -> WorkerSta
 def batch_producer(config: dict[str, Any], topology: Topology, data: CohortDataset, rank: int,
                    workers: int) -> ProducerClient | None:
     """This worker's (``rank``'s) side of its node's batch producer when the run's pipeline is
-    ``producer`` (the driver's choice, else ``data.pipeline``'s for this data: the same on every
+    ``producer`` or ``stream`` (the driver's choice, else ``data.pipeline``'s for this data: the same on every
     worker); ``workers``: the run's workers on this node. The producer gets the driver's copy of the
     data when there is one, else this worker's."""
     pipeline = config.get("pipeline")
-    if pipeline is None or (pipeline["choice"] or data_pipeline(topology, data.info)) != "producer":
+    if pipeline is None or (pipeline["choice"] or data_pipeline(topology, data.info)) not in ("producer", "stream"):
         return None
     dataset = config.get("dataset") if config.get("dataset") is not None else data
     return ProducerClient(lambda: node_producer(pipeline["key"], dataset, topology, workers), worker=str(rank))
