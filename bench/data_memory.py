@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,16 +195,24 @@ def measure_run(args: argparse.Namespace, peers: int, folder: Path) -> dict[str,
                "--data", str(args.data),
                "--steps", str(args.steps), "--folder", str(folder)]
     folder.mkdir(parents=True)
+    return sampled_run(command, folder, sample, ("driver", "workers", "ray"), args, f"the run of {peers} peers")
+
+
+def sampled_run(command: list[str], folder: Path, sample: Callable[[int], dict[str, Any]], roles: tuple[str, ...],
+                args: argparse.Namespace, what: str) -> dict[str, Any]:
+    """Run ``command`` (a child run writing its log in ``folder``) in a session of its own, sampling
+    the PSS of its processes every ``args.interval`` s: the peak (and that moment's breakdown), each
+    of ``roles``' own peak, the seconds; one line naming ``what`` past ``args.timeout`` or on failure."""
     log = folder / "run.log"
     started = time.perf_counter()
     with log.open("w") as out:
         child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     peak: dict[str, Any] = {"total": 0.0}
-    own_peaks = {"driver": 0.0, "workers": 0.0, "ray": 0.0}
+    own_peaks = dict.fromkeys(roles, 0.0)
     try:
         while child.poll() is None:
             if time.perf_counter() - started > args.timeout:
-                raise CohortError(f"the run of {peers} peers took over {args.timeout:g} s (--timeout)")
+                raise CohortError(f"{what} took over {args.timeout:g} s (--timeout)")
             now = sample(child.pid)
             peak = max(peak, now, key=lambda entry: entry["total"])
             own_peaks = {name: max(value, now[name]) for name, value in own_peaks.items()}
@@ -213,7 +222,7 @@ def measure_run(args: argparse.Namespace, peers: int, folder: Path) -> dict[str,
             os.killpg(child.pid, signal.SIGKILL)
     if child.wait() != 0:
         lines = log.read_text().strip().splitlines() or ["?"]
-        raise CohortError(f"the run of {peers} peers failed: {lines[-1]}")
+        raise CohortError(f"{what} failed: {lines[-1]}")
     return {"peak_mb": peak, "own_peak_mb": own_peaks, "seconds": time.perf_counter() - started}
 
 

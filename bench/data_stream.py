@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_image_table
-from bench.data_memory import WORKER_TITLE, descendants, machine, pss_kb
-from cohort.config.errors import CohortError, byte_size
+from bench.data_memory import WORKER_TITLE, descendants, machine, pss_kb, sampled_run
+from cohort.config.errors import byte_size
 from cohort.console.command import run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,28 +135,8 @@ def measure_run(args: argparse.Namespace, pipeline: str, folder: Path, table: Pa
     folder.mkdir(parents=True)
     command = [sys.executable, "-m", "bench.data_stream", "--child", pipeline, "--folder", str(folder),
                "--table", str(table), "--bound", str(args.bound_bytes)]
-    log = folder / "run.log"
-    started = time.perf_counter()
-    with log.open("w") as out:
-        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    peak: dict[str, float] = {"total": 0.0}
-    own_peaks = dict.fromkeys(ROLES, 0.0)
-    try:
-        while child.poll() is None:
-            if time.perf_counter() - started > args.timeout:
-                raise CohortError(f"the {pipeline} run took over {args.timeout:g} s (--timeout)")
-            now = sample(child.pid)
-            peak = max(peak, now, key=lambda entry: entry["total"])
-            own_peaks = {name: max(value, now[name]) for name, value in own_peaks.items()}
-            time.sleep(args.interval)
-    finally:
-        if child.poll() is None:  # our own child's session only: its Ray went with it
-            os.killpg(child.pid, signal.SIGKILL)
-    if child.wait() != 0:
-        lines = log.read_text().strip().splitlines() or ["?"]
-        raise CohortError(f"the {pipeline} run failed: {lines[-1]}")
-    child_results = json.loads((folder / "child.json").read_text())
-    return {"peak_mb": peak, "own_peak_mb": own_peaks, "seconds": time.perf_counter() - started, **child_results}
+    results = sampled_run(command, folder, sample, ROLES, args, f"the {pipeline} run")
+    return {**results, **json.loads((folder / "child.json").read_text())}
 
 
 def markdown(results: dict[str, Any]) -> str:
