@@ -219,14 +219,15 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     (cohort.datasets.producer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from cohort.driver.trainer import cohort_trainer_class
     from cohort.worker.loop import train_cohort
 
     storage_path = storage_location(storage)
     resources = topology.resources
     gpus = resources.gpus_per_worker
-    return TorchTrainer(
+    return cohort_trainer_class()(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
