@@ -189,24 +189,25 @@ def test_when_both_fail_the_input_error_is_reported(start_parts):
         plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
 
 
-def test_the_cohort_trainer_starts_no_datasets_manager_nor_placement_group_cleaner(tmp_path):
-    """Each of the two is one more process per fit (cohort.driver.trainer); a Ray that renames them
-    makes this fail instead of silently starting them again."""
+def test_the_cohort_trainer_starts_no_datasets_manager_and_a_cleaner_only_in_a_trial(tmp_path):
+    """Each helper actor is one more process per fit (cohort.driver.trainer); a Ray that renames
+    their callbacks makes this fail instead of silently starting them again."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cohort.driver.trainer import cohort_trainer_class, unused_callback_classes
 
-    unused = unused_callback_classes()
-    assert [c.__name__ for c in unused] == ["DatasetsCallback", "PlacementGroupCleanerCallback"]
+    assert [c.__name__ for c in unused_callback_classes(False)] == ["DatasetsCallback", "PlacementGroupCleanerCallback"]
+    assert [c.__name__ for c in unused_callback_classes(True)] == ["DatasetsCallback"]
 
     def callbacks(trainer_class, **kwargs) -> set[str]:
         trainer = trainer_class(lambda config: None, scaling_config=ScalingConfig(num_workers=2),
                                 run_config=RunConfig(storage_path=str(tmp_path)), **kwargs)
         return {type(callback).__name__ for callback in trainer._create_default_callbacks()}
 
-    ray_own, cohort_own = callbacks(TorchTrainer), callbacks(cohort_trainer_class())
-    assert ray_own - cohort_own == {"DatasetsCallback", "PlacementGroupCleanerCallback"}
-    assert cohort_own < ray_own
+    ray_own = callbacks(TorchTrainer)
+    assert ray_own - callbacks(cohort_trainer_class()) == {"DatasetsCallback", "PlacementGroupCleanerCallback"}
+    # A Tune trial can be killed with its controller: its placement group's cleaner stays.
+    assert ray_own - callbacks(cohort_trainer_class(stoppable=True)) == {"DatasetsCallback"}
     # Given Ray Datasets (cohort never does), the trainer is Ray's own.
     assert callbacks(cohort_trainer_class(), datasets={"train": [1]}) == ray_own

@@ -206,7 +206,7 @@ def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking
 def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
                  dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False,
-                 pipeline: str | None = None):
+                 pipeline: str | None = None, stoppable: bool = False):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
@@ -216,7 +216,8 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     a few times a second (``cohort.console.display.step_message``), for the driver's live display.
     ``pipeline``: who makes the training batches (``Plan.pipeline``), by default what ``data.pipeline``
     picks for the dataset the workers have; with ``producer`` the workers of each node share one
-    (cohort.datasets.producer)."""
+    (cohort.datasets.producer). ``stoppable``: the fit runs in a Tune trial, which its scheduler may
+    kill with the controller; Ray's placement group cleaner then stays (cohort.driver.trainer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -227,7 +228,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     storage_path = storage_location(storage)
     resources = topology.resources
     gpus = resources.gpus_per_worker
-    return cohort_trainer_class()(
+    return cohort_trainer_class(stoppable)(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,

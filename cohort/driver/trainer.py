@@ -1,4 +1,4 @@
-"""The ``TorchTrainer`` a cohort fits: Ray Train's, without the two helper actors a cohort never uses.
+"""The ``TorchTrainer`` a cohort fits: Ray Train's, without the helper actors a cohort does not need.
 
 Ray Train (2.60) starts, for every fit, besides its controller and one actor per worker:
 
@@ -10,14 +10,20 @@ Ray Train (2.60) starts, for every fit, besides its controller and one actor per
 
 Each is one more Python process to start and import, on the path to the first step. Measured on a
 2-core VM (three workers whose function only returns): 14–16 s from ``fit()`` to the function,
-10–11 s without them. A cohort is driven by its own process (a command, a Tune trial, a notebook):
-when the controller ends, normally or by an error, it removes its placement group; when the
-driver's process ends, Ray removes every placement group of its job. What the cleaner adds is the
-case of a controller killed from outside (out of memory) while its driver lives on, in a notebook:
-its placement group then holds its CPUs until the driver ends (docs/ray.md).
+10–11 s without the two.
 
-The two are dropped by their Ray classes; where this Ray has neither (a newer Ray renamed them), the
-trainer is Ray's own, unchanged (``tests/test_layout.py`` fails on this Ray if either is missing).
+The datasets manager is never needed. The cleaner is needed where something kills the controller
+while the driver lives on: a Tune trial stopped by its scheduler (ASHA, a study's Ctrl-C) is killed
+with the controller it started, and without the cleaner its placement group would hold its CPUs
+until the sweep's driver ends, and the next trial would wait for them for ever. So a trial's trainer
+(``stoppable``) keeps it. A single run's controller ends by itself, normally or by an error, and
+removes its placement group; when its driver's process ends, Ray removes every placement group of
+the job. What a run gives up is the case of a controller killed from outside (out of memory) while a
+notebook's driver lives on: its placement group then holds its CPUs until the notebook's Ray stops
+(docs/ray.md).
+
+The callbacks are dropped by their Ray classes; where this Ray has none of them (a newer Ray renamed
+them), the trainer is Ray's own, unchanged (``tests/test_placement.py`` fails on such a Ray).
 """
 from __future__ import annotations
 
@@ -25,33 +31,35 @@ import functools
 from typing import Any
 
 
-def unused_callback_classes() -> tuple[type, ...]:
-    """Ray Train's callback classes that start the helper actors a cohort does not use (empty where
-    this Ray has none of them)."""
+def unused_callback_classes(stoppable: bool) -> tuple[type, ...]:
+    """Ray Train's callback classes that start helper actors a cohort does not need: the datasets
+    manager's, and unless the fit is ``stoppable`` (a Tune trial) the placement group cleaner's.
+    Empty where this Ray has none of them."""
     classes = []
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         classes.append(DatasetsCallback)
     except ImportError:
         pass
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-        classes.append(PlacementGroupCleanerCallback)
-    except ImportError:
-        pass
+    if not stoppable:
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+            classes.append(PlacementGroupCleanerCallback)
+        except ImportError:
+            pass
     return tuple(classes)
 
 
 @functools.cache
-def cohort_trainer_class() -> type:
-    """``TorchTrainer`` without the callbacks of ``unused_callback_classes`` (a class made on first
-    use, so that importing this module imports no Ray)."""
+def cohort_trainer_class(stoppable: bool = False) -> type:
+    """``TorchTrainer`` without the callbacks of ``unused_callback_classes(stoppable)`` (a class made
+    on first use, so that importing this module imports no Ray)."""
     from ray.train.torch import TorchTrainer
 
-    unused = unused_callback_classes()
+    unused = unused_callback_classes(stoppable)
 
     class CohortTrainer(TorchTrainer):
-        """Ray's ``TorchTrainer`` without a Ray Datasets manager and a placement group cleaner."""
+        """Ray's ``TorchTrainer`` without the helper actors a cohort does not need."""
 
         def _create_default_callbacks(self) -> list[Any]:
             callbacks = super()._create_default_callbacks()

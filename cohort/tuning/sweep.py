@@ -77,7 +77,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # last checkpoint instead of starting from the one Tune hands this trial.
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
                            objective=objective, callbacks=(ForwardReports(reports),),
-                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights)
+                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True)
     thread, outcome = fit_in_background(trainer)
     while thread.is_alive() or not reports.empty():
         try:
