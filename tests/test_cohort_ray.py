@@ -417,17 +417,68 @@ def test_the_dataset_comes_out_of_the_object_store_shared_not_copied(ray_cluster
 
 
 
+class ProducerKiller:
+    """Kills the run's batch producer (cohort.datasets.producer) once it holds batches, in a thread
+    beside the run; ``killed`` says whether Ray restarted it (it answers from a new process)."""
+
+    def __init__(self):
+        import threading
+
+        self.stop = threading.Event()
+        self.killed: list[bool] = []
+        self.thread = threading.Thread(target=self.kill_once_it_made_batches, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    def kill_once_it_made_batches(self) -> None:
+        import time
+
+        import ray
+
+        while not self.stop.is_set():
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["name"].startswith("cohort-batches-"):
+                    try:
+                        producer = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                        if ray.get(producer.held.remote()):
+                            before = ray.get(producer.pid.remote())
+                            ray.kill(producer, no_restart=False)
+                            self.killed.append(self.restarted(producer, before))
+                            return
+                    except ray.exceptions.RayError:
+                        pass
+            time.sleep(0.01)
+
+    @staticmethod
+    def restarted(producer, before: int) -> bool:
+        """Whether the producer answers from a new process (the kill takes effect a moment later)."""
+        import time
+
+        import ray
+
+        for _ in range(200):
+            try:
+                if ray.get(producer.pid.remote(), timeout=5) != before:
+                    return True
+            except ray.exceptions.RayError:
+                pass
+            time.sleep(0.05)
+        return False
+
+
 @pytest.mark.ray
 def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_killed(ray_cluster, tmp_path):
     """data.pipeline: producer (cohort.datasets.producer): the node's producer makes each batch once for
     both peers, and is killed once it has made the first ones (Ray restarts it; the workers ask again
     for the batches it lost). Same batches, same fingerprints and the same weights as every worker
     making its own batches (data.pipeline: peers)."""
-    import threading
-    import time
 
     import numpy as np
-    import ray
     from PIL import Image
 
     from cohort.driver.launch import make_trainer
@@ -443,48 +494,21 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
             "data": {"dataset": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16, "batch_size": 4},
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
-    killed = []
-
-    def kill_the_producer_once_it_made_batches(stop: threading.Event) -> None:
-        while not stop.is_set():
-            for actor in ray.util.list_named_actors(all_namespaces=True):
-                if actor["name"].startswith("cohort-batches-"):
-                    try:
-                        producer = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                        if ray.get(producer.held.remote()):
-                            before = ray.get(producer.pid.remote())
-                            ray.kill(producer, no_restart=False)
-                            killed.append(restarted(producer, before))
-                            return
-                    except ray.exceptions.RayError:
-                        pass
-            time.sleep(0.01)
-
-    def restarted(producer, before: int) -> bool:
-        """Whether the producer answers from a new process (the kill takes effect a moment later)."""
-        for _ in range(200):
-            try:
-                if ray.get(producer.pid.remote(), timeout=5) != before:
-                    return True
-            except ray.exceptions.RayError:
-                pass
-            time.sleep(0.05)
-        return False
-
     def trained(pipeline: str):
         topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline}})
-        stop = threading.Event()
-        killer = threading.Thread(target=kill_the_producer_once_it_made_batches, args=(stop,), daemon=True)
+        trainer = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), f"producer-{pipeline}", pipeline=pipeline)
         if pipeline == "producer":
-            killer.start()
-        result = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), f"producer-{pipeline}", pipeline=pipeline).fit()
-        stop.set()
+            with killer:
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             weights = {peer: torch.load(Path(folder) / f"{peer}.pt", weights_only=True) for peer in ("a", "b")}
         return result.metrics, weights
 
+    killer = ProducerKiller()
     produced, produced_weights = trained("producer")
-    assert killed == [True], "the producer was not killed and restarted mid-run"
+    assert killer.killed == [True], "the producer was not killed and restarted mid-run"
     own, own_weights = trained("peers")
     assert produced["cohort/batches_identical"] == own["cohort/batches_identical"] == 1.0
     assert produced["cohort/fingerprints"] == own["cohort/fingerprints"]
@@ -499,7 +523,8 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
 def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tmp_path, capsys):
     """data.pipeline: stream (cohort.datasets.streaming): the node's producer reads the folder's row groups
     and decodes each batch once; both peers train on the streamed plan's batches (as computed here
-    without Ray), identical on both, and each epoch reports the time they waited for them."""
+    without Ray), identical on both, also when the producer is killed mid-run, and each epoch reports
+    the time they waited for them."""
     from bench.common import write_image_table
 
     table = write_image_table(tmp_path / "table", 400, 100, size=16, files=2, group_rows=50)
@@ -509,7 +534,11 @@ def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tm
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}, {"from": "b", "to": "a", "loss": "kd"}]}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main([str(write_topology(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    # Its producer killed once it holds batches: Ray restarts it, and it reads the row groups of the
+    # batches it lost again; the batches stay the plan's.
+    with ProducerKiller() as killer:
+        assert main([str(write_topology(tmp_path, spec)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    assert killer.killed == [True], "the producer was not killed and restarted mid-run"
     out = capsys.readouterr().out
     assert "data: streamed from its parquet files (data.pipeline: stream)" in out and "(data.memory_bound 5.0 MB)" in out
     client, run = finished_run(uri, "streamed")
