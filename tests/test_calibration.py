@@ -29,10 +29,11 @@ def sampled(n: int, classes: int, scale: float, temperature: float, seed: int = 
     return z * temperature, labels
 
 
-def grid_minimum(logits: torch.Tensor, labels: torch.Tensor, points: int = 41, levels: int = 4) -> float:
+def grid_minimum(logits: torch.Tensor, labels: torch.Tensor, points: int = 11, levels: int = 8) -> float:
     """An independent search: the NLL (written out here) on a grid of log T over [T_MIN, T_MAX], then
     on a grid between the best point's two neighbours, ``levels`` times (the NLL has one minimum
-    along log T); the last grid's steps are 2e-5 of T."""
+    along log T); the last grid's steps are 8e-6 of T. Small grids, more levels: 88 NLLs instead of
+    41 x 4's 164, on tensors that fit in the cache (a third of the time)."""
     low, high = math.log(T_MIN), math.log(T_MAX)
     logits = logits.double()
     picked = logits.gather(1, labels[:, None]).T  # [1, N]: each sample's logit of its label
