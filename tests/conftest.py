@@ -14,7 +14,9 @@ collects them.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,24 @@ def ray_cluster():
             os.environ.pop(RAY_TRAIN_METRICS, None)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory):
+    """``copy(path) -> uri``: an empty MLflow store (sqlite) at ``path``, copied from one made once per
+    session. Creating a store runs MLflow's migrations (about a second each here); a test whose store
+    is only its setting, not what it checks, takes a copy. Experiments get their artifact locations
+    from cohort's Tracker (or the test), not from where the template was made."""
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # the first use creates the tables
+
+    def copy(path: Path) -> str:
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return copy
 
 
 @pytest.fixture

@@ -579,9 +579,9 @@ def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     assert "too-big.yaml: resources.cpus_per_peer: the cohort needs 12 CPUs" in capsys.readouterr().err
 
 
-def test_unreachable_address(tmp_path, capsys):
+def test_unreachable_address(tmp_path, capsys, empty_mlflow_store):
     path = write_topology(tmp_path, THREE_PEERS)
-    code = main([str(path), "--address", "127.0.0.1:9", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    code = main([str(path), "--address", "127.0.0.1:9", "--tracking-uri", empty_mlflow_store(tmp_path / "m.db")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("--address '127.0.0.1:9': no Ray cluster reachable there"), err
 

@@ -69,11 +69,11 @@ test_logits.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, empty_mlflow_store):
     """A finished cohort run as the driver leaves it: topology, weights/<peer>.pt, the final
     epoch's metrics, models/<peer> for the trained peers."""
     folder = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = empty_mlflow_store(folder / "mlflow.db")
     data = load_dataset(DataConfig())
     torch.save(build_peer(topology_from_dict({"name": "t", "peers": {"teacher": {"model": "mlp_tiny"}}}), "teacher",
                           data.info).state_dict(), folder / "teacher.pt")

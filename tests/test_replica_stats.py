@@ -1,11 +1,12 @@
-"""Batch statistics over a peer's replicas, in two gloo processes without Ray: with
-cohort.worker.syncbn the replicas' shards normalize, back-propagate and update running statistics like
-one whole batch, and with cohort.worker.exchange.ReplicaBatch ltkd's rebalancing sees the whole batch."""
+"""Batch statistics over a peer's replicas, in two gloo processes without Ray (this one and a spawned
+one): with cohort.worker.syncbn the replicas' shards normalize, back-propagate and update running
+statistics like one whole batch, and with cohort.worker.exchange.ReplicaBatch ltkd's rebalancing sees
+the whole batch."""
 from __future__ import annotations
 
 import os
 import pickle
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -50,11 +51,11 @@ def whole_batch(steps: int) -> tuple[dict, list[torch.Tensor]]:
     return {**model.state_dict(), **{f"grad.{k}": v for k, v in grads.items()}}, outputs
 
 
-def replica(rank: int, port: int, steps: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def replica(rank: int, store: str, steps: int) -> tuple:
+    """One replica's shard trained ``steps`` times, and its ltkd losses and switokd quantities."""
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
     try:
-        torch.set_num_threads(1)
         model = net()
         group = dist.new_group([0, 1])
         report = sync_batch_norm(model, group)
@@ -75,12 +76,23 @@ def replica(rank: int, port: int, steps: int, queue) -> None:
         losses = ltkd(receiver[shard], sender[shard], groups, 2.0, batch=replicas)
         teacher, student, labels = gate_batch()
         gate = switching_quantities(teacher[shard], student[shard], labels[shard], replicas)
-        # Pickled here: a queue's tensors would travel as file descriptors, which vanish with this
-        # process if it exits before the test reads them.
-        queue.put(pickle.dumps((rank, report.layers, report.mode, {**model.state_dict(),
-                                **{f"grad.{k}": v for k, v in grads.items()}}, outputs, losses, gate)))
+        return (rank, report.layers, report.mode, {**model.state_dict(), **{f"grad.{k}": v for k, v in grads.items()}},
+                outputs, losses, gate)
     finally:
         dist.destroy_process_group()
+
+
+def second_replica(store: str, steps: int, queue) -> None:
+    """Rank 1, in a spawned process (rank 0 is the test's own: one fresh interpreter, not two)."""
+    torch.set_num_threads(1)
+    # Pickled here: a queue's tensors would travel as file descriptors, which vanish with this
+    # process if it exits before the test reads them.
+    queue.put(pickle.dumps(replica(1, store, steps)))
+    queue.close()
+    queue.join_thread()
+    # Everything is sent: skip the interpreter's shutdown, which after torch takes half a CPU-second
+    # (seconds on a busy machine) that the test would wait for in join().
+    os._exit(0)
 
 
 def ltkd_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,23 +110,20 @@ def gate_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return teacher, student, labels
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_replicas_normalize_and_rebalance_like_the_whole_batch():
+def test_two_replicas_normalize_and_rebalance_like_the_whole_batch(tmp_path):
     steps = 3
-    context = mp.get_context("spawn")
+    context = mp.get_context("spawn")  # never fork: this process's torch has started OpenMP threads
     queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=replica, args=(rank, port, steps, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    results = sorted((pickle.loads(queue.get(timeout=120)) for _ in processes), key=lambda result: result[0])
-    for process in processes:
-        process.join(timeout=60)
+    store = str(tmp_path / "store")
+    other = context.Process(target=second_replica, args=(store, steps, queue))
+    other.start()
+    try:
+        results = [replica(0, store, steps), pickle.loads(queue.get(timeout=120))]
+    finally:
+        other.join(timeout=60)
+        if other.is_alive():
+            other.kill()
+    assert other.exitcode == 0
     expected, expected_outputs = whole_batch(steps)
     receiver, sender, groups = ltkd_batch()
     whole_ltkd = ltkd(receiver, sender, groups, 2.0)

@@ -308,7 +308,7 @@ def test_without_the_library_one_line(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
+def image_run(tmp_path_factory, empty_mlflow_store):
     """A finished cohort run on a parquet table of 32x32 images (2 classes), as the driver leaves one:
     its topology and its peers' final weights (untrained: the metrics' values do not matter here)."""
     from cohort.topology import topology_from_dict
@@ -321,7 +321,7 @@ def image_run(tmp_path_factory):
         "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
         "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
     data = load_dataset(topology.data)
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = empty_mlflow_store(folder / "mlflow.db")
     tracker = Tracker(uri, topology.experiment)
     run_id = tracker.start(topology)
     (folder / "weights").mkdir()

@@ -187,13 +187,13 @@ def test_single_seed_runs_only_when_allowed(tmp_path, capsys):
     assert "2 arms x 1 seeds (3) = 2 runs" in capsys.readouterr().out
 
 
-def test_a_study_that_exists_needs_resume(tmp_path, capsys):
+def test_a_study_that_exists_needs_resume(tmp_path, capsys, empty_mlflow_store):
     """A parent run of that name in MLflow: refused without --resume, before Ray starts."""
     import ray
 
     from cohort.tracking.tracker import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     tracker = Tracker(uri, "small-study")
     tracker.client.create_run(tracker.experiment_id, tags={"cohort.study": "small-study", "cohort.study.parent": "true"})
     code = main([str(write_study(tmp_path, STUDY)), "--tracking-uri", uri, "--storage", str(tmp_path / "tune")])
@@ -205,7 +205,7 @@ def test_a_study_that_exists_needs_resume(tmp_path, capsys):
     assert code == 2 and "--resume: no interrupted study named 'other'" in capsys.readouterr().err
 
 
-def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys):
+def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys, empty_mlflow_store):
     from cohort.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -213,6 +213,7 @@ def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys):
     assert main(argv) == 2
     assert "--resume: no interrupted study named 'small-study'" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "tune").exists()
+    assert empty_mlflow_store(tmp_path / "mlflow.db") == uri
     tracker = Tracker(uri, "another-experiment")  # a store without the study's experiment
     assert main(argv) == 2 and "--resume: no interrupted study" in capsys.readouterr().err
     assert tracker.client.get_experiment_by_name("small-study") is None
@@ -248,7 +249,8 @@ def test_an_unusable_out_is_one_line_before_anything_starts(tmp_path, capsys, mo
     ("KILLED", RuntimeError("Tune failed"), "FAILED"),
     ("KILLED", KeyboardInterrupt(), "KILLED"),
 ])
-def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch, before, failure, after):
+def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch, empty_mlflow_store, before, failure,
+                                                  after):
     """Whatever stops a study once its parent run is RUNNING again (here Tune's restore, with Ray
     and Tune stubbed out), the parent ends FAILED, KILLED or as it was, and its children that were
     RUNNING end KILLED."""
@@ -259,7 +261,7 @@ def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch,
     import cohort.driver.cluster
     from cohort.tracking.tracker import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     tracker = Tracker(uri, "small-study")
     parent = tracker.client.create_run(tracker.experiment_id, tags={"cohort.study": "small-study",
                                                                      "cohort.study.parent": "true"}).info.run_id

@@ -174,7 +174,7 @@ def test_pbt_that_cannot_perturb_stops_before_ray(tmp_path, capsys, settings, ex
     assert capsys.readouterr().err.strip().startswith(f"space.yaml: {expected}")
 
 
-def test_each_trial_run_logs_its_resolved_topology(tmp_path):
+def test_each_trial_run_logs_its_resolved_topology(tmp_path, empty_mlflow_store):
     """The sweep's callback gives every trial's MLflow run the trial's topology, sampled values
     applied, as topology.yaml; PBT's new values rewrite it; an invalid sample logs none."""
     import types
@@ -184,7 +184,7 @@ def test_each_trial_run_logs_its_resolved_topology(tmp_path):
     from cohort.tracking.tracker import Tracker
     from cohort.tuning.sweep import SweepCallback
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     parent = Tracker(uri, "sweep-me").start(topology_from_dict(TOPOLOGY), "sweep")
     callback = SweepCallback(uri, "sweep-me", parent, 2, "student/acc", tmp_path / "children.json",
                              base=topology_from_dict(TOPOLOGY).to_dict())
