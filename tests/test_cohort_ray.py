@@ -572,6 +572,40 @@ def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys)
 
 
 @pytest.mark.ray
+def test_ctrl_c_in_a_notebook_stops_the_training_too(ray_cluster, tmp_path):
+    """cohort.train on the Ray already running in this process (a notebook's): Ctrl-C after the first
+    epoch raises KeyboardInterrupt, marks the run KILLED and ends the fit, its workers' CPUs free
+    again. (The fit runs in a thread of its own, where Ray Train has no Ctrl-C handler: before,
+    its workers trained on after the interrupt and held their CPUs.)"""
+    import os
+    import signal
+    import threading
+
+    import cohort
+    from cohort.console.display import Display
+
+    class CtrlCAfterEpoch1(io.StringIO):
+        def write(self, text):
+            if re.match(r"epoch +1/", text):
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    long_run = {**THREE_PEERS, "name": "interrupted", "train": {"epochs": 30},
+                "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+                "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    topology = cohort.load_topology(write_topology(tmp_path, long_run))
+    out = CtrlCAfterEpoch1()
+    with pytest.raises(KeyboardInterrupt):
+        cohort.train(topology, tracking_uri=uri, storage=str(tmp_path / "ray"), display=Display("log", out))
+    assert "epoch  1/30" in out.getvalue() and "epoch 30/30" not in out.getvalue()
+    assert not [thread for thread in threading.enumerate() if thread.name == "cohort-fit"]
+    assert ray_cluster.available_resources().get("CPU") == 2.0  # nothing of the run holds a CPU
+    _, run = finished_run(uri, "interrupted")
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.ray
 def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     topology = {**THREE_PEERS, "name": "too-big", "resources": {"cpus_per_peer": 4}}
     code = main([str(write_topology(tmp_path, topology)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -206,7 +207,7 @@ def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking
 def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
                  dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False,
-                 pipeline: str | None = None, stoppable: bool = False):
+                 pipeline: str | None = None, stoppable: bool = False, abortable: bool = False):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
@@ -217,12 +218,13 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     ``pipeline``: who makes the training batches (``Plan.pipeline``), by default what ``data.pipeline``
     picks for the dataset the workers have; with ``producer`` the workers of each node share one
     (cohort.datasets.producer). ``stoppable``: the fit runs in a Tune trial, which its scheduler may
-    kill with the controller; Ray's placement group cleaner then stays (cohort.driver.trainer)."""
+    kill with the controller; Ray's placement group cleaner then stays (cohort.driver.trainer).
+    ``abortable``: the controller puts its handle in ``progress`` as it starts, for ``abort_fit``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from cohort.driver.trainer import cohort_trainer_class
+    from cohort.driver.trainer import cohort_trainer_class, controller_announcer_class
     from cohort.worker.loop import train_cohort
 
     storage_path = storage_location(storage)
@@ -256,7 +258,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
             # resource request would otherwise wait forever (controller_failure_limit=0).
             failure_config=FailureConfig(max_failures=topology.train.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=topology.train.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *([controller_announcer_class()(progress)] if abortable else [])],
         ),
     )
 
@@ -282,6 +284,35 @@ def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
     thread = threading.Thread(target=fit, name="cohort-fit", daemon=True)
     thread.start()
     return thread, outcome
+
+
+def abort_fit(thread: threading.Thread, controller, messages, timeout: float = 60.0) -> bool:
+    """Stop a fit running in ``thread`` (``fit_in_background``): abort its Ray Train controller,
+    which stops the workers and frees their CPUs, and wait for the thread. ``controller``: its actor
+    handle if the driver has it already, else it is awaited in ``messages`` (the progress queue the
+    controller announces itself in, ``cohort.driver.trainer.controller_announcer_class``) while the
+    fit lives. True when the fit has ended within ``timeout`` seconds."""
+    import queue
+
+    import ray
+
+    from cohort.driver.trainer import CONTROLLER, is_controller_message
+
+    deadline = time.monotonic() + timeout
+    while controller is None and thread.is_alive() and time.monotonic() < deadline:
+        try:
+            message = messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if is_controller_message(message):
+            controller = message[CONTROLLER]
+    if controller is not None and thread.is_alive():
+        try:
+            ray.get(controller.abort.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - the controller exits as it aborts (RayActorError), or had ended
+            pass
+    thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return not thread.is_alive()
 
 
 def failure_reason(error: BaseException) -> str:

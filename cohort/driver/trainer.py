@@ -68,3 +68,35 @@ def cohort_trainer_class(stoppable: bool = False) -> type:
             return [callback for callback in callbacks if not isinstance(callback, unused)]
 
     return CohortTrainer
+
+
+# The key of the message that carries the controller's handle to the driver (``announce_controller``).
+CONTROLLER = "cohort.controller"
+
+
+def is_controller_message(message: Any) -> bool:
+    return isinstance(message, dict) and CONTROLLER in message
+
+
+@functools.cache
+def controller_announcer_class() -> type:
+    """A Ray Train controller callback that puts the controller's own actor handle in the driver's
+    queue as the controller starts: ``{CONTROLLER: handle}``.
+
+    The driver fits in a thread of its own (``cohort.driver.launch.fit_in_background``), where Ray
+    Train registers no Ctrl-C handler of its own; with the handle the driver aborts the fit it
+    stops following. A command's Ray ends with its process anyway, but a notebook's Ray outlives
+    ``cohort.train``: without the abort its workers went on training after Ctrl-C, holding their
+    CPUs, writing checkpoints a ``--resume`` would then race with."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class AnnounceController(ControllerCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_controller_start(self, train_run_context) -> None:
+            import ray
+
+            self.queue.put({CONTROLLER: ray.get_runtime_context().current_actor})
+
+    return AnnounceController

@@ -22,6 +22,7 @@ from cohort.driver.cluster import RayOptions, cluster_node_labels
 from cohort.driver.launch import (
     RUN_FILE,
     Plan,
+    abort_fit,
     failure_reason,
     fit_cluster,
     fit_in_background,
@@ -29,6 +30,7 @@ from cohort.driver.launch import (
     plan_while_ray_starts,
     storage_location,
 )
+from cohort.driver.trainer import CONTROLLER, is_controller_message
 from cohort.topology import Topology
 from cohort.tracking.logged_models import (
     exported_peers,
@@ -158,17 +160,21 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     # Rank 0's step counter feeds the bar inside an epoch: sent only where a terminal draws it.
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
                            dataset=plan.dataset, weights=plan.weights, live_steps=display.mode == "tty",
-                           pipeline=plan.pipeline)
+                           pipeline=plan.pipeline, abortable=True)
     epochs = EpochDisplay(display, evaluated(topology), topology.train.epochs, done=logged_epochs)
     started = time.perf_counter()
     final: dict[str, Any] = {}
     thread, outcome = fit_in_background(trainer)
+    controller = None  # the fit's Ray Train controller, once it has announced itself (to abort it)
     # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.config.errors).
     with deferred_interrupt() as interrupted:
         while (thread.is_alive() or not progress.empty()) and not interrupted.is_set():
             try:
                 report = progress.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if is_controller_message(report):
+                controller = report[CONTROLLER]
                 continue
             if is_step(report):  # rank 0's step counter inside an epoch (cohort.console.display)
                 epochs.step(report)
@@ -192,6 +198,11 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     if interrupted.is_set():
         tracker.finish("KILLED")
         print(f"interrupted: continue with python -m cohort.run --resume {tracker.run_id}", file=sys.stderr)
+        # The workers stop too (a notebook's Ray outlives this call); a second Ctrl-C stops waiting.
+        try:
+            abort_fit(thread, controller, progress)
+        except KeyboardInterrupt:
+            pass
         raise KeyboardInterrupt
     thread.join()
     if "error" in outcome:
