@@ -524,13 +524,13 @@ def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tm
     """data.pipeline: stream (cohort.datasets.streaming): the node's producer reads the folder's row groups
     and decodes each batch once; both peers train on the streamed plan's batches (as computed here
     without Ray), identical on both, also when the producer is killed mid-run, and each epoch reports
-    the time they waited for them."""
+    the time they waited for them. Long-tailed, with a validation split, as the table in memory would be."""
     from bench.common import write_image_table
 
     table = write_image_table(tmp_path / "table", 400, 100, size=16, files=2, group_rows=50)
     spec = {"name": "streamed", "seed": 9,
             "data": {"dataset": "parquet", "root": str(table), "batch_size": 32, "pipeline": "stream",
-                     "memory_bound": "5MB"},
+                     "memory_bound": "5MB", "long_tail": {"imbalance": 2}, "val_fraction": 0.1},
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}, {"from": "b", "to": "a", "loss": "kd"}]}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -545,6 +545,8 @@ def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tm
     assert run.data.metrics["cohort/batches_identical"] == 1.0
     for peer in ("a", "b"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"{peer}/data_wait_seconds")] == [1, 2]
+        # The long-tailed set's head / tail metrics, and the held-out rows' (read by each worker from the files).
+        assert {f"{peer}/acc_tail", f"{peer}/val_acc", f"{peer}/val_nll"} <= set(run.data.metrics), sorted(run.data.metrics)
     assert f"{expected_fingerprint(topology_from_dict(spec))}" in _fingerprints_seen(tmp_path / "ray")
 
 

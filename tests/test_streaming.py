@@ -73,6 +73,43 @@ def test_streamed_rows_are_the_tables_rows_and_each_epoch_takes_every_training_r
     assert torch.equal(torch.cat([y for _, y in tests]), memory.test_labels)
 
 
+@pytest.mark.parametrize("data", [{"val_fraction": 0.2}, {"long_tail": {"imbalance": 5}},
+                                  {"long_tail": {"imbalance": 5, "profile": "step"}, "val_fraction": 0.1}],
+                         ids=["validation", "long-tail", "both"])
+def test_a_stream_keeps_and_holds_out_the_rows_the_table_in_memory_does(table, data):
+    """data.long_tail and data.val_fraction on a streamed table: the same training and validation
+    images as in memory for the same seed, the epoch still taking every kept row once, grouped by
+    row group; the validation batches unaugmented, in the table's order."""
+    stream = load_dataset(DataConfig(dataset="parquet", root=str(table), pipeline="stream", **data), seed=7)
+    memory = load_dataset(DataConfig(dataset="parquet", root=str(table), **data), seed=7)
+    assert (stream.info.train_size, stream.info.val_size, stream.info.train_class_counts) == (
+        memory.info.train_size, memory.info.val_size, memory.info.train_class_counts)
+    assert stream.info.train_size < 300
+    assert [note for note in stream.info.notes if "long-tailed" in note] == [
+        note for note in memory.info.notes if "long-tailed" in note]
+    assert torch.equal(stream.train_targets, memory.train_targets)
+    plan = stream.train_plan(32, seed=7, epoch=2)
+    positions = torch.cat([indices for indices, _, _ in plan])
+    assert sorted(positions.tolist()) == list(range(stream.info.train_size))
+    indices, _, seed = plan[1]
+    inputs, labels = stream.make_batch(indices, True, seed)
+    expected, expected_labels = memory.make_batch(indices, True, seed)
+    table_in_memory = memory
+    while hasattr(table_in_memory, "inner"):  # under the long tail and the validation split
+        table_in_memory = table_in_memory.inner
+
+    def pixels(batch, dataset):  # what the two pipelines share: their normalizations differ
+        return batch * dataset.std + dataset.mean
+
+    assert torch.equal(labels, expected_labels)  # the same images, augmented alike
+    assert torch.allclose(pixels(inputs, stream), pixels(expected, table_in_memory), atol=1e-5)
+    held, expected_held = list(stream.val_batches(25)), list(memory.val_batches(25))
+    assert len(held) == len(expected_held) and (len(held) > 0) == ("val_fraction" in data)
+    for (x, y), (x_memory, y_memory) in zip(held, expected_held):
+        assert torch.equal(y, y_memory)
+        assert torch.allclose(pixels(x, stream), pixels(x_memory, table_in_memory), atol=1e-5)
+
+
 def test_a_pickled_stream_carries_no_images_and_makes_the_same_batches(table):
     data = streamed(table)
     plan = data.train_plan(32, seed=2, epoch=1)
@@ -146,10 +183,10 @@ def test_the_bound_sets_the_streamed_datasets_window_and_is_checked_when_it_load
     ({"dataset": "digits", "memory_bound": "1GB"}, "memory_bound", "only parquet datasets stream, not digits"),
     ({"dataset": "parquet", "root": "t", "pipeline": "peers", "memory_bound": "1GB"}, "memory_bound",
      "bounds the stream pipeline only, not data.pipeline peers (use stream or auto)"),
-    ({"dataset": "parquet", "root": "t", "pipeline": "stream", "val_fraction": 0.1}, "val_fraction",
-     "the stream pipeline (data.pipeline) takes no val_fraction yet"),
-    ({"dataset": "parquet", "root": "t", "memory_bound": "1GB", "long_tail": {"imbalance": 10}}, "long_tail",
-     "the stream pipeline (data.memory_bound) takes no long_tail yet"),
+    ({"dataset": "parquet", "root": "t", "pipeline": "stream", "sampler": {"m_per_class": 2}}, "sampler",
+     "the stream pipeline (data.pipeline) makes no class-balanced batches"),
+    ({"dataset": "parquet", "root": "t", "memory_bound": "1GB", "sampler": {"m_per_class": 2}}, "sampler",
+     "the stream pipeline (data.memory_bound) makes no class-balanced batches"),
 ])
 def test_what_cannot_stream_is_refused_in_one_line(data, field, message):
     with pytest.raises(CohortError) as refused:

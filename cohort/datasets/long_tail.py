@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import torch
 
-from cohort.datasets.base import Batch, CohortDataset, class_counts
+from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, class_counts
 
 LONG_TAIL_SEED = 0  # which images a long-tailed set keeps is the same for every run
 
@@ -21,24 +21,30 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance: float, profile: st
     return [n_max if i < num_classes // 2 else int(n_max / imbalance) for i in range(num_classes)]
 
 
+def long_tail_keep(targets: torch.Tensor, info: DatasetInfo, imbalance: float,
+                   profile: str) -> tuple[torch.Tensor, DatasetInfo]:
+    """The training images a long-tailed set keeps (positions in ``targets``, the training labels, in
+    order) and the dataset's info with them: ``long_tail_counts`` of each class, drawn by
+    ``LONG_TAIL_SEED``. The same images whichever pipeline serves the set (``cohort.datasets.streaming``)."""
+    wanted = long_tail_counts(max(info.train_class_counts), info.num_classes, imbalance, profile)
+    generator = torch.Generator().manual_seed(LONG_TAIL_SEED)
+    kept = []
+    for cls, count in enumerate(wanted):
+        members = torch.nonzero(targets == cls).flatten()
+        kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    keep = torch.cat(kept).sort().values
+    counts = class_counts(targets[keep], info.num_classes)
+    note = long_tail_note(profile, imbalance, len(keep))
+    return keep, replace(info, train_size=len(keep), train_class_counts=counts, notes=info.notes + (note,))
+
+
 class LongTailed(CohortDataset):
     """A dataset whose training split keeps ``long_tail_counts`` images per class; the test split
     is untouched."""
 
     def __init__(self, inner: CohortDataset, imbalance: float, profile: str):
         self.inner = inner
-        targets = inner.train_targets
-        info = inner.info
-        wanted = long_tail_counts(max(info.train_class_counts), info.num_classes, imbalance, profile)
-        generator = torch.Generator().manual_seed(LONG_TAIL_SEED)
-        kept = []
-        for cls, count in enumerate(wanted):
-            members = torch.nonzero(targets == cls).flatten()
-            kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
-        self.keep = torch.cat(kept).sort().values
-        counts = class_counts(targets[self.keep], info.num_classes)
-        note = long_tail_note(profile, imbalance, len(self.keep))
-        self.info = replace(info, train_size=len(self.keep), train_class_counts=counts, notes=info.notes + (note,))
+        self.keep, self.info = long_tail_keep(inner.train_targets, inner.info, imbalance, profile)
 
     @property
     def train_targets(self) -> torch.Tensor:

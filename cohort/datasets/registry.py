@@ -141,8 +141,13 @@ def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
     if config.dataset not in DATASETS:
         raise CohortError(unknown("dataset", config.dataset, DATASETS), "data.dataset")
     spec = DATASETS[config.dataset]
-    if streamed(config):  # the topology refuses a long tail, a validation split or a sampler with it
-        return STREAMS[config.dataset](**spec.arguments(config)).within(config.batch_size, getattr(config, "memory_bound", None))
+    if streamed(config):  # the same long tail and validation split as in memory; no sampler (the topology refuses it)
+        stream = STREAMS[config.dataset](**spec.arguments(config))
+        if config.long_tail is not None:
+            stream = stream.long_tailed(config.long_tail.imbalance, config.long_tail.profile)
+        if getattr(config, "val_fraction", 0):
+            stream = stream.holding_out(config.val_fraction, seed)
+        return stream.within(config.batch_size, getattr(config, "memory_bound", None))
     dataset = spec.loader(**spec.arguments(config))
     if config.long_tail is not None:
         dataset = LongTailed(dataset, config.long_tail.imbalance, config.long_tail.profile)

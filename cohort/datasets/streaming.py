@@ -97,6 +97,7 @@ class StreamingParquet(CohortDataset):
         self.starts = torch.tensor([0] + [group.rows for group in groups]).cumsum(0)
         self.train_rows = torch.nonzero(is_train).flatten()
         self.test_rows = torch.nonzero(~is_train).flatten()
+        self.val_rows = torch.empty(0, dtype=torch.int64)  # data.val_fraction's rows (``holding_out``)
         self.train_counts = torch.bincount(self.group_of(self.train_rows), minlength=len(groups)).tolist()
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -121,6 +122,39 @@ class StreamingParquet(CohortDataset):
         bounded.window = window
         bounded.info = replace(self.info, stream_window=window, stream_bytes=stream_memory(batch, self.group_bytes, window))
         return bounded
+
+    def long_tailed(self, imbalance: float, profile: str) -> StreamingParquet:
+        """This table with a long-tailed training set (``data.long_tail``): the rows the in-memory
+        pipeline keeps (``long_tail_keep``), still in the table's order."""
+        from cohort.datasets.long_tail import long_tail_keep
+
+        keep, info = long_tail_keep(self.train_targets, self.info, imbalance, profile)
+        return self._training(self.train_rows[keep], info)
+
+    def holding_out(self, fraction: float, seed: int) -> StreamingParquet:
+        """This table with a validation split (``data.val_fraction``): the rows the in-memory pipeline
+        holds out (``validation_split``) leave training and are read, unaugmented, by ``val_batches``."""
+        from cohort.datasets.validation import split_info, validation_split
+
+        keep, val = validation_split(self.train_targets, self.info, fraction, seed)
+        held = self._training(self.train_rows[keep], split_info(self.info, fraction))
+        held.val_rows = self.train_rows[val]
+        return held
+
+    def _training(self, rows: torch.Tensor, info: DatasetInfo) -> StreamingParquet:
+        """A copy training on the table's ``rows`` (ascending: row groups stay contiguous for ``stream_order``)."""
+        subset = copy.copy(self)
+        subset.train_rows = rows
+        subset.train_counts = torch.bincount(self.group_of(rows), minlength=len(self.groups)).tolist()
+        subset.info = info
+        subset._caches = {True: OrderedDict(), False: OrderedDict()}
+        return subset
+
+    def val_batches(self, batch_size: int):
+        """The validation split's batches, unaugmented, read a row group at a time (the rows ascend)."""
+        cache: OrderedDict = OrderedDict()
+        for rows in self.val_rows.split(batch_size) if len(self.val_rows) else ():
+            yield normalize(self.checked(self.read_images(rows, cache=cache, capacity=2)), self.mean, self.std), self.labels[rows]
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -154,13 +188,17 @@ class StreamingParquet(CohortDataset):
 
     def make_batch(self, indices: torch.Tensor, train: bool, seed: int) -> Batch:
         rows = (self.train_rows if train else self.test_rows)[indices]
-        images = self.read_images(rows, cache=self._caches[train], capacity=2 * self.window if train else 2)
-        if tuple(images.shape[1:]) != self.info.input_size:
-            raise CohortError(f"images of size {tuple(images.shape[2:])} in the table, the first are "
-                              f"{self.info.input_size[1:]} (set data.image_size to resize them all)", "data.root")
+        images = self.checked(self.read_images(rows, cache=self._caches[train], capacity=2 * self.window if train else 2))
         if train:
             images = cifar_augment(images, seed, self.padding)
         return normalize(images, self.mean, self.std), self.labels[rows]
+
+    def checked(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``, refused in one line unless of the table's first images' size."""
+        if tuple(images.shape[1:]) != self.info.input_size:
+            raise CohortError(f"images of size {tuple(images.shape[2:])} in the table, the first are "
+                              f"{self.info.input_size[1:]} (set data.image_size to resize them all)", "data.root")
+        return images
 
     def plain_train_batch(self, indices: torch.Tensor) -> Batch:
         rows = self.train_rows[indices]

@@ -32,25 +32,33 @@ def split_info(info: DatasetInfo, fraction: float) -> DatasetInfo:
     return replace(info, train_size=sum(kept), train_class_counts=kept, val_size=sum(held))
 
 
+def validation_split(targets: torch.Tensor, info: DatasetInfo, fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, val)``: the positions in ``targets`` (the training labels, in order) that stay for
+    training and those held out, ``validation_counts`` of each class chosen by ``seed``, both sorted.
+    The same images whichever pipeline serves the set (``cohort.datasets.streaming``)."""
+    held = validation_counts(info.train_class_counts, fraction)
+    generator = torch.Generator().manual_seed(SPLIT_SEED + int(seed))
+    chosen = []
+    for cls, count in enumerate(held):
+        members = torch.nonzero(targets == cls).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    val = torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(len(targets), dtype=torch.bool)
+    mask[val] = False
+    keep = torch.nonzero(mask).flatten()
+    assert split_info(info, fraction).train_class_counts == class_counts(targets[keep], info.num_classes)
+    return keep, val
+
+
 class ValidationSplit(CohortDataset):
     """``inner`` with ``validation_counts`` images of each class moved from training to validation,
     chosen by ``seed``; the test split is untouched."""
 
     def __init__(self, inner: CohortDataset, fraction: float, seed: int):
         self.inner = inner
-        targets = inner.train_targets
-        held = validation_counts(inner.info.train_class_counts, fraction)
-        generator = torch.Generator().manual_seed(SPLIT_SEED + int(seed))
-        chosen = []
-        for cls, count in enumerate(held):
-            members = torch.nonzero(targets == cls).flatten()
-            chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
-        self.val = torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.long)
-        mask = torch.ones(len(targets), dtype=torch.bool)
-        mask[self.val] = False
-        self.keep = torch.nonzero(mask).flatten()
+        self.keep, self.val = validation_split(inner.train_targets, inner.info, fraction, seed)
         self.info = split_info(inner.info, fraction)
-        assert self.info.train_class_counts == class_counts(targets[self.keep], inner.info.num_classes)
 
     @property
     def train_targets(self) -> torch.Tensor:

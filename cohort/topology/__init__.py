@@ -78,9 +78,8 @@ class DataConfig(Strict):
                           "memory_bound")
         if self.dataset not in STREAMS:
             raise problem(f"only {' and '.join(STREAMS) or 'no'} datasets stream, not {self.dataset}", setting)
-        for other in ("long_tail", "val_fraction", "sampler"):
-            if getattr(self, other):
-                raise problem(f"the stream pipeline (data.{setting}) takes no {other} yet", other)
+        if self.sampler is not None:  # its batches draw from the whole training set, not a window of row groups
+            raise problem(f"the stream pipeline (data.{setting}) makes no class-balanced batches", "sampler")
         return self
 
     @model_validator(mode="after")
