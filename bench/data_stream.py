@@ -15,6 +15,13 @@ producer's data: its peak on the large table less its peak on the small one (the
 same batches held). In the driver the benchmark counts the images the parquet code decodes there.
 
 The results go to ``bench/results/data_stream.json`` and a markdown table to stdout.
+
+``--run-bound SIZE`` bounds the whole run instead (every process of it: Ray, torch, the workers, the
+producer, the data): the small table's streamed run first measures what the run takes with almost no
+data; ``data.memory_bound`` is then the run bound less that and a margin; then one epoch on a table
+of ``--factor`` times the run bound, on disk and decoded (224×224 PNGs stored without compression,
+resized to 32×32 as they decode: ``data.image_size``), and the verdict: the run's peak PSS under the
+run bound or not (``bench/results/data_stream_run_bound.json``).
 """
 from __future__ import annotations
 
@@ -28,13 +35,17 @@ from typing import Any
 
 from bench.common import write_image_table
 from bench.data_memory import WORKER_TITLE, descendants, machine, pss_kb, sampled_run
-from cohort.config.errors import byte_size
+from cohort.config.errors import CohortError, byte_size
 from cohort.console.command import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "data_stream.json"
 PRODUCER_TITLE = "RemoteProducer"  # in the batch producer's process title (ray::RemoteProducer...)
 SIZE, TEST_ROWS, GROUP_ROWS = 32, 2000, 1000  # the images' side, the test split's rows, rows per row group
+# --run-bound: 224x224 PNGs stored (about 150 KB each, a few ms of work to decode and resize to 32x32),
+# 100 rows (15 MB) a row group, in files of about 500 MB; each row one of POOL images made per class.
+RUN_BOUND_OUT = REPO / "bench" / "results" / "data_stream_run_bound.json"
+BIG_SIDE, BIG_GROUP_ROWS, BIG_FILES, POOL, TRAINED_SIZE = 224, 100, 32, 16, 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,27 +54,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factor", type=float, default=3.0,
                         help="the table's decoded images, in bounds (default: %(default)s)")
     parser.add_argument("--compare", action="store_true", help="also train on the table held in memory (data.pipeline: peers)")
+    parser.add_argument("--run-bound", help="bound the whole run's memory instead (e.g. 5GB): the table is --factor "
+                                            "times it; data.memory_bound follows from the runtime measured first")
+    parser.add_argument("--margin", default="300MB", help="--run-bound: what is kept free below it (default: %(default)s)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds one run may take (default: %(default)s)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results file (default: %(default)s)")
+    parser.add_argument("--out", help=f"results file (default: {DEFAULT_OUT.relative_to(REPO)}; with --run-bound "
+                                      f"{RUN_BOUND_OUT.relative_to(REPO)})")
+    parser.add_argument("--work", help="where the tables are written (default: the system's temporary folder)")
     parser.add_argument("--child", choices=["stream", "peers"], help=argparse.SUPPRESS)  # one run, in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--table", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)  # the child's data.image_size
     args = parser.parse_args(argv)
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
-    try:
-        args.bound_bytes = int(TypeAdapter(ByteSize).validate_python(args.bound))
-    except ValidationError:
-        parser.error(f"--bound: a size such as 100MB, not {args.bound!r}")
+    for name in ("bound", "run_bound", "margin"):
+        value = getattr(args, name)
+        try:
+            setattr(args, f"{name}_bytes", None if value is None else int(TypeAdapter(ByteSize).validate_python(value)))
+        except ValidationError:
+            parser.error(f"--{name.replace('_', '-')}: a size such as 100MB, not {value!r}")
+    args.out = args.out or str(DEFAULT_OUT if args.run_bound is None else RUN_BOUND_OUT)
     if args.factor <= 0:
         parser.error("--factor must be positive")
     return args
 
 
-def stream_topology(table: Path, pipeline: str, bound: int) -> dict[str, Any]:
+def stream_topology(table: Path, pipeline: str, bound: int, image_size: int | None = None) -> dict[str, Any]:
     """Two cnn_small peers, a kd edge each way, one epoch of batches of 128 on ``table``."""
     data = {"dataset": "parquet", "root": str(table), "batch_size": 128, "eval_batch_size": 256, "pipeline": pipeline}
+    if image_size is not None:
+        data["image_size"] = image_size
     if pipeline == "stream":
         data["memory_bound"] = bound
     return {"name": f"data-stream-{pipeline}", "seed": 0, "data": data,
@@ -75,7 +97,7 @@ def stream_topology(table: Path, pipeline: str, bound: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run (child process)
 
 
-def run_child(pipeline: str, folder: Path, table: Path, bound: int) -> int:
+def run_child(pipeline: str, folder: Path, table: Path, bound: int, image_size: int | None = None) -> int:
     """Train on ``table`` as ``python -m cohort.run`` does; write how many images the driver decoded."""
     import cohort
     import cohort.datasets.parquet as parquet
@@ -92,7 +114,7 @@ def run_child(pipeline: str, folder: Path, table: Path, bound: int) -> int:
             return images, good
 
         module.decode_images = counting
-    result = cohort.train(topology_from_dict(stream_topology(table, pipeline, bound)),
+    result = cohort.train(topology_from_dict(stream_topology(table, pipeline, bound, image_size)),
                           tracking_uri=f"sqlite:///{folder}/mlflow.db", storage=str(folder / "ray"), display="log")
     metrics = result.metrics
     (folder / "child.json").write_text(json.dumps({
@@ -130,11 +152,14 @@ def sample(driver: int) -> dict[str, float]:
     return {"total": sum(totals.values()), **totals}
 
 
-def measure_run(args: argparse.Namespace, pipeline: str, folder: Path, table: Path) -> dict[str, Any]:
+def measure_run(args: argparse.Namespace, pipeline: str, folder: Path, table: Path, bound: int | None = None,
+                image_size: int | None = None) -> dict[str, Any]:
     """One child run on ``table``: its peak PSS (and that moment's roles), each role's own peak."""
     folder.mkdir(parents=True)
     command = [sys.executable, "-m", "bench.data_stream", "--child", pipeline, "--folder", str(folder),
-               "--table", str(table), "--bound", str(args.bound_bytes)]
+               "--table", str(table), "--bound", str(args.bound_bytes if bound is None else bound)]
+    if image_size is not None:
+        command += ["--image-size", str(image_size)]
     results = sampled_run(command, folder, sample, ROLES, args, f"the {pipeline} run")
     return {**results, **json.loads((folder / "child.json").read_text())}
 
@@ -156,9 +181,65 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_bound(args: argparse.Namespace) -> int:
+    """``--run-bound``: the whole run under the bound, on a table ``--factor`` times it."""
+    bound, margin = args.run_bound_bytes, args.margin_bytes
+    side, group_rows, files = BIG_SIDE, BIG_GROUP_ROWS, BIG_FILES
+    row_bytes = 3 * side * side  # a stored PNG's bytes are its pixels' (and a few hundred of headers)
+    with tempfile.TemporaryDirectory(prefix="bench-data-stream-", dir=args.work) as name:
+        folder = Path(name)
+        write_image_table(folder / "small", 2 * group_rows, TEST_ROWS, size=side, files=2, group_rows=group_rows,
+                          pool=POOL, compress_level=0)
+        log(f"the small table's run: the runtime with almost no data (data.memory_bound {byte_size(args.bound_bytes)})")
+        small = measure_run(args, "stream", folder / "run-small", folder / "small", image_size=TRAINED_SIZE)
+        runtime = small["peak_mb"]["total"] * 2**20
+        data_bound = int(bound - runtime - margin)
+        if data_bound < args.bound_bytes:
+            raise CohortError(f"--run-bound {byte_size(bound)}: the run takes {byte_size(int(runtime))} with almost no data; "
+                              f"set more than {byte_size(int(runtime + margin + args.bound_bytes))}")
+        train = int(args.factor * bound / row_bytes) - TEST_ROWS
+        log(f"writing {train + TEST_ROWS:,} rows of {side}x{side} stored PNGs ({byte_size(int((train + TEST_ROWS) * row_bytes))})")
+        write_image_table(folder / "table", train, TEST_ROWS, size=side, files=files, group_rows=group_rows, pool=POOL,
+                          compress_level=0)
+        on_disk = sum(file.stat().st_size for file in (folder / "table").glob("*.parquet"))
+        log(f"the large table streamed, data.memory_bound {byte_size(data_bound)}")
+        large = measure_run(args, "stream", folder / "run-large", folder / "table", bound=data_bound,
+                            image_size=TRAINED_SIZE)
+    peak = large["peak_mb"]["total"] * 2**20
+    results = {"run_bound_bytes": bound, "margin_bytes": margin, "data_bound_bytes": data_bound,
+               "table": {"rows": train + TEST_ROWS, "train_rows": train, "files": files, "group_rows": group_rows,
+                         "side": side, "trained_size": TRAINED_SIZE, "file_bytes": on_disk,
+                         "decoded_bytes": (train + TEST_ROWS) * row_bytes},
+               "runs": {"small table": small, "large table": large}, "under_the_bound": peak < bound,
+               "setup": {"peers": "2 x cnn_small", "batch": 128, "epochs": 1, "interval_s": args.interval,
+                         "code": str(REPO)},
+               "machine": machine()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"run bound {byte_size(bound)}; table {byte_size(on_disk)} on disk ({on_disk / bound:.2f}x the bound), "
+             f"{train + TEST_ROWS:,} rows of {side}x{side} PNGs; data.memory_bound {byte_size(data_bound)}", "",
+             "| run | peak PSS of the run (MiB) | driver | Ray Train workers | producer | Ray's other processes | "
+             "images decoded by the driver | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, run in results["runs"].items():
+        own = run["own_peak_mb"]
+        lines.append(f"| {label} | {run['peak_mb']['total']:,.0f} | {own['driver']:,.0f} | {own['workers']:,.0f} | "
+                     f"{own['producer']:,.0f} | {own['ray']:,.0f} | {run['driver_decoded_images']:,} | {run['seconds']:.0f} |")
+    verdict = "under" if results["under_the_bound"] else "OVER"
+    lines.append(f"\nthe run's peak {peak / 2**20:,.0f} MiB: {verdict} the run bound's {bound / 2**20:,.0f} MiB")
+    print("\n".join(lines))
+    return 0 if results["under_the_bound"] else 1
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def main_command(args: argparse.Namespace) -> int:
     if args.child is not None:
-        return run_child(args.child, Path(args.folder), Path(args.table), args.bound_bytes)
+        return run_child(args.child, Path(args.folder), Path(args.table), args.bound_bytes, args.image_size)
+    if args.run_bound is not None:
+        return run_bound(args)
     with tempfile.TemporaryDirectory(prefix="bench-data-stream-") as name:
         folder = Path(name)
         train = int(args.factor * args.bound_bytes / (3 * SIZE * SIZE))
