@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="also train on the table held in memory (data.pipeline: peers)")
     parser.add_argument("--run-bound", help="bound the whole run's memory instead (e.g. 5GB): the table is --factor "
                                             "times it; data.memory_bound follows from the runtime measured first")
-    parser.add_argument("--margin", default="300MB", help="--run-bound: what is kept free below it (default: %(default)s)")
+    parser.add_argument("--margin", default="500MB", help="--run-bound: what is kept free below it (default: %(default)s)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds one run may take (default: %(default)s)")
     parser.add_argument("--out", help=f"results file (default: {DEFAULT_OUT.relative_to(REPO)}; with --run-bound "
