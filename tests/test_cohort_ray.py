@@ -473,10 +473,11 @@ class ProducerKiller:
 
 @pytest.mark.ray
 def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_killed(ray_cluster, tmp_path):
-    """data.pipeline: producer (cohort.datasets.producer): the node's producer makes each batch once for
-    both peers, and is killed once it has made the first ones (Ray restarts it; the workers ask again
-    for the batches it lost). Same batches, same fingerprints and the same weights as every worker
-    making its own batches (data.pipeline: peers)."""
+    """data.pipeline: producer (cohort.datasets.producer): the node's producer has each batch made once
+    for both peers, by its two decoders (data.decoders: Ray actors), and is killed once it holds the
+    first ones (Ray restarts it, and it starts new decoders; the workers ask again for the batches it
+    lost). Same batches, same fingerprints and the same weights as every worker making its own
+    batches (data.pipeline: peers)."""
 
     import numpy as np
     from PIL import Image
@@ -495,7 +496,8 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
     def trained(pipeline: str):
-        topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline}})
+        decoders = {"decoders": 2} if pipeline == "producer" else {}
+        topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline, **decoders}})
         trainer = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), f"producer-{pipeline}", pipeline=pipeline)
         if pipeline == "producer":
             with killer:

@@ -12,7 +12,7 @@ from PIL import Image
 from cohort.config.errors import CohortError
 from cohort.datasets import load_dataset
 from cohort.datasets.base import disjoint_part
-from cohort.datasets.producer import BatchProducer, as_batch, data_pipeline
+from cohort.datasets.producer import BatchDecoder, BatchProducer, as_batch, data_pipeline
 from cohort.topology import DataConfig, SamplerConfig, topology_from_dict
 
 
@@ -46,6 +46,24 @@ def test_the_producer_makes_the_batches_every_worker_makes_itself(tmp_path, shar
     # Asked out of order, or again after it was forgotten: the same batch (a pure function of epoch and number).
     assert same(as_batch(producer.batch(1, 2)), expected[1][2])
     assert not same(as_batch(producer.batch(1, 0)), as_batch(producer.batch(2, 0)))
+
+
+def test_decoders_make_the_batches_every_worker_makes_itself(tmp_path):
+    """data.decoders: batch k made by decoder k mod N (in-process stand-ins for the Ray actors), the
+    producer handing out what they made: the same bytes as the worker's own batches."""
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(noisy_folder(tmp_path)), image_size=16))
+    expected = list(data.train_batches(4, 7, 1))
+    decoders, calls = [BatchDecoder(data), BatchDecoder(data)], []
+
+    def make(number, item):
+        calls.append(number % 2)
+        return decoders[number % 2].make(item)
+
+    producer = BatchProducer(data, 4, seed=7, window=2, make=make)
+    made = [as_batch(producer.batch(1, number)) for number in range(len(expected))]
+    assert all(same(mine, theirs) for mine, theirs in zip(made, expected, strict=True))
+    assert sorted(calls) == sorted(number % 2 for number in range(len(expected)))  # each batch once, in turn
+    assert producer.made() == len(expected)
 
 
 def test_a_disjoint_part_of_the_producers_batches(tmp_path):
@@ -106,6 +124,22 @@ def test_which_pipeline_makes_the_batches(tmp_path):
     assert data_pipeline(digits, load_dataset(digits.data).info) == "peers"  # plain slices of memory
     with pytest.raises(CohortError, match="data.pipeline"):
         topology_from_dict({"name": "t", "data": {"pipeline": "shared"}, "peers": {"a": {"model": "mlp"}}})
+    assert pipeline(peers=1, data={"decoders": 2}) == "producer"  # decoders asked for: a producer for them
+    with_decoders = topology_from_dict({"name": "t", "data": {"decoders": 2}, "peers": {"a": {"model": "mlp"}}})
+    assert data_pipeline(with_decoders, load_dataset(with_decoders.data).info) == "producer"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"pipeline": "peers", "decoders": 2}, "data.decoders: decoders make a batch producer's batches: data.pipeline "
+                                           "peers has none (use producer or auto)"),
+    ({"dataset": "parquet", "root": "t", "pipeline": "stream", "decoders": 2},
+     "data.decoders: the stream pipeline reads its row groups through one cache per node: it takes no decoders yet"),
+    ({"decoders": -1}, "data.decoders"),
+])
+def test_decoders_without_a_producer_are_refused_in_one_line(data, message):
+    with pytest.raises(CohortError) as refused:
+        topology_from_dict({"name": "t", "data": data, "peers": {"a": {"model": "mlp"}}})
+    assert message in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
 
 
 def test_the_plan_says_when_a_producer_makes_the_batches(tmp_path):
@@ -125,6 +159,11 @@ def test_the_plan_says_when_a_producer_makes_the_batches(tmp_path):
                     "(data.pipeline: producer; one thread, no CPU reserved: the workers' decoding, done once), "
                     "3 batches ahead, shared through Ray's object store; it holds the files' list; it reads and "
                     "decodes them; test batches: every worker its own")
+    path.write_text(yaml.safe_dump({**topology, "data": {**topology["data"], "decoders": 4}}))
+    text = dry_run_text(load_topology(path), f"sqlite:///{tmp_path}/mlflow.db", [])
+    (line,) = [line for line in text.splitlines() if line.startswith("  data: ")]
+    assert "(data.pipeline: producer; its 4 decoders spread over the cluster's nodes (data.decoders), no CPU " in line
+    assert "4 batches ahead" in line
 
 
 def test_the_workers_take_the_drivers_choice_or_decide_alike_from_their_data(tmp_path):

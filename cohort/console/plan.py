@@ -50,8 +50,9 @@ def describe_calibration(topology, info) -> str:
             f"{topology.data.val_fraction:g}); temperature scaling fitted on it {when}, for every peer and the ensemble")
 
 
-def describe_data(info, pipeline: str = "peers", bound: int | None = None) -> str:
-    """Which data pipeline runs, and what it holds in memory (``bound``: data.memory_bound)."""
+def describe_data(info, pipeline: str = "peers", bound: int | None = None, decoders: int = 0) -> str:
+    """Which data pipeline runs, and what it holds in memory (``bound``: data.memory_bound; ``decoders``:
+    data.decoders)."""
     if pipeline == "stream":
         return (f"data: streamed from its parquet files (data.pipeline: stream): one batch producer per node reads "
                 f"a shuffle window of {info.stream_window} row groups and decodes each training batch once for the "
@@ -62,9 +63,11 @@ def describe_data(info, pipeline: str = "peers", bound: int | None = None) -> st
     if pipeline == "producer":
         held = (f"the data in memory, shared through Ray's object store: {byte_size(info.memory_bytes)} once per "
                 "node, loaded by the driver" if info.memory_bytes else "the files' list; it reads and decodes them")
+        makers = (f"its {decoders} decoders spread over the cluster's nodes (data.decoders)" if decoders
+                  else "one thread")
         return (f"data: one batch producer per node makes each training batch once for the workers there "
-                "(data.pipeline: producer; one thread, no CPU reserved: the workers' decoding, done once), "
-                f"{WINDOW} batches ahead, shared through Ray's object store; "
+                f"(data.pipeline: producer; {makers}, no CPU reserved: the workers' decoding, done once), "
+                f"{max(WINDOW, decoders)} batches ahead, shared through Ray's object store; "
                 f"it holds {held}; test batches: every worker its own")
     if not info.memory_bytes:
         return "data: read from its files by every peer's worker, which decodes each batch itself"
@@ -86,7 +89,7 @@ def describe_plan(plan: Plan) -> str:
         *(f"  note: {note}" for note in info.notes),
         *describe_classes(plan),
         f"  {describe_calibration(topology, info)}",
-        f"  {describe_data(info, plan.pipeline, topology.data.memory_bound)}",
+        f"  {describe_data(info, plan.pipeline, topology.data.memory_bound, topology.data.decoders)}",
         "",
         f"  {'rank':<5}{'peer':<{width}}{'model':<{model_width}}{'params':>10}{'GFLOPs':>9}{'threads':>9}  optimizer",
     ]

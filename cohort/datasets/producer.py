@@ -15,6 +15,12 @@ workers hold their own references, and the object store frees a batch when the l
 
 The workers find their node's producer by name and the first to ask creates it
 (``node_producer``); it is owned by that worker and ends with the worker group.
+
+With ``data.decoders: N`` the producer makes no batch itself: N ``BatchDecoder`` actors, spread over
+the cluster's nodes (CPU-only nodes included), each holding the dataset once, make them in turn
+(batch ``k`` by decoder ``k mod N``) and put them in the object store on their node; the producer
+hands out their references, and a batch made on another node is copied to a worker's node once.
+The window still bounds what is made ahead; the batches and their bytes stay the same.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ def data_pipeline(topology: Any, info: Any) -> str:
         return "stream"
     if setting != "auto":
         return setting
+    if topology.data.decoders:  # asked for: its decoders make the batches
+        return "producer"
     disjoint = topology.exchange.snapshot and topology.exchange.data == "disjoint"
     return "producer" if info.decodes_batches and topology.num_workers > 1 and not disjoint else "peers"
 
@@ -58,9 +66,11 @@ class BatchProducer:
     """
 
     def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int = 1, sampler: Any = None,
-                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG, workers: int = 1):
+                 window: int = WINDOW, put: Callable[[Any], Any] | None = None, lag: int = LAG, workers: int = 1,
+                 make: Callable[[int, tuple], Any] | None = None):
         self.dataset, self.batch_size, self.seed, self.shards, self.sampler = dataset, batch_size, seed, shards, sampler
         self.window, self.lag = window, lag
+        self.make = make  # (batch number, plan item) -> the batch's reference, made elsewhere (decoders)
         self.workers = workers  # the workers of the node: until each has asked, only the lag drops batches
         self.put = put or (lambda made: made)
         self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
@@ -107,7 +117,12 @@ class BatchProducer:
     def _start(self, epoch: int, number: int) -> Future:
         key = (epoch, number)
         if key not in self.batches:
-            self.batches[key] = self.pool.submit(self._make, self._plan(epoch)[number])
+            if self.make is None:
+                self.batches[key] = self.pool.submit(self._make, self._plan(epoch)[number])
+            else:  # started at once elsewhere; its reference is the batch
+                self.count += 1
+                self.batches[key] = Future()
+                self.batches[key].set_result(self.make(number, self._plan(epoch)[number]))
         return self.batches[key]
 
     def made(self) -> int:
@@ -161,11 +176,43 @@ class ProducerClient:
                 if self.handle is None:
                     self.handle = self.connect()
                 return as_batch(ray.get(ray.get(self.handle.batch.remote(epoch, number, self.worker))))
-            except (RayActorError, ObjectLostError):
+            except ObjectLostError:  # the batch went with the producer that owned it: ask it again, restarted
+                if attempt == ATTEMPTS - 1:
+                    raise
+            except RayActorError:  # the producer is gone for good: find or create the node's producer anew
                 if attempt == ATTEMPTS - 1:
                     raise
                 self.handle = None
         raise AssertionError("unreachable")
+
+
+class BatchDecoder:
+    """One of a producer's decoders (``data.decoders``): a Ray actor holding the dataset, making the
+    batches of the plan items it is given (numpy arrays: Ray puts them in its node's object store)."""
+
+    def __init__(self, dataset: CohortDataset):
+        self.dataset = dataset
+
+    def make(self, item: tuple) -> tuple:
+        inputs, labels = self.dataset.make_batch(*item)
+        return inputs.numpy(), labels.numpy()
+
+    def pid(self) -> int:
+        """The actor's process (the benchmark reads its CPU time)."""
+        import os
+
+        return os.getpid()
+
+
+def start_decoders(dataset: Any, count: int) -> list:
+    """``count`` ``BatchDecoder`` actors spread over the cluster's nodes (no CPU reserved of Ray's, as
+    the producer; restarted by Ray when one dies, its call made again)."""
+    import ray
+
+    actor = ray.remote(BatchDecoder).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
+                                             max_task_retries=-1)
+    reference = dataset if isinstance(dataset, ray.ObjectRef) else ray.put(dataset)
+    return [actor.remote(reference) for _ in range(count)]
 
 
 def node_producer(key: str, dataset: Any, topology: Any, workers: int) -> Any:
@@ -180,17 +227,29 @@ def node_producer(key: str, dataset: Any, topology: Any, workers: int) -> Any:
     actor = ray.remote(RemoteProducer).options(
         name=f"cohort-batches-{key}-{node}", get_if_exists=True, num_cpus=0, max_concurrency=64,
         max_restarts=-1, max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    return actor.remote(dataset, data.batch_size, topology.seed, topology.replicas, data.sampler, WINDOW, workers)
+    # The decoders get the dataset's reference as it is (a list: Ray resolves a reference given alone).
+    source = [dataset] if isinstance(dataset, ray.ObjectRef) else None
+    return actor.remote(dataset, data.batch_size, topology.seed, topology.replicas, data.sampler,
+                        max(WINDOW, data.decoders), workers, data.decoders, source)
 
 
 class RemoteProducer(BatchProducer):
-    """The producer as a Ray actor: each batch ``ray.put`` once; a call returns its reference."""
+    """The producer as a Ray actor: each batch ``ray.put`` once, or made by its ``decoders``
+    (``start_decoders``, a window of at least one batch per decoder); a call returns its reference."""
 
     def __init__(self, dataset: CohortDataset, batch_size: int, seed: int, shards: int, sampler: Any, window: int,
-                 workers: int):
+                 workers: int, decoders: int = 0, source: list | None = None):
         import ray
 
-        super().__init__(dataset, batch_size, seed, shards, sampler, window, put=ray.put, workers=workers)
+        self.decoders = start_decoders(source[0] if source else dataset, decoders) if decoders else []
+        make = (lambda number, item: self.decoders[number % len(self.decoders)].make.remote(item)) if decoders else None
+        super().__init__(dataset, batch_size, seed, shards, sampler, window, put=ray.put, workers=workers, make=make)
+
+    def decoder_pids(self) -> list[int]:
+        """The decoders' processes (the benchmark reads their CPU time)."""
+        import ray
+
+        return ray.get([decoder.pid.remote() for decoder in self.decoders])
 
     def pid(self) -> int:
         """The actor's process (the benchmark reads its CPU time)."""

@@ -63,6 +63,8 @@ class DataConfig(Strict):
                             "per node for the workers there (producer), or one producer per node reading the files "
                             "as it goes, the table never decoded whole (stream: parquet tables); auto: a producer "
                             "for image folders with more than one worker, stream above data.memory_bound")
+    decoders: Int = Field(0, ge=0, description="Ray actors that make the batch producer's batches, spread over the "
+                                               "cluster's nodes, CPU-only ones included (0: the producer's own thread)")
     memory_bound: ByteSize | None = Field(
         None, gt=0, description="the most the stream pipeline holds (e.g. 2GB): its shuffle window follows; "
                                 "auto streams a table whose decoded images would exceed it")
@@ -80,6 +82,16 @@ class DataConfig(Strict):
             raise problem(f"only {' and '.join(STREAMS) or 'no'} datasets stream, not {self.dataset}", setting)
         if self.sampler is not None:  # its batches draw from the whole training set, not a window of row groups
             raise problem(f"the stream pipeline (data.{setting}) makes no class-balanced batches", "sampler")
+        return self
+
+    @model_validator(mode="after")
+    def _decoders_serve_a_producer(self) -> DataConfig:
+        if self.decoders and self.pipeline == "peers":
+            raise problem("decoders make a batch producer's batches: data.pipeline peers has none (use producer or "
+                          "auto)", "decoders")
+        if self.decoders and (self.pipeline == "stream" or self.memory_bound is not None):
+            raise problem("the stream pipeline reads its row groups through one cache per node: it takes no decoders "
+                          "yet", "decoders")
         return self
 
     @model_validator(mode="after")
