@@ -14,10 +14,13 @@ as a cohort's workers do, and nothing else (no training: only the data's cost is
 - ``producer``: one ``cohort.datasets.producer.RemoteProducer`` makes them and every consumer takes
   them from it (``ProducerClient``, what ``train_epoch`` runs with one).
 
-The CPU seconds of producing batches: the consumers' process CPU time over their epoch (making,
-or fetching and reading, their batches) plus, with a producer, the producer process's CPU time over
+The CPU seconds of producing batches: the consumers' process CPU time while they make, or fetch and
+read, their batches (not while they checksum them) plus, with a producer, the producer process's CPU time over
 the same span (``/proc/<pid>/stat``). Divided by the epoch's batches: per cohort step. Every
 consumer's batches are checksummed: the two pipelines must give the same bytes.
+
+With ``--decoders N`` a third pipeline, ``decoders``: the producer with N ``BatchDecoder`` actors
+making its batches (``data.decoders``); their processes' CPU time counts with the producer's.
 
 The results go to ``bench/results/data_cpu.json`` and a markdown table to stdout.
 """
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers", default="1,2,4", help="cohort sizes, comma-separated (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="epochs measured per setting (default: %(default)s)")
+    parser.add_argument("--decoders", type=int, default=0,
+                        help="also a producer whose batches N decoder actors make (data.decoders; default: none)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results file (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -109,19 +114,25 @@ class Consumer:
 
         from cohort.datasets.producer import ProducerClient
 
-        started = time.process_time()
         if producer is None:
             batches = data.train_batches(batch_size, seed, epoch)
         else:
             batches = ProducerClient(lambda: producer, worker).train_batches(data, batch_size, seed, epoch)
-        checksum, count = 0, 0
-        for inputs, labels in batches:
+        # The CPU of making or taking each batch, not of the checksum that proves them alike.
+        checksum, count, cpu = 0, 0, 0.0
+        while True:
+            started = time.process_time()
+            made = next(batches, None)
+            cpu += time.process_time() - started
+            if made is None:
+                break
+            inputs, labels = made
             checksum = zlib.crc32(labels.numpy().tobytes(), zlib.crc32(inputs.numpy().tobytes(), checksum))
             count += 1
-        return {"cpu_seconds": time.process_time() - started, "batches": count, "checksum": checksum}
+        return {"cpu_seconds": cpu, "batches": count, "checksum": checksum}
 
 
-def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dict[str, Any]:
+def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int, decoders: int = 0) -> dict[str, Any]:
     """One epoch of ``peers`` consumers on ``pipeline``: the CPU seconds of producing its batches."""
     import ray
 
@@ -129,17 +140,18 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dic
 
     consumers = [ray.remote(num_cpus=0)(Consumer).remote() for _ in range(peers)]
     ray.get([consumer.ready.remote() for consumer in consumers])  # all started: they begin the epoch together
-    producer, pid = None, None
-    if pipeline == "producer":
+    producer, pids = None, []
+    if pipeline in ("producer", "decoders"):
+        count = decoders if pipeline == "decoders" else 0
         producer = ray.remote(RemoteProducer).options(num_cpus=0, max_concurrency=64,
                                                       name=f"bench-{uuid.uuid4().hex}").remote(
-            data, batch_size, 0, 1, None, WINDOW, peers)
-        pid = ray.get(producer.pid.remote())
-    started, producer_before = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
+            data, batch_size, 0, 1, None, max(WINDOW, count), peers, count)
+        pids = [ray.get(producer.pid.remote()), *ray.get(producer.decoder_pids.remote())]
+    started, producer_before = time.perf_counter(), sum(map(cpu_seconds, pids))
     epochs = ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer, str(rank))
                       for rank, consumer in enumerate(consumers)])
     seconds = time.perf_counter() - started
-    producer_cpu = cpu_seconds(pid) - producer_before if pid else 0.0
+    producer_cpu = sum(map(cpu_seconds, pids)) - producer_before
     made = ray.get(producer.made.remote()) if producer is not None else sum(e["batches"] for e in epochs)
     if len({e["checksum"] for e in epochs}) != 1:
         raise CohortError(f"{pipeline}, {peers} peers: the consumers took different batches")
@@ -155,8 +167,7 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int) -> dic
 def markdown(results: dict[str, Any]) -> str:
     rows = ["| peers | pipeline | CPU s per cohort step (median) | vs 1 peer | batches made per epoch | wall s per epoch |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for pipeline in PIPELINES:
-        runs = results["runs"][pipeline]
+    for pipeline, runs in results["runs"].items():
         one = runs["1"]["cpu_seconds_per_step"]
         for size, run in sorted(runs.items(), key=lambda item: int(item[0])):
             rows.append(f"| {size} | {pipeline} | {run['cpu_seconds_per_step']:.4f} | "
@@ -177,30 +188,32 @@ def main_command(args: argparse.Namespace) -> int:
     from cohort.topology import DataConfig
 
     source = Path(args.data).expanduser().resolve()
-    runs: dict[str, dict[str, Any]] = {pipeline: {} for pipeline in PIPELINES}
+    pipelines = PIPELINES + (("decoders",) if args.decoders else ())
+    runs: dict[str, dict[str, Any]] = {pipeline: {} for pipeline in pipelines}
     with tempfile.TemporaryDirectory(prefix="bench-data-cpu-") as folder:
         root = write_folder(source, Path(folder), args.train, args.val)
         data = load_dataset(DataConfig(dataset="imagefolder", root=str(root), image_size=32))
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
             for size in args.sizes:
-                repeats: dict[str, list] = {pipeline: [] for pipeline in PIPELINES}
+                repeats: dict[str, list] = {pipeline: [] for pipeline in pipelines}
                 for epoch in range(1, args.repeats + 1):
-                    for pipeline in PIPELINES:
+                    for pipeline in pipelines:
                         print(f"[{time.strftime('%H:%M:%S')}] {size} peer(s), epoch {epoch}, {pipeline}",
                               file=sys.stderr, flush=True)
-                        repeats[pipeline].append(measure(data, pipeline, size, args.batch_size, epoch))
-                    if len({repeats[pipeline][-1]["checksum"] for pipeline in PIPELINES}) != 1:
+                        repeats[pipeline].append(measure(data, pipeline, size, args.batch_size, epoch, args.decoders))
+                    if len({repeats[pipeline][-1]["checksum"] for pipeline in pipelines}) != 1:
                         raise CohortError(f"{size} peers, epoch {epoch}: the pipelines made different batches")
-                for pipeline in PIPELINES:
+                for pipeline in pipelines:
                     runs[pipeline][str(size)] = median_run(repeats[pipeline])
         finally:
             ray.shutdown()
     results = {"runs": runs,
                "ratio_largest_to_one": {pipeline: runs[pipeline][str(max(args.sizes))]["cpu_seconds_per_step"]
                                         / runs[pipeline][str(min(args.sizes))]["cpu_seconds_per_step"]
-                                        for pipeline in PIPELINES},
+                                        for pipeline in pipelines},
                "setup": {"data": str(source), "train_images": args.train, "val_images": args.val, "image_size": 32,
+                         "decoders": args.decoders,
                          "format": "png", "batch": args.batch_size, "repeats": args.repeats,
                          "measured": "consumers' process CPU over their epoch + the producer's over the same span, "
                                      "per training batch of the epoch; no training"},
