@@ -104,6 +104,57 @@ def test_the_window_bounds_what_the_producer_holds():
     assert producer.made() <= 14 + 2 + 3  # none twice: 0-13 and 21-22 of epoch 1, the window of epoch 2
 
 
+def test_a_batch_forgotten_while_its_worker_waits_is_still_made_for_it():
+    """A worker far behind the others (a slow peer beside a fast one, codistilling): its batch, still
+    waiting to be made, is forgotten when a faster worker's request leaves it more than the lag
+    behind. The waiting worker gets its batch all the same (it got CancelledError before)."""
+    import threading
+    import time
+
+    data = load_dataset(DataConfig())  # digits: 23 batches of 64
+    started, gate = threading.Event(), threading.Event()
+
+    class Held:  # the producer's thread stays on batch 0 until the gate opens
+        def __getattr__(self, name):
+            return getattr(data, name)
+
+        def make_batch(self, indices, train, seed):
+            started.set()
+            gate.wait(timeout=30)
+            return data.make_batch(indices, train, seed)
+
+    producer = BatchProducer(Held(), 64, seed=0, window=1, lag=2, workers=2)
+    got: dict[str, object] = {}
+
+    def ask(key: str, number: int) -> None:
+        try:
+            got[key] = producer.batch(1, number, key.split("-")[0])
+        except BaseException as error:  # noqa: BLE001 - what the worker would have raised
+            got[key] = error
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=ask, args=("fast", 0))]
+    threads[0].start()
+    started.wait(timeout=30)  # batch 0 is being made: what is asked next waits its turn
+    threads.append(threading.Thread(target=ask, args=("slow", 1)))
+    threads[1].start()
+    until(lambda: (1, 1) in producer.held())
+    threads.append(threading.Thread(target=ask, args=("fast-again", 5)))
+    threads[2].start()
+    until(lambda: (1, 1) not in producer.held())  # forgotten: more than the lag behind batch 5
+    gate.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    expected = list(data.train_batches(64, 0, 1))
+    assert not isinstance(got["slow"], BaseException), repr(got["slow"])
+    assert same(as_batch(got["slow"]), expected[1]) and same(as_batch(got["fast-again"]), expected[5])
+
+
 def test_which_pipeline_makes_the_batches(tmp_path):
     folder = str(noisy_folder(tmp_path))
 

@@ -84,18 +84,27 @@ class BatchProducer:
     def batch(self, epoch: int, number: int, worker: str = "") -> Any:
         """Batch ``number`` of ``epoch``, as ``put`` made it, for ``worker`` (who asks: it has taken the
         batches before this one); the next batches of the window are started."""
-        with self.lock:
-            count = len(self._plan(epoch))
-            if not 0 <= number < count:
-                raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
-            self.furthest = max(self.furthest, (epoch, number))
-            self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, number))
-            self._forget()
-            wanted = self._start(epoch, number)
-            far_epoch, far_number = self.furthest
-            for ahead in range(far_number + 1, min(far_number + self.window, len(self._plan(far_epoch)))):
-                self._start(far_epoch, ahead)
-        return wanted.result()
+        from concurrent.futures import CancelledError
+
+        while True:
+            with self.lock:
+                count = len(self._plan(epoch))
+                if not 0 <= number < count:
+                    raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
+                self.furthest = max(self.furthest, (epoch, number))
+                self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, number))
+                self._forget()
+                # A batch the window has already left behind (a worker far behind the others) is
+                # made for this worker alone: kept, the next request would forget it again.
+                wanted = (self._made_alone(epoch, number) if self._forgettable(epoch, number)
+                          else self._start(epoch, number))
+                far_epoch, far_number = self.furthest
+                for ahead in range(far_number + 1, min(far_number + self.window, len(self._plan(far_epoch)))):
+                    self._start(far_epoch, ahead)
+            try:
+                return wanted.result()
+            except CancelledError:  # forgotten before it was made, by a request far ahead: ask again
+                continue
 
     def batches_in(self, epoch: int) -> int:
         """How many training batches ``epoch`` has."""
@@ -134,13 +143,25 @@ class BatchProducer:
         inputs, labels = self.dataset.make_batch(*item)
         return self.put((inputs.numpy(), labels.numpy()))
 
+    def _forgettable(self, epoch: int, number: int) -> bool:
+        """Whether ``_forget`` drops this batch: ``lag`` behind the furthest asked for, or of an earlier epoch."""
+        far_epoch, far_number = self.furthest
+        return epoch < far_epoch or number <= far_number - self.lag
+
+    def _made_alone(self, epoch: int, number: int) -> Future:
+        """The batch made for one request, not kept (nothing forgets it under the asker)."""
+        if self.make is not None:
+            self.count += 1
+            made: Future = Future()
+            made.set_result(self.make(number, self._plan(epoch)[number]))
+            return made
+        return self.pool.submit(self._make, self._plan(epoch)[number])
+
     def _forget(self) -> None:
         """Drop the batches every worker has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
-        far_epoch, far_number = self.furthest
         slowest = min(self.positions.values()) if len(self.positions) >= self.workers else (0, -1)
         for key in list(self.batches):
-            epoch, number = key
-            if key < slowest or epoch < far_epoch or number <= far_number - self.lag:
+            if key < slowest or self._forgettable(*key):
                 self.batches.pop(key).cancel()  # not made yet: never made
 
 
