@@ -10,8 +10,9 @@ A batch is a pure function of ``(epoch, batch number)``, so the producer keeps n
 depends on: a producer restarted by Ray, or a worker group restarted from a checkpoint, is asked
 again and makes the same batch. It makes a bounded window of batches ahead of the furthest one
 asked for, and forgets a batch once every worker of the node has asked for a later one (or when it
-lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up); the
-workers hold their own references, and the object store frees a batch when the last drops it.
+lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up, and one
+that far behind has its batches made for it alone); the workers hold their own references, and
+the object store frees a batch when the last drops it.
 
 The workers find their node's producer by name and the first to ask creates it
 (``node_producer``); it is owned by that worker and ends with the worker group.
