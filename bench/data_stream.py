@@ -210,13 +210,8 @@ def run_bound(args: argparse.Namespace) -> int:
                "table": {"rows": train + TEST_ROWS, "train_rows": train, "files": files, "group_rows": group_rows,
                          "side": side, "trained_size": TRAINED_SIZE, "file_bytes": on_disk,
                          "decoded_bytes": (train + TEST_ROWS) * row_bytes},
-               "runs": {"small table": small, "large table": large}, "under_the_bound": peak < bound,
-               "setup": {"peers": "2 x cnn_small", "batch": 128, "epochs": 1, "interval_s": args.interval,
-                         "code": str(REPO)},
-               "machine": machine()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+               "runs": {"small table": small, "large table": large}, "under_the_bound": peak < bound}
+    save(args, results)
     lines = [f"run bound {byte_size(bound)}; table {byte_size(on_disk)} on disk ({on_disk / bound:.2f}x the bound), "
              f"{train + TEST_ROWS:,} rows of {side}x{side} PNGs; data.memory_bound {byte_size(data_bound)}", "",
              "| run | peak PSS of the run (MiB) | driver | Ray Train workers | producer | Ray's other processes | "
@@ -231,6 +226,16 @@ def run_bound(args: argparse.Namespace) -> int:
     return 0 if results["under_the_bound"] else 1
 
 
+def save(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``results`` with the runs' setup and the machine, written to ``--out``."""
+    results.update({"setup": {"peers": "2 x cnn_small", "batch": 128, "epochs": 1, "interval_s": args.interval,
+                              "code": str(REPO)},
+                    "machine": machine()})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -243,7 +248,7 @@ def main_command(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-stream-") as name:
         folder = Path(name)
         train = int(args.factor * args.bound_bytes / (3 * SIZE * SIZE))
-        print(f"[{time.strftime('%H:%M:%S')}] writing {train + TEST_ROWS:,} rows", file=sys.stderr, flush=True)
+        log(f"writing {train + TEST_ROWS:,} rows")
         write_image_table(folder / "table", train, TEST_ROWS, size=SIZE, files=8, group_rows=GROUP_ROWS)
         write_image_table(folder / "small", 2 * GROUP_ROWS, TEST_ROWS, size=SIZE, files=2, group_rows=GROUP_ROWS)
         table = {"rows": train + TEST_ROWS, "train_rows": train, "files": 8, "group_rows": GROUP_ROWS,
@@ -252,18 +257,13 @@ def main_command(args: argparse.Namespace) -> int:
         runs = {}
         plan = [("stream", "stream", "table"), ("stream, small table", "stream", "small")]
         for label, pipeline, name in plan + ([("in memory (peers)", "peers", "table")] if args.compare else []):
-            print(f"[{time.strftime('%H:%M:%S')}] {label}", file=sys.stderr, flush=True)
+            log(label)
             runs[label] = measure_run(args, pipeline, folder / f"run-{len(runs)}", folder / name)
     producer_data = runs["stream"]["own_peak_mb"]["producer"] - runs["stream, small table"]["own_peak_mb"]["producer"]
     run_data = runs["stream"]["peak_mb"]["total"] - runs["stream, small table"]["peak_mb"]["total"]
     results = {"bound_bytes": args.bound_bytes, "table": table, "runs": runs, "producer_data_mb": producer_data,
-               "run_data_mb": run_data,
-               "setup": {"peers": "2 x cnn_small", "batch": 128, "epochs": 1, "interval_s": args.interval,
-                         "code": str(REPO)},
-               "machine": machine()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+               "run_data_mb": run_data}
+    save(args, results)
     print(markdown(results))
     return 0
 

@@ -97,8 +97,7 @@ class BatchProducer:
                 self._forget()
                 # A batch the window has already left behind (a worker far behind the others) is
                 # made for this worker alone: kept, the next request would forget it again.
-                wanted = (self._made_alone(epoch, number) if self._forgettable(epoch, number)
-                          else self._start(epoch, number))
+                wanted = self._submit(epoch, number) if self._forgettable(epoch, number) else self._start(epoch, number)
                 far_epoch, far_number = self.furthest
                 for ahead in range(far_number + 1, min(far_number + self.window, len(self._plan(far_epoch)))):
                     self._start(far_epoch, ahead)
@@ -127,13 +126,19 @@ class BatchProducer:
     def _start(self, epoch: int, number: int) -> Future:
         key = (epoch, number)
         if key not in self.batches:
-            if self.make is None:
-                self.batches[key] = self.pool.submit(self._make, self._plan(epoch)[number])
-            else:  # started at once elsewhere; its reference is the batch
-                self.count += 1
-                self.batches[key] = Future()
-                self.batches[key].set_result(self.make(number, self._plan(epoch)[number]))
+            self.batches[key] = self._submit(epoch, number)
         return self.batches[key]
+
+    def _submit(self, epoch: int, number: int) -> Future:
+        """The batch being made, by the producer's thread, or started at once elsewhere (``make``: its
+        reference is the batch)."""
+        item = self._plan(epoch)[number]
+        if self.make is None:
+            return self.pool.submit(self._make, item)
+        self.count += 1
+        made: Future = Future()
+        made.set_result(self.make(number, item))
+        return made
 
     def made(self) -> int:
         """How many batches it has made."""
@@ -148,15 +153,6 @@ class BatchProducer:
         """Whether ``_forget`` drops this batch: ``lag`` behind the furthest asked for, or of an earlier epoch."""
         far_epoch, far_number = self.furthest
         return epoch < far_epoch or number <= far_number - self.lag
-
-    def _made_alone(self, epoch: int, number: int) -> Future:
-        """The batch made for one request, not kept (nothing forgets it under the asker)."""
-        if self.make is not None:
-            self.count += 1
-            made: Future = Future()
-            made.set_result(self.make(number, self._plan(epoch)[number]))
-            return made
-        return self.pool.submit(self._make, self._plan(epoch)[number])
 
     def _forget(self) -> None:
         """Drop the batches every worker has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
