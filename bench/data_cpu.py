@@ -14,6 +14,9 @@ as a cohort's workers do, and nothing else (no training: only the data's cost is
 - ``producer``: one ``cohort.datasets.producer.RemoteProducer`` makes them and every consumer takes
   them from it (``ProducerClient``, what ``train_epoch`` runs with one).
 
+Before the measured epoch every consumer takes the first batches of another epoch, unmeasured: the
+processes' first batches import what making and taking them needs (a run's start-up, not its steps).
+
 The CPU seconds of producing batches: the consumers' process CPU time while they make, or fetch and
 read, their batches (not while they checksum them) plus, with a producer, the producer process's CPU time over
 the same span (``/proc/<pid>/stat``). Divided by the epoch's batches: per cohort step. Every
@@ -45,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10.parquet"
 DEFAULT_OUT = REPO / "bench" / "results" / "data_cpu.json"
 PIPELINES = ("peers", "producer")
+WARM_UP, WARM_UP_BATCHES = 1000, 3  # the measured epoch's number after the warm-up's, and the warm-up's batches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +113,9 @@ class Consumer:
 
         return True
 
-    def epoch(self, data, batch_size: int, seed: int, epoch: int, producer=None, worker: str = "") -> dict[str, Any]:
+    def epoch(self, data, batch_size: int, seed: int, epoch: int, producer=None, worker: str = "",
+              limit: int | None = None) -> dict[str, Any]:
+        """The epoch's batches (its first ``limit`` only, if given: a warm-up)."""
         import zlib
 
         from cohort.datasets.producer import ProducerClient
@@ -124,12 +130,24 @@ class Consumer:
             started = time.process_time()
             made = next(batches, None)
             cpu += time.process_time() - started
-            if made is None:
+            if made is None or count == limit:
                 break
             inputs, labels = made
             checksum = zlib.crc32(labels.numpy().tobytes(), zlib.crc32(inputs.numpy().tobytes(), checksum))
             count += 1
         return {"cpu_seconds": cpu, "batches": count, "checksum": checksum}
+
+
+def settled(producer) -> int:
+    """The batches a producer (None: none) has made, once it makes no more (its warm-up's window)."""
+    import ray
+
+    if producer is None:
+        return 0
+    made = -1
+    while made != (made := ray.get(producer.made.remote())):
+        time.sleep(0.5)
+    return made
 
 
 def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int, decoders: int = 0) -> dict[str, Any]:
@@ -147,12 +165,18 @@ def measure(data, pipeline: str, peers: int, batch_size: int, epoch: int, decode
                                                       name=f"bench-{uuid.uuid4().hex}").remote(
             data, batch_size, 0, 1, None, max(WINDOW, count), peers, count)
         pids = [ray.get(producer.pid.remote()), *ray.get(producer.decoder_pids.remote())]
+    # Warmed up, unmeasured: the first batches of an earlier epoch, where every process imports what
+    # making and taking batches needs (what a run does once, before its first step).
+    ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer, str(rank), limit=WARM_UP_BATCHES)
+             for rank, consumer in enumerate(consumers)])
+    epoch += WARM_UP  # the measured epoch comes after: a producer forgets the batches of earlier epochs
+    made_before = settled(producer)
     started, producer_before = time.perf_counter(), sum(map(cpu_seconds, pids))
     epochs = ray.get([consumer.epoch.remote(data, batch_size, 0, epoch, producer, str(rank))
                       for rank, consumer in enumerate(consumers)])
     seconds = time.perf_counter() - started
     producer_cpu = sum(map(cpu_seconds, pids)) - producer_before
-    made = ray.get(producer.made.remote()) if producer is not None else sum(e["batches"] for e in epochs)
+    made = ray.get(producer.made.remote()) - made_before if producer is not None else sum(e["batches"] for e in epochs)
     if len({e["checksum"] for e in epochs}) != 1:
         raise CohortError(f"{pipeline}, {peers} peers: the consumers took different batches")
     for actor in consumers + ([producer] if producer is not None else []):
@@ -195,17 +219,20 @@ def main_command(args: argparse.Namespace) -> int:
         data = load_dataset(DataConfig(dataset="imagefolder", root=str(root), image_size=32))
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
-            for size in args.sizes:
-                repeats: dict[str, list] = {pipeline: [] for pipeline in pipelines}
-                for epoch in range(1, args.repeats + 1):
+            # Sizes interleaved within each repeat: a drift of the machine's speed over the run
+            # spreads over every size alike instead of weighing on one.
+            repeats: dict[tuple[str, int], list] = {(p, size): [] for p in pipelines for size in args.sizes}
+            for epoch in range(1, args.repeats + 1):
+                for size in args.sizes:
                     for pipeline in pipelines:
                         print(f"[{time.strftime('%H:%M:%S')}] {size} peer(s), epoch {epoch}, {pipeline}",
                               file=sys.stderr, flush=True)
-                        repeats[pipeline].append(measure(data, pipeline, size, args.batch_size, epoch, args.decoders))
-                    if len({repeats[pipeline][-1]["checksum"] for pipeline in pipelines}) != 1:
+                        repeats[pipeline, size].append(measure(data, pipeline, size, args.batch_size, epoch,
+                                                               args.decoders))
+                    if len({repeats[pipeline, size][-1]["checksum"] for pipeline in pipelines}) != 1:
                         raise CohortError(f"{size} peers, epoch {epoch}: the pipelines made different batches")
-                for pipeline in pipelines:
-                    runs[pipeline][str(size)] = median_run(repeats[pipeline])
+            for (pipeline, size), measured in repeats.items():
+                runs[pipeline][str(size)] = median_run(measured)
         finally:
             ray.shutdown()
     results = {"runs": runs,

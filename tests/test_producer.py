@@ -104,6 +104,25 @@ def test_the_window_bounds_what_the_producer_holds():
     assert producer.made() <= 14 + 2 + 3  # none twice: 0-13 and 21-22 of epoch 1, the window of epoch 2
 
 
+def test_a_chunk_asked_for_is_kept_until_every_worker_has_passed_its_first_batch():
+    """Workers ask for chunks, each the next one while they read the last: a worker that asked for
+    batches 4-7 has taken only those before 4. Forgetting on its last number instead dropped a chunk
+    the other workers were still waiting on; four workers then made and dropped it over and over."""
+    data = load_dataset(DataConfig())  # digits: 23 batches of 64
+    producer = BatchProducer(data, 64, seed=0, window=3, lag=12, workers=2)
+    producer.batches(1, [0, 1, 2, 3], "a")
+    producer.batches(1, [4, 5, 6, 7], "a")  # "a" reads 0-3 and asks for 4-7 meanwhile
+    producer.batches(1, [0, 1, 2, 3], "b")
+    assert producer.held() == [(1, n) for n in range(0, 10)]  # "b" has not passed 0 before: all kept
+    producer.batches(1, [4, 5, 6, 7], "b")  # both have passed 0-3, neither 4-7
+    assert producer.held() == [(1, n) for n in range(4, 10)]
+    producer.batches(1, [8, 9, 10, 11], "b")
+    producer.batches(1, [8, 9, 10, 11], "a")
+    assert producer.held() == [(1, n) for n in range(8, 14)]
+    producer.pool.shutdown(wait=True)
+    assert producer.made() == 14  # none made twice
+
+
 def test_a_batch_forgotten_while_its_worker_waits_is_still_made_for_it():
     """A worker far behind the others (a slow peer beside a fast one, codistilling): its batch, still
     waiting to be made, is forgotten when a faster worker's request leaves it more than the lag
@@ -266,3 +285,63 @@ def test_a_worker_asks_again_of_its_producer_found_anew_when_it_died(monkeypatch
     outcomes[:] = ["lost"] * module.ATTEMPTS
     with pytest.raises(RayActorError):
         client.fetch(1, 1)
+
+
+def test_a_worker_asks_for_a_chunk_of_batches_per_call_and_the_next_chunk_ahead(monkeypatch):
+    """Each call to the producer costs its process Ray's handling, whatever it carries: a worker asks for
+    CHUNK batches per call, and for the next CHUNK as it starts on these (no wait between chunks). A
+    call whose producer died under it: those batches are asked for again one by one, of the producer
+    found anew. The bytes stay those the worker would make itself."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cohort.datasets import producer as module
+
+    data = load_dataset(DataConfig())  # digits: 23 batches of 64
+    producer = BatchProducer(data, 64, seed=0, workers=1)
+    events: list[tuple] = []
+    dies = {"chunk": 8}  # the call for the chunk from batch 8 on finds its producer dead
+
+    class Reference:
+        def __init__(self, value, number=None):
+            self.value, self.number = value, number
+
+    class Handle:
+        class batches:  # noqa: N801 - a Ray actor method's shape: handle.batches.remote(...)
+            @staticmethod
+            def remote(epoch, numbers, worker):
+                events.append(("ask", tuple(numbers)))
+                if numbers[0] == dies.get("chunk"):
+                    del dies["chunk"]
+                    return Reference(RayActorError())
+                return Reference([Reference(made, n) for n, made in zip(numbers, producer.batches(epoch, numbers, worker))])
+
+        class batch:  # noqa: N801
+            @staticmethod
+            def remote(epoch, number, worker):
+                events.append(("ask", (number,)))
+                return Reference(Reference(producer.batch(epoch, number, worker), number))
+
+    def get(reference, timeout=None):
+        if isinstance(reference.value, BaseException):
+            raise reference.value
+        if reference.number is not None:
+            events.append(("read", reference.number))
+        return reference.value
+
+    connected = []
+    monkeypatch.setattr(ray, "get", get)
+    client = module.ProducerClient(lambda: connected.append(1) or Handle(), worker="0")
+    expected = list(data.train_batches(64, 0, 1))
+    taken = list(client.train_batches(data, 64, 0, 1))
+    assert len(taken) == 23 and all(same(a, b) for a, b in zip(taken, expected, strict=True))
+    chunk = module.CHUNK
+    asks = [numbers for kind, numbers in events if kind == "ask"]
+    assert asks[:3] == [tuple(range(0, chunk)), tuple(range(chunk, 2 * chunk)), tuple(range(2 * chunk, 3 * chunk))]
+    # The next chunk is asked for before this one's first batch is read.
+    assert events.index(("ask", tuple(range(chunk, 2 * chunk)))) < events.index(("read", 0))
+    assert events.index(("ask", tuple(range(2 * chunk, 3 * chunk)))) < events.index(("read", chunk))
+    # Batches 8-11 came one by one, of the producer found again; every other call carried a chunk.
+    assert [numbers for numbers in asks if len(numbers) == 1] == [(8,), (9,), (10,), (11,)] and len(connected) == 2
+    assert len(asks) == -(-23 // chunk) + 4
+    producer.pool.shutdown(wait=True)

@@ -12,7 +12,9 @@ again and makes the same batch. It makes a bounded window of batches ahead of th
 asked for, and forgets a batch once every worker of the node has asked for a later one (or when it
 lies ``LAG`` batches behind the furthest: a worker that stalled or left holds nothing up, and one
 that far behind has its batches made for it alone); the workers hold their own references, and
-the object store frees a batch when the last drops it.
+the object store frees a batch when the last drops it. A worker asks for ``CHUNK`` batches in one
+call, and for the next ``CHUNK`` as it starts on these: Ray's handling of a call costs the producer's
+process a few milliseconds, whatever the call carries, and it grows with the workers.
 
 The workers find their node's producer by name and the first to ask creates it
 (``node_producer``); it is owned by that worker and ends with the worker group.
@@ -37,6 +39,9 @@ from cohort.datasets.shared import tensor_over
 WINDOW = 3  # batches made ahead of the furthest one asked for
 LAG = 4 * WINDOW  # batches kept behind the furthest one asked for, at most, for a worker not there yet
 ATTEMPTS = 4  # a worker asks again this many times when its producer died under it
+# Batches a worker asks for in one call, the next call sent as it starts on these: each call costs
+# the producer's process a few milliseconds of Ray's handling, whatever it carries (bench.data_cpu).
+CHUNK = 4
 
 
 def data_pipeline(topology: Any, info: Any) -> str:
@@ -75,9 +80,9 @@ class BatchProducer:
         self.workers = workers  # the workers of the node: until each has asked, only the lag drops batches
         self.put = put or (lambda made: made)
         self.plans: dict[int, list] = {}  # the plans of the latest two epochs asked for
-        self.batches: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
+        self.futures: dict[tuple[int, int], Future] = {}  # (epoch, number) -> the batch, made or being made
         self.furthest = (0, -1)  # the furthest (epoch, number) asked for
-        self.positions: dict[str, tuple[int, int]] = {}  # each worker's furthest (epoch, number) asked for
+        self.positions: dict[str, tuple[int, int]] = {}  # each worker's furthest (epoch, first number) asked for
         self.count = 0  # batches made so far (one asked for again after it was forgotten counts again)
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-batches")
@@ -85,24 +90,34 @@ class BatchProducer:
     def batch(self, epoch: int, number: int, worker: str = "") -> Any:
         """Batch ``number`` of ``epoch``, as ``put`` made it, for ``worker`` (who asks: it has taken the
         batches before this one); the next batches of the window are started."""
+        return self.batches(epoch, [number], worker)[0]
+
+    def batches(self, epoch: int, numbers: list[int], worker: str = "") -> list[Any]:
+        """Batches ``numbers`` of ``epoch`` (ascending), as ``put`` made them, for ``worker``, who will
+        take them in turn: one call for several batches (``ProducerClient`` asks ``CHUNK`` at a time);
+        the next batches of the window after the last are started."""
         from concurrent.futures import CancelledError
 
         while True:
             with self.lock:
                 count = len(self._plan(epoch))
-                if not 0 <= number < count:
-                    raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
-                self.furthest = max(self.furthest, (epoch, number))
-                self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, number))
+                for number in numbers:
+                    if not 0 <= number < count:
+                        raise CohortError(f"epoch {epoch} has {count} training batches, not a batch {number}")
+                # The worker has taken the batches before its first (those of its last call it holds
+                # itself): the window goes on from its last.
+                self.furthest = max(self.furthest, (epoch, numbers[-1]))
+                self.positions[worker] = max(self.positions.get(worker, (0, -1)), (epoch, numbers[0]))
                 self._forget()
                 # A batch the window has already left behind (a worker far behind the others) is
                 # made for this worker alone: kept, the next request would forget it again.
-                wanted = self._submit(epoch, number) if self._forgettable(epoch, number) else self._start(epoch, number)
+                wanted = [self._submit(epoch, number) if self._forgettable(epoch, number)
+                          else self._start(epoch, number) for number in numbers]
                 far_epoch, far_number = self.furthest
                 for ahead in range(far_number + 1, min(far_number + self.window, len(self._plan(far_epoch)))):
                     self._start(far_epoch, ahead)
             try:
-                return wanted.result()
+                return [future.result() for future in wanted]
             except CancelledError:  # forgotten before it was made, by a request far ahead: ask again
                 continue
 
@@ -114,7 +129,7 @@ class BatchProducer:
     def held(self) -> list[tuple[int, int]]:
         """The batches made or being made, in order."""
         with self.lock:
-            return sorted(self.batches)
+            return sorted(self.futures)
 
     def _plan(self, epoch: int) -> list:
         if epoch not in self.plans:
@@ -125,9 +140,9 @@ class BatchProducer:
 
     def _start(self, epoch: int, number: int) -> Future:
         key = (epoch, number)
-        if key not in self.batches:
-            self.batches[key] = self._submit(epoch, number)
-        return self.batches[key]
+        if key not in self.futures:
+            self.futures[key] = self._submit(epoch, number)
+        return self.futures[key]
 
     def _submit(self, epoch: int, number: int) -> Future:
         """The batch being made, by the producer's thread, or started at once elsewhere (``make``: its
@@ -157,9 +172,9 @@ class BatchProducer:
     def _forget(self) -> None:
         """Drop the batches every worker has passed, and those ``lag`` behind the furthest (or of an earlier epoch)."""
         slowest = min(self.positions.values()) if len(self.positions) >= self.workers else (0, -1)
-        for key in list(self.batches):
+        for key in list(self.futures):
             if key < slowest or self._forgettable(*key):
-                self.batches.pop(key).cancel()  # not made yet: never made
+                self.futures.pop(key).cancel()  # not made yet: never made
 
 
 def as_batch(made: tuple) -> Batch:
@@ -178,10 +193,58 @@ class ProducerClient:
 
     def train_batches(self, data: CohortDataset, batch_size: int, seed: int, epoch: int, shards: int = 1,
                       sampler: Any = None, part: tuple[int, int] | None = None) -> Iterator[Batch]:
-        """``data.train_batches``'s batches (the same arguments, the same bytes), from the producer."""
+        """``data.train_batches``'s batches (the same arguments, the same bytes), from the producer:
+        ``CHUNK`` at a time, the next ``CHUNK`` asked for as this worker starts taking these."""
         numbers = list(range(len(data.train_plan(batch_size, seed, epoch, shards, sampler))))
-        for number in numbers if part is None else disjoint_part(numbers, *part):
-            yield self.fetch(epoch, number)
+        numbers = numbers if part is None else disjoint_part(numbers, *part)
+        chunks = [numbers[first:first + CHUNK] for first in range(0, len(numbers), CHUNK)]
+        asked = self.ask(epoch, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            references = self.answer(asked)
+            asked = self.ask(epoch, chunks[index + 1]) if index + 1 < len(chunks) else None
+            for number in chunk:
+                yield self.read(references.pop(0) if references else None, epoch, number)
+
+    def ask(self, epoch: int, numbers: list[int]) -> Any:
+        """The call for batches ``numbers`` (its answer: their references), or None where the producer
+        could not be found."""
+        from ray.exceptions import RayActorError
+
+        try:
+            if self.handle is None:
+                self.handle = self.connect()
+            return self.handle.batches.remote(epoch, numbers, self.worker)
+        except RayActorError:
+            self.handle = None
+            return None
+
+    def answer(self, asked: Any) -> list | None:
+        """The references a call gave, or None where its producer died under it (each batch is then
+        asked for again, alone: ``fetch``)."""
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        if asked is None:
+            return None
+        try:
+            return list(ray.get(asked))
+        except RayActorError:
+            self.handle = None
+            return None
+        except ObjectLostError:
+            return None
+
+    def read(self, reference: Any, epoch: int, number: int) -> Batch:
+        """Batch ``number`` from its reference, or asked for again where there is none or it was lost."""
+        import ray
+        from ray.exceptions import ObjectLostError
+
+        if reference is not None:
+            try:
+                return as_batch(ray.get(reference))
+            except ObjectLostError:  # it went with the producer that made it
+                pass
+        return self.fetch(epoch, number)
 
     def fetch(self, epoch: int, number: int) -> Batch:
         """One batch. A producer that died (restarted by Ray, or gone with a worker group) loses the

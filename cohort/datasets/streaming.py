@@ -24,14 +24,15 @@ from cohort.config.errors import CohortError, byte_size
 from cohort.datasets.augment import cifar_augment, normalize
 from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, batch_indices, batch_seed, class_counts, need_root
 from cohort.datasets.parquet import decode_images, labels_and_splits, table_files
-from cohort.datasets.producer import LAG, WINDOW
+from cohort.datasets.producer import CHUNK, LAG, WINDOW
 from cohort.datasets.registry import register_stream
 
 DEFAULT_WINDOW = 8  # row groups in a shuffle window when data.memory_bound is unset
 # Batches the producer holds at most: WINDOW ahead of the furthest asked for, LAG behind it, the one asked
-# for, and the working memory of making one (its uint8 images, their padded copy and crops, the floats
-# and their normalization: about three batches of float32).
-HELD_BATCHES = WINDOW + LAG + 1 + 3
+# for; those of a worker's chunk the producer has let go while the worker still reads them (CHUNK); and
+# the working memory of making one (its uint8 images, their padded copy and crops, the floats and their
+# normalization: about three batches of float32).
+HELD_BATCHES = WINDOW + LAG + 1 + CHUNK + 3
 SAMPLE_GROUPS, SAMPLE_ROWS = 16, 64  # normalization: up to 64 training images of each of up to 16 row groups
 
 
