@@ -70,6 +70,50 @@ def empty_mlflow_store(tmp_path_factory):
     return copy
 
 
+# Steps run in order in one fresh interpreter (the `fresh_interpreter` fixture); each test that
+# asks what a step imported reads its own entry.
+FRESH_STEPS = {
+    "import cohort": "import cohort; cohort.run_study, cohort.sweep, cohort.evaluate_run, cohort.read_study",
+    "model names": ("from cohort.models import model_exists, known_models\n"
+                    "assert model_exists('resnet8') and model_exists('torchvision:resnet18')\n"
+                    "assert 'timm:<name>' in known_models()"),
+    "reliability diagram": ("import torch\nfrom cohort.metrics import reliability as R\n"
+                            "R.reliability_diagram(R.reliability_bins(torch.randn(50, 4), torch.randint(0, 4, (50,))),"
+                            " OUT / 'x.png', 't')"),
+}
+
+
+@pytest.fixture(scope="session")
+def fresh_interpreter(tmp_path_factory):
+    """``modules_after(step) -> set``: the modules a fresh interpreter holds after a step of
+    FRESH_STEPS. The steps run in order in one subprocess (Python and torch start once, not once per
+    test), with only this checkout's cohort on the path and no PATH; a step that raised fails the
+    test that asks for it, with the step's traceback."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("fresh")
+    code = ["import json, pathlib, sys, traceback", f"OUT = pathlib.Path({str(out)!r})", "seen = {}"]
+    for step, body in FRESH_STEPS.items():
+        code += ["try:", *(f"    {line}" for line in body.splitlines()),
+                 f"    seen[{step!r}] = sorted(sys.modules)",
+                 "except Exception:",
+                 f"    seen[{step!r}] = traceback.format_exc()"]
+    code.append("print(json.dumps(seen))")
+    done = subprocess.run([sys.executable, "-c", "\n".join(code)], cwd=repo, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(repo), "PATH": ""}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+
+    def modules_after(step: str) -> set[str]:
+        if isinstance(seen[step], str):
+            pytest.fail(f"{step}, in a fresh interpreter, raised:\n{seen[step]}")
+        return set(seen[step])
+
+    return modules_after
+
+
 @pytest.fixture
 def clean_registry():
     """The loss registry as it was before the test (tests that register losses of their own)."""

@@ -419,15 +419,6 @@ def test_any_anchor_or_alias_is_refused(capsys, tmp_path, text, line):
     assert dry_run_error(capsys, write(tmp_path, text)).startswith(f"bad.yaml: line {line}: YAML anchors and aliases")
 
 
-def test_nested_aliases_on_the_command_line_are_one_line(tmp_path):
-    bad = write(tmp_path, laughs(9))
-    done = subprocess.run([sys.executable, "-m", "cohort.run", str(bad), "--dry-run"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
-    assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("bad.yaml: line 3: YAML anchors and aliases (&name / *name) are not allowed")
-
-
 def test_set_value_with_aliases_is_refused():
     with pytest.raises(CohortError, match=r"--set seed: line 1: YAML anchors and aliases"):
         topology_from_dict(BASE, "t.yaml", ["seed=[&a [1, 1], *a]"])
