@@ -56,13 +56,13 @@ def run(args: argparse.Namespace) -> int:
     display = Display(mode_of(args))
     if args.report:
         cohort.read_study(args.study, overrides=args.overrides, tracking_uri=args.tracking_uri,
-                            register=args.register, allow_single_seed=args.allow_single_seed, out=args.out,
-                            overwrite=args.overwrite, format=args.format, display=display)
+                          register=args.register, allow_single_seed=args.allow_single_seed, out=args.out,
+                          overwrite=args.overwrite, format=args.format, display=display)
         return 0
     cohort.run_study(args.study, overrides=args.overrides, tracking_uri=args.tracking_uri, storage=args.storage,
-                 address=args.address, resume=args.resume, register=args.register,
-                 allow_single_seed=args.allow_single_seed, out=args.out, overwrite=args.overwrite,
-                 format=args.format, display=display, verbose=args.verbose)
+                     address=args.address, resume=args.resume, register=args.register,
+                     allow_single_seed=args.allow_single_seed, out=args.out, overwrite=args.overwrite,
+                     format=args.format, display=display, verbose=args.verbose)
     return 0
 
 

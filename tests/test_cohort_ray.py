@@ -72,7 +72,8 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     """Through the Python API, which ``python -m cohort.run`` calls (docs/python-api.md): what the
     run prints, what MLflow holds, and the result ``cohort.train`` gives back. With a validation
     split (data.val_fraction): val metrics each epoch, the fitted temperatures and the _ts metrics at
-    the end; cohort.evaluate on the run's own test split gives back its final metrics, before and after."""
+    the end; cohort.evaluate on the run's own test split gives back its final metrics, before and after.
+    Its teacher then goes frozen into an offline LTKD run (``offline_ltkd_from``)."""
     import cohort
     from cohort.evaluate import main as evaluate
 
@@ -183,6 +184,9 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     assert "unknown corruption 'fgo' (did you mean 'fog'?)" in capsys.readouterr().err
     assert evaluate([run.info.run_id, "--tracking-uri", uri, "--shift", "fog", "--severity", "6"]) == 2
     assert "--severity" in capsys.readouterr().err
+
+    # The trained teacher, frozen, distilled offline in a second run (one training less for the suite).
+    offline_ltkd_from(run, uri, tmp_path)
 
 
 def _fingerprints_seen(storage: Path) -> str:
@@ -694,25 +698,18 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
     assert "shift/mean/ensemble/ece" in client.get_run(run.info.run_id).data.metrics
 
 
-@pytest.mark.ray
-def test_offline_ltkd_from_a_teacher_trained_earlier(ray_cluster, tmp_path):
-    """Step 1 trains a teacher alone; step 2 loads it frozen through `mlflow:EXPERIMENT/PEER` and
-    distills it with LTKD into a student on a long-tailed training set."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    teacher_alone = {"name": "teacher-alone", "data": {"batch_size": 256}, "train": {"epochs": 1},
-                     "peers": {"teacher": {"model": "cnn_small"}}}
-    assert main([str(write_topology(tmp_path, teacher_alone)), "--tracking-uri", uri,
-                 "--storage", str(tmp_path / "ray")]) == 0
+def offline_ltkd_from(first, uri: str, tmp_path: Path) -> None:
+    """Offline LTKD: the teacher of a finished run (``first``, experiment e2e-three), loaded frozen
+    through `mlflow:EXPERIMENT/PEER`, distilled with LTKD into a student on a long-tailed training set."""
     offline = {
         "name": "offline", "data": {"batch_size": 256, "long_tail": {"imbalance": 10}}, "train": {"epochs": 1},
-        "peers": {"teacher": {"model": "cnn_small", "frozen": True, "checkpoint": "mlflow:teacher-alone/teacher"},
+        "peers": {"teacher": {"model": "cnn_small", "frozen": True, "checkpoint": "mlflow:e2e-three/teacher"},
                   "student": {"model": "mlp"}},
         "edges": [{"from": "teacher", "to": "student", "loss": "ltkd"}],
     }
     assert main([str(write_topology(tmp_path, offline)), "--tracking-uri", uri,
                  "--storage", str(tmp_path / "ray")]) == 0
-    client, first = finished_run(uri, "teacher-alone")
-    _, second = finished_run(uri, "offline")
+    client, second = finished_run(uri, "offline")
     before = Path(mlflow.artifacts.download_artifacts(run_id=first.info.run_id, artifact_path="weights/teacher.pt",
                                                       tracking_uri=uri, dst_path=str(tmp_path / "a")))
     after = Path(mlflow.artifacts.download_artifacts(run_id=second.info.run_id, artifact_path="weights/teacher.pt",

@@ -23,7 +23,7 @@ TOPOLOGY = {
     "name": "faults",
     "seed": 5,
     "data": {"dataset": "digits", "batch_size": 16},
-    "train": {"epochs": 5, "optimizer": {"lr": 0.02}, "max_failures": 2, "check_batches_every": 20},
+    "train": {"epochs": 4, "optimizer": {"lr": 0.02}, "max_failures": 2, "check_batches_every": 20},
     # Dropout draws from every worker's RNG each step: a restarted or resumed run ends like the
     # uninterrupted one only if the checkpoint restored the RNG (without it, these tests fail).
     "peers": {"teacher": {"model": "cnn_medium", "model_args": {"dropout": 0.3}},
@@ -126,7 +126,7 @@ def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(uninterrupted
     assert codes == [0]
     run = the_run(uri)
     assert run.info.status == "FINISHED"
-    assert logged_epochs(uri) == [1, 2, 3, 4, 5]  # no gap, no step logged twice
+    assert logged_epochs(uri) == [1, 2, 3, 4]  # no gap, no step logged twice
     for key in COMPARED:
         assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
@@ -144,7 +144,7 @@ def test_a_codistilling_cohort_restarts_from_its_checkpoint_with_fresh_snapshots
     thread.join(timeout=400)
     assert codes == [0]
     run = the_run(uri)
-    assert run.info.status == "FINISHED" and logged_epochs(uri) == [1, 2, 3, 4, 5]
+    assert run.info.status == "FINISHED" and logged_epochs(uri) == [1, 2, 3, 4]
     assert run.data.metrics["student/staleness_teacher"] >= 0 and run.data.metrics["teacher/staleness_student"] >= 0
 
 
@@ -185,12 +185,12 @@ def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
     assert run.info.status == "KILLED"
     assert f"--resume {run.info.run_id}" in err
     done = logged_epochs(uri)
-    assert 1 <= len(done) < 5
+    assert 1 <= len(done) < 4
 
     assert main(["--resume", run.info.run_id, "--tracking-uri", uri]) == 0
     run = the_run(uri)
     assert run.info.status == "FINISHED"
-    assert logged_epochs(uri) == [1, 2, 3, 4, 5]
+    assert logged_epochs(uri) == [1, 2, 3, 4]
     for key in COMPARED:
         assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 

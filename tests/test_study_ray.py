@@ -30,7 +30,7 @@ STUDY = {
 
 
 @pytest.mark.ray
-def test_study_interrupted_resumed_and_reported(tmp_path):
+def test_study_interrupted_resumed_and_reported(tmp_path, capsys):
     import mlflow
 
     path = tmp_path / "tiny.yaml"
@@ -87,11 +87,15 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     assert {"study.yaml", "tables/tables.csv", "tables/tables.tex", "figures/metric_acc.png",
             "figures/reliability_student.png"} <= parent_files
 
-    report = subprocess.run(command[:4] + ["--tracking-uri", uri, "--report", "--format", "markdown",
-                                           "--out", str(tmp_path / "again"), "--register", "student=tiny-best"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
-    assert "4 of 4 runs done" in report.stdout and "| dml | net_b | 2 |" in report.stdout
+    # --report reads MLflow only (no Ray): in this process.
+    from cohort.study import main as study_main
+
+    capsys.readouterr()
+    code = study_main([str(path), "--tracking-uri", uri, "--report", "--format", "markdown",
+                       "--out", str(tmp_path / "again"), "--register", "student=tiny-best"])
+    report = capsys.readouterr()
+    assert code == 0, report.err
+    assert "4 of 4 runs done" in report.out and "| dml | net_b | 2 |" in report.out
     assert (tmp_path / "again" / "reliability_teacher.png").is_file()
     # The best arm (the student's mean top-1) and its best seed give the registered student.
     def student_acc(run):
@@ -104,7 +108,7 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     top = max(means.values())
     best = {run.info.run_id for name, runs in by_arm.items() if means[name] == top
             for run in runs if student_acc(run) == max(map(student_acc, runs))}  # ties: any of them
-    assert "'tiny-best' version 1" in report.stdout, report.stdout
+    assert "'tiny-best' version 1" in report.out, report.out
     version = mlflow.tracking.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-best", "1")
     assert version.run_id in best
 
@@ -127,7 +131,7 @@ def test_study_interrupted_resumed_and_reported(tmp_path):
     for arm in ("dml", "bdkd"):
         mean, std = statistics.mean(acc[arm].values()), statistics.stdev(acc[arm].values())
         assert (student.loc[arm, "acc_mean"], student.loc[arm, "acc_std"]) == (pytest.approx(mean), pytest.approx(std))
-        assert f"| {arm} | {student.loc[arm, 'peer']} | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in report.stdout
+        assert f"| {arm} | {student.loc[arm, 'peer']} | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in report.out
     one = api.table("student", "acc")
     assert one.loc["bdkd", "pairs"] == 2
     assert one.loc["bdkd", "difference"] == pytest.approx(statistics.mean(acc["bdkd"][seed] - acc["dml"][seed]
