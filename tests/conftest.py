@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,34 +71,69 @@ def empty_mlflow_store(tmp_path_factory):
     return copy
 
 
-# Steps run in order in one fresh interpreter (the `fresh_interpreter` fixture); each test that
-# asks what a step imported reads its own entry.
+# Steps run in order in one fresh interpreter (the `fresh_interpreter` fixture): what each has
+# imported, and the value it leaves in RESULT, are what the tests that ask for it check. OUT is a
+# folder of the step's own.
 FRESH_STEPS = {
     "import cohort": "import cohort; cohort.run_study, cohort.sweep, cohort.evaluate_run, cohort.read_study",
-    "model names": ("from cohort.models import model_exists, known_models\n"
-                    "assert model_exists('resnet8') and model_exists('torchvision:resnet18')\n"
-                    "assert 'timm:<name>' in known_models()"),
-    "reliability diagram": ("import torch\nfrom cohort.metrics import reliability as R\n"
-                            "R.reliability_diagram(R.reliability_bins(torch.randn(50, 4), torch.randint(0, 4, (50,))),"
-                            " OUT / 'x.png', 't')"),
+    "model names": """
+        from cohort.models import model_exists, known_models
+        assert model_exists('resnet8') and model_exists('torchvision:resnet18')
+        assert 'timm:<name>' in known_models()
+    """,
+    "reliability diagram": """
+        import torch
+        from cohort.metrics import reliability as R
+        R.reliability_diagram(R.reliability_bins(torch.randn(50, 4), torch.randint(0, 4, (50,))), OUT / 'x.png', 't')
+    """,
+    # Last: it puts a copy of cohort in the place of this checkout's.
+    "a new loss file and a new gate file": """
+        import shutil
+        import cohort
+        shutil.copytree(pathlib.Path(cohort.__file__).parent, OUT / 'cohort', ignore=shutil.ignore_patterns('__pycache__'))
+        (OUT / 'cohort' / 'losses' / 'my_loss.py').write_text(
+            "from .registry import register_loss\\n"
+            "@register_loss('my_loss')\\n"
+            "def my_loss(receiver, sender, scale: float = 2.0):\\n"
+            "    return scale * (receiver - sender).pow(2).mean(dim=-1)\\n")
+        (OUT / 'cohort' / 'gates' / 'always.py').write_text(
+            "from .registry import register_gate\\n"
+            "@register_gate('always')\\n"
+            "def always(teacher_logits, student_logits):\\n"
+            "    return True\\n")
+        for name in [m for m in sys.modules if m == 'cohort' or m.startswith('cohort.')]:
+            del sys.modules[name]
+        sys.path.insert(0, str(OUT))
+        import cohort.gates, cohort.losses
+        assert cohort.losses.__file__.startswith(str(OUT)), cohort.losses.__file__
+        found = cohort.losses.LOSSES.get('my_loss')
+        RESULT = {'my_loss': found.params if found else None, 'gates': sorted(cohort.gates.GATES)}
+    """,
 }
+
+
+@dataclass(frozen=True)
+class FreshStep:
+    modules: frozenset[str]  # what the interpreter held after the step
+    result: object  # the step's RESULT (JSON), None if it set none
 
 
 @pytest.fixture(scope="session")
 def fresh_interpreter(tmp_path_factory):
-    """``modules_after(step) -> set``: the modules a fresh interpreter holds after a step of
-    FRESH_STEPS. The steps run in order in one subprocess (Python and torch start once, not once per
-    test), with only this checkout's cohort on the path and no PATH; a step that raised fails the
-    test that asks for it, with the step's traceback."""
+    """``after(step) -> FreshStep`` for the steps of FRESH_STEPS, run in order in one subprocess
+    (Python and torch start once, not once per test), with only this checkout's cohort on the path
+    and no PATH; a step that raised fails the test that asks for it, with the step's traceback."""
     import json
     import subprocess
+    import textwrap
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("fresh")
-    code = ["import json, pathlib, sys, traceback", f"OUT = pathlib.Path({str(out)!r})", "seen = {}"]
+    code = ["import json, pathlib, sys, traceback", "seen = {}"]
     for step, body in FRESH_STEPS.items():
-        code += ["try:", *(f"    {line}" for line in body.splitlines()),
-                 f"    seen[{step!r}] = sorted(sys.modules)",
+        out = tmp_path_factory.mktemp("fresh")
+        code += [f"OUT, RESULT = pathlib.Path({str(out)!r}), None", "try:",
+                 textwrap.indent(textwrap.dedent(body).strip(), "    "),
+                 f"    seen[{step!r}] = {{'modules': sorted(sys.modules), 'result': RESULT}}",
                  "except Exception:",
                  f"    seen[{step!r}] = traceback.format_exc()"]
     code.append("print(json.dumps(seen))")
@@ -106,12 +142,12 @@ def fresh_interpreter(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.splitlines()[-1])
 
-    def modules_after(step: str) -> set[str]:
+    def after(step: str) -> FreshStep:
         if isinstance(seen[step], str):
             pytest.fail(f"{step}, in a fresh interpreter, raised:\n{seen[step]}")
-        return set(seen[step])
+        return FreshStep(frozenset(seen[step]["modules"]), seen[step]["result"])
 
-    return modules_after
+    return after
 
 
 @pytest.fixture

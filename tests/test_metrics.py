@@ -429,7 +429,7 @@ def test_reliability_diagram_writes_png(tmp_path):
 
 def test_reliability_diagram_does_not_touch_pyplot(fresh_interpreter):
     # In a fresh interpreter: drawing must not import pyplot (which would select a global backend).
-    loaded = fresh_interpreter("reliability diagram")
+    loaded = fresh_interpreter("reliability diagram").modules
     assert "matplotlib.figure" in loaded and "matplotlib.pyplot" not in loaded
 
 
