@@ -76,8 +76,9 @@ def wait_for_epoch(uri: str, epoch: int, timeout: float = 240) -> None:
     raise AssertionError(f"epoch {epoch} was not logged within {timeout}s")
 
 
-def train_workers(ancestor: int | None = None) -> list[int]:
-    """PIDs of Ray Train worker processes (below ``ancestor`` when given)."""
+def train_workers(ancestor: int | None = None, title: str = "RayTrainWorker") -> list[int]:
+    """PIDs of Ray Train worker processes, or of those whose command line holds ``title`` (below
+    ``ancestor`` when given)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -86,7 +87,7 @@ def train_workers(ancestor: int | None = None) -> list[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "RayTrainWorker" in command and (ancestor is None or _descends_from(int(entry.name), ancestor)):
+        if title in command and (ancestor is None or _descends_from(int(entry.name), ancestor)):
             found.append(int(entry.name))
     return sorted(found)
 
@@ -169,6 +170,9 @@ def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
         for line in driver.stdout:
             if line.startswith("epoch 2/"):
                 break
+        # The command's own Ray has no autoscaler to tell the fit's resources: Ray Data's autoscaling
+        # coordinator (a detached actor the first fit of a Ray otherwise starts) is not there.
+        assert train_workers(driver.pid) and not train_workers(driver.pid, "AutoscalingCoordinator")
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:

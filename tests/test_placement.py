@@ -211,3 +211,34 @@ def test_the_cohort_trainer_starts_no_datasets_manager_and_a_cleaner_only_in_a_t
     assert ray_own - callbacks(cohort_trainer_class(stoppable=True)) == {"DatasetsCallback"}
     # Given Ray Datasets (cohort never does), the trainer is Ray's own.
     assert callbacks(cohort_trainer_class(), datasets={"train": [1]}) == ray_own
+
+
+def test_a_cohort_trainer_on_a_ray_started_here_asks_no_autoscaler(tmp_path, monkeypatch):
+    """On a Ray the command started on its machine there is no autoscaler to tell a fit's resources:
+    the controller gets Ray's fixed scaling policy without its calls to Ray Data's autoscaling
+    coordinator (one more process, waited for before the workers start). Elsewhere, Ray's own."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    from cohort.driver import trainer as module
+    from cohort.driver.cluster import started_here
+
+    assert not started_here()  # no Ray in this process
+    silent = module.silent_scaling_policy_class()
+    assert silent is not None and silent.__base__ is FixedScalingPolicy  # a Ray that renamed it fails here
+    policy = silent(scaling_config=ScalingConfig(num_workers=2))
+    # Every call Ray's policy makes to the coordinator (an actor, so a Ray to reach) is a no-op here.
+    policy.after_controller_start(None)
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+    assert policy.make_decision_for_running_worker_group(None, None).__class__.__name__ == "NoopDecision"
+    policy.before_controller_abort()
+
+    given = []
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kwargs: given.append(kwargs))
+    for resource_requests, expected in ((False, silent), (True, FixedScalingPolicy)):
+        trainer = module.cohort_trainer_class(False, resource_requests)(
+            lambda config: None, scaling_config=ScalingConfig(num_workers=3), run_config=RunConfig(storage_path=str(tmp_path)))
+        trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(trainer.scaling_config), other=1)
+        assert type(given[-1]["scaling_policy"]) is expected and given[-1]["other"] == 1
+        assert given[-1]["scaling_policy"].scaling_config.num_workers == 3

@@ -176,6 +176,7 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
         elif not ray.is_initialized():
             start_local(lambda: ray.init(address=LOCAL, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                                          **quiet), ray.shutdown)
+            STARTED_HERE.add(ray.get_runtime_context().gcs_address)
     except CohortError:
         raise
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
@@ -185,6 +186,18 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
 
 
 LOCAL = "local"
+# The GCS addresses of the Rays this process started on this machine (``started_here``).
+STARTED_HERE: set[str] = set()
+
+
+def started_here() -> bool:
+    """Whether the running Ray is one this process started on this machine (``start_ray`` without an
+    address): a Ray of one machine, with no autoscaler to ask for nodes (cohort.driver.trainer)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address in STARTED_HERE
+
+
 STARTUP_TIMED_OUT = "timed out during startup"
 START_ATTEMPTS = 2
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from cohort.config.errors import CohortError
 from cohort.datasets import DatasetInfo
-from cohort.driver.cluster import timed_start_ray
+from cohort.driver.cluster import started_here, timed_start_ray
 from cohort.topology import Topology
 from cohort.worker.grid import exchange_backend, gpus_needed
 
@@ -207,7 +207,8 @@ def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking
 def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
                  dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False,
-                 pipeline: str | None = None, stoppable: bool = False, abortable: bool = False):
+                 pipeline: str | None = None, stoppable: bool = False, abortable: bool = False,
+                 resource_requests: bool | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
@@ -219,7 +220,10 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     picks for the dataset the workers have; with ``producer`` the workers of each node share one
     (cohort.datasets.producer). ``stoppable``: the fit runs in a Tune trial, which its scheduler may
     kill with the controller; Ray's placement group cleaner then stays (cohort.driver.trainer).
-    ``abortable``: the controller puts its handle in ``progress`` as it starts, for ``abort_fit``."""
+    ``abortable``: the controller puts its handle in ``progress`` as it starts, for ``abort_fit``.
+    ``resource_requests``: the fit passes its resources on to the cluster's autoscaler, as Ray Train
+    does; by default unless this process started the Ray (``started_here``: one machine, no autoscaler;
+    cohort.driver.trainer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -230,7 +234,9 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     storage_path = storage_location(storage)
     resources = topology.resources
     gpus = resources.gpus_per_worker
-    return cohort_trainer_class(stoppable)(
+    if resource_requests is None:
+        resource_requests = not started_here()
+    return cohort_trainer_class(stoppable, resource_requests)(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,

@@ -22,12 +22,14 @@ def run_label(arm: str, seed: int) -> str:
 
 
 def study_trial(config: dict[str, Any], arms: dict[str, dict[str, Any]], objectives: dict[str, str],
-                cpus_per_peer: float, threads: int, storage: str, weights: dict[str, dict[str, Any]]) -> None:
+                cpus_per_peer: float, threads: int, storage: str, weights: dict[str, dict[str, Any]],
+                resource_requests: bool = True) -> None:
     """Tune's trainable of a study: the arm's topology with the run's seed, as one cohort."""
     from cohort.tuning.sweep import cohort_trial
 
     arm, seed = config["run"]["arm"], int(config["run"]["seed"])
-    cohort_trial({"seed": seed}, arms[arm], objectives[arm], cpus_per_peer, threads, storage, weights.get(arm))
+    cohort_trial({"seed": seed}, arms[arm], objectives[arm], cpus_per_peer, threads, storage, weights.get(arm),
+                 resource_requests)
 
 
 def grid(runs: list[tuple[str, int]]) -> dict[str, Any]:

@@ -409,6 +409,7 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
     """The study's runs through Ray Tune (started, or resumed), then the tables and figures."""
     import ray.tune
 
+    from cohort.driver.cluster import started_here
     from cohort.studies.experiment import (
         StudyCallback,
         end_stopped,
@@ -427,7 +428,7 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(study_trial, arms=arms, objectives=objectives, cpus_per_peer=cpus_per_peer,
                                  threads=max(1, int(cpus_per_peer)), storage=str(Path(storage) / f"{study.name}-trainers"),
-                                 weights=weights),
+                                 weights=weights, resource_requests=not started_here()),
         {"CPU": TRIAL_CPU})
     already = sum(o.status in ("FINISHED", "FAILED") for o in outcomes(parent.client, existing)) if existing else 0
     callback = StudyCallback(tracking_uri, study.experiment, parent.run_id, study.name, arms,

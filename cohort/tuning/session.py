@@ -126,7 +126,7 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
           display: Display | None = None) -> SweepResult:
     """The sweep of ``topology`` over the space file through Ray Tune (started, or resumed), then
     its ranked trials and the best topology written to ``out/best_<name>.yaml`` and logged."""
-    from cohort.driver.cluster import start_ray
+    from cohort.driver.cluster import start_ray, started_here
     from cohort.tracking.tracker import Tracker
     from cohort.tuning.search_space import tune_distribution
 
@@ -154,7 +154,8 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(cohort_trial, base=topology.to_dict(), objective=space.metric,
                                  cpus_per_peer=cpus_per_peer, threads=max(1, int(cpus_per_peer)),
-                                 storage=str(Path(storage) / f"{name}-trainers"), weights=weights),
+                                 storage=str(Path(storage) / f"{name}-trainers"), weights=weights,
+                                 resource_requests=not started_here()),
         {"CPU": TRIAL_CPU})
     parent = start_parent(store, space_path, topology, space, samples, name, state_file, state)
     children_file = sweep_dir.parent / f"{name}.children.json"

@@ -51,11 +51,13 @@ class ForwardReports(UserCallback):
 
 
 def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
-                 storage: str, weights: dict[str, Any] | None = None) -> None:
+                 storage: str, weights: dict[str, Any] | None = None, resource_requests: bool = True) -> None:
     """Tune's function trainable: one whole cohort with the sampled values applied.
 
     The cohort starts from Tune's checkpoint when there is one (PBT's exploit, or a resumed
     sweep), with this trial's values, and reports each epoch with its checkpoint to Tune.
+    ``resource_requests``: whether its fit tells the cluster's autoscaler its resources (no: the
+    sweep's driver started this Ray on its machine; ``cohort.driver.launch.make_trainer``).
     """
     import queue
     import uuid
@@ -77,7 +79,8 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # last checkpoint instead of starting from the one Tune hands this trial.
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
                            objective=objective, callbacks=(ForwardReports(reports),),
-                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True)
+                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True,
+                           resource_requests=resource_requests)
     thread, outcome = fit_in_background(trainer)
     while thread.is_alive() or not reports.empty():
         try:
