@@ -480,8 +480,8 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
     """data.pipeline: producer (cohort.datasets.producer): the node's producer has each batch made once
     for both peers, by its two decoders (data.decoders: Ray actors), and is killed once it holds the
     first ones (Ray restarts it, and it starts new decoders; the workers ask again for the batches it
-    lost). Same batches, same fingerprints and the same weights as every worker making its own
-    batches (data.pipeline: peers)."""
+    lost). The peers train on the batches every worker would make for itself (data.pipeline: peers),
+    as computed here without Ray: their fingerprint is the plan's."""
 
     import numpy as np
     from PIL import Image
@@ -499,30 +499,14 @@ def test_a_batch_producer_gives_the_peers_their_batches_and_survives_being_kille
             "data": {"dataset": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16, "batch_size": 4},
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
-    def trained(pipeline: str):
-        decoders = {"decoders": 2} if pipeline == "producer" else {}
-        topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": pipeline, **decoders}})
-        trainer = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), f"producer-{pipeline}", pipeline=pipeline)
-        if pipeline == "producer":
-            with killer:
-                result = trainer.fit()
-        else:
-            result = trainer.fit()
-        with result.checkpoint.as_directory() as folder:
-            weights = {peer: torch.load(Path(folder) / f"{peer}.pt", weights_only=True) for peer in ("a", "b")}
-        return result.metrics, weights
-
-    killer = ProducerKiller()
-    produced, produced_weights = trained("producer")
+    topology = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": "producer", "decoders": 2}})
+    trainer = make_trainer(topology, 0.5, 1, str(tmp_path / "ray"), "producer", pipeline="producer")
+    with ProducerKiller() as killer:
+        produced = trainer.fit().metrics
     assert killer.killed == [True], "the producer was not killed and restarted mid-run"
-    own, own_weights = trained("peers")
-    assert produced["cohort/batches_identical"] == own["cohort/batches_identical"] == 1.0
-    assert produced["cohort/fingerprints"] == own["cohort/fingerprints"]
-    for peer in ("a", "b"):
-        assert produced_weights[peer].keys() == own_weights[peer].keys()
-        for key, value in own_weights[peer].items():
-            assert torch.equal(produced_weights[peer][key], value), f"{peer}.{key}"
-
+    assert produced["cohort/batches_identical"] == 1.0
+    own = topology_from_dict({**spec, "data": {**spec["data"], "pipeline": "peers"}})
+    assert produced["cohort/fingerprints"] == dict.fromkeys(("a", "b"), expected_fingerprint(own))
 
 
 @pytest.mark.ray
