@@ -49,8 +49,17 @@ def ray_cluster():
     finally:
         if before is None:
             os.environ.pop(RAY_TRAIN_METRICS, None)
-    yield ray
+    yield as_started_here(ray)
     ray.shutdown()
+
+
+def as_started_here(ray):
+    """The Ray just started counts as one a command started on this machine (no autoscaler: its fits
+    ask Ray Data's autoscaling coordinator nothing, cohort.driver.trainer), as the commands' Rays do."""
+    from cohort.driver.cluster import STARTED_HERE
+
+    STARTED_HERE.add(ray.get_runtime_context().gcs_address)
+    return ray
 
 
 @pytest.fixture(scope="session")

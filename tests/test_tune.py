@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import as_started_here
 
 from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
@@ -307,7 +308,7 @@ def ray_cluster():
     # release the workers of trials that ASHA stops.
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              logging_level="ERROR")
-    yield ray
+    yield as_started_here(ray)
     ray.shutdown()
 
 
