@@ -76,9 +76,9 @@ def wait_for_epoch(uri: str, epoch: int, timeout: float = 240) -> None:
     raise AssertionError(f"epoch {epoch} was not logged within {timeout}s")
 
 
-def train_workers(ancestor: int | None = None, title: str = "RayTrainWorker") -> list[int]:
-    """PIDs of Ray Train worker processes, or of those whose command line holds ``title`` (below
-    ``ancestor`` when given)."""
+def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) -> list[int]:
+    """PIDs of the processes whose command line holds ``title`` (Ray's actor class: by default Ray
+    Train's workers), below ``ancestor`` when given."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -105,7 +105,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 
 def kill_a_worker() -> None:
-    workers = train_workers()
+    workers = ray_processes()
     assert workers, "no Ray Train worker to kill"
     os.kill(workers[-1], signal.SIGKILL)
 
@@ -172,7 +172,7 @@ def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
                 break
         # The command's own Ray has no autoscaler to tell the fit's resources: Ray Data's autoscaling
         # coordinator (a detached actor the first fit of a Ray otherwise starts) is not there.
-        assert train_workers(driver.pid) and not train_workers(driver.pid, "AutoscalingCoordinator")
+        assert ray_processes(ancestor=driver.pid) and not ray_processes("AutoscalingCoordinator", driver.pid)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:
