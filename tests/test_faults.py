@@ -92,6 +92,14 @@ def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) ->
     return sorted(found)
 
 
+def maps_torch(pid: int) -> bool:
+    """Whether the process has torch's library in its memory (it imported torch)."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
@@ -173,6 +181,9 @@ def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
         # The command's own Ray has no autoscaler to tell the fit's resources: Ray Data's autoscaling
         # coordinator (a detached actor the first fit of a Ray otherwise starts) is not there.
         assert ray_processes(ancestor=driver.pid) and not ray_processes("AutoscalingCoordinator", driver.pid)
+        # Ray Train's controller trains nothing and imports no torch (cohort.driver.process_group).
+        controllers = ray_processes("TrainController", driver.pid)
+        assert controllers and not any(maps_torch(pid) for pid in controllers)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:

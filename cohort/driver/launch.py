@@ -226,8 +226,8 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     cohort.driver.trainer)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
+    from cohort.driver.process_group import ProcessGroupConfig
     from cohort.driver.trainer import cohort_trainer_class, controller_announcer_class
     from cohort.worker.loop import train_cohort
 
@@ -256,7 +256,8 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
             accelerator_type=resources.accelerator_type,
             label_selector=dict(resources.node_labels) or None,
         ),
-        torch_config=TorchConfig(backend=exchange_backend(resources.use_gpu, gpus).name),
+        # Ray's TorchConfig, without torch in the controller (cohort.driver.process_group).
+        torch_config=ProcessGroupConfig(backend=exchange_backend(resources.use_gpu, gpus).name),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

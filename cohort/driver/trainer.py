@@ -149,3 +149,25 @@ def controller_announcer_class() -> type:
             self.queue.put({CONTROLLER: ray.get_runtime_context().current_actor})
 
     return AnnounceController
+
+
+@functools.cache
+def report_forwarder_class() -> type:
+    """A Ray Train callback (it runs in the trainer's controller) that hands every epoch's report, with
+    the checkpoint Train has just persisted, to a Tune trial's own process through its queue:
+    ``(metrics, checkpoint)``.
+
+    Ray's ``TuneReportCallback`` forwards the metrics alone; PBT copies a better trial's checkpoint
+    into a worse one, and a resumed sweep continues unfinished trials from theirs, so Tune must
+    receive the checkpoints too. Made here, in a module that imports neither torch nor cohort's
+    topology: the controller unpickles it, and imports no torch for it."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, reports):
+            self.reports = reports
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.put((metrics[0], checkpoint))
+
+    return ForwardReports

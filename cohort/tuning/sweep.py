@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
-
 from cohort.config.errors import CohortError
 from cohort.console.display import Display, RunsDisplay, count_trials, runtime_mode
 from cohort.topology import Topology
@@ -34,22 +32,6 @@ def trial_topology(base: dict[str, Any], sampled: dict[str, Any]):
 # --------------------------------------------------------------------------- one trial
 
 
-class ForwardReports(UserCallback):
-    """Ray Train callback (it runs in the trainer's controller): hands every epoch's report, with
-    the checkpoint Train has just persisted, to the trial's own process.
-
-    Ray's ``TuneReportCallback`` forwards the metrics alone; PBT copies a better trial's
-    checkpoint into a worse one, and a resumed sweep continues unfinished trials from theirs, so
-    Tune must receive the checkpoints too.
-    """
-
-    def __init__(self, reports):
-        self.reports = reports
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.reports.put((metrics[0], checkpoint))
-
-
 def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
                  storage: str, weights: dict[str, Any] | None = None, resource_requests: bool = True) -> None:
     """Tune's function trainable: one whole cohort with the sampled values applied.
@@ -66,6 +48,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     from ray.util.queue import Queue
 
     from cohort.driver.launch import fit_in_background, make_trainer
+    from cohort.driver.trainer import report_forwarder_class
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
     topology = trial_topology(base, sampled)
@@ -78,7 +61,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # A fresh Train run each time: Train would otherwise resume the run of that name from its own
     # last checkpoint instead of starting from the one Tune hands this trial.
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
-                           objective=objective, callbacks=(ForwardReports(reports),),
+                           objective=objective, callbacks=(report_forwarder_class()(reports),),
                            initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True,
                            resource_requests=resource_requests)
     thread, outcome = fit_in_background(trainer)
