@@ -62,6 +62,34 @@ def as_started_here(ray):
     return ray
 
 
+def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) -> list[int]:
+    """PIDs of the processes whose command line holds ``title`` (Ray's actor class: by default Ray
+    Train's workers), below ``ancestor`` when given."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title in command and (ancestor is None or _descends_from(int(entry.name), ancestor)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
 @pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory):
     """``copy(path) -> uri``: an empty MLflow store (sqlite) at ``path``, copied from one made once per

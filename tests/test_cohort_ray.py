@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import ray_processes
 
 from cohort import losses
 from cohort.datasets import load_dataset
@@ -186,7 +188,10 @@ def test_three_peer_cohort_end_to_end(ray_cluster, tmp_path, capsys):
     assert "--severity" in capsys.readouterr().err
 
     # The trained teacher, frozen, distilled offline in a second run (one training less for the suite).
+    # It takes the first run's progress queue: no second queue actor (cohort.driver.launch.progress_queue).
+    queues = ray_processes("_QueueActor", os.getpid())
     offline_ltkd_from(run, uri, tmp_path)
+    assert len(queues) == 1 and ray_processes("_QueueActor", os.getpid()) == queues
 
 
 def _fingerprints_seen(storage: Path) -> str:

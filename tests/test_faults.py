@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ray_processes
 
 from cohort.run import main
 
@@ -76,40 +77,12 @@ def wait_for_epoch(uri: str, epoch: int, timeout: float = 240) -> None:
     raise AssertionError(f"epoch {epoch} was not logged within {timeout}s")
 
 
-def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) -> list[int]:
-    """PIDs of the processes whose command line holds ``title`` (Ray's actor class: by default Ray
-    Train's workers), below ``ancestor`` when given."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if title in command and (ancestor is None or _descends_from(int(entry.name), ancestor)):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
 def maps_torch(pid: int) -> bool:
     """Whether the process has torch's library in its memory (it imported torch)."""
     try:
         return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return False
 
 
 def kill_a_worker() -> None:

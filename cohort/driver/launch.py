@@ -279,6 +279,47 @@ def snapshot_board():
     return ray.remote(num_cpus=0)(SnapshotBoard).remote()
 
 
+# The driver's progress queue between two fits, by Ray session (``progress_queue``).
+_IDLE_PROGRESS: dict[str, Any] = {}
+_PROGRESS_LOCK = threading.Lock()
+
+
+def _ray_session() -> str:
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address} {context.get_node_id()}"
+
+
+def progress_queue():
+    """The queue through which a fit's controller and workers send the driver their messages: a
+    ``ray.util.queue.Queue``, whose actor is one more Python process to start (2–5 CPU-seconds on a
+    2-core VM). A fit that has ended hands its queue back (``return_progress_queue``); the next fit
+    of this process on the same Ray takes it, emptied: a notebook's fits one after another (or a
+    test module's) start one such process, not one each. A fit running beside it gets a new one."""
+    from ray.util.queue import Queue
+
+    session = _ray_session()
+    with _PROGRESS_LOCK:
+        idle = _IDLE_PROGRESS.pop(session, None)
+        _IDLE_PROGRESS.clear()  # a queue of an earlier Ray went with it
+    if idle is not None:
+        try:
+            while not idle.empty():
+                idle.get_nowait()
+            return idle
+        except Exception:  # noqa: BLE001 - its actor is gone: a new queue
+            pass
+    return Queue()
+
+
+def return_progress_queue(queue) -> None:
+    """Hand back the queue of a fit that has ended (nothing sends to it any more), for the next fit."""
+    session = _ray_session()
+    with _PROGRESS_LOCK:
+        _IDLE_PROGRESS[session] = queue
+
+
 def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
     outcome: dict[str, Any] = {}
 

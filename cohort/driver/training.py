@@ -28,6 +28,8 @@ from cohort.driver.launch import (
     fit_in_background,
     make_trainer,
     plan_while_ray_starts,
+    progress_queue,
+    return_progress_queue,
     storage_location,
 )
 from cohort.driver.trainer import CONTROLLER, is_controller_message
@@ -150,12 +152,10 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
           display: Display | None = None) -> Trained:
     """Fit the cohort, show and log each epoch once, and log the final artifacts: the weights,
     each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
-    from ray.util.queue import Queue
-
     from cohort.driver.startup import describe_startup, startup_breakdown
 
     topology = plan.topology
-    progress = Queue()
+    progress = progress_queue()  # the last fit's, when this process has run one on this Ray
     display = display or Display("log")
     # Rank 0's step counter feeds the bar inside an epoch: sent only where a terminal draws it.
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
@@ -200,11 +200,13 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
         print(f"interrupted: continue with python -m cohort.run --resume {tracker.run_id}", file=sys.stderr)
         # The workers stop too (a notebook's Ray outlives this call); a second Ctrl-C stops waiting.
         try:
-            abort_fit(thread, controller, progress)
+            if abort_fit(thread, controller, progress):
+                return_progress_queue(progress)  # the fit ended: nothing sends to it any more
         except KeyboardInterrupt:
             pass
         raise KeyboardInterrupt
     thread.join()
+    return_progress_queue(progress)
     if "error" in outcome:
         tracker.finish("FAILED")
         raise CohortError(f"training failed: {failure_reason(outcome['error'])} "
