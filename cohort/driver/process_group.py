@@ -22,6 +22,8 @@ import dataclasses
 import os
 from datetime import timedelta
 
+import ray
+from ray.exceptions import GetTimeoutError
 from ray.train.backend import Backend, BackendConfig
 
 # Ray Train's default timeout of the process group's operations (TorchConfig.timeout_s).
@@ -121,8 +123,6 @@ class ProcessGroupBackend(Backend):
     share_cuda_visible_devices = True
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        import ray
-
         address, port = worker_group.execute_single(0, address_and_port)
         worker_group.execute(set_rendezvous, address, port)
         worker_group.execute(set_rank_variables)
@@ -131,9 +131,6 @@ class ProcessGroupBackend(Backend):
                  for rank in range(len(worker_group))])
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        import ray
-        from ray.exceptions import GetTimeoutError
-
         try:
             ray.get(worker_group.execute_async(leave_process_group, len(worker_group) > 1), timeout=SHUTDOWN_TIMEOUT_S)
         except GetTimeoutError:
