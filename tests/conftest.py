@@ -78,6 +78,40 @@ def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) ->
     return sorted(found)
 
 
+class WorkersWatch:
+    """While in use, looks at Ray Train's workers every ``every`` seconds: ``workers`` holds every
+    one seen, ``loaded`` those that had a library whose path holds ``library`` in their memory (they
+    imported it)."""
+
+    def __init__(self, library: str, every: float = 0.1):
+        self.library, self.every = library, every
+        self.workers: set[int] = set()
+        self.loaded: set[int] = set()
+
+    def __enter__(self) -> WorkersWatch:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            for pid in ray_processes():
+                try:
+                    maps = Path(f"/proc/{pid}/maps").read_text()
+                except OSError:
+                    continue
+                self.workers.add(pid)
+                if self.library in maps:
+                    self.loaded.add(pid)
+
+
 def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:

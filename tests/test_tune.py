@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import as_started_here
+from conftest import WorkersWatch, as_started_here
 
 from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
@@ -250,6 +250,23 @@ def test_restored_optimizer_takes_the_new_settings_and_keeps_its_schedule():
     assert same.param_groups[0]["lr"] == saved_optimizer["param_groups"][0]["lr"]
 
 
+def test_trials_share_the_sweeps_data_unless_their_values_change_it():
+    from cohort.datasets import dataset_identity
+    from cohort.tuning.sweep import trial_dataset, trial_topology
+
+    def shared(base: dict) -> dict:
+        topology = topology_from_dict(base)
+        return {dataset_identity(topology.data, topology.seed): "the sweep's digits"}
+
+    same = shared(TOPOLOGY)
+    assert trial_dataset(same, trial_topology(TOPOLOGY, {"edges.0.temperature": 2.5})) == "the sweep's digits"
+    assert trial_dataset(same, trial_topology(TOPOLOGY, {"seed": 7})) == "the sweep's digits"  # no split to draw
+    assert trial_dataset(same, trial_topology(TOPOLOGY, {"data.batch_size": 32})) is None
+    held_out = {**TOPOLOGY, "data": {**TOPOLOGY["data"], "val_fraction": 0.1}}
+    assert trial_dataset(shared(held_out), trial_topology(held_out, {"train.optimizer.lr": 0.1})) == "the sweep's digits"
+    assert trial_dataset(shared(held_out), trial_topology(held_out, {"seed": 7})) is None  # another validation split
+
+
 # --------------------------------------------------------------------------- a sweep through Ray Tune
 
 
@@ -331,9 +348,13 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Through the Python API (python -m cohort.tune calls it): its lines as the command's, and its result.
     topology = cohort.load_topology(write(tmp_path, "t.yaml", TOPOLOGY))
-    result = cohort.sweep(topology, write(tmp_path, "s.yaml", space), num_samples=2, tracking_uri=uri,
-                         storage=str(tmp_path / "tune"), out=tmp_path, display="log")
+    with WorkersWatch("sklearn/") as watch:
+        result = cohort.sweep(topology, write(tmp_path, "s.yaml", space), num_samples=2, tracking_uri=uri,
+                             storage=str(tmp_path / "tune"), out=tmp_path, display="log")
     out = capsys.readouterr().out
+    # The trials' workers train on the digits the sweep's driver loaded: none imports scikit-learn
+    # to read them itself.
+    assert watch.workers and not watch.loaded, (watch.workers, watch.loaded)
     assert "rank" in out and "best: trial" in out
 
     client = mlflow.tracking.MlflowClient(uri)

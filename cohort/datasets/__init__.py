@@ -21,6 +21,7 @@ from cohort.datasets.registry import (
     DATASET_SETTINGS,
     DATASETS,
     DatasetSpec,
+    dataset_identity,
     describe_dataset,
     load_dataset,
     refused_setting,
@@ -36,7 +37,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Batch", "CohortDataset", "DatasetInfo", "TensorSplits", "ImageArrays", "LongTailed", "DatasetSpec",
-    "DATASETS", "DATASET_SETTINGS", "register_dataset", "load_dataset", "describe_dataset", "refused_setting",
+    "DATASETS", "DATASET_SETTINGS", "register_dataset", "load_dataset", "dataset_identity", "describe_dataset", "refused_setting",
     "batch_indices", "batch_seed", "epoch_order", "class_counts", "need_root", "long_tail_counts",
     "class_balanced_batches", "check_sampler",
 ]

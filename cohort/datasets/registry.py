@@ -9,6 +9,7 @@ several names). A topology that gives a dataset a setting its loader does not ta
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -154,6 +155,14 @@ def load_dataset(config: Any, seed: int = 0) -> CohortDataset:
     if getattr(config, "val_fraction", 0):
         dataset = ValidationSplit(dataset, config.val_fraction, seed)
     return dataset
+
+
+def dataset_identity(config: Any, seed: int = 0) -> str:
+    """What ``load_dataset(config, seed)`` depends on, as text: two topologies of one identity load
+    the same data. The whole data section counts (a streamed table's batches follow the batch size);
+    the seed only where it draws the validation split."""
+    return json.dumps({"data": config.model_dump(mode="json"), "seed": seed if getattr(config, "val_fraction", 0) else None},
+                      sort_keys=True)
 
 
 def describe_dataset(config: Any) -> DatasetInfo:

@@ -210,7 +210,8 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
                  pipeline: str | None = None, stoppable: bool = False, abortable: bool = False,
                  resource_requests: bool | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
-    every worker (identical data for all, decoded once); without it each worker loads its own.
+    every worker (identical data for all, decoded once), or already there (an ObjectRef: a sweep's
+    trials share their driver's); without it each worker loads its own.
     ``weights``: {peer: state_dict} of the peers' checkpoints (``load_checkpoints``), each put in the
     object store for that peer's workers; a peer without them reads its checkpoint's path.
     ``train_loop``: what the workers run, default ``cohort.worker.loop.train_cohort`` (a benchmark wraps
@@ -240,7 +241,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
-                           "dataset": ray.put(dataset) if dataset is not None else None,
+                           "dataset": dataset if dataset is None or isinstance(dataset, ray.ObjectRef) else ray.put(dataset),
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()},
                            # Codistillation: the run's register of published weights (cohort.worker.snapshots).
                            "snapshot_board": snapshot_board() if topology.exchange.snapshot else None,

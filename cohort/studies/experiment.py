@@ -23,13 +23,22 @@ def run_label(arm: str, seed: int) -> str:
 
 def study_trial(config: dict[str, Any], arms: dict[str, dict[str, Any]], objectives: dict[str, str],
                 cpus_per_peer: float, threads: int, storage: str, weights: dict[str, dict[str, Any]],
-                resource_requests: bool = True) -> None:
-    """Tune's trainable of a study: the arm's topology with the run's seed, as one cohort."""
+                resource_requests: bool = True, datasets: dict[str, Any] | None = None) -> None:
+    """Tune's trainable of a study: the arm's topology with the run's seed, as one cohort
+    (``datasets``: the runs' data, decoded once by the study's driver: ``run_datasets``)."""
     from cohort.tuning.sweep import cohort_trial
 
     arm, seed = config["run"]["arm"], int(config["run"]["seed"])
     cohort_trial({"seed": seed}, arms[arm], objectives[arm], cpus_per_peer, threads, storage, weights.get(arm),
-                 resource_requests)
+                 resource_requests, datasets)
+
+
+def run_datasets(arms: dict[str, dict[str, Any]], runs: list[tuple[str, int]]) -> dict[str, Any]:
+    """Each distinct dataset of the study's runs (an arm with a seed), loaded once here and put in
+    Ray's object store for their workers (``cohort.tuning.sweep.share_datasets``)."""
+    from cohort.tuning.sweep import share_datasets, trial_topology
+
+    return share_datasets(trial_topology(arms[arm], {"seed": seed}) for arm, seed in runs)
 
 
 def grid(runs: list[tuple[str, int]]) -> dict[str, Any]:

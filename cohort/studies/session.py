@@ -415,6 +415,7 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
         end_stopped,
         grid,
         objective_key,
+        run_datasets,
         study_trial,
     )
     from cohort.studies.results import outcomes
@@ -428,7 +429,8 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(study_trial, arms=arms, objectives=objectives, cpus_per_peer=cpus_per_peer,
                                  threads=max(1, int(cpus_per_peer)), storage=str(Path(storage) / f"{study.name}-trainers"),
-                                 weights=weights, resource_requests=not started_here()),
+                                 weights=weights, resource_requests=not started_here(),
+                                 datasets=run_datasets(arms, runs)),
         {"CPU": TRIAL_CPU})
     already = sum(o.status in ("FINISHED", "FAILED") for o in outcomes(parent.client, existing)) if existing else 0
     callback = StudyCallback(tracking_uri, study.experiment, parent.run_id, study.name, arms,

@@ -30,6 +30,7 @@ from cohort.tuning.sweep import (
     plan_resources,
     ranked_trials,
     sampled_text,
+    share_datasets,
     short_value,
     unfinished_trials,
 )
@@ -151,11 +152,13 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
     if not resume and sweep_dir.exists():
         raise CohortError(f"a sweep named {name!r} exists in {storage}: --resume it, or choose another --name")
 
+    # The data, decoded once here for every trial whose sampled values keep it.
+    datasets = share_datasets([topology])
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(cohort_trial, base=topology.to_dict(), objective=space.metric,
                                  cpus_per_peer=cpus_per_peer, threads=max(1, int(cpus_per_peer)),
                                  storage=str(Path(storage) / f"{name}-trainers"), weights=weights,
-                                 resource_requests=not started_here()),
+                                 resource_requests=not started_here(), datasets=datasets),
         {"CPU": TRIAL_CPU})
     parent = start_parent(store, space_path, topology, space, samples, name, state_file, state)
     children_file = sweep_dir.parent / f"{name}.children.json"

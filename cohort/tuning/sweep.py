@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,41 @@ def trial_topology(base: dict[str, Any], sampled: dict[str, Any]):
 # --------------------------------------------------------------------------- one trial
 
 
+def share_datasets(topologies: Iterable[Topology]) -> dict[str, Any]:
+    """The data of these topologies (a sweep's, a study's runs'), each distinct dataset loaded here
+    once and put in Ray's object store: {``dataset_identity``: its ObjectRef}. Every trial whose
+    topology loads one of them hands it to its workers (``trial_dataset``), as ``cohort.run`` does:
+    one decoded copy for the whole sweep instead of one per worker of every trial, and a dataset
+    that cannot be read stops the sweep before its first trial."""
+    import ray
+
+    from cohort.datasets import dataset_identity, load_dataset
+
+    shared: dict[str, Any] = {}
+    for topology in topologies:
+        key = dataset_identity(topology.data, topology.seed)
+        if key not in shared:
+            shared[key] = ray.put(load_dataset(topology.data, topology.seed))
+    return shared
+
+
+def trial_dataset(shared: dict[str, Any], topology: Topology):
+    """The shared dataset (an ObjectRef) of a trial's topology; None when its sampled values load
+    other data (a sampled ``data.*`` setting, or a seed that draws the validation split): its
+    workers then load it themselves."""
+    from cohort.datasets import dataset_identity
+
+    return shared.get(dataset_identity(topology.data, topology.seed))
+
+
 def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, cpus_per_peer: float, threads: int,
-                 storage: str, weights: dict[str, Any] | None = None, resource_requests: bool = True) -> None:
+                 storage: str, weights: dict[str, Any] | None = None, resource_requests: bool = True,
+                 datasets: dict[str, Any] | None = None) -> None:
     """Tune's function trainable: one whole cohort with the sampled values applied.
 
     The cohort starts from Tune's checkpoint when there is one (PBT's exploit, or a resumed
     sweep), with this trial's values, and reports each epoch with its checkpoint to Tune.
+    ``datasets``: the sweep's data, loaded once by its driver (``share_datasets``).
     ``resource_requests``: whether its fit tells the cluster's autoscaler its resources (no: the
     sweep's driver started this Ray on its machine; ``cohort.driver.launch.make_trainer``).
     """
@@ -63,6 +93,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
                            objective=objective, callbacks=(report_forwarder_class()(reports),),
                            initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True,
+                           dataset=trial_dataset(datasets or {}, topology),
                            resource_requests=resource_requests)
     thread, outcome = fit_in_background(trainer)
     while thread.is_alive() or not reports.empty():
