@@ -124,22 +124,28 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_store(tmp_path_factory):
-    """``copy(path) -> uri``: an empty MLflow store (sqlite) at ``path``, copied from one made once per
-    session. Creating a store runs MLflow's migrations (about a second each here); a test whose store
-    is only its setting, not what it checks, takes a copy. Experiments get their artifact locations
-    from cohort's Tracker (or the test), not from where the template was made."""
-    from mlflow.tracking import MlflowClient
+_STORE_TEMPLATE: list[Path] = []
 
-    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{template}").search_experiments()  # the first use creates the tables
 
-    def copy(path: Path) -> str:
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}"
+def empty_store(path: Path) -> str:
+    """The URI of an empty MLflow store (sqlite) at ``path``, copied from one made once per test
+    process. Creating a store runs MLflow's migrations (about a second each here, three in a fresh
+    process); a test whose store is only its setting, not what it checks, takes a copy, and so does a
+    command it starts. Experiments get their artifact locations from cohort's Tracker (or the test),
+    not from where the template was made."""
+    if not _STORE_TEMPLATE:
+        import atexit
+        import tempfile
 
-    return copy
+        from mlflow.tracking import MlflowClient
+
+        folder = tempfile.mkdtemp(prefix="cohort-mlflow-template-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        template = Path(folder) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # the first use creates the tables
+        _STORE_TEMPLATE.append(template)
+    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
 
 
 # Steps run in order in one fresh interpreter (the `fresh_interpreter` fixture): what each has

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import empty_store
 
 from cohort.datasets import describe_dataset, load_dataset
 from cohort.datasets.validation import validation_counts
@@ -201,14 +202,14 @@ class Payload:
         return os.makedirs, (self.marker,)
 
 
-def test_a_pickled_object_in_a_runs_weights_is_one_line_and_never_runs(tmp_path, capsys, empty_mlflow_store):
+def test_a_pickled_object_in_a_runs_weights_is_one_line_and_never_runs(tmp_path, capsys):
     """cohort.evaluate reads a run's weights/<peer>.pt through the loader every checkpoint goes
     through (cohort.worker.peer.read_weights): a pickle payload is one line, and nothing in it executes."""
     from mlflow.tracking import MlflowClient
 
     from cohort.evaluate import main as evaluate
 
-    uri = empty_mlflow_store(tmp_path / "mlflow.db")
+    uri = empty_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "artifacts")))
     topology = topology_from_dict({"name": "t", "peers": {"net": {"model": "mlp_tiny"}}})

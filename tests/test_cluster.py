@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import empty_store
 
 from cohort.run import main
 
@@ -54,7 +55,7 @@ def disconnect_after():
 
 
 def test_a_cohort_runs_across_two_nodes(two_nodes, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     path = tmp_path / "two-nodes.yaml"
     path.write_text(yaml.safe_dump(PAIR, sort_keys=False))
     assert main([str(path), "--address", two_nodes.address, "--tracking-uri", uri,
@@ -75,7 +76,7 @@ def test_codistilling_peers_on_two_nodes_finish_and_report_staleness(two_nodes, 
     """exchange.mode snapshot across nodes: each peer reads the other's weights from the object store
     of the other node, through the run's board; no collective within an epoch."""
     topology = {**PAIR, "name": "two-nodes-snapshot", "exchange": {"mode": "snapshot", "every": 3, "data": "disjoint"}}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     path = tmp_path / "two-nodes-snapshot.yaml"
     path.write_text(yaml.safe_dump(topology, sort_keys=False))
     assert main([str(path), "--address", two_nodes.address, "--tracking-uri", uri,

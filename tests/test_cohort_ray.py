@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ray_processes
+from conftest import empty_store, ray_processes
 
 from cohort import losses
 from cohort.datasets import load_dataset
@@ -284,7 +284,7 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path, excha
     mode (batch norm on the batch's statistics, as the teacher's own forward). The losses, gradients
     and steps are the same, across epochs too (versions count steps over the run). A reader that
     took the newest snapshot instead (a teacher may be a step ahead) fails this test."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     path = write_topology(tmp_path, EQUIVALENCE if exchange is None else {**EQUIVALENCE, "exchange": exchange})
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     _, run = finished_run(uri, "equivalence")
@@ -326,7 +326,7 @@ def test_a_codistilling_fast_peer_does_not_wait_for_the_slow_one_at_epoch_ends(r
     last epoch before the teacher has trained its second-to-last, each epoch still evaluated and
     reported (in order, with the checkpoints). With the epoch barrier (the evaluation's collectives,
     Ray Train's report) the student could not start an epoch before the teacher ended the one before."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     assert main([str(write_topology(tmp_path, UNEVEN)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     client, run = finished_run(uri, "uneven-pace")
 
@@ -528,7 +528,7 @@ def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tm
                      "memory_bound": "5MB", "long_tail": {"imbalance": 2}, "val_fraction": 0.1},
             "train": {"epochs": 2}, "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}, {"from": "b", "to": "a", "loss": "kd"}]}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     # Its producer killed once it holds batches: Ray restarts it, and it reads the row groups of the
     # batches it lost again; the batches stay the plan's.
     with ProducerKiller() as killer:
@@ -550,7 +550,7 @@ def test_a_streamed_parquet_folder_trains_with_identical_batches(ray_cluster, tm
 
 @pytest.mark.ray
 def test_a_run_that_fails_midway_is_marked_failed(ray_cluster, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     # NaN injection: an absurd learning rate on one peer.
     # max_failures 0: a non-finite loss comes back at every restart from the checkpoint (two by default, 50 s here).
     diverging = {**THREE_PEERS, "name": "diverges", "train": {"epochs": 3, "max_failures": 0},
@@ -587,7 +587,7 @@ def test_ctrl_c_in_a_notebook_stops_the_training_too(ray_cluster, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
             return super().write(text)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     long_run = {**THREE_PEERS, "name": "interrupted", "train": {"epochs": 30},
                 "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
                 "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
@@ -610,9 +610,9 @@ def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     assert "too-big.yaml: resources.cpus_per_peer: the cohort needs 12 CPUs" in capsys.readouterr().err
 
 
-def test_unreachable_address(tmp_path, capsys, empty_mlflow_store):
+def test_unreachable_address(tmp_path, capsys):
     path = write_topology(tmp_path, THREE_PEERS)
-    code = main([str(path), "--address", "127.0.0.1:9", "--tracking-uri", empty_mlflow_store(tmp_path / "m.db")])
+    code = main([str(path), "--address", "127.0.0.1:9", "--tracking-uri", empty_store(tmp_path / "m.db")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("--address '127.0.0.1:9': no Ray cluster reachable there"), err
 
@@ -656,7 +656,7 @@ def test_cohort_on_a_cifar10_parquet_slice(ray_cluster, tmp_path, capsys):
         "edges": [{"from": "teacher", "to": "student", "loss": "bdkd"},
                   {"from": "student", "to": "teacher", "loss": "reverse_kd"}],
     }
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     assert main([str(write_topology(tmp_path, topology)), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     assert "1000 train / 500 test images, 10 classes" in capsys.readouterr().out
     _, run = finished_run(uri, "cifar-slice")

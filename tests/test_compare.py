@@ -20,6 +20,7 @@ from cohort.metrics.reliability import ReliabilityBins, reliability_diagram
 from cohort.run import main as run_main
 
 mlflow = pytest.importorskip("mlflow")
+from conftest import empty_store
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -62,7 +63,7 @@ COLUMN_METRICS = {"top-1": "acc", "ECE": "ece", "AdaECE": "adaece", "NLL": "nll"
 class Store:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.uri = f"sqlite:///{folder}/mlflow.db"
+        self.uri = empty_store(folder / "mlflow.db")
         self.client = MlflowClient(self.uri)
         self.runs: dict[str, object] = {}
 

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from conftest import empty_store
 
 from cohort.console.display import (
     CONTROL,
@@ -244,7 +245,7 @@ def test_runs_display_overall_progress():
                                  "left_seconds": 270.0}}
 
 
-def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys, empty_mlflow_store):
+def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys):
     """The sweep's callback (driven with fake trials, MLflow in a file): per-trial lines, each finished
     trial's line led by the runs done / running / pending; JSON lines that parse; the callback still
     pickles (Tune saves it) without its display."""
@@ -257,7 +258,7 @@ def test_a_sweeps_events_under_its_overall_progress(tmp_path, capsys, empty_mlfl
 
     spec = {"name": "s", "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
             "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
-    uri = empty_mlflow_store(tmp_path / "m.db")
+    uri = empty_store(tmp_path / "m.db")
     parent = Tracker(uri, "sweep").start(topology_from_dict(spec), "sweep")
     for mode in ("log", "json"):
         callback = SweepCallback(uri, "sweep", parent, 2, "b/acc", tmp_path / f"{mode}.json", total=3, display=mode)

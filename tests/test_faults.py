@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ray_processes
+from conftest import empty_store, ray_processes
 
 from cohort.run import main
 
@@ -40,7 +40,7 @@ COMPARED = ("teacher/acc", "teacher/nll", "student/acc", "student/nll", "student
 def uninterrupted(ray_cluster, tmp_path_factory):
     """The final metrics of the topology trained without faults."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = empty_store(folder / "mlflow.db")
     assert main([str(write(folder, TOPOLOGY)), "--tracking-uri", uri, "--storage", str(folder / "ray")]) == 0
     return uri, the_run(uri).data.metrics
 
@@ -100,7 +100,7 @@ def run_in_thread(args: list[str]) -> tuple[threading.Thread, list[int]]:
 
 def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(uninterrupted, tmp_path):
     _, expected = uninterrupted
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     thread, codes = run_in_thread([str(write(tmp_path, TOPOLOGY)), "--tracking-uri", uri,
                                    "--storage", str(tmp_path / "ray")])
     wait_for_epoch(uri, 2)
@@ -120,7 +120,7 @@ def test_a_codistilling_cohort_restarts_from_its_checkpoint_then_fails_beyond_ma
     group publishes every peer's restored weights before anyone reads (docs/codistillation.md) and
     trains on, every epoch logged once. A second kill is beyond max_failures (1): the run fails
     cleanly, with one line, marked FAILED. (One training for both: a fit costs more than its epochs.)"""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     topology = {**TOPOLOGY, "exchange": {"mode": "snapshot", "every": 10},
                 "train": {**TOPOLOGY["train"], "max_failures": 1}}
     thread, codes = run_in_thread([str(write(tmp_path, topology)), "--tracking-uri", uri,
@@ -141,7 +141,7 @@ def test_a_codistilling_cohort_restarts_from_its_checkpoint_then_fails_beyond_ma
 
 def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
     _, expected = uninterrupted
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     storage = tmp_path / "ray"
     driver = subprocess.Popen([sys.executable, "-m", "cohort.run", str(write(tmp_path, TOPOLOGY)), "--tracking-uri",
                                uri, "--storage", str(storage)], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import empty_store
 
 from cohort.datasets import load_dataset
 from cohort.run import main
@@ -87,7 +88,7 @@ def reference() -> tuple[dict[str, dict[str, torch.Tensor]], list[float]]:
 
 
 def run_through_ray(tmp_path: Path, config: dict):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     path = tmp_path / "switokd.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0

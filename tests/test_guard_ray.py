@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import empty_store
 
 from cohort.run import main
 
@@ -65,7 +66,7 @@ def test_a_peer_on_other_batches_stops_the_run_with_one_line(ray_cluster, tmp_pa
     path = tmp_path / "guard.yaml"
     path.write_text(yaml.safe_dump(TOPOLOGY if exchange is None else {**TOPOLOGY, "exchange": exchange},
                                    sort_keys=False))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     code = main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import empty_store
 
 from cohort.config.errors import CohortError
 from cohort.datasets import load_dataset
@@ -69,11 +70,11 @@ test_logits.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, empty_mlflow_store):
+def finished(tmp_path_factory):
     """A finished cohort run as the driver leaves it: topology, weights/<peer>.pt, the final
     epoch's metrics, models/<peer> for the trained peers."""
     folder = tmp_path_factory.mktemp("export")
-    uri = empty_mlflow_store(folder / "mlflow.db")
+    uri = empty_store(folder / "mlflow.db")
     data = load_dataset(DataConfig())
     torch.save(build_peer(topology_from_dict({"name": "t", "peers": {"teacher": {"model": "mlp_tiny"}}}), "teacher",
                           data.info).state_dict(), folder / "teacher.pt")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import empty_store
 
 from cohort.run import main
 
@@ -64,7 +65,7 @@ def with_replicas(replicas: int, pair: dict = PAIR) -> dict:
 
 
 def train(folder: Path, topology: dict) -> tuple[str, object]:
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = empty_store(folder / "mlflow.db")
     path = folder / "replicas.yaml"
     path.write_text(yaml.safe_dump(topology, sort_keys=False))
     assert main([str(path), "--tracking-uri", uri, "--storage", str(folder / "ray")]) == 0

@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import empty_store
 
 import cohort
 from cohort.datasets import load_dataset
@@ -126,7 +127,7 @@ def largest_gap(trained, expected) -> float:
 @pytest.mark.parametrize("config, row, images", [(THREE, 10 + 16, 60), (PAIR, 10 + 16 + 80, 30)],
                          ids=["mcl-of-three", "mcl-and-at-pair-with-replicas"])
 def test_representations_train_through_ray_as_the_one_process_total(ray_cluster, tmp_path, config, row, images):
-    result = cohort.train(topology_from_dict(config), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    result = cohort.train(topology_from_dict(config), tracking_uri=empty_store(tmp_path / "mlflow.db"),
                           storage=str(tmp_path / "ray"), display="quiet")
     expected = one_process(config)
     for n in expected:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import empty_store
 from PIL import Image
 
 from cohort.config.errors import CohortError
@@ -308,7 +309,7 @@ def test_without_the_library_one_line(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory, empty_mlflow_store):
+def image_run(tmp_path_factory):
     """A finished cohort run on a parquet table of 32x32 images (2 classes), as the driver leaves one:
     its topology and its peers' final weights (untrained: the metrics' values do not matter here)."""
     from cohort.topology import topology_from_dict
@@ -321,7 +322,7 @@ def image_run(tmp_path_factory, empty_mlflow_store):
         "peers": {"a": {"model": "cnn_small"}, "b": {"model": "cnn_small"}},
         "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
     data = load_dataset(topology.data)
-    uri = empty_mlflow_store(folder / "mlflow.db")
+    uri = empty_store(folder / "mlflow.db")
     tracker = Tracker(uri, topology.experiment)
     run_id = tracker.start(topology)
     (folder / "weights").mkdir()

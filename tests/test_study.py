@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import empty_store
 from scipy import stats
 
 from cohort.console.display import clock, estimate_left
@@ -187,13 +188,13 @@ def test_single_seed_runs_only_when_allowed(tmp_path, capsys):
     assert "2 arms x 1 seeds (3) = 2 runs" in capsys.readouterr().out
 
 
-def test_a_study_that_exists_needs_resume(tmp_path, capsys, empty_mlflow_store):
+def test_a_study_that_exists_needs_resume(tmp_path, capsys):
     """A parent run of that name in MLflow: refused without --resume, before Ray starts."""
     import ray
 
     from cohort.tracking.tracker import Tracker
 
-    uri = empty_mlflow_store(tmp_path / "mlflow.db")
+    uri = empty_store(tmp_path / "mlflow.db")
     tracker = Tracker(uri, "small-study")
     tracker.client.create_run(tracker.experiment_id, tags={"cohort.study": "small-study", "cohort.study.parent": "true"})
     code = main([str(write_study(tmp_path, STUDY)), "--tracking-uri", uri, "--storage", str(tmp_path / "tune")])
@@ -205,7 +206,7 @@ def test_a_study_that_exists_needs_resume(tmp_path, capsys, empty_mlflow_store):
     assert code == 2 and "--resume: no interrupted study named 'other'" in capsys.readouterr().err
 
 
-def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys, empty_mlflow_store):
+def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys):
     from cohort.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -213,7 +214,7 @@ def test_a_refused_resume_creates_no_store_and_no_experiment(tmp_path, capsys, e
     assert main(argv) == 2
     assert "--resume: no interrupted study named 'small-study'" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "tune").exists()
-    assert empty_mlflow_store(tmp_path / "mlflow.db") == uri
+    assert empty_store(tmp_path / "mlflow.db") == uri
     tracker = Tracker(uri, "another-experiment")  # a store without the study's experiment
     assert main(argv) == 2 and "--resume: no interrupted study" in capsys.readouterr().err
     assert tracker.client.get_experiment_by_name("small-study") is None
@@ -249,19 +250,20 @@ def test_an_unusable_out_is_one_line_before_anything_starts(tmp_path, capsys, mo
     ("KILLED", RuntimeError("Tune failed"), "FAILED"),
     ("KILLED", KeyboardInterrupt(), "KILLED"),
 ])
-def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch, empty_mlflow_store, before, failure,
+def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch, before, failure,
                                                   after):
     """Whatever stops a study once its parent run is RUNNING again (here Tune's restore, with Ray
     and Tune stubbed out), the parent ends FAILED, KILLED or as it was, and its children that were
     RUNNING end KILLED."""
     import json
 
+    import ray
     import ray.tune
 
     import cohort.driver.cluster
     from cohort.tracking.tracker import Tracker
 
-    uri = empty_mlflow_store(tmp_path / "mlflow.db")
+    uri = empty_store(tmp_path / "mlflow.db")
     tracker = Tracker(uri, "small-study")
     parent = tracker.client.create_run(tracker.experiment_id, tags={"cohort.study": "small-study",
                                                                      "cohort.study.parent": "true"}).info.run_id
@@ -279,6 +281,7 @@ def test_a_study_that_stops_leaves_no_run_running(tmp_path, capsys, monkeypatch,
         raise failure
 
     monkeypatch.setattr(cohort.driver.cluster, "start_ray", lambda *args, **kwargs: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "put", lambda value: "the runs' data in the object store")
     monkeypatch.setattr(ray.tune, "with_parameters", lambda trainable, **kwargs: trainable)
     monkeypatch.setattr(ray.tune, "with_resources", lambda trainable, resources: trainable)
     monkeypatch.setattr(ray.tune.Tuner, "can_restore", staticmethod(lambda path, **kwargs: True))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import empty_store
 
 TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
 
@@ -35,7 +36,7 @@ def test_study_interrupted_resumed_and_reported(tmp_path, capsys):
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     command = [sys.executable, "-m", "cohort.study", str(path), "--tracking-uri", uri,
                "--storage", str(tmp_path / "tune"), "--out", str(tmp_path / "figures")]
     # Its own Ray in each command; one run at a time, so Ctrl-C lands in the second.

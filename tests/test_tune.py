@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WorkersWatch, as_started_here
+from conftest import WorkersWatch, as_started_here, empty_store
 
 from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
@@ -175,7 +175,7 @@ def test_pbt_that_cannot_perturb_stops_before_ray(tmp_path, capsys, settings, ex
     assert capsys.readouterr().err.strip().startswith(f"space.yaml: {expected}")
 
 
-def test_each_trial_run_logs_its_resolved_topology(tmp_path, empty_mlflow_store):
+def test_each_trial_run_logs_its_resolved_topology(tmp_path):
     """The sweep's callback gives every trial's MLflow run the trial's topology, sampled values
     applied, as topology.yaml; PBT's new values rewrite it; an invalid sample logs none."""
     import types
@@ -185,7 +185,7 @@ def test_each_trial_run_logs_its_resolved_topology(tmp_path, empty_mlflow_store)
     from cohort.tracking.tracker import Tracker
     from cohort.tuning.sweep import SweepCallback
 
-    uri = empty_mlflow_store(tmp_path / "mlflow.db")
+    uri = empty_store(tmp_path / "mlflow.db")
     parent = Tracker(uri, "sweep-me").start(topology_from_dict(TOPOLOGY), "sweep")
     callback = SweepCallback(uri, "sweep-me", parent, 2, "student/acc", tmp_path / "children.json",
                              base=topology_from_dict(TOPOLOGY).to_dict())
@@ -284,7 +284,7 @@ def test_interrupted_sweep_resumes_without_running_finished_trials_again(tmp_pat
     # taken that trial's first checkpoint.
     topology = {**TOPOLOGY, "data": {"batch_size": 16}, "train": {**TOPOLOGY["train"], "epochs": 4}}
     space = {**GOOD_SPACE, "max_concurrent": 1, "scheduler": "fifo"}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     command = [sys.executable, "-m", "cohort.tune", str(write(tmp_path, "t.yaml", topology)),
                str(write(tmp_path, "s.yaml", space)), "--num-samples", "2", "--tracking-uri", uri,
                "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
@@ -345,7 +345,7 @@ def test_small_asha_sweep_on_digits(ray_cluster, tmp_path, capsys):
     }
     import cohort
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     # Through the Python API (python -m cohort.tune calls it): its lines as the command's, and its result.
     topology = cohort.load_topology(write(tmp_path, "t.yaml", TOPOLOGY))
     with WorkersWatch("sklearn/") as watch:
@@ -420,7 +420,7 @@ def test_small_pbt_sweep_copies_the_better_trial(ray_cluster, tmp_path, capsys):
         "search": "random",
         "space": {"train.optimizer.lr": {"grid": [0.2, 0.00001]}, "edges.0.temperature": {"uniform": [1.0, 4.0]}},
     }
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = empty_store(tmp_path / "mlflow.db")
     args = [str(write(tmp_path, "t.yaml", TOPOLOGY)), str(write(tmp_path, "s.yaml", space)), "--num-samples", "1",
             "--tracking-uri", uri, "--storage", str(tmp_path / "tune"), "--out", str(tmp_path)]
     assert tune_main(args) == 0
