@@ -135,6 +135,7 @@ def empty_store(path: Path) -> str:
     not from where the template was made."""
     if not _STORE_TEMPLATE:
         import atexit
+        import logging
         import tempfile
 
         from mlflow.tracking import MlflowClient
@@ -142,7 +143,13 @@ def empty_store(path: Path) -> str:
         folder = tempfile.mkdtemp(prefix="cohort-mlflow-template-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         template = Path(folder) / "mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # the first use creates the tables
+        # The first use creates the tables; MLflow's and alembic's lines about it would land in the
+        # output of whichever test asked first.
+        logging.disable(logging.INFO)
+        try:
+            MlflowClient(f"sqlite:///{template}").search_experiments()
+        finally:
+            logging.disable(logging.NOTSET)
         _STORE_TEMPLATE.append(template)
     shutil.copyfile(_STORE_TEMPLATE[0], path)
     return f"sqlite:///{path}"
