@@ -410,3 +410,29 @@ def test_no_differences_for_a_role_the_baseline_lacks():
     tables = build_tables(ROLES, "dml", ["acc"], outcomes())
     teacher = render(tables[1:], "table", 3)
     assert "bdkd  t     3  97.00 ± 0.00" in teacher and "difference to" not in teacher
+
+
+def test_the_runs_data_is_loaded_once_per_distinct_dataset(monkeypatch):
+    """The study's driver loads the data of its runs (an arm with a seed) for their workers: once for
+    arms on the same data whatever their seeds, once per seed where the seed draws a validation split."""
+    import ray
+
+    import cohort.datasets
+    from cohort.studies.experiment import run_datasets
+    from cohort.tuning.sweep import trial_dataset, trial_topology
+
+    loaded = []
+    monkeypatch.setattr(cohort.datasets, "load_dataset", lambda data, seed: loaded.append((data.val_fraction, seed)) or
+                        f"data {len(loaded)}")
+    monkeypatch.setattr(ray, "put", lambda value: f"ref to {value}")
+    pair = {"data": {"batch_size": 64}, "peers": {"a": {"model": "mlp"}, "b": {"model": "mlp_tiny"}},
+            "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    arms = {"kd": {"name": "kd", **pair}, "dml": {"name": "dml", **pair, "edges": [*pair["edges"],
+                                                                                 {"from": "b", "to": "a", "loss": "kd"}]},
+            "held-out": {"name": "held-out", **pair, "data": {"batch_size": 64, "val_fraction": 0.2}}}
+    runs = [(arm, seed) for seed in (0, 1) for arm in arms]
+    shared = run_datasets(arms, runs)
+    assert loaded == [(0.0, 0), (0.2, 0), (0.2, 1)] and len(shared) == 3
+    refs = {(arm, seed): trial_dataset(shared, trial_topology(arms[arm], {"seed": seed})) for arm, seed in runs}
+    assert refs[("kd", 0)] == refs[("kd", 1)] == refs[("dml", 1)] == "ref to data 1"
+    assert (refs[("held-out", 0)], refs[("held-out", 1)]) == ("ref to data 2", "ref to data 3")
