@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import empty_store
 
 from cohort.config.errors import CohortError
 from cohort.driver.cluster import (
@@ -221,6 +222,7 @@ def test_without_address_a_command_starts_its_own_ray_beside_a_live_one_and_past
 def test_a_cohort_joins_a_token_cluster_by_host_and_port(token_cluster, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     address, home = token_cluster
+    empty_store(tmp_path / "mlflow.db")  # the command's store (cohort_command)
     started = time.perf_counter()
     done = cohort_run(address, tmp_path, clean_env(home))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -233,18 +235,23 @@ def test_a_cohort_joins_a_token_cluster_by_host_and_port(token_cluster, tmp_path
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("case", ["wrong", "missing"])
-def test_a_wrong_or_missing_token_is_one_line(token_cluster, tmp_path, case):
+def test_a_wrong_or_missing_token_is_one_line(token_cluster, tmp_path):
+    """Both commands at once (each is mostly Python starting, on one core), each in a home without a token."""
     address, _ = token_cluster
-    empty_home = tmp_path / "home"
-    empty_home.mkdir()
-    env = clean_env(empty_home, **({"RAY_AUTH_TOKEN": "garbage"} if case == "wrong" else {}))
+    expected = {"wrong": "refused the Ray auth token from $RAY_AUTH_TOKEN",
+                "missing": "requires a Ray auth token: none found in $RAY_AUTH_TOKEN or ~/.ray/auth_token"}
     started = time.perf_counter()
-    done = cohort_run(address, tmp_path, env, timeout=120)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
-    expected = ("refused the Ray auth token from $RAY_AUTH_TOKEN" if case == "wrong"
-                else "requires a Ray auth token: none found in $RAY_AUTH_TOKEN or ~/.ray/auth_token")
-    assert lines[0].startswith(f"the cluster at {address} "), lines
-    assert expected in lines[0] and "~/.ray/auth_token" in lines[0], lines
+    commands = {}
+    for case in expected:
+        folder = tmp_path / case
+        (folder / "home").mkdir(parents=True)
+        env = clean_env(folder / "home", **({"RAY_AUTH_TOKEN": "garbage"} if case == "wrong" else {}))
+        commands[case] = subprocess.Popen(cohort_command(address, folder), cwd=folder, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for case, command in commands.items():
+        _, err = command.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert command.returncode == 2 and len(lines) == 1, (case, err[-3000:])
+        assert lines[0].startswith(f"the cluster at {address} "), lines
+        assert expected[case] in lines[0] and "~/.ray/auth_token" in lines[0], lines
     assert time.perf_counter() - started < 60  # refused at once, not after Ray's retries
