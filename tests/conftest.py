@@ -13,6 +13,7 @@ collects them.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -103,13 +104,18 @@ class WorkersWatch:
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
             for pid in ray_processes():
-                try:
-                    maps = Path(f"/proc/{pid}/maps").read_text()
-                except OSError:
-                    continue
                 self.workers.add(pid)
-                if self.library in maps:
+                if pid not in self.loaded and has_mapped(pid, self.library):
                     self.loaded.add(pid)
+
+
+def has_mapped(pid: int, library: str) -> bool:
+    """Whether the process has a file whose path holds ``library`` in its memory (it imported that
+    library; False once it is gone)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
@@ -124,34 +130,35 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-_STORE_TEMPLATE: list[Path] = []
+@functools.cache
+def _store_template() -> Path:
+    """An empty MLflow store, made once per test process (removed when it ends)."""
+    import atexit
+    import logging
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    folder = tempfile.mkdtemp(prefix="cohort-mlflow-template-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    template = Path(folder) / "mlflow.db"
+    # The first use creates the tables; MLflow's and alembic's lines about it would land in the
+    # output of whichever test asked first.
+    logging.disable(logging.INFO)
+    try:
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    finally:
+        logging.disable(logging.NOTSET)
+    return template
 
 
 def empty_store(path: Path) -> str:
-    """The URI of an empty MLflow store (sqlite) at ``path``, copied from one made once per test
-    process. Creating a store runs MLflow's migrations (about a second each here, three in a fresh
-    process); a test whose store is only its setting, not what it checks, takes a copy, and so does a
-    command it starts. Experiments get their artifact locations from cohort's Tracker (or the test),
-    not from where the template was made."""
-    if not _STORE_TEMPLATE:
-        import atexit
-        import logging
-        import tempfile
-
-        from mlflow.tracking import MlflowClient
-
-        folder = tempfile.mkdtemp(prefix="cohort-mlflow-template-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        template = Path(folder) / "mlflow.db"
-        # The first use creates the tables; MLflow's and alembic's lines about it would land in the
-        # output of whichever test asked first.
-        logging.disable(logging.INFO)
-        try:
-            MlflowClient(f"sqlite:///{template}").search_experiments()
-        finally:
-            logging.disable(logging.NOTSET)
-        _STORE_TEMPLATE.append(template)
-    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    """The URI of an empty MLflow store (sqlite) at ``path``, copied from ``_store_template``.
+    Creating a store runs MLflow's migrations (about a second each here, three in a fresh process);
+    a test whose store is only its setting, not what it checks, takes a copy, and so does a command
+    it starts. Experiments get their artifact locations from cohort's Tracker (or the test), not from
+    where the template was made."""
+    shutil.copyfile(_store_template(), path)
     return f"sqlite:///{path}"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import empty_store, ray_processes
+from conftest import empty_store, has_mapped, ray_processes
 
 from cohort.run import main
 
@@ -75,14 +75,6 @@ def wait_for_epoch(uri: str, epoch: int, timeout: float = 240) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"epoch {epoch} was not logged within {timeout}s")
-
-
-def maps_torch(pid: int) -> bool:
-    """Whether the process has torch's library in its memory (it imported torch)."""
-    try:
-        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
 
 
 def kill_a_worker() -> None:
@@ -156,7 +148,7 @@ def test_resume_after_the_driver_is_interrupted(uninterrupted, tmp_path):
         assert ray_processes(ancestor=driver.pid) and not ray_processes("AutoscalingCoordinator", driver.pid)
         # Ray Train's controller trains nothing and imports no torch (cohort.driver.process_group).
         controllers = ray_processes("TrainController", driver.pid)
-        assert controllers and not any(maps_torch(pid) for pid in controllers)
+        assert controllers and not any(has_mapped(pid, "libtorch_cpu") for pid in controllers)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:
