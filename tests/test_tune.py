@@ -13,7 +13,7 @@ from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
 from cohort.tune import main as tune_main
 from cohort.tuning.search_space import MetricExpression, load_space
-from cohort.tuning.sweep import plan_resources
+from cohort.tuning.sweep import plan_resources, reuses_trial_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,14 @@ def test_plan_resources():
     assert plan_resources(3, samples=4, cpus=2, max_concurrent=None, cpus_per_peer=0.5) == (1, 0.5)
     with pytest.raises(CohortError, match="one trial needs 6.01 CPUs"):
         plan_resources(3, samples=4, cpus=2, max_concurrent=None, cpus_per_peer=2)
+
+
+@pytest.mark.parametrize("scheduler,reused", [("fifo", True), ({"name": "asha"}, False),
+                                               ({"name": "pbt", "perturbation_interval": 1}, False)])
+def test_only_trials_that_run_to_their_end_hand_their_process_on(tmp_path, scheduler, reused):
+    """ASHA and PBT stop trials inside their fit: Tune must not offer that process to another trial."""
+    space = load_space(write(tmp_path, "s.yaml", {**GOOD_SPACE, "scheduler": scheduler}), topology_from_dict(TOPOLOGY))
+    assert reuses_trial_processes(space) is reused
 
 
 def test_metric_that_no_trial_reports_stops_before_ray(tmp_path, capsys):

@@ -449,7 +449,8 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
             run_config=ray.tune.RunConfig(name=study.name, storage_path=storage, callbacks=[callback], verbose=0,
                                           failure_config=ray.tune.FailureConfig(max_failures=0),
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)),
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent))
+            # Every run trains to its end: the next run takes its process (cohort.tuning.sweep.reuses_trial_processes).
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True))
     started = time.perf_counter()
     try:
         tuner.fit()

@@ -29,6 +29,7 @@ from cohort.tuning.sweep import (
     make_search,
     plan_resources,
     ranked_trials,
+    reuses_trial_processes,
     sampled_text,
     share_datasets,
     short_value,
@@ -185,9 +186,10 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
             trainable, param_space=param_space, run_config=run_config,
             tune_config=ray.tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, num_samples=samples,
                                             max_concurrent_trials=concurrent, scheduler=make_scheduler(space, topology),
-                                            search_alg=make_search(space, topology, concurrent)))
+                                            search_alg=make_search(space, topology, concurrent),
+                                            reuse_actors=reuses_trial_processes(space)))
     started = time.perf_counter()
-    # Tune suggests actor reuse for PBT; a cohort trial is a whole Train run and cannot be reused.
+    # Tune suggests actor reuse for PBT: PBT stops a trial inside its fit (reuses_trial_processes).
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     try:
         results = tuner.fit()
