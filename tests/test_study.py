@@ -301,7 +301,7 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert main([str(write_study(tmp_path, STUDY)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "study small-study: 2 arms x 2 seeds (0, 1) = 4 runs; baseline dml" in out
-    assert "arm dml: dml_pair.yaml, 1 epochs; peers net_a cnn_medium, net_b cnn_small; roles teacher=net_a, " \
+    assert "arm dml: dml_pair.yaml, 1 epoch; peers net_a cnn_medium, net_b cnn_small; roles teacher=net_a, " \
            "student=net_b" in out
     assert "peers.net_b.init_seed: student" in out
     assert "resources: each run takes up to 2 workers" in out and "run(s) at a time" in out

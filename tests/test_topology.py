@@ -79,6 +79,11 @@ def test_shipped_topologies_dry_run(capsys, path, monkeypatch):
     assert resolved == topology.with_absolute_paths(ROOT).to_dict()  # relative paths: from the working folder
 
 
+def test_one_epoch_is_one_epoch_in_the_plan(capsys):
+    assert main([str(ROOT / "topologies" / "dml_pair.yaml"), "--set", "train.epochs=1", "--dry-run"]) == 0
+    assert ", 1 epoch, batch 64, seed 0" in capsys.readouterr().out.splitlines()[0]
+
+
 @pytest.mark.parametrize("path", sorted(SECOND_STEPS), ids=[p.name for p in sorted(SECOND_STEPS)])
 def test_second_steps_need_their_teacher_run_first(capsys, tmp_path, path):
     line = dry_run_error(capsys, path, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")

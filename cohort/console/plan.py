@@ -83,7 +83,8 @@ def describe_plan(plan: Plan) -> str:
     lines = [
         f"{topology.name}: {len(topology.peers)} peer{'s' if len(topology.peers) > 1 else ''} on {info.name} "
         f"({info.train_size} train / {info.test_size} test images, {info.num_classes} classes), "
-        f"{topology.train.epochs} epochs, batch {topology.data.batch_size}, seed {topology.seed}"
+        f"{topology.train.epochs} epoch{'s' if topology.train.epochs > 1 else ''}, batch {topology.data.batch_size}, "
+        f"seed {topology.seed}"
         + describe_sampler(topology)
         + (f", {topology.train.precision}" if topology.train.precision != "fp32" else ""),
         *(f"  note: {note}" for note in info.notes),

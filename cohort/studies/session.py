@@ -177,7 +177,8 @@ def describe_plan(study, tracking_uri: str, cpus: float, gpus: float) -> str:
         peers = ", ".join(f"{peer} {topology.peers[peer].model}" + (" (frozen)" if topology.peers[peer].frozen else "")
                           for peer in topology.peer_names)
         roles = ", ".join(f"{role}={peer}" for role, peer in arm.roles.items())
-        lines.append(f"\narm {arm.name}: {arm.path.name}, {topology.train.epochs} epochs; peers {peers}; roles {roles}")
+        lines.append(f"\narm {arm.name}: {arm.path.name}, {topology.train.epochs} epoch{'s' if topology.train.epochs > 1 else ''}; "
+                     f"peers {peers}; roles {roles}")
         if arm.differences:
             lines += ["  " + line for line in dump_yaml({"set": arm.differences}).splitlines()]
     workers, gpus_per_run = resources_per_run(study)
