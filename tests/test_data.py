@@ -200,6 +200,10 @@ def test_imagefolder(tmp_path):
     assert_same_batches(first, all_batches(data.train_batches(4, seed=3, epoch=1, num_workers=1)))
     inputs, _ = next(iter(data.test_batches(6)))
     assert inputs.shape == (6, 3, 16, 16)
+    # The size every image becomes is in the plan, not only in the docs: by default ImageNet's 224.
+    assert data.info.notes == ("every image resized and cropped to 16x16 (data.image_size)",)
+    default = load_dataset(DataConfig(dataset="imagefolder", root=str(image_folder(tmp_path / "default"))))
+    assert default.info.notes == ("every image resized and cropped to 224x224 (data.image_size)",)
 
 
 def test_imagefolder_with_different_classes(tmp_path):

@@ -51,7 +51,10 @@ class ImageFolderSplits(CohortDataset):
         targets = torch.tensor(self.train.targets, dtype=torch.long)
         self.info = DatasetInfo("imagefolder", len(self.train.classes), 3, len(self.train), len(self.test),
                                 class_counts(targets, len(self.train.classes)), tuple(self.train.classes),
-                                input_size=(3, image_size, image_size), decodes_batches=True)
+                                input_size=(3, image_size, image_size), decodes_batches=True,
+                                # Whatever size the files have: 224 (ImageNet's) unless data.image_size says otherwise.
+                                notes=(f"every image resized and cropped to {image_size}x{image_size} "
+                                       "(data.image_size)",))
 
     @property
     def train_targets(self) -> torch.Tensor:
