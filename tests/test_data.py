@@ -161,6 +161,33 @@ def test_parquet_not_a_parquet_file(tmp_path):
         load_dataset(DataConfig(dataset="parquet", root=str(path)))
 
 
+def damaged(path: Path) -> Path:
+    """``path``'s pages overwritten, its footer (schema and row groups) intact: pyarrow opens the file
+    and fails only when it reads the columns."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4:len(data) - 8 - footer] = b"\xff" * (len(data) - 12 - footer)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how", ["load", "describe", "stream"])
+def test_parquet_damaged_pages_are_one_line_naming_the_file(tmp_path, how):
+    """A file whose footer reads but whose pages do not (a copy cut short and patched, a bad disk):
+    the plan (describe), the load and the stream each stop with one line naming the file and
+    data.root, never pyarrow's traceback."""
+    from cohort.datasets import describe_dataset
+
+    path = damaged(write_table(tmp_path / "t.parquet", tiny_rows()))
+    pq.read_schema(path)  # the footer is intact: only reading the pages fails
+    config = DataConfig(dataset="parquet", root=str(path), batch_size=4,
+                        **({"pipeline": "stream"} if how == "stream" else {}))
+    with pytest.raises(CohortError) as raised:
+        (describe_dataset if how == "describe" else load_dataset)(config)
+    assert raised.value.where == "data.root" and raised.value.message.startswith("t.parquet"), str(raised.value)
+    assert "not readable" in raised.value.message and "\n" not in str(raised.value)
+
+
 @needs_shared_cifar
 def test_shared_cifar10_parquet_slice(tmp_path):
     table = pq.read_table(SHARED_CIFAR)
