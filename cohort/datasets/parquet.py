@@ -1,6 +1,7 @@
 """Image tables in parquet files: encoded images with their labels and splits."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +48,23 @@ def preview_parquet(root: str | None = None, image_size: int | None = None) -> D
 
 def _image_batches(file: Path, rows: int = 64):
     """The ``image`` column of ``file`` in record batches of ``rows``, read lazily."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
+    with reading(file):
         yield from pq.ParquetFile(file).iter_batches(batch_size=rows, columns=["image"])
+
+
+@contextmanager
+def reading(file: Path | str, where: str = ""):
+    """Read ``file``'s data within: a parquet file whose data does not read, though its footer did (a
+    damaged page, a file gone since), becomes one line naming the file, ``where`` in it, and pyarrow's reason."""
+    import pyarrow as pa
+
+    try:
+        yield
     except (OSError, pa.ArrowException) as error:
-        raise unreadable(file, error) from None
-
-
-def unreadable(file: Path | str, error: BaseException, where: str = "") -> CohortError:
-    """The one line for a parquet file whose data does not read, though its footer did (a damaged
-    page, a file gone since): the file, ``where`` in it, and pyarrow's reason."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return CohortError(f"{Path(file).name}{where}: not readable ({reason})", "data.root")
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CohortError(f"{Path(file).name}{where}: not readable ({reason})", "data.root") from None
 
 
 @register_dataset("parquet", preview=preview_parquet)
@@ -119,13 +123,10 @@ def _read_tables(root: Path) -> tuple[Any, tuple[str, ...]]:
 
 
 def _read(file: Path, columns: list[str]) -> Any:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
+    with reading(file):
         return pq.read_table(file, columns=columns)
-    except (OSError, pa.ArrowException) as error:
-        raise unreadable(file, error) from None
 
 
 def table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:

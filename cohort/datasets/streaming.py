@@ -23,7 +23,7 @@ import torch
 from cohort.config.errors import CohortError, byte_size
 from cohort.datasets.augment import cifar_augment, normalize
 from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, batch_indices, batch_seed, class_counts, need_root
-from cohort.datasets.parquet import decode_images, labels_and_splits, table_files, unreadable
+from cohort.datasets.parquet import decode_images, labels_and_splits, reading, table_files
 from cohort.datasets.producer import CHUNK, LAG, WINDOW
 from cohort.datasets.registry import register_stream
 
@@ -233,10 +233,8 @@ class StreamingParquet(CohortDataset):
         import pyarrow.parquet as pq
 
         where = self.groups[group]
-        try:
+        with reading(self.files[where.file], f", row group {where.number}"):  # a file gone, a damaged row group
             column = pq.ParquetFile(self.files[where.file]).read_row_group(where.number, columns=["image"])["image"]
-        except (OSError, pa.ArrowException) as error:  # a file gone, or a row group that does not read
-            raise unreadable(self.files[where.file], error, f", row group {where.number}") from None
         cache[group] = column
         if len(cache) > capacity:
             while len(cache) > capacity:
@@ -262,11 +260,8 @@ def stream_parquet(root: str | None = None, image_size: int | None = None) -> St
         for number in range(handle.metadata.num_row_groups):
             meta = handle.metadata.row_group(number)
             groups.append(RowGroup(index, number, meta.num_rows, meta.column(image).total_uncompressed_size))
-        try:
-            columns = handle.read(columns=["label", "split"])
-        except (OSError, pa.ArrowException) as error:
-            raise unreadable(file, error) from None
-        file_labels, file_train = labels_and_splits(columns)
+        with reading(file):
+            file_labels, file_train = labels_and_splits(handle.read(columns=["label", "split"]))
         labels.append(file_labels)
         is_train.append(file_train)
     labels, is_train = torch.cat(labels), torch.cat(is_train)
