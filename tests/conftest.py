@@ -33,6 +33,11 @@ RAY_TRAIN_METRICS = "RAY_TRAIN_METRICS_ENABLED"
 for _key, _value in driver_environment(None, dashboard=True, stdout_is_terminal=False).items():
     os.environ.setdefault(_key, _value)
 
+# A log's lines are as wide as COLUMNS, else 120 (cohort.console.display.log_width). A shell that
+# exports COLUMNS (a narrow window's 80) would change what the display tests and the commands they
+# run print: the suite sees the default, and a test that wants a width sets COLUMNS itself.
+os.environ.pop("COLUMNS", None)
+
 # Fixtures that start Ray, here or in a test module (a module's own may differ, e.g. test_tune.py's
 # Ray with a dashboard; it keeps the name).
 RAY_FIXTURES = {"ray_cluster", "two_nodes", "token_cluster"}
