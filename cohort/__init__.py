@@ -68,10 +68,10 @@ def train(topology: Topology, *, tracking_uri: str | None = None, storage: str |
 
 
 def run_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
-          storage: str | None = None, address: str | None = None, resume: bool = False,
-          register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
-          out: str | Path | None = None, overwrite: bool = False, format: str = "table",
-          display: str | Display = "auto", verbose: bool = False) -> StudyResult:
+              storage: str | None = None, address: str | None = None, resume: bool = False,
+              register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
+              out: str | Path | None = None, overwrite: bool = False, format: str = "table",
+              display: str | Display = "auto", verbose: bool = False) -> StudyResult:
     """Run the study file ``path`` as ``python -m cohort.study`` does (every arm x seed one cohort
     run, all through one Ray Tune experiment under one parent MLflow run) and return its
     ``StudyResult``: ``name``, ``experiment``, ``parent_run_id``, ``status``, ``tracking_uri``,
@@ -95,9 +95,9 @@ def run_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: 
 
 
 def read_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,
-                 register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
-                 out: str | Path | None = None, overwrite: bool = False, format: str = "table",
-                 display: str | Display = "quiet") -> StudyResult:
+               register: Mapping[str, str] | Iterable[str] = (), allow_single_seed: bool = False,
+               out: str | Path | None = None, overwrite: bool = False, format: str = "table",
+               display: str | Display = "quiet") -> StudyResult:
     """Read a finished, running or interrupted study back from MLflow without training, as
     ``python -m cohort.study --report`` does: the tables (shown in ``display``; 'quiet' prints
     them only), the figures drawn into ``out`` (default ``study-<name>``; a folder that holds
@@ -115,9 +115,9 @@ def read_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri:
 
 
 def sweep(topology: Topology, space: str | Path, *, num_samples: int | None = None, name: str | None = None,
-         resume: bool = False, tracking_uri: str | None = None, storage: str | None = None,
-         address: str | None = None, out: str | Path = ".", overwrite: bool = False,
-         display: str | Display = "auto", verbose: bool = False) -> SweepResult:
+          resume: bool = False, tracking_uri: str | None = None, storage: str | None = None,
+          address: str | None = None, out: str | Path = ".", overwrite: bool = False,
+          display: str | Display = "auto", verbose: bool = False) -> SweepResult:
     """Search ``topology``'s values over the space file ``space`` as ``python -m cohort.tune`` does
     (every trial one cohort, through Ray Tune, under one parent MLflow run) and return its
     ``SweepResult``: ``name``, ``parent_run_id``, ``best_trial``, ``best_value``, ``best_config``,
@@ -135,10 +135,10 @@ def sweep(topology: Topology, space: str | Path, *, num_samples: int | None = No
 
 
 def evaluate_run(run_id: str, *, tracking_uri: str | None = None, data: str | Path | None = None,
-             overrides: Iterable[str] = (), shift: str | Iterable[str] | None = None,
-             severity: str | int | Iterable[int] | None = None, peer: str | None = None,
-             out: str | Path | None = None, overwrite: bool = False, format: str = "table",
-             display: str | Display = "quiet") -> EvaluationResult:
+                 overrides: Iterable[str] = (), shift: str | Iterable[str] | None = None,
+                 severity: str | int | Iterable[int] | None = None, peer: str | None = None,
+                 out: str | Path | None = None, overwrite: bool = False, format: str = "table",
+                 display: str | Display = "quiet") -> EvaluationResult:
     """Evaluate a finished run's peers and ensemble without training, as ``python -m cohort.evaluate``
     does, and return its ``EvaluationResult``: ``rows``, ``table()`` (a DataFrame: data, severity,
     peer, the metrics before and after the run's temperatures), ``logged_under`` and ``figure``.
