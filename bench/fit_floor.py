@@ -17,14 +17,15 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO
+from bench.data_memory import machine
+
 TOPOLOGY = REPO / "topologies" / "dml_pair.yaml"
 
 
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         uri = f"sqlite:///{folder}/mlflow.db"
         trained = [cohort_fit(folder, uri) for _ in range(args.fits)]
     results = {
-        "machine": {"cpus": os.cpu_count(), "cluster_cpus": resources.get("CPU"), "processor": processor(),
-                    "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "machine": {**machine(), "cluster_cpus": resources.get("CPU"),
+                    "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "ray_start_seconds": round(ray_start, 2),
         "bare_fit": summary(bare),
         "cohort_one_epoch_dml_pair": summary(trained),
     }
-    print(f"Ray started in {ray_start:.1f} s ({results['machine']['processor']}, {os.cpu_count()} CPUs)")
+    print(f"Ray started in {ray_start:.1f} s ({os.cpu_count()} CPUs)")
     for name, key in (("bare Ray Train fit, 2 workers", "bare_fit"),
                       ("cohort.train, dml_pair, 1 epoch", "cohort_one_epoch_dml_pair")):
         each = ", ".join(f"{s:.1f}" for s in results[key]["seconds"])
@@ -97,16 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"written to {args.out}")
     return 0
-
-
-def processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
