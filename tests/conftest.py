@@ -45,18 +45,49 @@ RAY_FIXTURES = {"ray_cluster", "two_nodes", "token_cluster"}
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A Ray of 2 CPUs on this machine, started once per test module and shut down after it."""
+    """A Ray of 2 CPUs on this machine, shared by the test modules that use this fixture as it is
+    here: they run one after the other, after the tests without Ray (``pytest_collection_modifyitems``),
+    and the Ray started for the first goes on to the next (a start and a shutdown cost about 7 s
+    here). A module that leaves something of its own holding a CPU shuts it down, so that the next
+    starts afresh; so does the first test that is not in such a module (``pytest_runtest_setup``)."""
     import ray
 
-    before = os.environ.get(RAY_TRAIN_METRICS)
-    os.environ.setdefault(RAY_TRAIN_METRICS, "0")
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    finally:
-        if before is None:
-            os.environ.pop(RAY_TRAIN_METRICS, None)
+    if not ray.is_initialized():
+        before = os.environ.get(RAY_TRAIN_METRICS)
+        os.environ.setdefault(RAY_TRAIN_METRICS, "0")
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        finally:
+            if before is None:
+                os.environ.pop(RAY_TRAIN_METRICS, None)
+        SHARED_RAY.add(ray.get_runtime_context().gcs_address)
     yield as_started_here(ray)
-    ray.shutdown()
+    if ray.is_initialized() and not all_cpus_free(ray):
+        ray.shutdown()
+
+
+def all_cpus_free(ray, wait: float = 10.0) -> bool:
+    """Whether every CPU of the running Ray is free, waited for up to ``wait`` seconds (a run's
+    actors end shortly after its fit returns)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        if ray.available_resources().get("CPU", 0.0) == ray.cluster_resources().get("CPU"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def uses_the_shared_ray(item) -> bool:
+    """Whether ``item`` takes this file's ``ray_cluster`` (not a Ray of its module's own)."""
+    return "ray_cluster" in getattr(item, "fixturenames", ()) and not hasattr(getattr(item, "module", None),
+                                                                               "ray_cluster")
+
+
+SHARED_RAY_MODULES: set[str] = set()  # the modules whose tests share ray_cluster's Ray (set at collection)
+SHARED_RAY: set[str] = set()  # the GCS addresses of the Rays ray_cluster started
 
 
 def as_started_here(ray):
@@ -301,6 +332,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("slow") is not None:
                 item.add_marker(skip)
+    # The tests without Ray first, then the modules that share ray_cluster's Ray, then the other Ray
+    # tests (their own Rays, clusters, commands): each module's tests stay in their order.
+    SHARED_RAY_MODULES.update(item.module.__name__ for item in items if uses_the_shared_ray(item))
+    items.sort(key=lambda item: 0 if item.get_closest_marker("ray") is None else
+               1 if getattr(item, "module", None) is not None and item.module.__name__ in SHARED_RAY_MODULES else 2)
     unmarked = [item.nodeid for item in items
                 if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None]
     if unmarked:
@@ -308,6 +344,25 @@ def pytest_collection_modifyitems(config, items):
             f"{len(unmarked)} test(s) start Ray through a fixture ({', '.join(sorted(RAY_FIXTURES))}) without the "
             f"`ray` marker (add @pytest.mark.ray, or pytestmark = pytest.mark.ray for the module): "
             + ", ".join(unmarked))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The shared Ray ends before the first test outside the modules that share it."""
+    module = getattr(item, "module", None)
+    if module is None or module.__name__ not in SHARED_RAY_MODULES:
+        shut_down_the_shared_ray()
+
+
+def pytest_sessionfinish(session):
+    shut_down_the_shared_ray()
+
+
+def shut_down_the_shared_ray() -> None:
+    if ray_running():
+        ray = sys.modules["ray"]
+        if ray.get_runtime_context().gcs_address in SHARED_RAY:
+            ray.shutdown()
 
 
 def ray_running() -> bool:
