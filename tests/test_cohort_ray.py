@@ -33,7 +33,8 @@ def write_topology(folder: Path, topology: dict) -> Path:
 
 
 def finished_run(uri: str, experiment: str):
-    client = mlflow.tracking.MlflowClient(uri)
+    # The store's own registry, named: not whichever registry an earlier test of this process set.
+    client = mlflow.tracking.MlflowClient(uri, registry_uri=uri)
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
     assert len(runs) == 1
