@@ -245,29 +245,66 @@ class FreshStep:
     result: object  # the step's RESULT (JSON), None if it set none
 
 
-@pytest.fixture(scope="session")
-def fresh_interpreter(tmp_path_factory):
-    """``after(step) -> FreshStep`` for the steps of FRESH_STEPS, run in order in one subprocess
-    (Python and torch start once, not once per test), with only this checkout's cohort on the path
-    and no PATH; a step that raised fails the test that asks for it, with the step's traceback."""
-    import json
-    import subprocess
-    import textwrap
+class FreshInterpreter:
+    """The steps of FRESH_STEPS, run in order in one subprocess (Python and torch start once, not
+    once per test), with only this checkout's cohort on the path and no PATH. It starts as soon as
+    the collection shows a test that asks for it (``pytest_collection_modifyitems``), so that it runs
+    on the second core beside the first tests (about 7 s here), and is waited for by the first test
+    that asks."""
 
-    repo = Path(__file__).resolve().parents[1]
-    code = ["import json, pathlib, sys, traceback", "seen = {}"]
-    for step, body in FRESH_STEPS.items():
-        out = tmp_path_factory.mktemp("fresh")
-        code += [f"OUT, RESULT = pathlib.Path({str(out)!r}), None", "try:",
-                 textwrap.indent(textwrap.dedent(body).strip(), "    "),
-                 f"    seen[{step!r}] = {{'modules': sorted(sys.modules), 'result': RESULT}}",
-                 "except Exception:",
-                 f"    seen[{step!r}] = traceback.format_exc()"]
-    code.append("print(json.dumps(seen))")
-    done = subprocess.run([sys.executable, "-c", "\n".join(code)], cwd=repo, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(repo), "PATH": ""}, timeout=300)
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.splitlines()[-1])
+    def __init__(self):
+        import subprocess
+        import tempfile
+        import textwrap
+
+        repo = Path(__file__).resolve().parents[1]
+        self.folder = Path(tempfile.mkdtemp(prefix="cohort-fresh-"))
+        code = ["import json, pathlib, sys, traceback", "seen = {}"]
+        for index, (step, body) in enumerate(FRESH_STEPS.items()):
+            out = self.folder / f"step{index}"
+            out.mkdir()
+            code += [f"OUT, RESULT = pathlib.Path({str(out)!r}), None", "try:",
+                     textwrap.indent(textwrap.dedent(body).strip(), "    "),
+                     f"    seen[{step!r}] = {{'modules': sorted(sys.modules), 'result': RESULT}}",
+                     "except Exception:",
+                     f"    seen[{step!r}] = traceback.format_exc()"]
+        code.append("print(json.dumps(seen))")
+        # Files, not pipes: the modules' lists outgrow a pipe's buffer before anyone reads them.
+        self.stdout, self.stderr = (open(self.folder / name, "w+") for name in ("stdout", "stderr"))
+        self.process = subprocess.Popen([sys.executable, "-c", "\n".join(code)], cwd=repo, stdout=self.stdout,
+                                        stderr=self.stderr, text=True, env={"PYTHONPATH": str(repo), "PATH": ""})
+        self._seen = None
+
+    def seen(self) -> dict:
+        import json
+
+        if self._seen is None:
+            code = self.process.wait(timeout=300)
+            self.stdout.seek(0)
+            self.stderr.seek(0)
+            assert code == 0, self.stderr.read()
+            self._seen = json.loads(self.stdout.read().splitlines()[-1])
+        return self._seen
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+FRESH: list[FreshInterpreter] = []  # the one started for this session, if a test asks for it
+
+
+@pytest.fixture(scope="session")
+def fresh_interpreter():
+    """``after(step) -> FreshStep`` for the steps of FRESH_STEPS (``FreshInterpreter``); a step that
+    raised fails the test that asks for it, with the step's traceback."""
+    if not FRESH:
+        FRESH.append(FreshInterpreter())
+    seen = FRESH[0].seen()
 
     def after(step: str) -> FreshStep:
         if isinstance(seen[step], str):
@@ -346,6 +383,13 @@ def pytest_collection_modifyitems(config, items):
             + ", ".join(unmarked))
 
 
+def pytest_collection_finish(session):
+    """The fresh interpreter starts now if a test that will run asks for it (``FreshInterpreter``)."""
+    if not FRESH and any("fresh_interpreter" in getattr(item, "fixturenames", ()) for item in session.items
+                         if not item.get_closest_marker("skip")):
+        FRESH.append(FreshInterpreter())
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """The shared Ray ends before the first test outside the modules that share it."""
@@ -356,6 +400,8 @@ def pytest_runtest_setup(item):
 
 def pytest_sessionfinish(session):
     shut_down_the_shared_ray()
+    for fresh in FRESH:
+        fresh.close()
 
 
 def shut_down_the_shared_ray() -> None:
