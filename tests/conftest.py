@@ -248,8 +248,8 @@ class FreshStep:
 class FreshInterpreter:
     """The steps of FRESH_STEPS, run in order in one subprocess (Python and torch start once, not
     once per test), with only this checkout's cohort on the path and no PATH. It starts as soon as
-    the collection shows a test that asks for it (``pytest_collection_modifyitems``), so that it runs
-    on the second core beside the first tests (about 7 s here), and is waited for by the first test
+    the collection shows a test that asks for it (``pytest_collection_finish``), so that it runs on
+    the second core beside the first tests (about 7 s here), and is waited for by the first test
     that asks."""
 
     def __init__(self):
@@ -298,13 +298,18 @@ class FreshInterpreter:
 FRESH: list[FreshInterpreter] = []  # the one started for this session, if a test asks for it
 
 
+def fresh_started() -> FreshInterpreter:
+    """This session's fresh interpreter, started now if it has not been."""
+    if not FRESH:
+        FRESH.append(FreshInterpreter())
+    return FRESH[0]
+
+
 @pytest.fixture(scope="session")
 def fresh_interpreter():
     """``after(step) -> FreshStep`` for the steps of FRESH_STEPS (``FreshInterpreter``); a step that
     raised fails the test that asks for it, with the step's traceback."""
-    if not FRESH:
-        FRESH.append(FreshInterpreter())
-    seen = FRESH[0].seen()
+    seen = fresh_started().seen()
 
     def after(step: str) -> FreshStep:
         if isinstance(seen[step], str):
@@ -385,9 +390,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """The fresh interpreter starts now if a test that will run asks for it (``FreshInterpreter``)."""
-    if not FRESH and any("fresh_interpreter" in getattr(item, "fixturenames", ()) for item in session.items
-                         if not item.get_closest_marker("skip")):
-        FRESH.append(FreshInterpreter())
+    if any("fresh_interpreter" in getattr(item, "fixturenames", ()) for item in session.items
+           if not item.get_closest_marker("skip")):
+        fresh_started()
 
 
 @pytest.hookimpl(tryfirst=True)
