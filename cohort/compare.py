@@ -10,7 +10,6 @@ This module is the command line only; the comparison itself is the ``cohort.comp
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cohort.comparison.figures import make_figures, publish
 from cohort.comparison.queries import connect, experiment_names, find_runs, load_runs
@@ -25,7 +24,7 @@ from cohort.comparison.side_by_side import (
     sort_rows,
 )
 from cohort.config.errors import CohortError
-from cohort.console.command import run_command
+from cohort.console.command import exit_process, run_command
 from cohort.console.display import Display, add_display_options, mode_of
 from cohort.console.outputs import check_output_folder
 
@@ -115,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

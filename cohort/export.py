@@ -10,11 +10,10 @@ against ONNX Runtime on the run's test images.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cohort.config.errors import CohortError
-from cohort.console.command import run_command
+from cohort.console.command import exit_process, run_command
 from cohort.console.display import Display, add_display_options, mode_of
 from cohort.console.outputs import OVERWRITE_HELP
 
@@ -107,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,10 +9,9 @@ and paired t-test), and figures.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cohort.config.errors import CohortError
-from cohort.console.command import run_command
+from cohort.console.command import exit_process, run_command
 from cohort.console.display import Display, add_display_options, mode_of
 from cohort.studies.tables import FORMATS
 
@@ -71,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

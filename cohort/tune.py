@@ -10,9 +10,8 @@ MLflow writer: a parent run for the sweep, a child run per trial.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cohort.console.command import run_command
+from cohort.console.command import exit_process, run_command
 from cohort.console.display import Display, add_display_options, mode_of
 
 
@@ -53,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,10 +1,12 @@
-"""Ctrl-C during a run is taken between MLflow writes (cohort.config.errors.deferred_interrupt): a
+"""Ctrl-C during a run is taken between MLflow writes (cohort.console.command.deferred_interrupt): a
 KeyboardInterrupt raised in the middle of a SQLite write left the store locked, and the driver
-then failed to mark its run KILLED (exit 1 instead of 130)."""
+then failed to mark its run KILLED (exit 1 instead of 130). And how a command's process ends."""
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 from cohort.console.command import deferred_interrupt
@@ -32,3 +34,17 @@ def test_outside_the_main_thread_it_changes_nothing():
     thread.start()
     thread.join()
     assert outcome == {"set": False}
+
+
+def test_a_commands_process_ends_with_its_code_its_atexit_hooks_run_and_its_heap_frozen():
+    """exit_process: the interpreter's closing garbage collection skips the frozen heap; what the
+    atexit hooks do (Ray's shutdown, MLflow's) still happens, after the command's last output."""
+    code = "\n".join([
+        "import atexit, gc",
+        "from cohort.console.command import exit_process",
+        "atexit.register(lambda: print('atexit: frozen', gc.get_freeze_count() > 0, flush=True))",
+        "print('done', flush=True)",
+        "exit_process(2)",
+    ])
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (2, "done\natexit: frozen True\n", "")

@@ -3,9 +3,11 @@ Ctrl-C deferred between two writes where a write must not be cut in half."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from cohort.config.errors import CohortError
 
@@ -25,6 +27,15 @@ def run_command(command, args) -> int:
         return 130
     except BrokenPipeError:  # the output was piped into a command that stopped reading
         return 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a command's process with ``code``. Its heap (torch, Ray, MLflow: millions of objects) is
+    frozen first, so that the interpreter's closing garbage collection does not walk it: a command
+    that trained returned 2 s sooner here, a ``--dry-run`` 1 s. The atexit hooks (Ray's shutdown,
+    MLflow's) run as before. Only at a process's end: what is frozen is never collected."""
+    gc.freeze()
+    sys.exit(code)
 
 
 @contextlib.contextmanager
