@@ -55,16 +55,18 @@ def train(topology: Topology, *, tracking_uri: str | None = None, storage: str |
     from cohort.console.display import make_display
     from cohort.driver.cluster import RayOptions
     from cohort.driver.launch import fetch_checkpoints
+    from cohort.driver.startup import asked_at
     from cohort.driver.training import start_run
     from cohort.tracking.logged_models import parse_registrations
     from cohort.tracking.tracker import resolve_uri
 
-    display = make_display(display)
-    items = [f"{peer}={name}" for peer, name in register.items()] if isinstance(register, Mapping) else list(register)
-    registrations = parse_registrations(items, topology)
-    uri = resolve_uri(tracking_uri or topology.tracking.uri)
-    topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), uri)
-    return start_run(topology, uri, ray or RayOptions(address=address), storage, registrations, display)
+    with asked_at():  # the start-up breakdown counts from this call (a command's: from its process's start)
+        display = make_display(display)
+        items = [f"{peer}={name}" for peer, name in register.items()] if isinstance(register, Mapping) else list(register)
+        registrations = parse_registrations(items, topology)
+        uri = resolve_uri(tracking_uri or topology.tracking.uri)
+        topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), uri)
+        return start_run(topology, uri, ray or RayOptions(address=address), storage, registrations, display)
 
 
 def run_study(path: str | Path, *, overrides: Iterable[str] = (), tracking_uri: str | None = None,

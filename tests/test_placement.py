@@ -92,6 +92,31 @@ def test_no_breakdown_without_every_mark_or_for_workers_older_than_this_driver()
     assert startup_breakdown(MARKS, {"a": replayed}) == {}
 
 
+def test_the_breakdown_counts_from_the_call_in_python_and_from_the_process_in_a_command(monkeypatch, tmp_path):
+    """Two trainings in one process (a notebook's cells): each breakdown counts from its own call to
+    ``cohort.train``, not from the process's start (the second said 'driver 28.9s'); a command's
+    counts from its process's start, imports included, also through the ``cohort.train`` it calls."""
+    import time
+
+    import cohort
+    import cohort.driver.cluster as cluster
+    import cohort.driver.training as training
+    from cohort.driver.startup import asked_at, process_started
+
+    monkeypatch.setattr(cluster, "start_ray", lambda address, verbose, dashboard=False: {"CPU": 2.0})
+    monkeypatch.setattr(training, "start_run", lambda *args: cluster.timed_start_ray(cluster.RayOptions())[1])
+    topology = cohort.load_topology("topologies/dml_pair.yaml")
+    for _ in range(2):
+        called = time.time()
+        marks = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
+        assert called <= marks["command"] <= marks["ray_start"] <= marks["ray_ready"]
+    with asked_at(process_started()):  # python -m cohort.run (cohort.console.command.run_command)
+        marks = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
+    assert marks["command"] == process_started() < called
+    _, marks = cluster.timed_start_ray(cluster.RayOptions())  # outside both: from Ray's start
+    assert marks["command"] == marks["ray_start"]
+
+
 # --------------------------------------------------------------------------- the plan while Ray starts
 
 

@@ -243,11 +243,11 @@ class RayOptions:
 
 def timed_start_ray(args: RayOptions | argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """``start_ray``, and the driver's start-up marks (cohort.driver.startup)."""
-    from cohort.driver.startup import driver_marks, process_started
+    from cohort.driver.startup import driver_marks, training_asked
 
     ray_start = time.time()
     cluster = start_ray(args.address, args.verbose, args.dashboard)
-    return cluster, driver_marks(process_started(), ray_start, time.time())
+    return cluster, driver_marks(training_asked(ray_start), ray_start, time.time())
 
 
 

@@ -1,13 +1,17 @@
 """Where the time before a cohort's first optimizer step goes.
 
-The driver marks when its process started and when Ray was up; every worker marks when it started,
+The driver marks when the training was asked for (a command's process start, its interpreter and
+imports included; a Python call's start, ``cohort.train``) and when Ray was up; every worker marks when it started,
 when its data were loaded, when its model was built and when its first step ended (wall-clock
 times, comparable on one machine). The cohort passes a milestone when its last peer does, so the
 parts below follow one another and add up to the time to the first step.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 # (part, the milestone that ends it), in order; the driver's marks, then the workers' latest ones.
@@ -21,11 +25,34 @@ PARTS = (
 )
 
 
+_ASKED: ContextVar[float | None] = ContextVar("cohort_training_asked", default=None)
+
+
 def process_started() -> float:
     """When this process started (``time.time()`` scale): the command's start, imports included."""
     import psutil
 
     return psutil.Process().create_time()
+
+
+@contextlib.contextmanager
+def asked_at(moment: float | None = None) -> Iterator[None]:
+    """The trainings started inside were asked for at ``moment`` (default: now), unless an outer
+    block already says when: a command (``moment``: its process's start) calling ``cohort.train``."""
+    if _ASKED.get() is not None:
+        yield
+        return
+    token = _ASKED.set(time.time() if moment is None else moment)
+    try:
+        yield
+    finally:
+        _ASKED.reset(token)
+
+
+def training_asked(default: float) -> float:
+    """When the training starting now was asked for (``asked_at``), else ``default``."""
+    asked = _ASKED.get()
+    return default if asked is None else asked
 
 
 def driver_marks(process_start: float, ray_start: float, ray_ready: float) -> dict[str, float]:
