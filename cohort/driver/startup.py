@@ -3,8 +3,8 @@
 The driver marks when the training was asked for (a command's process start, its interpreter and
 imports included; from Python, the call to ``cohort.train``) and when Ray was up; every worker marks
 when it started, when its data were loaded, when its model was built and when its first step ended
-(wall-clock times, comparable on one machine). The cohort passes a milestone when its last peer does, so the
-parts below follow one another and add up to the time to the first step.
+(wall-clock times, comparable on one machine). The cohort passes a milestone when its last peer
+does, so the parts below follow one another and add up to the time to the first step.
 """
 from __future__ import annotations
 
