@@ -48,3 +48,41 @@ def test_a_commands_process_ends_with_its_code_its_atexit_hooks_run_and_its_heap
     ])
     ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (ended.returncode, ended.stdout, ended.stderr) == (2, "done\natexit: frozen True\n", "")
+
+
+class FakeQueue:
+    """What fit_in_background asks of its ``wake`` queue; ``refuses``: put_nowait raises it."""
+
+    def __init__(self, refuses: type[Exception] | None = None):
+        self.items, self.refuses = [], refuses
+
+    def put_nowait(self, item):
+        if self.refuses is not None:
+            raise self.refuses("full")
+        self.items.append(item)
+
+
+class FakeTrainer:
+    def __init__(self, fails: bool = False):
+        self.fails = fails
+
+    def fit(self):
+        if self.fails:
+            raise RuntimeError("a worker died")
+        return "result"
+
+
+def test_the_fits_end_wakes_the_reader_of_its_queue():
+    """The driver and a trial read their fit's messages with a timeout of half a second: without the
+    FIT_ENDED put when the fit ends, each fit's reader waited up to that long before it saw the end."""
+    from cohort.driver.launch import FIT_ENDED, fit_in_background
+
+    for trainer, key in ((FakeTrainer(), "result"), (FakeTrainer(fails=True), "error")):
+        wake = FakeQueue()
+        thread, outcome = fit_in_background(trainer, wake=wake)
+        thread.join(timeout=10)
+        assert list(outcome) == [key] and wake.items == [FIT_ENDED]
+    # A full queue (the reader has a message to read anyway) or a gone one changes nothing.
+    thread, outcome = fit_in_background(FakeTrainer(), wake=FakeQueue(refuses=RuntimeError))
+    thread.join(timeout=10)
+    assert outcome == {"result": "result"}

@@ -321,7 +321,14 @@ def return_progress_queue(queue) -> None:
         _IDLE_PROGRESS[session] = queue
 
 
-def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
+# What ``fit_in_background`` puts into its ``wake`` queue when the fit has ended (not a message to show).
+FIT_ENDED = "cohort.fit_ended"
+
+
+def fit_in_background(trainer, wake=None) -> tuple[threading.Thread, dict[str, Any]]:
+    """``trainer.fit()`` in a thread of its own: the thread, and the outcome it fills in ("result" or
+    "error"). ``wake``: the queue the caller reads the fit's messages from, with a timeout; FIT_ENDED
+    goes into it when the fit ends, so that the reader does not wait out its timeout (half a second)."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -329,6 +336,12 @@ def fit_in_background(trainer) -> tuple[threading.Thread, dict[str, Any]]:
             outcome["result"] = trainer.fit()
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = error
+        finally:
+            if wake is not None:
+                try:
+                    wake.put_nowait(FIT_ENDED)
+                except Exception:  # noqa: BLE001 - full: the reader has a message anyway; gone: nobody to wake
+                    pass
 
     thread = threading.Thread(target=fit, name="cohort-fit", daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ from cohort.console.plan import describe_plan, summary_table
 from cohort.datasets import DatasetInfo
 from cohort.driver.cluster import RayOptions, cluster_node_labels
 from cohort.driver.launch import (
+    FIT_ENDED,
     RUN_FILE,
     Plan,
     abort_fit,
@@ -164,7 +165,7 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     epochs = EpochDisplay(display, evaluated(topology), topology.train.epochs, done=logged_epochs)
     started = time.perf_counter()
     final: dict[str, Any] = {}
-    thread, outcome = fit_in_background(trainer)
+    thread, outcome = fit_in_background(trainer, wake=progress)
     controller = None  # the fit's Ray Train controller, once it has announced itself (to abort it)
     # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.config.errors).
     with deferred_interrupt() as interrupted:
@@ -172,6 +173,8 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
             try:
                 report = progress.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if report == FIT_ENDED:
                 continue
             if is_controller_message(report):
                 controller = report[CONTROLLER]

@@ -77,7 +77,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     import ray.tune
     from ray.util.queue import Queue
 
-    from cohort.driver.launch import fit_in_background, make_trainer
+    from cohort.driver.launch import FIT_ENDED, fit_in_background, make_trainer
     from cohort.driver.trainer import report_forwarder_class
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
@@ -95,12 +95,15 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
                            initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True,
                            dataset=trial_dataset(datasets or {}, topology),
                            resource_requests=resource_requests)
-    thread, outcome = fit_in_background(trainer)
+    thread, outcome = fit_in_background(trainer, wake=reports)
     while thread.is_alive() or not reports.empty():
         try:
-            metrics, checkpoint = reports.get(timeout=0.5)
+            report = reports.get(timeout=0.5)
         except queue.Empty:
             continue
+        if report == FIT_ENDED:
+            continue
+        metrics, checkpoint = report
         if checkpoint is not None:
             checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
         ray.tune.report(metrics, checkpoint=checkpoint)
