@@ -51,6 +51,7 @@ def train(topology: Topology, *, tracking_uri: str | None = None, storage: str |
     process); ``register``: {peer: registered model name}; ``display``: 'auto' (a terminal's bar, else
     log lines), 'log', 'json' or 'quiet'."""
     import os
+    import time
 
     from cohort.console.display import make_display
     from cohort.driver.cluster import RayOptions
@@ -60,12 +61,13 @@ def train(topology: Topology, *, tracking_uri: str | None = None, storage: str |
     from cohort.tracking.logged_models import parse_registrations
     from cohort.tracking.tracker import resolve_uri
 
-    with asked_at():  # the start-up breakdown counts from this call (a command's: from its process's start)
-        display = make_display(display)
-        items = [f"{peer}={name}" for peer, name in register.items()] if isinstance(register, Mapping) else list(register)
-        registrations = parse_registrations(items, topology)
-        uri = resolve_uri(tracking_uri or topology.tracking.uri)
-        topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), uri)
+    called = time.time()  # the start-up breakdown counts from this call (a command's: from its process's start)
+    display = make_display(display)
+    items = [f"{peer}={name}" for peer, name in register.items()] if isinstance(register, Mapping) else list(register)
+    registrations = parse_registrations(items, topology)
+    uri = resolve_uri(tracking_uri or topology.tracking.uri)
+    topology = fetch_checkpoints(topology.with_absolute_paths(os.getcwd()), uri)
+    with asked_at(called):
         return start_run(topology, uri, ray or RayOptions(address=address), storage, registrations, display)
 
 

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,7 +322,7 @@ def return_progress_queue(queue) -> None:
         _IDLE_PROGRESS[session] = queue
 
 
-# What ``fit_in_background`` puts into its ``wake`` queue when the fit has ended (not a message to show).
+# What ``fit_in_background`` puts into its ``wake`` queue when the fit has ended (``fit_messages`` skips it).
 FIT_ENDED = "cohort.fit_ended"
 
 
@@ -346,6 +347,20 @@ def fit_in_background(trainer, wake=None) -> tuple[threading.Thread, dict[str, A
     thread = threading.Thread(target=fit, name="cohort-fit", daemon=True)
     thread.start()
     return thread, outcome
+
+
+def fit_messages(thread: threading.Thread, messages, stopped: Callable[[], bool] = lambda: False) -> Iterator[Any]:
+    """The messages of the fit running in ``thread`` (``fit_in_background(..., wake=messages)``), as
+    they come, until the fit has ended and ``messages`` is empty, or ``stopped()``."""
+    import queue
+
+    while (thread.is_alive() or not messages.empty()) and not stopped():
+        try:
+            message = messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if message != FIT_ENDED:
+            yield message
 
 
 def abort_fit(thread: threading.Thread, controller, messages, timeout: float = 60.0) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,13 +19,13 @@ from cohort.console.plan import describe_plan, summary_table
 from cohort.datasets import DatasetInfo
 from cohort.driver.cluster import RayOptions, cluster_node_labels
 from cohort.driver.launch import (
-    FIT_ENDED,
     RUN_FILE,
     Plan,
     abort_fit,
     failure_reason,
     fit_cluster,
     fit_in_background,
+    fit_messages,
     make_trainer,
     plan_while_ray_starts,
     progress_queue,
@@ -169,13 +168,7 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     controller = None  # the fit's Ray Train controller, once it has announced itself (to abort it)
     # Ctrl-C is taken between two MLflow writes, never in the middle of one (cohort.config.errors).
     with deferred_interrupt() as interrupted:
-        while (thread.is_alive() or not progress.empty()) and not interrupted.is_set():
-            try:
-                report = progress.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if report == FIT_ENDED:
-                continue
+        for report in fit_messages(thread, progress, stopped=interrupted.is_set):
             if is_controller_message(report):
                 controller = report[CONTROLLER]
                 continue

@@ -71,13 +71,12 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     ``resource_requests``: whether its fit tells the cluster's autoscaler its resources (no: the
     sweep's driver started this Ray on its machine; ``cohort.driver.launch.make_trainer``).
     """
-    import queue
     import uuid
 
     import ray.tune
     from ray.util.queue import Queue
 
-    from cohort.driver.launch import FIT_ENDED, fit_in_background, make_trainer
+    from cohort.driver.launch import fit_in_background, fit_messages, make_trainer
     from cohort.driver.trainer import report_forwarder_class
 
     # An invalid sample fails this trial with the reason; the sweep goes on.
@@ -96,14 +95,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
                            dataset=trial_dataset(datasets or {}, topology),
                            resource_requests=resource_requests)
     thread, outcome = fit_in_background(trainer, wake=reports)
-    while thread.is_alive() or not reports.empty():
-        try:
-            report = reports.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if report == FIT_ENDED:
-            continue
-        metrics, checkpoint = report
+    for metrics, checkpoint in fit_messages(thread, reports):
         if checkpoint is not None:
             checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
         ray.tune.report(metrics, checkpoint=checkpoint)
