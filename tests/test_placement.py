@@ -8,7 +8,7 @@ import torch.nn as nn
 from cohort.console.plan import describe_plan
 from cohort.driver.launch import fit_cluster, make_plan
 from cohort.driver.placement import TRAINING_STEP_FORWARDS, peer_threads, step_flops
-from cohort.driver.startup import describe_startup, startup_breakdown
+from cohort.driver.startup import PARTS, describe_startup, startup_breakdown
 from cohort.models import build_model
 from cohort.topology import topology_from_dict
 
@@ -101,20 +101,25 @@ def test_the_breakdown_counts_from_the_call_in_python_and_from_the_process_in_a_
     import cohort
     import cohort.driver.cluster as cluster
     import cohort.driver.training as training
-    from cohort.driver.startup import asked_at, process_started
+    from cohort.driver.startup import COMMAND_STARTED, asked_at, asked_since, process_started
 
     monkeypatch.setattr(cluster, "start_ray", lambda address, verbose, dashboard=False: {"CPU": 2.0})
-    monkeypatch.setattr(training, "start_run", lambda *args: cluster.timed_start_ray(cluster.RayOptions())[1])
+    monkeypatch.setattr(training, "start_run",
+                        lambda *args: (cluster.timed_start_ray(cluster.RayOptions())[1], asked_since()))
     topology = cohort.load_topology("topologies/dml_pair.yaml")
     for _ in range(2):
         called = time.time()
-        marks = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
+        marks, since = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
         assert called <= marks["command"] <= marks["ray_start"] <= marks["ray_ready"]
-    with asked_at(process_started()):  # python -m cohort.run (cohort.console.command.run_command)
-        marks = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
-    assert marks["command"] == process_started() < called
+        assert since == "cohort.train was called"  # what the breakdown's line says it counts from
+    with asked_at(process_started(), COMMAND_STARTED):  # python -m cohort.run (cohort.console.command.run_command)
+        marks, since = cohort.train(topology, tracking_uri=f"sqlite:///{tmp_path}/m.db", display="quiet")
+    assert marks["command"] == process_started() < called and since == "the command started"
     _, marks = cluster.timed_start_ray(cluster.RayOptions())  # outside both: from Ray's start
-    assert marks["command"] == marks["ray_start"]
+    assert marks["command"] == marks["ray_start"] and asked_since() == "Ray's start began"
+    breakdown = {part: 1.0 for part, _ in PARTS} | {"total": 6.0}
+    assert describe_startup(breakdown, "cohort.train was called").startswith(
+        "first step 6.0s after cohort.train was called (driver 1.0s, ray 1.0s")
 
 
 # --------------------------------------------------------------------------- the plan while Ray starts

@@ -15,10 +15,11 @@ from cohort.config.errors import CohortError
 def run_command(command, args) -> int:
     """Run a command-line entry point: a ``CohortError`` becomes one line on stderr and exit 2."""
     from cohort.console.display import command_stdout, mode_of
-    from cohort.driver.startup import asked_at, process_started
+    from cohort.driver.startup import COMMAND_STARTED, asked_at, process_started
 
     try:
-        with command_stdout(mode_of(args)), asked_at(process_started()):  # its interpreter and imports count
+        # The start-up breakdown counts from the process's start: its interpreter and imports count.
+        with command_stdout(mode_of(args)), asked_at(process_started(), COMMAND_STARTED):
             return command(args)
     except CohortError as error:
         print(str(error), file=sys.stderr)

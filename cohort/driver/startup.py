@@ -25,7 +25,11 @@ PARTS = (
 )
 
 
-_ASKED: ContextVar[float | None] = ContextVar("cohort_training_asked", default=None)
+# (when, what happened then) for the trainings started in this context (``asked_at``).
+_ASKED: ContextVar[tuple[float, str] | None] = ContextVar("cohort_training_asked", default=None)
+COMMAND_STARTED = "the command started"
+TRAIN_CALLED = "cohort.train was called"
+RAY_STARTED = "Ray's start began"
 
 
 def process_started() -> float:
@@ -36,13 +40,14 @@ def process_started() -> float:
 
 
 @contextlib.contextmanager
-def asked_at(moment: float | None = None) -> Iterator[None]:
-    """The trainings started inside were asked for at ``moment`` (default: now), unless an outer
-    block already says when: a command (``moment``: its process's start) calling ``cohort.train``."""
+def asked_at(moment: float | None = None, what: str = TRAIN_CALLED) -> Iterator[None]:
+    """The trainings started inside were asked for at ``moment`` (default: now), when ``what``
+    happened (the breakdown's line says it), unless an outer block already says when: a command
+    (``moment``: its process's start, ``what``: COMMAND_STARTED) calling ``cohort.train``."""
     if _ASKED.get() is not None:
         yield
         return
-    token = _ASKED.set(time.time() if moment is None else moment)
+    token = _ASKED.set((time.time() if moment is None else moment, what))
     try:
         yield
     finally:
@@ -52,7 +57,14 @@ def asked_at(moment: float | None = None) -> Iterator[None]:
 def training_asked(default: float) -> float:
     """When the training starting now was asked for (``asked_at``), else ``default``."""
     asked = _ASKED.get()
-    return default if asked is None else asked
+    return default if asked is None else asked[0]
+
+
+def asked_since() -> str:
+    """What the start-up breakdown counts from here: a command's start, a call to ``cohort.train``,
+    or (outside both) Ray's start."""
+    asked = _ASKED.get()
+    return RAY_STARTED if asked is None else asked[1]
 
 
 def driver_marks(process_start: float, ray_start: float, ray_ready: float) -> dict[str, float]:
@@ -78,6 +90,7 @@ def startup_breakdown(marks: Mapping[str, float], workers: Mapping[str, Mapping[
     return breakdown
 
 
-def describe_startup(breakdown: Mapping[str, float]) -> str:
+def describe_startup(breakdown: Mapping[str, float], since: str = COMMAND_STARTED) -> str:
+    """The breakdown in one line, counted from ``since`` (``asked_since``)."""
     parts = ", ".join(f"{part.replace('_', ' ')} {breakdown[part]:.1f}s" for part, _ in PARTS)
-    return f"first step {breakdown['total']:.1f}s after the command started ({parts})"
+    return f"first step {breakdown['total']:.1f}s after {since} ({parts})"

@@ -152,7 +152,7 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
           display: Display | None = None) -> Trained:
     """Fit the cohort, show and log each epoch once, and log the final artifacts: the weights,
     each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
-    from cohort.driver.startup import describe_startup, startup_breakdown
+    from cohort.driver.startup import asked_since, describe_startup, startup_breakdown
 
     topology = plan.topology
     progress = progress_queue()  # the last fit's, when this process has run one on this Ray
@@ -182,7 +182,7 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
                 if breakdown:
                     marks = None  # once per command
                     epochs.close()  # the bar's line cleared first
-                    display.info(describe_startup(breakdown))
+                    display.info(describe_startup(breakdown, asked_since()))
                     report = {**report, **{cohort_key(f"startup/{part}_s"): value for part, value in breakdown.items()}}
             # After a restart the epochs since the last checkpoint come again: log each once.
             if report["epoch"] <= logged_epochs:
