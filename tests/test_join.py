@@ -212,18 +212,22 @@ def cohort_run(address: str | None, tmp_path: Path, env: dict[str, str], timeout
                           timeout=timeout)
 
 
-def start_ray_here(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
-    """The commands' own start (cohort.driver.cluster.start_ray, no --address) in a fresh process:
-    its process id and the GCS address of the Ray it started or joined."""
+def start_ray_here(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """The commands' own start (cohort.driver.cluster.start_ray, no --address) in a fresh process,
+    which prints the GCS address of the Ray it started or joined (``ray_started_here``)."""
     code = ("import ray; from cohort.driver.cluster import start_ray; "
             "print(int(start_ray(None, False)['CPU']), ray.get_runtime_context().gcs_address); ray.shutdown()")
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def ray_started_here(process: subprocess.Popen) -> str:
+    """The GCS address ``start_ray_here``'s process printed once it ended."""
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
     cpus, gcs = out.split()
     assert int(cpus) >= 1
-    return process.pid, gcs
+    return gcs
 
 
 @pytest.mark.ray
@@ -232,29 +236,32 @@ def test_without_address_a_command_starts_its_own_ray_beside_a_live_one_and_past
     """Ray's temp folder names the last `ray start` of the machine: a bare ray.init() joined it (another
     user's cluster, here the token cluster, running), or retried it for many minutes when its head had
     died. Without --address a command starts a Ray of its own in both cases, up in its usual seconds.
-    (That a whole cohort then trains there is what every other Ray test shows.)"""
+    (That a whole cohort then trains there is what every other Ray test shows.) Both starts run at
+    once, each with its own temp folder."""
     address, home = token_cluster
     current = Path(ray_tmpdir) / "ray" / "ray_current_cluster"
     assert current.read_text().strip().endswith(address.rsplit(":", 1)[1])  # what a bare ray.init() would join
     session = (Path(ray_tmpdir) / "ray" / "session_latest").resolve()
-    started = time.perf_counter()
-    pid, gcs = start_ray_here(tmp_path, clean_env(home, RAY_TMPDIR=ray_tmpdir))
-    assert gcs != address
-    # No driver of this process connected to the running cluster (each driver leaves a log named by its pid).
-    assert not [log.name for log in (session / "logs").glob(f"*_{pid}.*")]
-    live = time.perf_counter() - started
-
     # Past a dead one: before, the start retried the dead address for minutes.
     dead = tempfile.mkdtemp(prefix="cohort-rd", dir="/tmp")
+    processes = []
     try:
         (Path(dead) / "ray").mkdir()
         stale = f"127.0.0.1:{free_port()}"  # nobody listens there
         (Path(dead) / "ray" / "ray_current_cluster").write_text(stale)
         started = time.perf_counter()
-        _, gcs = start_ray_here(tmp_path, clean_env(home, RAY_TMPDIR=dead))
-        assert gcs != stale
-        print(f"beside a live cluster: {live:.1f}s; past a dead one: {time.perf_counter() - started:.1f}s")
+        beside_live = start_ray_here(tmp_path, clean_env(home, RAY_TMPDIR=ray_tmpdir))
+        past_dead = start_ray_here(tmp_path, clean_env(home, RAY_TMPDIR=dead))
+        processes = [beside_live, past_dead]
+        assert ray_started_here(beside_live) != address
+        # No driver of this process connected to the running cluster (each driver leaves a log named by its pid).
+        assert not [log.name for log in (session / "logs").glob(f"*_{beside_live.pid}.*")]
+        assert ray_started_here(past_dead) != stale
+        print(f"beside a live cluster and past a dead one, at once: {time.perf_counter() - started:.1f}s")
     finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
         shutil.rmtree(dead, ignore_errors=True)
 
 
