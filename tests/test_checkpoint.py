@@ -70,3 +70,71 @@ def test_malformed_manifest_is_one_line_naming_it(tmp_path, content):
         load_peer_state(tmp_path, "student")
     message = str(raised.value)
     assert str(manifest_path(tmp_path, "student")) in message and len(message.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- a run's final results
+
+
+class FolderCheckpoint:
+    """What log_checkpoint_artifacts asks of a Ray checkpoint: its folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.folder))
+
+
+class RecordingTracker:
+    """Each logged file's artifact path and bytes (the drawn diagrams' folder is gone afterwards)."""
+
+    def __init__(self):
+        self.logged: dict[str, bytes] = {}
+
+    def log_file(self, path, artifact_path=None):
+        from pathlib import Path
+
+        name = f"{artifact_path}/{Path(path).name}"
+        assert name not in self.logged, f"{name} logged twice"
+        self.logged[name] = Path(path).read_bytes()
+
+
+def test_workers_write_weights_and_bins_and_the_driver_draws_the_diagrams(tmp_path):
+    """A worker's final results are its weights and reliability bins, no figure (no worker imports
+    matplotlib); the driver logs them with each diagram drawn from its bins, and leaves the training
+    state out. A checkpoint that holds its diagrams already (an earlier cohort's) keeps them."""
+    import json
+
+    from cohort.metrics.reliability import ReliabilityBins, reliability_bins, reliability_bins_probs
+    from cohort.tracking.tracker import log_checkpoint_artifacts
+    from cohort.worker.loop import save_final
+
+    torch.manual_seed(0)
+    model, logits, labels = torch.nn.Linear(4, 3), torch.randn(200, 3) * 3, torch.randint(0, 3, (200,))
+    ensemble = torch.softmax(torch.randn(200, 3), dim=1)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_final(str(folder), "student", model, logits, labels, ensemble)
+    save_peer_state(folder, "student", a_state())
+    assert not list(folder.glob("*.png"))
+    for name, expected in (("student", reliability_bins(logits, labels)),
+                           ("ensemble", reliability_bins_probs(ensemble, labels))):
+        bins = ReliabilityBins.from_dict(json.loads((folder / f"reliability_{name}.json").read_text()))
+        for field in ("edges", "counts", "accuracy", "confidence"):
+            torch.testing.assert_close(getattr(bins, field), getattr(expected, field), equal_nan=True)
+
+    tracker = RecordingTracker()
+    log_checkpoint_artifacts(tracker, FolderCheckpoint(folder))
+    assert set(tracker.logged) == {"weights/student.pt", "reliability/reliability_student.json",
+                                   "reliability/reliability_student.png", "reliability/reliability_ensemble.json",
+                                   "reliability/reliability_ensemble.png"}
+    assert all(tracker.logged[f"reliability/reliability_{name}.png"][:8] == b"\x89PNG\r\n\x1a\n"
+               for name in ("student", "ensemble"))
+
+    (folder / "reliability_student.png").write_bytes(b"an earlier cohort's diagram")
+    tracker = RecordingTracker()
+    log_checkpoint_artifacts(tracker, FolderCheckpoint(folder))
+    assert tracker.logged["reliability/reliability_student.png"] == b"an earlier cohort's diagram"
+    assert tracker.logged["reliability/reliability_ensemble.png"][:8] == b"\x89PNG\r\n\x1a\n"

@@ -386,6 +386,9 @@ def test_workers_train_on_the_drivers_copy_of_the_data_and_weights(ray_cluster, 
     assert 0 < report["b/acc"] <= 1 and report["b/acc"] * 360 == pytest.approx(round(report["b/acc"] * 360))
     with result.checkpoint.as_directory() as folder:
         trained = torch.load(Path(folder) / "a.pt", weights_only=True)
+        # The workers wrote the reliability bins; the diagrams are the driver's to draw (no worker imports matplotlib).
+        assert {"reliability_a.json", "reliability_b.json", "reliability_ensemble.json"} <= set(os.listdir(folder))
+        assert not [name for name in os.listdir(folder) if name.endswith(".png")]
     for key, value in state.items():
         assert torch.equal(trained[key], value), key  # the frozen peer ran on exactly the driver's weights
 

@@ -33,7 +33,6 @@ def save(figure, path: Path) -> Path:
 def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
     """The run's final reliability bins of ``peer`` (a ``ReliabilityBins``), else the path of its
     PNG diagram (runs from before the bins were logged), else None (a sweep trial logs neither)."""
-    import torch
 
     from cohort.metrics.reliability import ReliabilityBins
 
@@ -45,9 +44,7 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
         local = Path(client.download_artifacts(run.run_id, f"reliability/{name}", str(scratch / run.run_id)))
         if suffix == ".png":
             return local
-        data = json.loads(local.read_text())
-        return ReliabilityBins(**{key: torch.tensor(data[key], dtype=torch.float64)
-                                  for key in ("edges", "counts", "accuracy", "confidence")})
+        return ReliabilityBins.from_dict(json.loads(local.read_text()))
     return None
 
 

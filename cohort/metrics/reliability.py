@@ -5,7 +5,7 @@ core lives in ``cohort.metrics.scores``), and the PNG diagram of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,9 @@ __all__ = ["ReliabilityBins", "reliability_bins", "reliability_bins_probs", "rel
 # --------------------------------------------------------------------------- reliability bins
 
 
+BIN_FIELDS = ("edges", "counts", "accuracy", "confidence")
+
+
 @dataclass
 class ReliabilityBins:
     """Per-bin statistics of the ``ece`` binning (float64 tensors, bins ``(lo, hi]``).
@@ -44,6 +47,15 @@ class ReliabilityBins:
     @property
     def n_bins(self) -> int:
         return int(self.counts.shape[0])
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """The bins as plain lists: what a run logs as ``reliability/reliability_<peer>.json``."""
+        return {field: getattr(self, field).tolist() for field in BIN_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Sequence[float]]) -> ReliabilityBins:
+        """The bins ``as_dict`` gave (read back from a run's JSON)."""
+        return cls(**{field: torch.tensor(data[field], dtype=torch.float64) for field in BIN_FIELDS})
 
     @property
     def ece(self) -> float:

@@ -39,7 +39,6 @@ def outcomes(client, parent) -> list[Outcome]:
 def pooled_bins(client, outcomes_of_arm: list[Outcome], peer: str):
     """The reliability bins of ``peer`` summed over the arm's finished runs (None when none logged
     them): per bin the counts add up, accuracy and confidence are count-weighted means."""
-    import torch
 
     from cohort.metrics.reliability import ReliabilityBins
 
@@ -52,7 +51,5 @@ def pooled_bins(client, outcomes_of_arm: list[Outcome], peer: str):
             if name not in {Path(item.path).name for item in client.list_artifacts(outcome.run_id, "reliability")}:
                 continue
             local = Path(client.download_artifacts(outcome.run_id, f"reliability/{name}", scratch))
-            data = json.loads(local.read_text())
-            parts.append(ReliabilityBins(**{key: torch.tensor(data[key], dtype=torch.float64)
-                                            for key in ("edges", "counts", "accuracy", "confidence")}))
+            parts.append(ReliabilityBins.from_dict(json.loads(local.read_text())))
     return ReliabilityBins.merge(parts) if parts else None

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,10 +142,11 @@ class Tracker:
 
 def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
     """A finished run's results from its last Ray checkpoint: the peers' weights (``weights/``) and
-    reliability diagrams, PNG and bins (``reliability/``); the training state for restarts stays out."""
+    reliability bins (``reliability/``, JSON), each with its diagram (PNG), drawn here from the bins;
+    the training state for restarts stays out."""
     if checkpoint is None:
         return
-    with checkpoint.as_directory() as folder:
+    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory(prefix="cohort-diagrams-") as drawn:
         for path in sorted(Path(folder).iterdir()):
             if path.name.endswith((".state.pt", ".manifest.json")):
                 continue
@@ -152,6 +154,21 @@ def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
                 tracker.log_file(path, "weights")
             elif path.suffix in (".png", ".json"):
                 tracker.log_file(path, "reliability")
+                # A checkpoint written by an earlier cohort holds its diagrams already.
+                if path.name.startswith(RELIABILITY) and path.suffix == ".json" and not path.with_suffix(".png").exists():
+                    tracker.log_file(reliability_png(path, Path(drawn)), "reliability")
+
+
+RELIABILITY = "reliability_"
+
+
+def reliability_png(bins_file: Path, folder: Path) -> Path:
+    """The diagram of the bins in ``bins_file`` (``reliability_<peer>.json``), drawn into ``folder``
+    under the same name as a PNG, titled with the peer."""
+    from cohort.metrics.reliability import ReliabilityBins, reliability_diagram
+
+    bins = ReliabilityBins.from_dict(json.loads(bins_file.read_text()))
+    return reliability_diagram(bins, folder / bins_file.with_suffix(".png").name, title=bins_file.stem[len(RELIABILITY):])
 
 
 def existing_store_client(uri: str, what: str):

@@ -756,14 +756,13 @@ def worker_placement(rank: int, slot, device: torch.device) -> dict[str, Any]:
 
 def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
                ensemble_probs: torch.Tensor | None) -> None:
-    """The peer's weights and reliability diagram (PNG, and its bins as JSON for later comparisons);
-    rank 0 adds the ensemble's."""
+    """The peer's weights and reliability bins (JSON: the driver draws the diagram when it logs them,
+    cohort.tracking.tracker.log_checkpoint_artifacts, so no worker imports matplotlib); rank 0 adds
+    the ensemble's."""
     torch.save({key: value.cpu() for key, value in model.state_dict().items()}, os.path.join(folder, f"{peer}.pt"))
     diagrams = [(peer, reliability.reliability_bins(logits, labels))]
     if ensemble_probs is not None:
         diagrams.append((ENSEMBLE, reliability.reliability_bins_probs(ensemble_probs, labels)))
     for name, bins in diagrams:
-        reliability.reliability_diagram(bins, os.path.join(folder, f"reliability_{name}.png"), title=name)
         with open(os.path.join(folder, f"reliability_{name}.json"), "w") as file:
-            json.dump({field: getattr(bins, field).tolist() for field in ("edges", "counts", "accuracy", "confidence")},
-                      file)
+            json.dump(bins.as_dict(), file)
