@@ -121,3 +121,12 @@ def test_data_memory_pieces(tmp_path):
         child.wait()
     runs = {"1": {"peak_mb": {"total": 1000.0}}, "4": {"peak_mb": {"total": 2500.0}}}
     assert per_extra_peer(runs) == 500.0 and per_extra_peer({"2": runs["1"]}) is None
+
+
+def test_parquet_load_bench_names_a_missing_table_in_one_line(tmp_path, capsys):
+    from bench.parquet_load import main as parquet_load
+
+    missing = tmp_path / "nowhere.parquet"
+    assert parquet_load(["--data", str(missing), "--out", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{missing}: no such file: give the table with --data PATH" and not (tmp_path / "out.json").exists()

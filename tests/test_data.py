@@ -133,6 +133,43 @@ def test_parquet_undecodable_rows_are_skipped_and_reported(tmp_path):
     assert data.info.notes == ("skipped 2 undecodable image(s) in t.parquet (rows 18, 19)",)
 
 
+@pytest.mark.filterwarnings("ignore:.*torchcodec:UserWarning", "ignore::DeprecationWarning")
+def test_decoded_images_fill_one_tensor_around_rows_that_do_not_decode():
+    """Each decoded image in its row's place of one tensor (bad rows left out), as decoding each alone."""
+    import torchvision.io
+
+    from cohort.datasets.parquet import decode_images
+
+    blobs = [b"junk", encoded((10, 20, 30)), encoded((200, 100, 0), fmt="JPEG"), b"junk", encoded((0, 0, 255))]
+    images, good = decode_images(blobs, None)
+    assert good == [1, 2, 4] and images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
+    for image, row in zip(images, good, strict=True):
+        alone = torchvision.io.decode_image(torch.frombuffer(bytearray(blobs[row]), dtype=torch.uint8),
+                                            mode=torchvision.io.ImageReadMode.RGB)
+        assert torch.equal(image, alone)
+    first, good = decode_images(blobs, None, stop_at_first=True)
+    assert good == [1] and torch.equal(first, images[:1])
+    nothing, good = decode_images([b"junk"], None)
+    assert good == [] and nothing.numel() == 0
+
+
+@pytest.mark.parametrize("count, chunk", [(1, 1024), (7, 3), (300, 64), (300, 1024)])
+def test_channel_statistics_are_torch_float64s_without_a_float_copy(count, chunk):
+    """The normalization's per-channel mean and std (Bessel-corrected) of ``pixels / 255``, from
+    integer sums chunk by chunk: torch's float64 figures on the whole tensor."""
+    from cohort.datasets.augment import channel_statistics
+
+    generator = torch.Generator().manual_seed(count)
+    images = torch.randint(0, 256, (count, 3, 5, 4), generator=generator, dtype=torch.uint8)
+    mean, std = channel_statistics(images, chunk=chunk)
+    pixels = images.double() / 255
+    assert mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist(), rel=1e-13)
+    assert std == pytest.approx(pixels.std(dim=(0, 2, 3)).tolist(), rel=1e-12)
+    # By hand: two pixels per channel, 0 and 255 (mean 1/2, std sqrt(1/2)); a constant channel has no spread.
+    two = torch.tensor([[[[0]], [[255]], [[7]]], [[[255]], [[0]], [[7]]]], dtype=torch.uint8)
+    assert channel_statistics(two) == (pytest.approx([0.5, 0.5, 7 / 255]), pytest.approx([0.5 ** 0.5, 0.5 ** 0.5, 0.0]))
+
+
 def test_parquet_missing_columns(tmp_path):
     path = write_table(tmp_path / "t.parquet", tiny_rows(), columns=("image", "label"))
     with pytest.raises(CohortError, match=r"t.parquet: missing column\(s\) split \(an image table needs image, label, split\)"):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cohort.config.errors import CohortError
-from cohort.datasets.augment import ImageArrays
+from cohort.datasets.augment import ImageArrays, channel_statistics
 from cohort.datasets.base import CohortDataset, DatasetInfo, need_root
 from cohort.datasets.registry import register_dataset
 
@@ -95,11 +95,9 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
     train_images = images[is_train]
     if not len(train_images) or is_train.all():
         raise CohortError("the table needs rows of both splits, train and test", "data.root")
-    pixels = train_images.float().div(255)
-    mean = pixels.mean(dim=(0, 2, 3)).tolist()
-    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+    mean, std = channel_statistics(train_images)
     return ImageArrays("parquet", (train_images, labels[is_train]), (images[~is_train], labels[~is_train]),
-                       num_classes, mean, std, class_names, notes)
+                       num_classes, mean, [max(value, 1e-6) for value in std], class_names, notes)
 
 
 def labels_and_splits(table: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +152,14 @@ def table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
 
 def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded
-    (only the first that decodes with ``stop_at_first``)."""
+    (only the first that decodes with ``stop_at_first``). Each image goes straight into one tensor
+    allocated at the first image's shape: no second copy of the decoded table."""
     import warnings
 
     import torchvision.io
     from torchvision.transforms.functional import resize
 
-    decoded, good, shape = [], [], None
+    images, good, shape = None, [], None
     for row, blob in enumerate(blobs):
         try:
             with warnings.catch_warnings():
@@ -175,11 +174,14 @@ def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = Fal
             image = resize(image, [image_size, image_size], antialias=True)
         if shape is None:
             shape = image.shape
+            images = torch.empty((1 if stop_at_first else len(blobs) - row, *shape), dtype=torch.uint8)
         elif image.shape != shape:
             raise CohortError(f"row {row}: image of size {tuple(image.shape[1:])}, earlier ones are "
                               f"{tuple(shape[1:])} (set data.image_size to resize them all)", "data.root")
-        decoded.append(image)
+        images[len(good)] = image
         good.append(row)
         if stop_at_first:
             break
-    return (torch.stack(decoded) if decoded else torch.empty(0)), good
+    if images is None:
+        return torch.empty(0), good
+    return (images if len(good) == len(images) else images[:len(good)].clone()), good

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cohort.config.errors import CohortError, byte_size
-from cohort.datasets.augment import cifar_augment, normalize
+from cohort.datasets.augment import channel_statistics, cifar_augment, normalize
 from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, batch_indices, batch_seed, class_counts, need_root
 from cohort.datasets.parquet import decode_images, labels_and_splits, reading, table_files
 from cohort.datasets.producer import CHUNK, LAG, WINDOW
@@ -300,9 +300,9 @@ def sample_normalization(dataset: StreamingParquet) -> tuple[list[float], list[f
     if not good:
         raise CohortError(f"none of the {len(sample_rows(dataset))} images sampled for the normalization decodes",
                           "data.root")
-    pixels = images.float().div(255)  # the rows that decode: a bad row stops the run when a batch reads it
-    return (pixels.mean(dim=(0, 2, 3)).tolist(), pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist(),
-            tuple(pixels.shape[1:]), len(good))
+    # The rows that decode: a bad row stops the run when a batch reads it.
+    mean, std = channel_statistics(images)
+    return mean, [max(value, 1e-6) for value in std], tuple(images.shape[1:]), len(good)
 
 
 def _first_shape(dataset: StreamingParquet) -> tuple[int, ...]:
