@@ -170,6 +170,33 @@ def test_channel_statistics_are_torch_float64s_without_a_float_copy(count, chunk
     assert channel_statistics(two) == (pytest.approx([0.5, 0.5, 7 / 255]), pytest.approx([0.5 ** 0.5, 0.5 ** 0.5, 0.0]))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_parquet_splits_are_decoded_apart_in_the_tables_order(tmp_path):
+    """Rows of both splits interleaved, a bad one in each: each split holds its images in the table's
+    order, the notes name the bad rows by their row in the table, and a test image whose size differs
+    from the training images' is refused naming its row."""
+    import torchvision.io
+
+    colors = [(10 * n, 255 - 10 * n, 7 * n) for n in range(10)]
+    rows = [(encoded(colors[n]), n % 3, "train" if n % 2 == 0 else "test") for n in range(10)]
+    rows[4] = (b"junk", 1, "train")
+    rows[7] = (b"junk", 1, "test")
+    data = load_dataset(DataConfig(dataset="parquet", root=str(write_table(tmp_path / "t.parquet", rows))))
+
+    def alone(row):
+        return torchvision.io.decode_image(torch.frombuffer(bytearray(rows[row][0]), dtype=torch.uint8),
+                                           mode=torchvision.io.ImageReadMode.RGB)
+
+    for images, labels, kept in ((data.train_images, data.train_labels, [0, 2, 6, 8]),
+                                 (data.test_images, data.test_labels, [1, 3, 5, 9])):
+        assert torch.equal(images, torch.stack([alone(row) for row in kept]))
+        assert labels.tolist() == [rows[row][1] for row in kept]
+    assert data.info.notes == ("skipped 2 undecodable image(s) in t.parquet (rows 4, 7)",)
+    rows[5] = (encoded((1, 2, 3), size=16), 0, "test")
+    with pytest.raises(CohortError, match=r"row 5: image of size \(16, 16\), earlier ones are \(8, 8\)"):
+        load_dataset(DataConfig(dataset="parquet", root=str(write_table(tmp_path / "u.parquet", rows))))
+
+
 def test_parquet_missing_columns(tmp_path):
     path = write_table(tmp_path / "t.parquet", tiny_rows(), columns=("image", "label"))
     with pytest.raises(CohortError, match=r"t.parquet: missing column\(s\) split \(an image table needs image, label, split\)"):

@@ -79,7 +79,15 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
     path = need_root("parquet", root, False, "a .parquet file or a folder of them, with columns image, label, split")
     table, class_names = _read_tables(path)
     labels, train_rows = labels_and_splits(table)
-    images, good = decode_images(table.column("image").to_pylist(), image_size)
+    blobs = table.column("image").to_pylist()
+    # Each split decoded into a tensor of its own: no copy of the whole decoded table to split it.
+    splits, shape = {}, None
+    for name, in_split in (("train", train_rows), ("test", ~train_rows)):
+        rows = in_split.nonzero().flatten().tolist()
+        images, good = decode_images([blobs[row] for row in rows], image_size, rows=rows, shape=shape)
+        shape = shape or (tuple(images.shape[1:]) if good else None)
+        splits[name] = images, good
+    good = sorted(splits["train"][1] + splits["test"][1])
     if not good:
         raise CohortError(f"none of the {len(labels)} images in {str(path)!r} could be decoded", "data.root")
     notes = []
@@ -88,15 +96,12 @@ def load_parquet(root: str | None = None, image_size: int | None = None) -> Coho
         bad_rows = sorted(set(range(len(labels))) - set(good))
         notes.append(f"skipped {skipped} undecodable image(s) in {path.name} (rows {', '.join(map(str, bad_rows[:5]))}"
                      f"{', ...' if skipped > 5 else ''})")
-    kept = torch.tensor(good)
-    labels = labels[kept]
-    is_train = train_rows[kept]
-    num_classes = max(int(labels.max()) + 1, len(class_names))
-    train_images = images[is_train]
-    if not len(train_images) or is_train.all():
+    (train_images, train_good), (test_images, test_good) = splits["train"], splits["test"]
+    if not train_good or not test_good:
         raise CohortError("the table needs rows of both splits, train and test", "data.root")
+    num_classes = max(int(labels[good].max()) + 1, len(class_names))
     mean, std = channel_statistics(train_images)
-    return ImageArrays("parquet", (train_images, labels[is_train]), (images[~is_train], labels[~is_train]),
+    return ImageArrays("parquet", (train_images, labels[train_good]), (test_images, labels[test_good]),
                        num_classes, mean, [max(value, 1e-6) for value in std], class_names, notes)
 
 
@@ -150,17 +155,21 @@ def table_files(root: Path) -> tuple[list[Path], tuple[str, ...]]:
     return files, class_names
 
 
-def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = False) -> tuple[torch.Tensor, list[int]]:
+def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = False, rows: list[int] | None = None,
+                  shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Decode encoded images to RGB uint8 ``[N, 3, H, W]``; return them and the rows that decoded
-    (only the first that decodes with ``stop_at_first``). Each image goes straight into one tensor
-    allocated at the first image's shape: no second copy of the decoded table."""
+    (only the first that decodes with ``stop_at_first``). ``rows``: the table's rows of ``blobs``
+    (default 0, 1, ...), named in errors and returned; ``shape``: the ``[3, H, W]`` every image must
+    have (default: the first decoded image's). Each image goes straight into one tensor allocated
+    at that shape: no second copy of the decoded images."""
     import warnings
 
     import torchvision.io
     from torchvision.transforms.functional import resize
 
-    images, good, shape = None, [], None
-    for row, blob in enumerate(blobs):
+    images, good = None, []
+    for index, blob in enumerate(blobs):
+        row = index if rows is None else rows[index]
         try:
             with warnings.catch_warnings():
                 # torchvision 0.29 announces a move of its decoders to torchcodec; they still work and
@@ -173,9 +182,10 @@ def decode_images(blobs: list, image_size: int | None, stop_at_first: bool = Fal
         if image_size is not None:
             image = resize(image, [image_size, image_size], antialias=True)
         if shape is None:
-            shape = image.shape
-            images = torch.empty((1 if stop_at_first else len(blobs) - row, *shape), dtype=torch.uint8)
-        elif image.shape != shape:
+            shape = tuple(image.shape)
+        if images is None and tuple(image.shape) == shape:
+            images = torch.empty((1 if stop_at_first else len(blobs) - index, *shape), dtype=torch.uint8)
+        elif tuple(image.shape) != shape:
             raise CohortError(f"row {row}: image of size {tuple(image.shape[1:])}, earlier ones are "
                               f"{tuple(shape[1:])} (set data.image_size to resize them all)", "data.root")
         images[len(good)] = image
