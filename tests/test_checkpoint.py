@@ -1,6 +1,8 @@
 """Training-state files: atomic, verified, tensors only."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,8 +96,6 @@ class RecordingTracker:
         self.logged: dict[str, bytes] = {}
 
     def log_file(self, path, artifact_path=None):
-        from pathlib import Path
-
         name = f"{artifact_path}/{Path(path).name}"
         assert name not in self.logged, f"{name} logged twice"
         self.logged[name] = Path(path).read_bytes()

@@ -140,6 +140,9 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
+RELIABILITY = "reliability_"  # the bins' and diagrams' files: reliability_<peer>.json and .png
+
+
 def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
     """A finished run's results from its last Ray checkpoint: the peers' weights (``weights/``) and
     reliability bins (``reliability/``, JSON), each with its diagram (PNG), drawn here from the bins;
@@ -157,9 +160,6 @@ def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
                 # A checkpoint written by an earlier cohort holds its diagrams already.
                 if path.name.startswith(RELIABILITY) and path.suffix == ".json" and not path.with_suffix(".png").exists():
                     tracker.log_file(reliability_png(path, Path(drawn)), "reliability")
-
-
-RELIABILITY = "reliability_"
 
 
 def reliability_png(bins_file: Path, folder: Path) -> Path:
