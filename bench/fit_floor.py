@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--fits: at least 2 (the first of each kind pays the process's imports)", file=sys.stderr)
         return 2
 
-    from cohort.driver.cluster import start_ray
+    from cohort.driver.cluster import HEALTH_CHECK_INTERVAL, start_ray
 
     with tempfile.TemporaryDirectory(prefix="cohort-fit-floor-") as folder:
         started = time.perf_counter()
@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "machine": {**machine(), "cluster_cpus": resources.get("CPU"),
                     "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        # Ray Train's poll interval: every fit's end waits for polls (cohort.driver.cluster).
+        "health_check_interval_s": float(os.environ[HEALTH_CHECK_INTERVAL]),
         "ray_start_seconds": round(ray_start, 2),
         "bare_fit": summary(bare),
         "cohort_one_epoch_dml_pair": summary(trained),
     }
-    print(f"Ray started in {ray_start:.1f} s ({os.cpu_count()} CPUs)")
+    print(f"Ray started in {ray_start:.1f} s ({os.cpu_count()} CPUs); Ray Train polls its workers every "
+          f"{results['health_check_interval_s']:g} s")
     for name, key in (("bare Ray Train fit, 2 workers", "bare_fit"),
                       ("cohort.train, dml_pair, 1 epoch", "cohort_one_epoch_dml_pair")):
         each = ", ".join(f"{s:.1f}" for s in results[key]["seconds"])

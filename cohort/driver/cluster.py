@@ -124,11 +124,17 @@ def prepare_join(address: str) -> None:
         raise CohortError(auth_refused_message(address, dict(os.environ), Path.home()))
 
 
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
 def driver_environment(address: str | None, dashboard: bool, stdout_is_terminal: bool) -> dict[str, str]:
     """The environment the driver gives Ray before starting or joining it (each only where the user
     has not set it)."""
-    # Ray Train's controller polls its workers this often; its 2 s default paces short epochs.
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    # Ray Train's controller polls its workers this often, and a worker's report waits in a queue of
+    # one until a poll takes it: the end of every fit waits for polls (bench.fit_floor: a one-epoch
+    # dml_pair run 9.0 s at 0.5, 8.6 at 0.2, 7.7 at 0.1 on 2 cores; Ray's default is 2 s). A poll
+    # costs each worker a little CPU (about 5% of a 2-core machine's in a long run: docs/performance.md).
+    env = {HEALTH_CHECK_INTERVAL: "0.1"}
     if not stdout_is_terminal:
         # Ray prints what the cluster pushes to the driver (the raylet's warning that many worker
         # processes started, a task killed for memory) on stdout, its prefix in color: a log file
