@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import empty_store
+from conftest import empty_store, end_orphaned_workers, raylet_pids
 
 from cohort.run import main
 
@@ -41,8 +41,10 @@ def two_nodes():
         cluster.wait_for_nodes()
         yield cluster
     finally:
+        raylets = raylet_pids(cluster)
         ray.shutdown()  # the driver's connection, made by cohort.run
         cluster.shutdown()
+        end_orphaned_workers(raylets)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import empty_store
+from conftest import empty_store, end_orphaned_workers
 
 from cohort.config.errors import CohortError
 from cohort.driver.cluster import (
@@ -302,3 +303,23 @@ def test_a_wrong_or_missing_token_is_one_line(token_cluster, tmp_path):
         assert lines[0].startswith(f"the cluster at {address} "), lines
         assert expected[case] in lines[0] and "~/.ray/auth_token" in lines[0], lines
     assert time.perf_counter() - started < 60  # refused at once, not after Ray's retries
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
+def test_a_worker_left_by_its_raylet_is_ended_and_no_other_process():
+    """The last step of tests/test_cluster.py's two-node fixture: a process that Ray started for a raylet now gone (its
+    environment names that raylet) is killed; a process of another raylet is not."""
+
+    def sleeper(raylet: int) -> subprocess.Popen:
+        env = {**os.environ, "RAY_RAYLET_PID": str(raylet)}
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+
+    gone, other = 2**22 + 1, 2**22 + 2  # above Linux's default pid_max: no live raylet has them
+    orphan, kept = sleeper(gone), sleeper(other)
+    try:
+        assert end_orphaned_workers({gone}) == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL and kept.poll() is None
+    finally:
+        for process in (orphan, kept):
+            process.kill()
+            process.wait()
