@@ -27,7 +27,7 @@ from cohort.driver.cluster import driver_environment
 
 # Every Ray the tests start (the fixtures here and in the test modules, and the commands they run
 # in subprocesses) runs as a command's own Ray does (cohort.driver.cluster.driver_environment): Ray
-# Train's controller polling every 0.5 s instead of 2 s, workers at a plain priority, no preemption
+# Train's controller polling every 0.1 s instead of 2 s, workers at a plain priority, no preemption
 # watcher. Ray Train's metrics stay as Ray has them (a dashboard's Ray uses them); the fixture below
 # turns them off for its Ray, as a command does without a dashboard.
 RAY_TRAIN_METRICS = "RAY_TRAIN_METRICS_ENABLED"
