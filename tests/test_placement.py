@@ -272,3 +272,27 @@ def test_a_cohort_trainer_on_a_ray_started_here_asks_no_autoscaler(tmp_path, mon
         trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(trainer.scaling_config), other=1)
         assert type(given[-1]["scaling_policy"]) is expected and given[-1]["other"] == 1
         assert given[-1]["scaling_policy"].scaling_config.num_workers == 3
+
+
+def test_a_command_stops_its_quiet_ray_itself_and_leaves_a_verbose_one_to_rays_exit_hook(monkeypatch):
+    """``exit_process`` stops a Ray that ``start_ray`` started or joined without worker logs (Ray's own
+    exit hook would first wait 0.5 s for them); a ``--verbose`` one, whose logs the driver prints,
+    and a process without Ray are left to that hook."""
+    import sys
+    import types
+
+    from cohort.driver import cluster
+
+    stopped = []
+    fake = types.SimpleNamespace(is_initialized=lambda: True, shutdown=lambda: stopped.append(True),
+                                 get_runtime_context=lambda: types.SimpleNamespace(gcs_address="127.0.0.1:6379"))
+    monkeypatch.setattr(cluster, "QUIET", set())
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    cluster.stop_quiet_ray()  # Ray never imported: nothing to stop, nothing imported
+    assert "ray" not in sys.modules
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    cluster.stop_quiet_ray()  # started with --verbose: not in QUIET
+    assert stopped == []
+    cluster.QUIET.add("127.0.0.1:6379")
+    cluster.stop_quiet_ray()
+    assert stopped == [True]

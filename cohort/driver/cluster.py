@@ -188,12 +188,27 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> di
     except Exception as error:  # noqa: BLE001 - ray raises several kinds for the same problem
         where = "" if address == LOCAL else f" at {address!r}"
         raise CohortError(f"cannot start or join Ray{where}: {first_line(error)}") from None
+    if not verbose:
+        QUIET.add(ray.get_runtime_context().gcs_address)
     return ray.cluster_resources()
 
 
 LOCAL = "local"
 # The GCS addresses of the Rays this process started on this machine (``started_here``).
 STARTED_HERE: set[str] = set()
+# The GCS addresses of the Rays this process started or joined without passing worker logs on.
+QUIET: set[str] = set()
+
+
+def stop_quiet_ray() -> None:
+    """Stop (or leave) the Ray this process runs, now, if ``start_ray`` started or joined it without
+    passing the workers' logs on (no ``--verbose``). Ray's own hook at the interpreter's exit first
+    sleeps 0.5 s so that those logs finish printing (Ray 2.60, ``ray.shutdown``): a command that
+    prints none ends that much sooner. Nothing happens where Ray was never imported."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().gcs_address not in QUIET:
+        return
+    ray.shutdown()
 
 
 def started_here() -> bool:
