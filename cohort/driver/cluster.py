@@ -204,11 +204,14 @@ def stop_quiet_ray() -> None:
     """Stop (or leave) the Ray this process runs, now, if ``start_ray`` started or joined it without
     passing the workers' logs on (no ``--verbose``). Ray's own hook at the interpreter's exit first
     sleeps 0.5 s so that those logs finish printing (Ray 2.60, ``ray.shutdown``): a command that
-    prints none ends that much sooner. Nothing happens where Ray was never imported."""
+    prints none ends that much sooner. Nothing happens where Ray was never imported. A shutdown that
+    fails here is left to that hook: the command still ends with its own exit code, in one line."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized() or ray.get_runtime_context().gcs_address not in QUIET:
-        return
-    ray.shutdown()
+    try:
+        if ray is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address in QUIET:
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - Ray's exit hook tries again, as it did before this shortcut
+        pass
 
 
 def started_here() -> bool:
