@@ -34,11 +34,11 @@ def reliability_source(client, run: CohortRun, peer: str, scratch: Path):
     """The run's final reliability bins of ``peer`` (a ``ReliabilityBins``), else the path of its
     PNG diagram (runs from before the bins were logged), else None (a sweep trial logs neither)."""
 
-    from cohort.metrics.reliability import ReliabilityBins
+    from cohort.metrics.reliability import ReliabilityBins, bins_file_name
 
     logged = {Path(item.path).name for item in client.list_artifacts(run.run_id, "reliability")}
     for suffix in (".json", ".png"):
-        name = f"reliability_{peer}{suffix}"
+        name = bins_file_name(peer, suffix)
         if name not in logged:
             continue
         local = Path(client.download_artifacts(run.run_id, f"reliability/{name}", str(scratch / run.run_id)))

@@ -133,7 +133,7 @@ def driver_environment(address: str | None, dashboard: bool, stdout_is_terminal:
     # Ray Train's controller polls its workers this often, and a worker's report waits in a queue of
     # one until a poll takes it: the end of every fit waits for polls (bench.fit_floor: a one-epoch
     # dml_pair run 9.0 s at 0.5, 8.6 at 0.2, 7.7 at 0.1 on 2 cores; Ray's default is 2 s). A poll
-    # costs each worker a little CPU (about 5% of a 2-core machine's in a long run: docs/performance.md).
+    # costs each worker a little CPU (about 4% of a 2-core machine's in a long run: docs/testing.md).
     env = {HEALTH_CHECK_INTERVAL: "0.1"}
     if not stdout_is_terminal:
         # Ray prints what the cluster pushes to the driver (the raylet's warning that many worker

@@ -22,13 +22,21 @@ from cohort.metrics.scores import from_logits as _from_logits
 from cohort.metrics.scores import from_probs as _from_probs
 from cohort.metrics.scores import top1 as _top1
 
-__all__ = ["ReliabilityBins", "reliability_bins", "reliability_bins_probs", "reliability_diagram"]
+__all__ = ["BINS_PREFIX", "ReliabilityBins", "bins_file_name", "reliability_bins", "reliability_bins_probs",
+           "reliability_diagram"]
 
 
 # --------------------------------------------------------------------------- reliability bins
 
 
 BIN_FIELDS = ("edges", "counts", "accuracy", "confidence")
+# A run's bins of one peer (or the ensemble), and their diagram: reliability/reliability_<peer>.json, .png.
+BINS_PREFIX = "reliability_"
+
+
+def bins_file_name(peer: str, suffix: str = ".json") -> str:
+    """The name of ``peer``'s bins file in a run (``suffix=".png"``: of their diagram)."""
+    return f"{BINS_PREFIX}{peer}{suffix}"
 
 
 @dataclass

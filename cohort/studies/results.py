@@ -40,14 +40,14 @@ def pooled_bins(client, outcomes_of_arm: list[Outcome], peer: str):
     """The reliability bins of ``peer`` summed over the arm's finished runs (None when none logged
     them): per bin the counts add up, accuracy and confidence are count-weighted means."""
 
-    from cohort.metrics.reliability import ReliabilityBins
+    from cohort.metrics.reliability import ReliabilityBins, bins_file_name
 
     parts = []
     with tempfile.TemporaryDirectory(prefix="cohort-study-") as scratch:
         for outcome in outcomes_of_arm:
             if outcome.status != "FINISHED":
                 continue
-            name = f"reliability_{peer}.json"
+            name = bins_file_name(peer)
             if name not in {Path(item.path).name for item in client.list_artifacts(outcome.run_id, "reliability")}:
                 continue
             local = Path(client.download_artifacts(outcome.run_id, f"reliability/{name}", scratch))

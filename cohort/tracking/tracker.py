@@ -140,15 +140,14 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-RELIABILITY = "reliability_"  # the bins' and diagrams' files: reliability_<peer>.json and .png
-
-
 def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
     """A finished run's results from its last Ray checkpoint: the peers' weights (``weights/``) and
     reliability bins (``reliability/``, JSON), each with its diagram (PNG), drawn here from the bins;
     the training state for restarts stays out."""
     if checkpoint is None:
         return
+    from cohort.metrics.reliability import BINS_PREFIX
+
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory(prefix="cohort-diagrams-") as drawn:
         for path in sorted(Path(folder).iterdir()):
             if path.name.endswith((".state.pt", ".manifest.json")):
@@ -158,17 +157,17 @@ def log_checkpoint_artifacts(tracker: Tracker, checkpoint) -> None:
             elif path.suffix in (".png", ".json"):
                 tracker.log_file(path, "reliability")
                 # A checkpoint written by an earlier cohort holds its diagrams already.
-                if path.name.startswith(RELIABILITY) and path.suffix == ".json" and not path.with_suffix(".png").exists():
+                if path.name.startswith(BINS_PREFIX) and path.suffix == ".json" and not path.with_suffix(".png").exists():
                     tracker.log_file(reliability_png(path, Path(drawn)), "reliability")
 
 
 def reliability_png(bins_file: Path, folder: Path) -> Path:
     """The diagram of the bins in ``bins_file`` (``reliability_<peer>.json``), drawn into ``folder``
     under the same name as a PNG, titled with the peer."""
-    from cohort.metrics.reliability import ReliabilityBins, reliability_diagram
+    from cohort.metrics.reliability import BINS_PREFIX, ReliabilityBins, reliability_diagram
 
     bins = ReliabilityBins.from_dict(json.loads(bins_file.read_text()))
-    return reliability_diagram(bins, folder / bins_file.with_suffix(".png").name, title=bins_file.stem[len(RELIABILITY):])
+    return reliability_diagram(bins, folder / bins_file.with_suffix(".png").name, title=bins_file.stem[len(BINS_PREFIX):])
 
 
 def existing_store_client(uri: str, what: str):

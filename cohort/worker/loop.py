@@ -764,5 +764,5 @@ def save_final(folder: str, peer: str, model: nn.Module, logits: torch.Tensor, l
     if ensemble_probs is not None:
         diagrams.append((ENSEMBLE, reliability.reliability_bins_probs(ensemble_probs, labels)))
     for name, bins in diagrams:
-        with open(os.path.join(folder, f"reliability_{name}.json"), "w") as file:
+        with open(os.path.join(folder, reliability.bins_file_name(name)), "w") as file:
             json.dump(bins.as_dict(), file)
