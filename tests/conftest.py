@@ -116,6 +116,13 @@ def ray_processes(title: str = "RayTrainWorker", ancestor: int | None = None) ->
     return sorted(found)
 
 
+def actors_of(ray, class_name: str) -> dict[str, dict]:
+    """Every actor of ``class_name`` the running Ray has had, by id: its GCS record (``State``, and
+    for a dead one ``DeathCause``, which says whether ``ray.kill`` ended it)."""
+    return {actor_id: actor for actor_id, actor in ray._private.state.actors().items()
+            if actor.get("ActorClassName") == class_name}
+
+
 def raylet_pids(cluster) -> set[int]:
     """The PIDs of the raylets of a ``ray.cluster_utils.Cluster``'s nodes."""
     return {info.process.pid for node in cluster.list_all_nodes()
@@ -233,6 +240,8 @@ def empty_store(path: Path) -> str:
 # folder of the step's own.
 FRESH_STEPS = {
     "import cohort": "import cohort; cohort.run_study, cohort.sweep, cohort.evaluate_run, cohort.read_study",
+    # Second, before any step imports torch: what the process of a codistilling run's board loads.
+    "the snapshot board": "import cohort.worker.board",
     "model names": """
         from cohort.models import model_exists, known_models
         assert model_exists('resnet8') and model_exists('torchvision:resnet18')

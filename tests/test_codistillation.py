@@ -14,10 +14,11 @@ import yaml
 from cohort.config.errors import CohortError
 from cohort.datasets.base import batch_indices, disjoint_part, epoch_order
 from cohort.run import main
+from cohort.worker.board import FROZEN, KEPT, SnapshotBoard, usable_version
 from cohort.worker.guard import BatchGuard
 from cohort.worker.handoff import Reporter, copied_state, copied_weights, epochs_ahead
 from cohort.worker.report import EpochStats
-from cohort.worker.snapshots import FROZEN, KEPT, SnapshotBoard, TeacherStats, due, is_fresh, usable_version
+from cohort.worker.snapshots import TeacherStats, due, is_fresh
 
 REPO = Path(__file__).resolve().parents[1]
 

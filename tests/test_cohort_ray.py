@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import time
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import all_cpus_free, empty_store, ray_processes
+from conftest import actors_of, all_cpus_free, empty_store, ray_processes
 
 from cohort import losses
 from cohort.datasets import load_dataset
@@ -287,8 +288,21 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path, excha
     took the newest snapshot instead (a teacher may be a step ahead) fails this test."""
     uri = empty_store(tmp_path / "mlflow.db")
     path = write_topology(tmp_path, EQUIVALENCE if exchange is None else {**EQUIVALENCE, "exchange": exchange})
+    boards_before = set(actors_of(ray_cluster, "SnapshotBoard"))
     assert main([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
     _, run = finished_run(uri, "equivalence")
+    if exchange is not None:
+        # The run's snapshot board ended with its fit, by ray.kill (cohort.driver.trainer.end_actors),
+        # not later by Ray's reference counting, after which a board's process was seen to live on.
+        deadline = time.monotonic() + 5
+        while True:
+            boards = {key: actor for key, actor in actors_of(ray_cluster, "SnapshotBoard").items()
+                      if key not in boards_before}
+            if len(boards) != 1 or next(iter(boards.values()))["State"] == "DEAD" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [actor["State"] for actor in boards.values()] == ["DEAD"], boards
+        assert "killed by `ray.kill`" in str(next(iter(boards.values()))["DeathCause"]), boards
     if exchange is not None:  # every copy exactly current: no step behind
         topology = topology_from_dict(EQUIVALENCE)
         copies = {f"{peer}/staleness_{teacher}" for peer in topology.peer_names for teacher in topology.teachers_of(peer)}

@@ -170,3 +170,10 @@ def test_a_tracker_is_one_run_never_a_cursor_moved_from_outside():
 def test_importing_cohort_loads_nothing_heavy(fresh_interpreter):
     loaded = fresh_interpreter("import cohort").modules
     assert "cohort" in loaded and not loaded & {"torch", "ray", "mlflow", "pandas", "numpy"}
+
+
+def test_the_snapshot_boards_process_loads_no_torch(fresh_interpreter):
+    """A codistilling run's ``SnapshotBoard`` actor keeps versions and object references only: the
+    process Ray starts for it imports its module, and nothing heavy with it."""
+    loaded = fresh_interpreter("the snapshot board").modules
+    assert "cohort.worker.board" in loaded and not loaded & {"torch", "ray", "mlflow", "pandas", "numpy"}

@@ -274,6 +274,46 @@ def test_a_cohort_trainer_on_a_ray_started_here_asks_no_autoscaler(tmp_path, mon
         assert given[-1]["scaling_policy"].scaling_config.num_workers == 3
 
 
+def test_a_cohort_trainer_kills_its_runs_actors_when_the_fit_ends_or_fails(tmp_path, monkeypatch):
+    """A codistilling run's snapshot board ends with the fit that used it, by ``ray.kill``, whether the
+    fit returned or raised (cohort.driver.trainer: left to Ray's reference counting, a board's process
+    was seen to outlive its Ray). An actor already gone, or a Ray already stopped, is no error."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cohort.driver.trainer import cohort_trainer_class
+
+    killed = []
+
+    def kill(actor):
+        killed.append(actor)
+        if actor == "gone":
+            raise ValueError("no such actor")
+
+    monkeypatch.setattr(ray, "kill", kill)
+    outcomes = iter(["result", RuntimeError("the workers failed")])
+
+    def fit(self):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(TorchTrainer, "fit", fit)
+
+    def trainer(**kwargs):
+        return cohort_trainer_class()(lambda config: None, scaling_config=ScalingConfig(num_workers=2),
+                                      run_config=RunConfig(storage_path=str(tmp_path)), **kwargs)
+
+    assert trainer(run_actors=["gone", "board"]).fit() == "result"
+    assert killed == ["gone", "board"]
+    with pytest.raises(RuntimeError, match="the workers failed"):
+        trainer(run_actors=["board of the failed run"]).fit()
+    assert killed[-1] == "board of the failed run"
+    assert trainer().run_actors == ()
+
+
 def test_a_command_stops_its_quiet_ray_itself_and_leaves_a_verbose_one_to_rays_exit_hook(monkeypatch):
     """``exit_process`` stops a Ray that ``start_ray`` started or joined without worker logs (Ray's own
     exit hook would first wait 0.5 s for them); a ``--verbose`` one, whose logs the driver prints,

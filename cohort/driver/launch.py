@@ -238,14 +238,15 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     gpus = resources.gpus_per_worker
     if resource_requests is None:
         resource_requests = not started_here()
+    # Codistillation: the run's register of published weights (cohort.worker.board), ended with the fit.
+    board = snapshot_board() if topology.exchange.snapshot else None
     return cohort_trainer_class(stoppable, resource_requests)(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,
                            "dataset": dataset if dataset is None or isinstance(dataset, ray.ObjectRef) else ray.put(dataset),
                            "weights": {peer: ray.put(state) for peer, state in (weights or {}).items()},
-                           # Codistillation: the run's register of published weights (cohort.worker.snapshots).
-                           "snapshot_board": snapshot_board() if topology.exchange.snapshot else None,
+                           "snapshot_board": board,
                            # Who makes the training batches (None: data.pipeline decides on the workers' data),
                            # and the run's key, by which each node's workers find their batch producer.
                            "pipeline": {"choice": pipeline, "key": uuid.uuid4().hex}},
@@ -269,6 +270,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
             checkpoint_config=CheckpointConfig(num_to_keep=topology.train.keep_checkpoints),
             callbacks=[*callbacks, *([controller_announcer_class()(progress)] if abortable else [])],
         ),
+        run_actors=[board] if board is not None else [],
     )
 
 
@@ -276,7 +278,7 @@ def snapshot_board():
     """The run's ``SnapshotBoard`` actor (no CPU of its own: a few calls per publication)."""
     import ray
 
-    from cohort.worker.snapshots import SnapshotBoard
+    from cohort.worker.board import SnapshotBoard
 
     return ray.remote(num_cpus=0)(SnapshotBoard).remote()
 

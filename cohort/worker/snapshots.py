@@ -2,43 +2,31 @@
 
 Each peer publishes its weights every ``every`` of its own optimizer steps: one ``ray.put`` per
 publication, whatever the number of readers, registered with the cohort's ``SnapshotBoard`` (one
-small actor). A peer that learns from others holds a copy of each teacher's network and computes
-the teacher's logits on its own batch from the newest snapshot it may use. Versions count optimizer
-steps: version ``v`` is the weights after ``v`` steps (version 0: the initial weights).
+small actor, ``cohort.worker.board``). A peer that learns from others holds a copy of each
+teacher's network and computes the teacher's logits on its own batch from the newest snapshot it
+may use. Versions count optimizer steps: version ``v`` is the weights after ``v`` steps (version 0:
+the initial weights).
 
 Which snapshot a reader at its step ``t`` (``t`` steps done) uses: the newest version ``<= t``,
 never one from its own future (so that ``every: 1, staleness: 0`` reproduces lockstep exactly:
 there, the logits a peer receives at step ``t`` come from the teacher's weights after ``t`` steps).
 It waits only while that version is older than ``t - staleness``. A frozen teacher publishes once
 and is never stale. The board keeps each peer's ``KEPT`` newest snapshots; a reader that fell
-further behind a teacher than that reads the oldest kept (a version from its future).
+further behind a teacher than that reads the oldest kept (a version from its future:
+``usable_version``).
 """
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-KEPT = 8  # snapshots the board keeps per peer
-FROZEN = math.inf  # the version of a frozen peer's one snapshot: current at every step
+from cohort.worker.board import FROZEN
+
 POLL_SECONDS = 0.002  # a waiting reader asks the board again this often
-
-
-def usable_version(versions: Sequence[float], step: int) -> float | None:
-    """The version a reader at ``step`` uses among the ``versions`` published (ascending): the newest
-    ``<= step``, else the oldest (a frozen peer's, or one from the reader's future when the teacher
-    ran further ahead than the board keeps); None before any publication."""
-    if not versions:
-        return None
-    if versions[-1] == FROZEN:
-        return FROZEN
-    usable = [version for version in versions if version <= step]
-    return usable[-1] if usable else versions[0]
 
 
 def is_fresh(version: float | None, step: int, staleness: int | None) -> bool:
@@ -51,30 +39,6 @@ def is_fresh(version: float | None, step: int, staleness: int | None) -> bool:
 def due(step: int, every: int) -> bool:
     """Whether a peer publishes after ``step`` optimizer steps (version 0 included)."""
     return step % every == 0
-
-
-class SnapshotBoard:
-    """The cohort's register of published snapshots: per peer, its ``KEPT`` newest versions and their
-    object references (boxed in a list, so that Ray hands the reference, not the weights, to readers).
-    Run as a Ray actor (``ray.remote(SnapshotBoard)``), created by the driver for the run."""
-
-    def __init__(self, kept: int = KEPT):
-        self.kept = kept
-        self.published: dict[str, list[tuple[float, list]]] = {}
-
-    def publish(self, peer: str, version: float, boxed: list, replace: bool = False) -> None:
-        """Register ``version`` of ``peer``; ``replace``: instead of every earlier one (a new worker
-        group's first publication: the objects of the one before died with it)."""
-        entries = [] if replace else [entry for entry in self.published.get(peer, []) if entry[0] != version]
-        entries.append((version, boxed))
-        entries.sort(key=lambda entry: entry[0])
-        self.published[peer] = entries[-self.kept:]
-
-    def usable(self, peer: str, step: int) -> tuple[float, list] | None:
-        """The snapshot a reader at ``step`` uses (``usable_version``), or None before any."""
-        entries = self.published.get(peer, [])
-        version = usable_version([entry[0] for entry in entries], step)
-        return None if version is None else next(entry for entry in entries if entry[0] == version)
 
 
 def publish(board, peer: str, version: float, model: nn.Module, replace: bool = False) -> None:
