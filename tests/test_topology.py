@@ -154,6 +154,26 @@ def test_top_level_not_a_mapping(capsys, tmp_path):
     assert "bad.yaml: the top level must be a mapping" in line
 
 
+@pytest.mark.parametrize("kind", ["topology", "space", "study"])
+def test_every_file_kind_says_alike_what_its_top_level_lacks(tmp_path, kind):
+    """Topologies, search spaces and study files are checked by one function (cohort.config.schema.validated):
+    the same words for an empty file, a top level that is not a mapping, and a missing key."""
+    from cohort.studies.file import load_study
+    from cohort.tuning.search_space import load_space
+
+    topology = load_topology(Path(__file__).resolve().parents[1] / "topologies" / "dml_pair.yaml")
+    load, first_keys = {"topology": (load_topology, "name, peers, edges"),
+                        "space": (lambda path: load_space(path, topology), "metric, mode, space"),
+                        "study": (load_study, "name, seeds, baseline, arms")}[kind]
+    for content, expected in (("\n", "bad.yaml: the file is empty"),
+                              ("- a\n- b\n", f"bad.yaml: the top level must be a mapping of keys ({first_keys}, ...), "
+                                               "not a list"),
+                              ("colour: blue\n", f"bad.yaml: {first_keys.split(',')[0]}: missing (required)")):
+        with pytest.raises(CohortError) as caught:
+            load(write(tmp_path, content))
+        assert str(caught.value).startswith(expected), (content, str(caught.value))
+
+
 def test_duplicate_peer_names(capsys, tmp_path):
     text = textwrap.dedent("""\
         name: t

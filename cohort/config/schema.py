@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
-from cohort.config.errors import quoted
+from cohort.config.errors import CohortError, describe, kind_of, quoted
+
+Model = TypeVar("Model", bound=BaseModel)
 
 # The largest seed: numpy's seeding takes 0 .. 2**32 - 1 (Tune's searchers seed numpy with the
 # topology's seed), and every seed derived from it (cohort.datasets, cohort.worker.peer) stays in torch's range.
@@ -23,6 +25,25 @@ class Strict(BaseModel):
     is finite (``.inf`` and ``.nan`` are refused)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def validated(model: type[Model], raw: Any, where: str, first_keys: str) -> Model:
+    """A file's parsed YAML (``raw``) validated as ``model``, or one ``CohortError`` that names the
+    file (``where``): empty, a top level that is not a mapping (``first_keys``: the keys it starts
+    with, as the message shows them), or the first problem found, in the file's own words. The one
+    check of a topology, a search space and a study file."""
+    if raw is None:
+        raise CohortError("the file is empty", where)
+    if not isinstance(raw, dict):
+        raise CohortError(f"the top level must be a mapping of keys ({first_keys}, ...), not a {kind_of(raw)}", where)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        errors = error.errors()
+        # A value that may be a string or a mapping (an edge's `from: {ensemble: ...}`) is also reported
+        # as not a string: the other error says what is wrong.
+        relevant = [e for e in errors if "str" not in e["loc"]] or errors
+        raise CohortError(describe(relevant[0], model), where) from None
 
 
 def problem(message: str, key: str | None = None) -> PydanticCustomError:

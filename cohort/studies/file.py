@@ -30,15 +30,14 @@ from typing import Any
 from pydantic import (
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from cohort.config.errors import CohortError, describe, did_you_mean, named, quoted
+from cohort.config.errors import CohortError, did_you_mean, named, quoted
 from cohort.config.loader import read_yaml
 from cohort.config.overrides import parse_assignment
-from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE, Int, SafeName, Seed, Strict
+from cohort.config.schema import SAFE_NAME, SAFE_NAME_RULE, Int, SafeName, Seed, Strict, validated
 from cohort.topology import Topology, topology_from_dict
 from cohort.worker.report import ENSEMBLE
 
@@ -156,13 +155,7 @@ def load_study(path: str | Path, overrides: Iterable[str] = (), allow_single_see
     where = path.name
     if not path.is_file():
         raise CohortError(f"no such study file: {path}")
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise CohortError("the top level must be a mapping (name, seeds, baseline, arms, ...)", where)
-    try:
-        config = StudyConfig.model_validate(raw)
-    except ValidationError as error:
-        raise CohortError(describe(error.errors()[0], StudyConfig), where) from None
+    config = validated(StudyConfig, read_yaml(path), where, "name, seeds, baseline, arms")
     seeds = config.seed_list
     if len(seeds) < 2 and not allow_single_seed:
         raise CohortError(f"seeds: {len(seeds)} seed gives no standard deviation and no interval (a study needs two "

@@ -11,12 +11,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
-from cohort.config.errors import CohortError, describe, did_you_mean, kind_of, quoted, unknown
+from cohort.config.errors import did_you_mean, quoted, unknown
 from cohort.config.loader import dump_yaml, read_yaml
 from cohort.config.overrides import parse_assignment, set_dotted
-from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem
+from cohort.config.schema import Int, Number, SafeName, Seed, Strict, problem, validated
 from cohort.datasets.registry import DATASET_SETTINGS, DATASETS, STREAMS, refused_setting
 from cohort.gates.config import Gate
 from cohort.losses import LOSSES
@@ -504,11 +504,7 @@ def load_topology(path: str | Path, overrides: Iterable[str] = ()) -> Topology:
 
 
 def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[str] | Mapping[str, Any] = ()) -> Topology:
-    if raw is None:
-        raise CohortError("the file is empty", where)
-    if not isinstance(raw, dict):
-        raise CohortError(f"the top level must be a mapping of keys (name, peers, edges, ...), not a {kind_of(raw)}", where)
-    topology = _validate(raw, where)
+    topology = validated(Topology, raw, where, "name, peers, edges")
     pairs = overrides.items() if isinstance(overrides, Mapping) else [parse_assignment(item) for item in overrides]
     pairs = list(pairs)
     if not pairs:
@@ -517,7 +513,7 @@ def topology_from_dict(raw: Any, where: str = "topology", overrides: Iterable[st
     for key, value in pairs:
         set_dotted(resolved, key, value, where)
         _drop_foreign_parameters(resolved, key)
-    return _validate(resolved, f"{where} (with --set)")
+    return validated(Topology, resolved, f"{where} (with --set)", "name, peers, edges")
 
 
 def _drop_foreign_parameters(resolved: dict[str, Any], key: str) -> None:
@@ -530,16 +526,6 @@ def _drop_foreign_parameters(resolved: dict[str, Any], key: str) -> None:
     accepted = set(EDGE_FIELDS) | set(LOSSES[edge["loss"]].params)
     for name in [name for name in edge if name not in accepted]:
         del edge[name]
-
-
-def _validate(raw: dict[str, Any], where: str) -> Topology:
-    try:
-        return Topology.model_validate(raw)
-    except ValidationError as error:
-        errors = error.errors()
-        # For `from: {ensemble: ...}` pydantic also reports that it is not a string: skip that one.
-        relevant = [e for e in errors if "str" not in e["loc"]] or errors
-        raise CohortError(describe(relevant[0], Topology), where) from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -23,14 +23,13 @@ from typing import Any, Literal
 
 from pydantic import (
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from cohort.config.errors import CohortError, describe, named, quoted
+from cohort.config.errors import CohortError, named, quoted
 from cohort.config.loader import read_yaml
-from cohort.config.schema import Int, Number, Strict
+from cohort.config.schema import Int, Number, Strict, validated
 from cohort.config.signatures import finite_number
 from cohort.topology import Topology, topology_from_dict
 
@@ -159,13 +158,7 @@ def tune_distribution(spec: Mapping[str, Any]):
 def load_space(path: str | Path, topology: Topology) -> SearchSpace:
     """Read and validate a space file; every key must be a path of the topology."""
     where = Path(path).name
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise CohortError("the top level must be a mapping (metric, mode, space, ...)", where)
-    try:
-        space = SearchSpace.model_validate(raw)
-    except ValidationError as error:
-        raise CohortError(describe(error.errors()[0], SearchSpace), where) from None
+    space = validated(SearchSpace, read_yaml(path), where, "metric, mode, space")
     flat = topology.flatten()
     for key, spec in space.space.items():
         if key not in flat:
