@@ -93,7 +93,7 @@ class StudyCallback(ChildRunsCallback):
             STUDY_TAG: self.study_name, ARM_TAG: arm, SEED_TAG: str(seed), "cohort.topology": topology.name,
             "cohort.peers": ",".join(topology.peer_names), "cohort.trial_id": trial.trial_id})
         run.log_params(topology.flatten())
-        run.log_text(topology.to_yaml(), "topology.yaml")
+        run.log_topology(topology)
         return run
 
     def runs(self) -> RunsDisplay:

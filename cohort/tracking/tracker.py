@@ -21,6 +21,7 @@ from cohort.topology import DEFAULT_TRACKING_URI, Topology
 
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+TOPOLOGY_FILE = "topology.yaml"  # every cohort run logs its resolved topology under this name
 
 
 def resolve_uri(uri: str | None, base: str | Path | None = None) -> str:
@@ -102,7 +103,7 @@ class Tracker:
                                      tags={"cohort.topology": topology.name, "cohort.peers": ",".join(topology.peer_names)})
         self.run_id = run.info.run_id
         self.log_params(topology.flatten())
-        self.log_text(topology.to_yaml(), "topology.yaml")
+        self.log_topology(topology)
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -125,6 +126,10 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_topology(self, topology: Topology) -> None:
+        """The run's resolved topology, as ``TOPOLOGY_FILE``: what ``logged_topology`` reads back."""
+        self.log_text(topology.to_yaml(), TOPOLOGY_FILE)
 
     def log_json(self, data: Any, artifact_file: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, sort_keys=True), artifact_file)
@@ -243,9 +248,6 @@ def fetch_checkpoint(reference: str, uri: str, where: str, folder: str | Path) -
         return mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target), tracking_uri=uri)
     except Exception as error:  # noqa: BLE001
         raise CohortError(f"{reference!r}: cannot fetch from MLflow at {uri}: {first_line(error)}", where) from None
-
-
-TOPOLOGY_FILE = "topology.yaml"  # every cohort run logs its resolved topology under this name
 
 
 def logged_topology(client, run_id: str, required: bool = True) -> Topology | None:

@@ -152,7 +152,7 @@ class SweepCallback(ChildRunsCallback):
             topology = trial_topology(self.base, dict(config))
         except CohortError:
             return  # an invalid sample: the trial fails, and its run says why (cohort.error)
-        run.log_text(topology.to_yaml(), "topology.yaml")
+        run.log_topology(topology)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run = self.child(trial)
