@@ -123,6 +123,19 @@ def actors_of(ray, class_name: str) -> dict[str, dict]:
             if actor.get("ActorClassName") == class_name}
 
 
+def ended_actors(ray, class_name: str, wait: float = 5.0) -> dict[str, dict]:
+    """``actors_of``, once every one of them is DEAD, waited for up to ``wait`` seconds (``ray.kill``
+    returns before the actor has ended); as they are then."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        found = actors_of(ray, class_name)
+        if all(actor["State"] == "DEAD" for actor in found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def raylet_pids(cluster) -> set[int]:
     """The PIDs of the raylets of a ``ray.cluster_utils.Cluster``'s nodes."""
     return {info.process.pid for node in cluster.list_all_nodes()

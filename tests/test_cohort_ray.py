@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import time
 import zlib
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import actors_of, all_cpus_free, empty_store, ray_processes
+from conftest import actors_of, all_cpus_free, empty_store, ended_actors, ray_processes
 
 from cohort import losses
 from cohort.datasets import load_dataset
@@ -294,15 +293,9 @@ def test_cohort_through_ray_equals_one_process_loop(ray_cluster, tmp_path, excha
     if exchange is not None:
         # The run's snapshot board ended with its fit, by ray.kill (cohort.driver.trainer.end_actors),
         # not later by Ray's reference counting, after which a board's process was seen to live on.
-        deadline = time.monotonic() + 5
-        while True:
-            boards = {key: actor for key, actor in actors_of(ray_cluster, "SnapshotBoard").items()
-                      if key not in boards_before}
-            if len(boards) != 1 or next(iter(boards.values()))["State"] == "DEAD" or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert [actor["State"] for actor in boards.values()] == ["DEAD"], boards
-        assert "killed by `ray.kill`" in str(next(iter(boards.values()))["DeathCause"]), boards
+        (board,) = [actor for key, actor in ended_actors(ray_cluster, "SnapshotBoard").items()
+                    if key not in boards_before]
+        assert "killed by `ray.kill`" in str(board["DeathCause"]), board
     if exchange is not None:  # every copy exactly current: no step behind
         topology = topology_from_dict(EQUIVALENCE)
         copies = {f"{peer}/staleness_{teacher}" for peer in topology.peer_names for teacher in topology.teachers_of(peer)}
