@@ -30,11 +30,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cohort.config.errors import CohortError
-from cohort.datasets.base import Batch, CohortDataset, disjoint_part
+from cohort.datasets.base import Batch, CohortDataset, DatasetInfo, disjoint_part
 from cohort.datasets.shared import tensor_over
+
+if TYPE_CHECKING:
+    from cohort.topology import Topology  # cohort.topology imports this package's registry
 
 WINDOW = 3  # batches made ahead of the furthest one asked for
 LAG = 4 * WINDOW  # batches kept behind the furthest one asked for, at most, for a worker not there yet
@@ -44,7 +47,7 @@ ATTEMPTS = 4  # a worker asks again this many times when its producer died under
 CHUNK = 4
 
 
-def data_pipeline(topology: Any, info: Any) -> str:
+def data_pipeline(topology: Topology, info: DatasetInfo) -> str:
     """Which pipeline makes the training batches: ``peers`` (each worker its own), ``producer`` (one per
     node), or ``stream`` (one per node, for a streamed dataset: ``info.stream_window``). ``auto``: a producer
     where batches are decoded from files and more than one worker takes each batch (not under
@@ -296,7 +299,7 @@ def start_decoders(dataset: Any, count: int) -> list:
     return [actor.remote(reference) for _ in range(count)]
 
 
-def node_producer(key: str, dataset: Any, topology: Any, workers: int) -> Any:
+def node_producer(key: str, dataset: Any, topology: Topology, workers: int) -> Any:
     """This node's producer of the run ``key``: found by its name, or created here (no CPU reserved of
     Ray's: it does on the node, once, what each worker did in its own; restarted by Ray when it dies).
     ``dataset``: the dataset, or its reference in the object store; ``workers``: the run's workers on this node."""
