@@ -142,26 +142,87 @@ def raylet_pids(cluster) -> set[int]:
             for info in node.all_processes.get("raylet", ())}
 
 
-def end_orphaned_workers(raylets: set[int]) -> list[int]:
-    """Kill the Ray worker processes that outlived their raylet (one of ``raylets``), and return
-    their PIDs. A worker normally ends with its raylet; once in the suite's runs a cluster's actor
-    (a codistilling run's ``SnapshotBoard`` on the second node) was left running under init after
-    ``Cluster.shutdown()``, holding 0.7 GB, until the machine stopped."""
-    ended = []
+# Set for the whole test session: every process it starts inherits it, and so does every Ray process
+# started from those (``leftover_workers``).
+SESSION_TAG = "COHORT_TEST_SESSION"
+# Processes of this session that a Ray left running after it stopped, killed at the session's end.
+LEFTOVERS: list[str] = []
+
+
+def process_environ(pid: int | str) -> dict[bytes, bytes]:
+    """The environment a process started with ({} when it is gone or not ours to read)."""
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.split(b"=", 1) for item in items if b"=" in item)
+
+
+def is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs (none, or a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def orphaned_workers(raylets: set[int] | None = None, session: str | None = None) -> list[int]:
+    """The Ray worker processes (their environment names the raylet that started them) whose raylet
+    is one of ``raylets``; or, with ``session``, of that test session and whose raylet is gone."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or is_gone(int(entry.name)):
             continue
+        environ = process_environ(entry.name)
+        raylet = environ.get(b"RAY_RAYLET_PID", b"")
+        if not raylet.isdigit():
+            continue
+        if raylets is not None and int(raylet) in raylets:
+            found.append(int(entry.name))
+        elif session is not None and environ.get(SESSION_TAG.encode()) == session.encode() and is_gone(int(raylet)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def end_orphaned_workers(raylets: set[int] | None = None, session: str | None = None) -> list[int]:
+    """Kill the Ray worker processes that outlived their raylet (``orphaned_workers``), and return
+    their PIDs. A worker normally ends with its raylet; twice in the suite's runs a codistilling run's
+    ``SnapshotBoard`` (on a cluster's second node, then on the shared Ray) was left running under init,
+    holding 0.7 GB, until the machine stopped (docs/testing.md)."""
+    ended = []
+    for pid in orphaned_workers(raylets, session):
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
+            os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
         except OSError:
-            continue
-        raylet = next((item.split(b"=", 1)[1] for item in environ if item.startswith(b"RAY_RAYLET_PID=")), b"")
-        if raylet.isdigit() and int(raylet) in raylets:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                ended.append(int(entry.name))
-            except OSError:
-                pass
+            pass
+    return ended
+
+
+def end_leftover_workers(session: str, wait: float = 3.0) -> list[str]:
+    """At the session's end, once its Rays have stopped: the workers of this session still running
+    after ``wait`` seconds, though their raylet is gone, are killed; each as ``pid (title, RSS)``."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while orphaned_workers(session=session) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    described = {}
+    for pid in orphaned_workers(session=session):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            rss = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+            described[pid] = f"{pid} ({title}, {int(rss) // 1024} MB)"
+        except (OSError, StopIteration):
+            described[pid] = str(pid)
+    ended = []
+    for pid, text in described.items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            ended.append(text)
+        except OSError:  # ended meanwhile
+            pass
     return ended
 
 
@@ -455,8 +516,14 @@ def pytest_runtest_setup(item):
         shut_down_the_shared_ray()
 
 
+def pytest_configure(config):
+    os.environ.setdefault(SESSION_TAG, f"{os.getpid()}-{os.urandom(4).hex()}")
+
+
 def pytest_sessionfinish(session):
     shut_down_the_shared_ray()
+    if Path("/proc").is_dir():
+        LEFTOVERS.extend(end_leftover_workers(os.environ[SESSION_TAG]))
     for fresh in FRESH:
         fresh.close()
     # The results are in. What follows is pytest's end-of-session check for exceptions raised in
@@ -466,6 +533,12 @@ def pytest_sessionfinish(session):
     import gc
 
     gc.freeze()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LEFTOVERS:
+        terminalreporter.write_line(f"Ray workers left running after their Ray stopped, killed: {', '.join(LEFTOVERS)} "
+                                    "(docs/testing.md, 'A leftover process')", yellow=True)
 
 
 def shut_down_the_shared_ray() -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import empty_store, end_orphaned_workers
+from conftest import SESSION_TAG, empty_store, end_leftover_workers, end_orphaned_workers
 
 from cohort.config.errors import CohortError
 from cohort.driver.cluster import (
@@ -308,18 +308,29 @@ def test_a_wrong_or_missing_token_is_one_line(token_cluster, tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
 def test_a_worker_left_by_its_raylet_is_ended_and_no_other_process():
     """The last step of tests/test_cluster.py's two-node fixture: a process that Ray started for a raylet now gone (its
-    environment names that raylet) is killed; a process of another raylet is not."""
+    environment names that raylet) is killed; a process of another raylet is not. At the end of the test session,
+    every process of the session whose raylet is gone is killed, and named in the summary: none of another
+    session, none whose raylet runs."""
 
-    def sleeper(raylet: int) -> subprocess.Popen:
-        env = {**os.environ, "RAY_RAYLET_PID": str(raylet)}
+    def sleeper(raylet: int, session: str = "") -> subprocess.Popen:
+        env = {**os.environ, "RAY_RAYLET_PID": str(raylet), SESSION_TAG: session}
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
 
     gone, other = 2**22 + 1, 2**22 + 2  # above Linux's default pid_max: no live raylet has them
     orphan, kept = sleeper(gone), sleeper(other)
+    ours, another, alive = "test-session-a", "test-session-b", os.getpid()  # this process stands for a live raylet
+    leftover, of_another, running = sleeper(gone, ours), sleeper(gone, another), sleeper(alive, ours)
+    processes = (orphan, kept, leftover, of_another, running)
     try:
-        assert end_orphaned_workers({gone}) == [orphan.pid]
+        assert end_orphaned_workers({gone}) == sorted([orphan.pid, leftover.pid, of_another.pid])
         assert orphan.wait(timeout=10) == -signal.SIGKILL and kept.poll() is None
+        leftover, of_another = sleeper(gone, ours), sleeper(gone, another)
+        processes += (leftover, of_another)
+        ended = end_leftover_workers(ours, wait=0.2)
+        assert [text.split()[0] for text in ended] == [str(leftover.pid)] and "MB)" in ended[0], ended
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert of_another.poll() is None and running.poll() is None and kept.poll() is None
     finally:
-        for process in (orphan, kept):
+        for process in processes:
             process.kill()
             process.wait()
