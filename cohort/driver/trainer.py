@@ -37,7 +37,9 @@ a codistilling run's snapshot board) when it returns or fails, with ``ray.kill``
 Left to Ray's reference counting, a board ended gracefully, a moment later; twice, on this VM, its
 process then stayed: its Ray worker had shut down, the Python process had not, and it was still
 running, 0.7 GB, after its Ray had stopped (docs/testing.md). ``ray.kill`` ends the process at once,
-without the interpreter's shutdown.
+without the interpreter's shutdown. The nodes' batch producers (``cohort.datasets.producer``) are not
+the driver's: the workers make them and drop them as they finish, and Ray has ended them the same
+graceful way before the fit returns (seen: none left for a driver to kill; none seen to stay).
 """
 from __future__ import annotations
 
