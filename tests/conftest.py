@@ -143,7 +143,7 @@ def raylet_pids(cluster) -> set[int]:
 
 
 # Set for the whole test session: every process it starts inherits it, and so does every Ray process
-# started from those (``leftover_workers``).
+# started from those (``end_leftover_workers``).
 SESSION_TAG = "COHORT_TEST_SESSION"
 # Processes of this session that a Ray left running after it stopped, killed at the session's end.
 LEFTOVERS: list[str] = []
@@ -189,14 +189,19 @@ def end_orphaned_workers(raylets: set[int] | None = None, session: str | None = 
     their PIDs. A worker normally ends with its raylet; twice in the suite's runs a codistilling run's
     ``SnapshotBoard`` (on a cluster's second node, then on the shared Ray) was left running under init,
     holding 0.7 GB, until the machine stopped (docs/testing.md)."""
-    ended = []
-    for pid in orphaned_workers(raylets, session):
+    return kill_all(orphaned_workers(raylets, session))
+
+
+def kill_all(pids: list[int]) -> list[int]:
+    """SIGKILL each of ``pids``; those that were still there to kill."""
+    killed = []
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
-            ended.append(pid)
-        except OSError:
+            killed.append(pid)
+        except OSError:  # ended meanwhile
             pass
-    return ended
+    return killed
 
 
 def end_leftover_workers(session: str, wait: float = 3.0) -> list[str]:
@@ -216,14 +221,7 @@ def end_leftover_workers(session: str, wait: float = 3.0) -> list[str]:
             described[pid] = f"{pid} ({title}, {int(rss) // 1024} MB)"
         except (OSError, StopIteration):
             described[pid] = str(pid)
-    ended = []
-    for pid, text in described.items():
-        try:
-            os.kill(pid, signal.SIGKILL)
-            ended.append(text)
-        except OSError:  # ended meanwhile
-            pass
-    return ended
+    return [described[pid] for pid in kill_all(list(described))]
 
 
 class WorkersWatch:
