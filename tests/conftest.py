@@ -158,12 +158,18 @@ def process_environ(pid: int | str) -> dict[bytes, bytes]:
     return dict(item.split(b"=", 1) for item in items if b"=" in item)
 
 
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name (state, parent, ...); [] when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
 def is_gone(pid: int) -> bool:
     """Whether no process ``pid`` runs (none, or a zombie waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    fields = stat_fields(pid)
+    return not fields or fields[0] == "Z"
 
 
 def orphaned_workers(raylets: set[int] | None = None, session: str | None = None) -> list[int]:
@@ -177,9 +183,10 @@ def orphaned_workers(raylets: set[int] | None = None, session: str | None = None
         raylet = environ.get(b"RAY_RAYLET_PID", b"")
         if not raylet.isdigit():
             continue
-        if raylets is not None and int(raylet) in raylets:
-            found.append(int(entry.name))
-        elif session is not None and environ.get(SESSION_TAG.encode()) == session.encode() and is_gone(int(raylet)):
+        of_raylets = raylets is not None and int(raylet) in raylets
+        left_by_session = (session is not None and environ.get(SESSION_TAG.encode()) == session.encode()
+                           and is_gone(int(raylet)))
+        if of_raylets or left_by_session:
             found.append(int(entry.name))
     return sorted(found)
 
@@ -267,11 +274,10 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
             return True
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        fields = stat_fields(pid)
+        if not fields:
             return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        pid = int(fields[1])
     return False
 
 
