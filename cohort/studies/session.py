@@ -411,6 +411,7 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
     import ray.tune
 
     from cohort.driver.cluster import started_here
+    from cohort.driver.reclaim import Reclaimer
     from cohort.studies.experiment import (
         StudyCallback,
         end_stopped,
@@ -420,6 +421,7 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
         study_trial,
     )
     from cohort.studies.results import outcomes
+    from cohort.tuning.callbacks import ReclaimCallback
     from cohort.tuning.sweep import TRIAL_CPU, unfinished_trials
 
     study, tracking_uri, weights = prepared.study, prepared.tracking_uri, prepared.weights
@@ -441,13 +443,16 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
                  f"{concurrent} at a time ({cpus_per_peer:g} CPU per worker)" + (f", {already} done before" if already else "")
                  + f"\nMLflow parent run {parent.run_id} (experiment {study.experiment!r})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
+    # Before any run: the placement groups already there are not the study's to remove.
+    reclaimer = Reclaimer()
     if resume:
         tuner = ray.tune.Tuner.restore(str(study_dir), trainable=trainable, param_space=grid(runs),
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=grid(runs),
-            run_config=ray.tune.RunConfig(name=study.name, storage_path=storage, callbacks=[callback], verbose=0,
+            run_config=ray.tune.RunConfig(name=study.name, storage_path=storage, verbose=0,
+                                          callbacks=[callback, ReclaimCallback(reclaimer)],
                                           failure_config=ray.tune.FailureConfig(max_failures=0),
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)),
             # Every run trains to its end: the next run takes its process (cohort.tuning.sweep.reuses_trial_processes).
@@ -458,6 +463,8 @@ def train(prepared: Prepared, path: str | Path, parent: Tracker, existing, stora
     except KeyboardInterrupt:
         print(f"interrupted: continue with python -m cohort.study {path} --resume", file=sys.stderr)
         raise
+    finally:
+        reclaimer.settle()  # the CPUs of the runs Tune stopped last, for what this driver runs next
     unfinished = unfinished_trials(study_dir, len(runs))
     if unfinished:
         # Tune catches Ctrl-C itself and returns what it had: the study is not over; its running

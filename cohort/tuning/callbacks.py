@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from cohort.driver.reclaim import Reclaimer
 from cohort.tracking.tracker import Tracker
 from cohort.worker.report import OBJECTIVE, is_metric
 
@@ -89,6 +90,24 @@ class ChildRunsCallback(Callback):
     def on_experiment_end(self, trials, **info):
         if getattr(self, "_runs", None) is not None:
             self._runs.close()
+
+
+class ReclaimCallback(Callback):
+    """Tune callback (in the driver): once a second, gives back the CPUs that trials stopped in the
+    middle of their fit still hold (``cohort.driver.reclaim``), so that the next trial gets them.
+    ``reclaimer``: the driver's, made before the sweep starts (a resumed sweep's callback makes its
+    own at its first step: Tune gives it back without one)."""
+
+    def __init__(self, reclaimer: Reclaimer | None = None):
+        self.reclaimer = reclaimer
+
+    def __getstate__(self):
+        return {"reclaimer": None}
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.reclaimer is None:
+            self.reclaimer = Reclaimer()
+        self.reclaimer.reclaim(every=1.0)
 
 
 def trial_failure(trial) -> str:

@@ -129,7 +129,9 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
     """The sweep of ``topology`` over the space file through Ray Tune (started, or resumed), then
     its ranked trials and the best topology written to ``out/best_<name>.yaml`` and logged."""
     from cohort.driver.cluster import start_ray, started_here
+    from cohort.driver.reclaim import Reclaimer
     from cohort.tracking.tracker import Tracker
+    from cohort.tuning.callbacks import ReclaimCallback
     from cohort.tuning.search_space import tune_distribution
 
     display = display or Display("log")
@@ -173,8 +175,10 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
                  f"({cpus_per_peer:g} CPU per peer), {space.mode} {space.metric}, scheduler {space.scheduler.name}, "
                  f"search {space.search.name}\nMLflow parent run {parent.run_id} (experiment {topology.experiment!r})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own lines replace Tune's status tables
+    # Before any trial: the placement groups already there are not the sweep's to remove.
+    reclaimer = Reclaimer()
     run_config = ray.tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[callback], verbose=0,
+        name=name, storage_path=storage, callbacks=[callback, ReclaimCallback(reclaimer)], verbose=0,
         failure_config=ray.tune.FailureConfig(max_failures=0),
         # A resumed trial continues from its latest checkpoint; PBT may copy any top trial's latest.
         checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if space.scheduler.name == "pbt" else 1))
@@ -196,6 +200,8 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
     except KeyboardInterrupt:
         print(f"interrupted: continue with --resume --name {name}", file=sys.stderr)
         raise
+    finally:
+        reclaimer.settle()  # the CPUs of the trials Tune stopped last, for what this driver runs next
     unfinished = unfinished_trials(sweep_dir, expected)
     if unfinished:
         # Tune catches Ctrl-C itself and returns what it had: the sweep is not over.
