@@ -39,7 +39,7 @@ def bare_fit(storage: str, index: int) -> float:
     from cohort.driver.cluster import started_here
     from cohort.driver.trainer import cohort_trainer_class
 
-    trainer_class = cohort_trainer_class(stoppable=False, resource_requests=not started_here())
+    trainer_class = cohort_trainer_class(resource_requests=not started_here())
     trainer = trainer_class(returns_at_once, scaling_config=ray.train.ScalingConfig(
         num_workers=2, resources_per_worker={"CPU": 1}), run_config=ray.train.RunConfig(
         storage_path=storage, name=f"bare-{index}"))

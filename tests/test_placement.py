@@ -219,7 +219,7 @@ def test_when_both_fail_the_input_error_is_reported(start_parts):
         plan_while_ray_starts(start_parts["args"], start_parts["topology"], "sqlite:///m.db")
 
 
-def test_the_cohort_trainer_starts_no_datasets_manager_and_a_cleaner_only_in_a_trial(tmp_path):
+def test_the_cohort_trainer_starts_neither_a_datasets_manager_nor_a_placement_group_cleaner(tmp_path):
     """Each helper actor is one more process per fit (cohort.driver.trainer); a Ray that renames
     their callbacks makes this fail instead of silently starting them again."""
     from ray.train import RunConfig, ScalingConfig
@@ -227,8 +227,7 @@ def test_the_cohort_trainer_starts_no_datasets_manager_and_a_cleaner_only_in_a_t
 
     from cohort.driver.trainer import cohort_trainer_class, unused_callback_classes
 
-    assert [c.__name__ for c in unused_callback_classes(False)] == ["DatasetsCallback", "PlacementGroupCleanerCallback"]
-    assert [c.__name__ for c in unused_callback_classes(True)] == ["DatasetsCallback"]
+    assert [c.__name__ for c in unused_callback_classes()] == ["DatasetsCallback", "PlacementGroupCleanerCallback"]
 
     def callbacks(trainer_class, **kwargs) -> set[str]:
         trainer = trainer_class(lambda config: None, scaling_config=ScalingConfig(num_workers=2),
@@ -237,8 +236,10 @@ def test_the_cohort_trainer_starts_no_datasets_manager_and_a_cleaner_only_in_a_t
 
     ray_own = callbacks(TorchTrainer)
     assert ray_own - callbacks(cohort_trainer_class()) == {"DatasetsCallback", "PlacementGroupCleanerCallback"}
-    # A Tune trial can be killed with its controller: its placement group's cleaner stays.
-    assert ray_own - callbacks(cohort_trainer_class(stoppable=True)) == {"DatasetsCallback"}
+    # A Tune trial's too: the sweep's driver gives back the CPUs of a trial killed with its controller
+    # (cohort.driver.reclaim).
+    assert ray_own - callbacks(cohort_trainer_class(resource_requests=False)) == {"DatasetsCallback",
+                                                                                   "PlacementGroupCleanerCallback"}
     # Given Ray Datasets (cohort never does), the trainer is Ray's own.
     assert callbacks(cohort_trainer_class(), datasets={"train": [1]}) == ray_own
 
@@ -267,7 +268,7 @@ def test_a_cohort_trainer_on_a_ray_started_here_asks_no_autoscaler(tmp_path, mon
     given = []
     monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kwargs: given.append(kwargs))
     for resource_requests, expected in ((False, silent), (True, FixedScalingPolicy)):
-        trainer = module.cohort_trainer_class(False, resource_requests)(
+        trainer = module.cohort_trainer_class(resource_requests)(
             lambda config: None, scaling_config=ScalingConfig(num_workers=3), run_config=RunConfig(storage_path=str(tmp_path)))
         trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(trainer.scaling_config), other=1)
         assert type(given[-1]["scaling_policy"]) is expected and given[-1]["other"] == 1

@@ -208,7 +208,7 @@ def plan_while_ray_starts(args: argparse.Namespace, topology: Topology, tracking
 def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[str, int], storage: str | None, run_name: str,
                  progress=None, objective: str | None = None, callbacks: tuple = (), initial_checkpoint=None,
                  dataset=None, weights: dict[str, Any] | None = None, train_loop=None, live_steps: bool = False,
-                 pipeline: str | None = None, stoppable: bool = False, abortable: bool = False,
+                 pipeline: str | None = None, abortable: bool = False,
                  resource_requests: bool | None = None):
     """The cohort's ``TorchTrainer``. ``dataset``: the loaded data, put once in Ray's object store for
     every worker (identical data for all, decoded once), or already there (an ObjectRef: a sweep's
@@ -220,8 +220,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     a few times a second (``cohort.console.display.step_message``), for the driver's live display.
     ``pipeline``: who makes the training batches (``Plan.pipeline``), by default what ``data.pipeline``
     picks for the dataset the workers have; with ``producer`` the workers of each node share one
-    (cohort.datasets.producer). ``stoppable``: the fit runs in a Tune trial, which its scheduler may
-    kill with the controller; Ray's placement group cleaner then stays (cohort.driver.trainer).
+    (cohort.datasets.producer).
     ``abortable``: the controller puts its handle in ``progress`` as it starts, for ``abort_fit``.
     ``resource_requests``: the fit passes its resources on to the cluster's autoscaler, as Ray Train
     does; by default unless this process started the Ray (``started_here``: one machine, no autoscaler;
@@ -240,7 +239,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
         resource_requests = not started_here()
     # Codistillation: the run's register of published weights (cohort.worker.board), ended with the fit.
     board = snapshot_board() if topology.exchange.snapshot else None
-    return cohort_trainer_class(stoppable, resource_requests)(
+    return cohort_trainer_class(resource_requests)(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,

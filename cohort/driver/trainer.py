@@ -12,15 +12,15 @@ Each is one more Python process to start and import, on the path to the first st
 2-core VM (three workers whose function only returns): 14–16 s from ``fit()`` to the function,
 10–11 s without the two.
 
-The datasets manager is never needed. The cleaner is needed where something kills the controller
-while the driver lives on: a Tune trial stopped by its scheduler (ASHA, a study's Ctrl-C) is killed
-with the controller it started, and without the cleaner its placement group would hold its CPUs
-until the sweep's driver ends, and the next trial would wait for them for ever. So a trial's trainer
-(``stoppable``) keeps it. A single run's controller ends by itself, normally or by an error, and
-removes its placement group; when its driver's process ends, Ray removes every placement group of
-the job. What a run gives up is the case of a controller killed from outside (out of memory) while a
-notebook's driver lives on: its placement group then holds its CPUs until the notebook's Ray stops
-(docs/ray.md).
+The datasets manager is never needed. Nor is the cleaner. Where a run's controller ends by
+itself, normally or by an error, it removes its placement group, and when its driver's process
+ends, Ray removes every placement group of the job. Where something kills the controller while the
+driver lives on, as Tune does with a trial that its scheduler stops (ASHA, PBT, a study's Ctrl-C),
+the sweep's or the study's driver removes the placement group itself (``cohort.driver.reclaim``):
+the cleaner, which asks the dashboard's state API, did nothing on a Ray without a dashboard, and a
+trial's CPUs then stayed reserved until the driver ended. What a single run gives up is the case of
+a controller killed from outside (out of memory) while a notebook's driver lives on: its placement
+group then holds its CPUs until the notebook's Ray stops (docs/ray.md).
 
 Ray Train also asks a Ray Data "autoscaling coordinator" (a detached actor, started by the first
 fit of a Ray: one more process) to pass every fit's resources on to the cluster's autoscaler, and
@@ -48,22 +48,20 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
-def unused_callback_classes(stoppable: bool) -> tuple[type, ...]:
+def unused_callback_classes() -> tuple[type, ...]:
     """Ray Train's callback classes that start helper actors a cohort does not need: the datasets
-    manager's, and unless the fit is ``stoppable`` (a Tune trial) the placement group cleaner's.
-    Empty where this Ray has none of them."""
+    manager's and the placement group cleaner's. Empty where this Ray has none of them."""
     classes = []
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         classes.append(DatasetsCallback)
     except ImportError:
         pass
-    if not stoppable:
-        try:
-            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-            classes.append(PlacementGroupCleanerCallback)
-        except ImportError:
-            pass
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        classes.append(PlacementGroupCleanerCallback)
+    except ImportError:
+        pass
     return tuple(classes)
 
 
@@ -112,13 +110,13 @@ REQUEST_METHODS = ("after_controller_start", "_maybe_send_resource_request", "_s
 
 
 @functools.cache
-def cohort_trainer_class(stoppable: bool = False, resource_requests: bool = True) -> type:
-    """``TorchTrainer`` without the callbacks of ``unused_callback_classes(stoppable)``, and without
+def cohort_trainer_class(resource_requests: bool = True) -> type:
+    """``TorchTrainer`` without the callbacks of ``unused_callback_classes()``, and without
     resource requests to an autoscaler unless ``resource_requests`` (a class made on first use, so that
     importing this module imports no Ray)."""
     from ray.train.torch import TorchTrainer
 
-    unused = unused_callback_classes(stoppable)
+    unused = unused_callback_classes()
     silent = None if resource_requests else silent_scaling_policy_class()
 
     class CohortTrainer(TorchTrainer):

@@ -141,8 +141,8 @@ def sweep(topology: Topology, space_path: str | Path, *, num_samples: int | None
     storage = os.path.abspath(os.path.expanduser(storage or DEFAULT_STORAGE))
     sweep_dir = Path(storage) / name
     store = Tracker(tracking_uri, topology.experiment)
-    # Ray Train releases the workers of a trial that Tune stops early through the state API, which
-    # the dashboard serves: a Ray started here runs it, on 127.0.0.1 only.
+    # A Ray started here runs its dashboard, on 127.0.0.1 only: a sweep is long enough to watch (the
+    # CPUs of trials that Tune stops come back through cohort.driver.reclaim, not its state API).
     cluster = start_ray(address, verbose, dashboard=True)
     concurrent, cpus_per_peer = plan_resources(topology.num_workers, samples, float(cluster.get("CPU", 0)),
                                                space.max_concurrent, topology.resources.cpus_per_peer)

@@ -91,7 +91,7 @@ def cohort_trial(sampled: dict[str, Any], base: dict[str, Any], objective: str, 
     # last checkpoint instead of starting from the one Tune hands this trial.
     trainer = make_trainer(topology, cpus_per_peer, threads, storage, f"{topology.name}-{trial}-{uuid.uuid4().hex[:6]}",
                            objective=objective, callbacks=(report_forwarder_class()(reports),),
-                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights, stoppable=True,
+                           initial_checkpoint=ray.tune.get_checkpoint(), weights=weights,
                            dataset=trial_dataset(datasets or {}, topology),
                            resource_requests=resource_requests)
     thread, outcome = fit_in_background(trainer, wake=reports)
