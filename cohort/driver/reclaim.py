@@ -16,7 +16,8 @@ next sweep waited their 600 s).
 The GCS itself knows which placement groups have lost their creator (``creator_actor_dead``). A
 sweep's or a study's driver (``Reclaimer``) removes those of its own job that appeared while it ran,
 as soon as it sees them; placement groups that were there before, detached ones, and ones a driver
-created itself are left alone.
+created itself are left alone. A driver that reads no GCS table (a Ray Client, ``ray://``, not
+tried) reclaims nothing.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class Reclaimer:
 
     ``records``, ``remove``, ``job_id``, ``clock``: the GCS's table, removal, this job's id and the
     time (Ray's by default; tests pass their own). Made where this process is connected to no Ray,
-    it does nothing."""
+    or where this Ray cannot say its job, it does nothing."""
 
     def __init__(self, records: Callable[[], list[GroupRecord] | None] = group_records,
                  remove: Callable[[str], None] = remove_group, job_id: str | None = None,
@@ -97,9 +98,11 @@ class Reclaimer:
         if job_id is None:
             import ray
 
-            if ray.is_initialized():
-                job_id = ray.get_runtime_context().get_job_id()
-            else:
+            try:
+                job_id = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+            except Exception:  # noqa: BLE001 - a Ray that cannot say: nothing to reclaim by
+                job_id = None
+            if job_id is None:
                 records = lambda: None  # noqa: E731 - nothing to read without a Ray
         self.records, self.remove, self.job_id, self.clock = records, remove, job_id, clock
         now = records() or []
