@@ -617,6 +617,44 @@ def test_ctrl_c_in_a_notebook_stops_the_training_too(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
+def test_a_notebooks_run_whose_controller_is_killed_gives_its_cpus_back(ray_cluster, tmp_path):
+    """Ray Train's controller killed from outside (as the out-of-memory killer does) while the
+    notebook's driver lives on: the run fails with its reason, and its workers' placement group does
+    not keep their CPUs (Ray would keep it until the notebook's Ray stops; cohort.driver.reclaim)."""
+    import os
+    import signal
+
+    import cohort
+    from cohort.config.errors import CohortError
+    from cohort.console.display import Display
+
+    def controller_pid() -> int:
+        """This run's controller: the last one started (an earlier test's may still be ending)."""
+        alive = [actor for actor in ray_cluster._private.state.actors().values()
+                 if actor["ActorClassName"] == "TrainController" and actor["State"] == "ALIVE"]
+        return max(alive, key=lambda actor: actor["StartTime"])["Pid"]
+
+    class KillControllerAtEpoch1(io.StringIO):
+        def write(self, text):
+            if re.match(r"epoch +1/", text):
+                os.kill(controller_pid(), signal.SIGKILL)
+            return super().write(text)
+
+    uri = empty_store(tmp_path / "mlflow.db")
+    long_run = {**THREE_PEERS, "name": "controller-killed", "train": {"epochs": 30, "max_failures": 0},
+                "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+                "edges": [{"from": "a", "to": "b", "loss": "kd"}]}
+    topology = cohort.load_topology(write_topology(tmp_path, long_run))
+    out = KillControllerAtEpoch1()
+    with pytest.raises(CohortError, match="training failed"):
+        cohort.train(topology, tracking_uri=uri, storage=str(tmp_path / "ray"), display=Display("log", out))
+    assert "epoch  1/30" in out.getvalue() and "epoch 30/30" not in out.getvalue()
+    assert all_cpus_free(ray_cluster, wait=3.0), ray_cluster.available_resources()
+    _, run = finished_run(uri, "controller-killed")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.ray
 def test_more_cpus_than_the_cluster_has(ray_cluster, tmp_path, capsys):
     topology = {**THREE_PEERS, "name": "too-big", "resources": {"cpus_per_peer": 4}}
     code = main([str(write_topology(tmp_path, topology)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])

@@ -18,9 +18,9 @@ ends, Ray removes every placement group of the job. Where something kills the co
 driver lives on, as Tune does with a trial that its scheduler stops (ASHA, PBT, a study's Ctrl-C),
 the sweep's or the study's driver removes the placement group itself (``cohort.driver.reclaim``):
 the cleaner, which asks the dashboard's state API, did nothing on a Ray without a dashboard, and a
-trial's CPUs then stayed reserved until the driver ended. What a single run gives up is the case of
-a controller killed from outside (out of memory) while a notebook's driver lives on: its placement
-group then holds its CPUs until the notebook's Ray stops (docs/ray.md).
+trial's CPUs then stayed reserved until the driver ended. So does a single run's driver when its fit
+fails, for a controller killed from outside (out of memory) while a notebook's driver lives on
+(``cohort.driver.training.train``).
 
 Ray Train also asks a Ray Data "autoscaling coordinator" (a detached actor, started by the first
 fit of a Ray: one more process) to pass every fit's resources on to the cluster's autoscaler, and

@@ -152,10 +152,12 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
           display: Display | None = None) -> Trained:
     """Fit the cohort, show and log each epoch once, and log the final artifacts: the weights,
     each trained peer as an MLflow model (registered where ``registrations``, {peer: name}, says)."""
+    from cohort.driver.reclaim import Reclaimer
     from cohort.driver.startup import asked_since, describe_startup, startup_breakdown
 
     topology = plan.topology
     progress = progress_queue()  # the last fit's, when this process has run one on this Ray
+    reclaimer = Reclaimer()  # the placement groups there before this fit are not its own
     display = display or Display("log")
     # Rank 0's step counter feeds the bar inside an epoch: sent only where a terminal draws it.
     trainer = make_trainer(topology, plan.cpus_per_peer, plan.threads, storage, run_name, progress=progress,
@@ -204,6 +206,9 @@ def train(plan: Plan, tracker: Tracker, storage: str, run_name: str, logged_epoc
     thread.join()
     return_progress_queue(progress)
     if "error" in outcome:
+        # A controller killed from outside (out of memory, a kill) leaves its workers' placement group
+        # to the job: their CPUs would stay reserved while a notebook's Ray lives on.
+        reclaimer.settle(timeout=5.0)
         tracker.finish("FAILED")
         raise CohortError(f"training failed: {failure_reason(outcome['error'])} "
                           f"(MLflow run {tracker.run_id} marked FAILED)")
