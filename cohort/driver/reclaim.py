@@ -1,22 +1,24 @@
-"""Giving back the CPUs of a Tune trial that was stopped in the middle of its fit.
+"""Giving back the CPUs of a Ray Train run whose controller was killed while its driver lives on.
 
-A trial's Ray Train controller is an actor of the trial's process, and it creates the placement
-group that reserves its workers' CPUs. When Tune stops the trial (ASHA's early stop, PBT's exploit,
-the end of a sweep), Ray kills the controller with its owner, but it keeps the placement group:
-Ray removes a placement group whose creating actor has died only when the creating driver's job
-ends too. Until then its CPUs stay reserved, and the next trial waits for them (Ray Train gives up
-after ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 600 s in a sweep).
+A run's Ray Train controller is an actor, and it creates the placement group that reserves its
+workers' CPUs. A Tune trial's controller is an actor of the trial's process: when Tune stops the
+trial in its fit (ASHA's early stop, PBT's exploit, Ctrl-C), Ray kills the controller with it. A
+single run's controller can be killed from outside (the out-of-memory killer). Either way Ray keeps
+the placement group: it removes a placement group whose creating actor has died only when the
+creating driver's job ends too. Until then its CPUs stay reserved, and the next trial or run waits
+for them (Ray Train gives up after ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 600 s in a sweep).
 
 Ray Train's own answer is a detached cleaner actor per run, which asks the dashboard's state API
 every second whether the controller still lives. It does nothing where the cluster has no dashboard
 (``--include-dashboard=false``, a plain ``pip install ray``): the state API is unavailable and the
-cleaner keeps asking. On a loaded 2-core VM it also missed once (CI, 2026-12-05: both trials of the
-next sweep waited their 600 s).
+cleaner keeps asking. It most likely also missed once on a loaded 2-core VM (CI, 2026-12-05: both
+trials of a PBT sweep, right after an ASHA sweep on the same Ray, waited their 600 s). cohort starts
+no such cleaner (``cohort.driver.trainer``).
 
 The GCS itself knows which placement groups have lost their creator (``creator_actor_dead``). A
-sweep's or a study's driver (``Reclaimer``) removes those of its own job that appeared while it ran,
-as soon as it sees them; placement groups that were there before, detached ones, and ones a driver
-created itself are left alone. A driver that reads no GCS table (a Ray Client, ``ray://``, not
+driver (``Reclaimer``) removes those of its own job that appeared since it began: a sweep's or a
+study's as soon as it sees them, a run's when its fit fails. Placement groups that were there
+before, detached ones, and ones a driver created itself are left alone. A driver that reads no GCS table (a Ray Client, ``ray://``, not
 tried) reclaims nothing.
 """
 from __future__ import annotations
