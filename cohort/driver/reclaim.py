@@ -18,8 +18,8 @@ no such cleaner (``cohort.driver.trainer``).
 The GCS itself knows which placement groups have lost their creator (``creator_actor_dead``). A
 driver (``Reclaimer``) removes those of its own job that appeared since it began: a sweep's or a
 study's as soon as it sees them, a run's when its fit fails. Placement groups that were there
-before, detached ones, and ones a driver created itself are left alone. A driver that reads no GCS table (a Ray Client, ``ray://``, not
-tried) reclaims nothing.
+before, detached ones, and ones a driver created itself are left alone. A driver that reads no GCS
+table (a Ray Client, ``ray://``, not tried) reclaims nothing.
 """
 from __future__ import annotations
 
