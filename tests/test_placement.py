@@ -240,8 +240,29 @@ def test_the_cohort_trainer_starts_neither_a_datasets_manager_nor_a_placement_gr
     # (cohort.driver.reclaim).
     assert ray_own - callbacks(cohort_trainer_class(resource_requests=False)) == {"DatasetsCallback",
                                                                                    "PlacementGroupCleanerCallback"}
+    # On a Ray whose placement groups cohort cannot read (cohort.driver.reclaim.readable), the cleaner stays.
+    assert [c.__name__ for c in unused_callback_classes(cleaner=True)] == ["DatasetsCallback"]
+    assert ray_own - callbacks(cohort_trainer_class(cleaner=True)) == {"DatasetsCallback"}
     # Given Ray Datasets (cohort never does), the trainer is Ray's own.
     assert callbacks(cohort_trainer_class(), datasets={"train": [1]}) == ray_own
+
+
+def test_a_fit_keeps_ray_trains_cleaner_only_where_its_placement_groups_cannot_be_read(tmp_path, monkeypatch):
+    """Where cohort.driver.reclaim cannot read the placement groups (a Ray that changed its private
+    table reader), nothing of cohort's would give back a killed controller's CPUs: Ray's cleaner stays."""
+    import cohort.driver.reclaim as reclaim
+    from cohort.driver.launch import make_trainer
+
+    topology = topology_from_dict({"name": "cleaner", "peers": {"a": {"model": "mlp_tiny"}, "b": {"model": "mlp_tiny"}},
+                                   "edges": [{"from": "a", "to": "b", "loss": "kd"}]})
+
+    def names(trainer) -> set[str]:
+        return {type(callback).__name__ for callback in trainer._create_default_callbacks()}
+
+    monkeypatch.setattr(reclaim, "group_records", lambda: [])  # a Ray whose table reads (empty)
+    assert "PlacementGroupCleanerCallback" not in names(make_trainer(topology, 0.5, 1, str(tmp_path), "read"))
+    monkeypatch.setattr(reclaim, "group_records", lambda: None)  # one whose table does not
+    assert "PlacementGroupCleanerCallback" in names(make_trainer(topology, 0.5, 1, str(tmp_path), "unread"))
 
 
 def test_a_cohort_trainer_on_a_ray_started_here_asks_no_autoscaler(tmp_path, monkeypatch):

@@ -229,6 +229,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from cohort.driver.process_group import ProcessGroupConfig
+    from cohort.driver.reclaim import readable
     from cohort.driver.trainer import cohort_trainer_class, controller_announcer_class
     from cohort.worker.loop import train_cohort
 
@@ -239,7 +240,7 @@ def make_trainer(topology: Topology, cpus_per_peer: float, threads: int | dict[s
         resource_requests = not started_here()
     # Codistillation: the run's register of published weights (cohort.worker.board), ended with the fit.
     board = snapshot_board() if topology.exchange.snapshot else None
-    return cohort_trainer_class(resource_requests)(
+    return cohort_trainer_class(resource_requests, cleaner=not readable())(
         train_loop or train_cohort,
         train_loop_config={"topology": topology.to_dict(), "threads": threads, "progress": progress,
                            "live_steps": live_steps, "objective": objective, "initial_checkpoint": initial_checkpoint,

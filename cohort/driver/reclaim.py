@@ -71,6 +71,12 @@ def group_records() -> list[GroupRecord] | None:
         return None
 
 
+def readable() -> bool:
+    """Whether this process reads its Ray's placement groups (``group_records``); where it cannot,
+    Ray Train's own cleaner stays with every fit (``cohort.driver.trainer``)."""
+    return group_records() is not None
+
+
 def actor_hex(actor_id: bytes) -> str:
     """An actor id in hex; empty for none (no bytes, or Ray's nil id, all ones)."""
     return "" if not actor_id or actor_id == b"\xff" * len(actor_id) else actor_id.hex()

@@ -20,7 +20,8 @@ the sweep's or the study's driver removes the placement group itself (``cohort.d
 the cleaner, which asks the dashboard's state API, did nothing on a Ray without a dashboard, and a
 trial's CPUs then stayed reserved until the driver ended. So does a single run's driver when its fit
 fails, for a controller killed from outside (out of memory) while a notebook's driver lives on
-(``cohort.driver.training.train``).
+(``cohort.driver.training.train``). On a Ray whose placement groups cohort cannot read that way (a
+later Ray that changed its private table reader), the fits keep the cleaner (``cleaner``).
 
 Ray Train also asks a Ray Data "autoscaling coordinator" (a detached actor, started by the first
 fit of a Ray: one more process) to pass every fit's resources on to the cluster's autoscaler, and
@@ -48,20 +49,22 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
-def unused_callback_classes() -> tuple[type, ...]:
+def unused_callback_classes(cleaner: bool = False) -> tuple[type, ...]:
     """Ray Train's callback classes that start helper actors a cohort does not need: the datasets
-    manager's and the placement group cleaner's. Empty where this Ray has none of them."""
+    manager's, and the placement group cleaner's unless ``cleaner`` (kept on a Ray whose placement
+    groups cohort cannot read, ``cohort.driver.reclaim.readable``). Empty where this Ray has none."""
     classes = []
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         classes.append(DatasetsCallback)
     except ImportError:
         pass
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-        classes.append(PlacementGroupCleanerCallback)
-    except ImportError:
-        pass
+    if not cleaner:
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+            classes.append(PlacementGroupCleanerCallback)
+        except ImportError:
+            pass
     return tuple(classes)
 
 
@@ -110,13 +113,13 @@ REQUEST_METHODS = ("after_controller_start", "_maybe_send_resource_request", "_s
 
 
 @functools.cache
-def cohort_trainer_class(resource_requests: bool = True) -> type:
-    """``TorchTrainer`` without the callbacks of ``unused_callback_classes()``, and without
+def cohort_trainer_class(resource_requests: bool = True, cleaner: bool = False) -> type:
+    """``TorchTrainer`` without the callbacks of ``unused_callback_classes(cleaner)``, and without
     resource requests to an autoscaler unless ``resource_requests`` (a class made on first use, so that
     importing this module imports no Ray)."""
     from ray.train.torch import TorchTrainer
 
-    unused = unused_callback_classes()
+    unused = unused_callback_classes(cleaner)
     silent = None if resource_requests else silent_scaling_policy_class()
 
     class CohortTrainer(TorchTrainer):
