@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WorkersWatch, as_started_here, empty_store
+from conftest import WorkersWatch, all_cpus_free, as_started_here, empty_store
 
 from cohort.config.errors import CohortError
 from cohort.topology import load_topology, topology_from_dict
@@ -365,10 +364,7 @@ def test_the_placement_group_of_an_actor_killed_with_its_owner_is_found_and_remo
     assert reclaimer.reclaim() == []  # its creator lives
     ray_cluster.kill(trial)
     assert reclaimer.settle(timeout=30.0) == [group_id]
-    deadline = time.monotonic() + 30
-    while ray_cluster.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray_cluster.available_resources().get("CPU", 0) == 2
+    assert all_cpus_free(ray_cluster, wait=30.0), ray_cluster.available_resources()
 
 
 @pytest.mark.ray

@@ -43,12 +43,17 @@ class GroupRecord:
     detached: bool
 
 
-def orphaned(records: Iterable[GroupRecord], job_id: str, known: set[str]) -> list[str]:
-    """The placement groups to remove: of job ``job_id``, not in ``known``, not detached, not yet
-    removed, whose creating actor has died."""
-    return [record.group_id for record in records
+def fresh(records: Iterable[GroupRecord], job_id: str, known: set[str]) -> list[GroupRecord]:
+    """The placement groups of job ``job_id`` not in ``known``, not detached and not yet removed."""
+    return [record for record in records
             if record.job_id == job_id and record.group_id not in known and not record.detached
-            and record.state != REMOVED and record.creator_actor_id and record.creator_actor_dead]
+            and record.state != REMOVED]
+
+
+def orphaned(records: Iterable[GroupRecord], job_id: str, known: set[str]) -> list[str]:
+    """The placement groups to remove: the ``fresh`` ones whose creating actor has died."""
+    return [record.group_id for record in fresh(records, job_id, known)
+            if record.creator_actor_id and record.creator_actor_dead]
 
 
 def group_records() -> list[GroupRecord] | None:
@@ -115,7 +120,7 @@ class Reclaimer:
         self.records, self.remove, self.job_id, self.clock = records, remove, job_id, clock
         now = records() or []
         self.known = {record.group_id for record in now if record.state != REMOVED}
-        self.removed: list[str] = []
+        self.removed: set[str] = set()  # asked to go (the table may list them a moment longer)
         self.last = float("-inf")
 
     def reclaim(self, every: float = 0.0) -> list[str]:
@@ -124,12 +129,14 @@ class Reclaimer:
             return []
         self.last = self.clock()
         records = self.records()
-        if records is None:
-            return []
-        found = orphaned(records, self.job_id, self.known)
+        return [] if records is None else self.remove_orphans(records)
+
+    def remove_orphans(self, records: list[GroupRecord]) -> list[str]:
+        """Remove the orphans among ``records`` not removed yet; their ids."""
+        found = orphaned(records, self.job_id, self.known | self.removed)
         for group_id in found:
             self.remove(group_id)
-        self.removed.extend(found)
+        self.removed.update(found)
         return found
 
     def settle(self, timeout: float = 10.0, pause: float = 0.2,
@@ -140,12 +147,10 @@ class Reclaimer:
         removed: list[str] = []
         deadline = self.clock() + timeout
         while True:
-            removed += self.reclaim()
             records = self.records()
-            if records is None or not any(
-                    record.job_id == self.job_id and record.group_id not in self.known and not record.detached
-                    and record.state != REMOVED and record.group_id not in self.removed for record in records):
+            if records is None:
                 return removed
-            if self.clock() >= deadline:
+            removed += self.remove_orphans(records)
+            if not fresh(records, self.job_id, self.known | self.removed) or self.clock() >= deadline:
                 return removed
             sleep(pause)
